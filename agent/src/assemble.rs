@@ -1,0 +1,524 @@
+//! Assembler: decoded events → observations (decode steps classified by phase, samples,
+//! synchronize calls paired with their decode step, model loads, contexts).
+//!
+//! Phase classification follows how llama.cpp itself counts "prompt eval" and "eval": per
+//! sequence in a batch, one token with output that continues the sequence (position = last
+//! position + 1) is a generated token; other tokens are prompt tokens, the chunk whose last
+//! token is flagged for output being the final prompt chunk. A batch without sequence ids
+//! (`llama_batch_get_one`) is generation if it has one token, else prompt.
+
+use std::{collections::HashMap, sync::Arc};
+
+use probe_common::{decode_flags as F, ContextEvent, DecodeApi, DecodeEvent, ModelLoadEvent};
+
+use crate::{events::Event, targets::plausible};
+
+/// Phase of a decode step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Prompt,
+    Generation,
+    Mixed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 3] = [Phase::Prompt, Phase::Generation, Phase::Mixed];
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Prompt => "prompt",
+            Phase::Generation => "generation",
+            Phase::Mixed => "mixed",
+        }
+    }
+}
+
+/// Outcome of a decode step, from its return code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeResult {
+    Ok,
+    NoKvSlot,
+    Aborted,
+    InvalidBatch,
+    Error,
+}
+
+impl DecodeResult {
+    pub const ALL: [DecodeResult; 5] = [
+        DecodeResult::Ok,
+        DecodeResult::NoKvSlot,
+        DecodeResult::Aborted,
+        DecodeResult::InvalidBatch,
+        DecodeResult::Error,
+    ];
+    /// llama.h: 0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal.
+    pub fn from_ret(ret: i32) -> Self {
+        match ret {
+            0 => Self::Ok,
+            1 => Self::NoKvSlot,
+            2 => Self::Aborted,
+            -1 => Self::InvalidBatch,
+            _ => Self::Error,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::NoKvSlot => "no_kv_slot",
+            Self::Aborted => "aborted",
+            Self::InvalidBatch => "invalid_batch",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// What a sequence's tokens in one batch are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartKind {
+    /// Prompt tokens, none flagged for output: a middle chunk of a long prompt.
+    PromptChunk,
+    /// Prompt tokens ending with the one output: the last chunk (its sampling follows).
+    FinalPromptChunk,
+    /// One token continuing the sequence, with output: a generated token being fed back.
+    Generated,
+    /// Several tokens flagged for output (speculative verification, embeddings).
+    MultiOutput,
+}
+
+/// One sequence's share of a batch.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Part {
+    pub seq_id: i32,
+    pub pos0: i32,
+    pub n_tokens: u32,
+    pub n_outputs: u32,
+    pub kind: PartKind,
+}
+
+/// Common facts of every observation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Origin {
+    pub pid: u32,
+    pub tid: u32,
+    /// Model file stem of the process, once a load was seen.
+    pub model: Arc<str>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+impl Origin {
+    pub fn duration_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+    pub fn seconds(&self) -> f64 {
+        self.duration_ns() as f64 / 1e9
+    }
+}
+
+/// One classified decode step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecodeStep {
+    pub origin: Origin,
+    pub ctx: u64,
+    pub api: &'static str,
+    pub ret: i32,
+    pub result: DecodeResult,
+    /// Tokens in the batch; `None` if the batch was unreadable.
+    pub n_tokens: Option<u32>,
+    /// `None` if unknown.
+    pub phase: Option<Phase>,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub parts: Vec<Part>,
+    /// Tokens beyond the probe's scan window, counted as prompt tokens.
+    pub unscanned_tokens: u32,
+}
+
+/// A model load.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelLoad {
+    pub origin: Origin,
+    pub path: Option<String>,
+    pub ok: bool,
+}
+
+/// A context creation; parameters outside plausible ranges are `None`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ContextCreate {
+    pub origin: Origin,
+    pub ok: bool,
+    pub n_ctx: Option<u32>,
+    pub n_batch: Option<u32>,
+    pub n_ubatch: Option<u32>,
+    pub n_seq_max: Option<u32>,
+    pub n_threads: Option<u32>,
+    pub n_threads_batch: Option<u32>,
+}
+
+/// A sampled token.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    pub origin: Origin,
+    pub token: i32,
+}
+
+/// A `llama_synchronize` call, with the compute time of the decode step it completes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Synchronize {
+    pub origin: Origin,
+    /// From the preceding decode step's start on this thread and context to this call's end.
+    pub compute_ns: Option<u64>,
+}
+
+/// What the sinks consume.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Observation {
+    Decode(DecodeStep),
+    ModelLoad(ModelLoad),
+    ContextCreate(ContextCreate),
+    Sample(Sample),
+    Synchronize(Synchronize),
+}
+
+/// Turns events into observations; keeps per-sequence positions and per-process models.
+#[derive(Default)]
+pub struct Assembler {
+    /// Last position of each sequence, by (pid, ctx, seq).
+    last_pos: HashMap<(u32, u64, i32), i32>,
+    /// Last successful decode per thread: (ctx, start_ns), waiting for its synchronize.
+    pending_compute: HashMap<u32, (u64, u64)>,
+    models: HashMap<u32, Arc<str>>,
+    unknown: Arc<str>,
+}
+
+impl Assembler {
+    pub fn new() -> Self {
+        Self {
+            unknown: Arc::from(""),
+            ..Default::default()
+        }
+    }
+
+    /// Declares the model of a process learnt elsewhere (e.g. given by the user).
+    pub fn set_model(&mut self, pid: u32, model: &str) {
+        self.models.insert(pid, Arc::from(model));
+    }
+
+    /// The model label of a process ("" until known).
+    pub fn model(&self, pid: u32) -> Arc<str> {
+        self.models.get(&pid).cloned().unwrap_or_else(|| self.unknown.clone())
+    }
+
+    fn origin(&self, h: &probe_common::EventHeader) -> Origin {
+        Origin {
+            pid: h.tgid,
+            tid: h.tid,
+            model: self.model(h.tgid),
+            start_ns: h.start_ns,
+            end_ns: h.end_ns,
+        }
+    }
+
+    pub fn process(&mut self, ev: &Event) -> Observation {
+        match ev {
+            Event::Decode(d) => Observation::Decode(self.decode(d)),
+            Event::ModelLoad(m) => Observation::ModelLoad(self.model_load(m)),
+            Event::Context(c) => Observation::ContextCreate(self.context(c)),
+            Event::Sample(s) => Observation::Sample(Sample {
+                origin: self.origin(&s.header),
+                token: s.token,
+            }),
+            Event::Sync(s) => {
+                let compute_ns = match self.pending_compute.get(&s.header.tid) {
+                    Some(&(ctx, start)) if ctx == s.ctx && start <= s.header.start_ns => {
+                        self.pending_compute.remove(&s.header.tid);
+                        Some(s.header.end_ns.saturating_sub(start))
+                    }
+                    _ => None,
+                };
+                Observation::Synchronize(Synchronize {
+                    origin: self.origin(&s.header),
+                    compute_ns,
+                })
+            }
+        }
+    }
+
+    fn model_load(&mut self, m: &ModelLoadEvent) -> ModelLoad {
+        let path = crate::events::model_path(m);
+        let ok = m.model != 0;
+        if ok {
+            if let Some(stem) = path
+                .as_deref()
+                .and_then(|p| std::path::Path::new(p).file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+            {
+                self.models.insert(m.header.tgid, Arc::from(stem.as_str()));
+            }
+        }
+        ModelLoad {
+            origin: self.origin(&m.header),
+            path,
+            ok,
+        }
+    }
+
+    fn context(&mut self, c: &ContextEvent) -> ContextCreate {
+        let check = |v: u32, r: std::ops::RangeInclusive<u32>| r.contains(&v).then_some(v);
+        ContextCreate {
+            origin: self.origin(&c.header),
+            ok: c.ctx != 0,
+            // n_ctx 0 means "from the model": reported unknown here.
+            n_ctx: check(c.n_ctx, plausible::N_CTX),
+            n_batch: check(c.n_batch, plausible::N_BATCH),
+            n_ubatch: check(c.n_ubatch, plausible::N_BATCH),
+            n_seq_max: check(c.n_seq_max, plausible::N_SEQ_MAX),
+            n_threads: check(c.n_threads, plausible::N_THREADS),
+            n_threads_batch: check(c.n_threads_batch, plausible::N_THREADS),
+        }
+    }
+
+    fn decode(&mut self, d: &DecodeEvent) -> DecodeStep {
+        let origin = self.origin(&d.header);
+        let result = DecodeResult::from_ret(d.ret);
+        let api = match d.api {
+            x if x == DecodeApi::Classic as u8 => "llama_decode",
+            x if x == DecodeApi::BatchExt as u8 => "llama_context::decode(llama_batch_ext)",
+            _ => "unknown",
+        };
+        let mut step = DecodeStep {
+            origin,
+            ctx: d.ctx,
+            api,
+            ret: d.ret,
+            result,
+            n_tokens: None,
+            phase: None,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            parts: Vec::new(),
+            unscanned_tokens: 0,
+        };
+        let pid = d.header.tgid;
+        if result == DecodeResult::Ok {
+            self.pending_compute
+                .insert(d.header.tid, (d.ctx, d.header.start_ns));
+        }
+        if d.n_tokens < 0 || (d.flags & F::UNREADABLE != 0 && d.n_runs == 0) {
+            return step;
+        }
+        let n = d.n_tokens as u32;
+        step.n_tokens = Some(n);
+        if d.flags & F::NO_SEQ_INFO != 0 {
+            // llama_batch_get_one: one sequence, last token output.
+            let generated = n == 1;
+            step.parts.push(Part {
+                seq_id: 0,
+                pos0: -1,
+                n_tokens: n,
+                n_outputs: 1,
+                kind: if generated {
+                    PartKind::Generated
+                } else {
+                    PartKind::FinalPromptChunk
+                },
+            });
+        } else {
+            let no_outputs = d.flags & F::NO_OUTPUT_INFO != 0;
+            for run in d.runs.iter().take(d.n_runs as usize) {
+                let key = (pid, d.ctx, run.seq_id);
+                let continues = run.pos0 < 0
+                    || self.last_pos.get(&key).is_some_and(|&p| p + 1 == run.pos0);
+                let outputs = if no_outputs { 1 } else { run.n_outputs as u32 };
+                let kind = if run.n_tokens == 1 && outputs == 1 && continues {
+                    PartKind::Generated
+                } else if outputs == 0 {
+                    PartKind::PromptChunk
+                } else if outputs == 1 && (run.last_output == 1 || no_outputs) {
+                    PartKind::FinalPromptChunk
+                } else {
+                    PartKind::MultiOutput
+                };
+                step.parts.push(Part {
+                    seq_id: run.seq_id,
+                    pos0: run.pos0,
+                    n_tokens: run.n_tokens,
+                    n_outputs: outputs,
+                    kind,
+                });
+            }
+            let scanned: u32 = step.parts.iter().map(|p| p.n_tokens).sum();
+            step.unscanned_tokens = n.saturating_sub(scanned);
+            if step.unscanned_tokens > 0 {
+                // The scan window ended inside the batch: the rest is prompt. Attribute it to
+                // the last token's sequence (the common case: one long prompt chunk).
+                let last_out = d.flags & F::LAST_VALID != 0 && d.last.output != 0;
+                let seq = if d.flags & F::LAST_VALID != 0 {
+                    d.last.seq_id
+                } else {
+                    -1
+                };
+                let kind = if last_out {
+                    PartKind::FinalPromptChunk
+                } else {
+                    PartKind::PromptChunk
+                };
+                match step.parts.last_mut() {
+                    Some(p) if p.seq_id == seq && p.kind != PartKind::Generated => {
+                        p.n_tokens += step.unscanned_tokens;
+                        p.n_outputs += last_out as u32;
+                        p.kind = kind;
+                    }
+                    _ => step.parts.push(Part {
+                        seq_id: seq,
+                        pos0: -1,
+                        n_tokens: step.unscanned_tokens,
+                        n_outputs: last_out as u32,
+                        kind,
+                    }),
+                }
+            }
+        }
+        for p in &step.parts {
+            if p.kind == PartKind::Generated {
+                step.generated_tokens += p.n_tokens;
+            } else {
+                step.prompt_tokens += p.n_tokens;
+            }
+        }
+        step.phase = Some(match (step.prompt_tokens, step.generated_tokens) {
+            (_, 0) => Phase::Prompt,
+            (0, _) => Phase::Generation,
+            _ => Phase::Mixed,
+        });
+        if result == DecodeResult::Ok {
+            self.advance_positions(pid, d, &step);
+        }
+        step
+    }
+
+    /// Records where each sequence ends after a successful step.
+    fn advance_positions(&mut self, pid: u32, d: &DecodeEvent, step: &DecodeStep) {
+        for p in &step.parts {
+            if p.pos0 >= 0 {
+                self.last_pos
+                    .insert((pid, d.ctx, p.seq_id), p.pos0 + p.n_tokens as i32 - 1);
+            }
+        }
+        if d.flags & F::LAST_VALID != 0 && d.last.pos >= 0 {
+            self.last_pos.insert((pid, d.ctx, d.last.seq_id), d.last.pos);
+        }
+    }
+
+    /// Forgets a process that ended.
+    pub fn forget(&mut self, pid: u32) {
+        self.last_pos.retain(|k, _| k.0 != pid);
+        self.models.remove(&pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::tests::decode_event;
+    use probe_common::SeqRun;
+
+    fn run(seq: i32, pos0: i32, n: u32, outputs: u16, last: bool) -> SeqRun {
+        SeqRun {
+            seq_id: seq,
+            pos0,
+            n_tokens: n,
+            n_outputs: outputs,
+            last_output: last as u8,
+            _pad: 0,
+        }
+    }
+
+    fn step(a: &mut Assembler, ev: DecodeEvent) -> DecodeStep {
+        match a.process(&Event::Decode(Box::new(ev))) {
+            Observation::Decode(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn prompt_then_generation_then_mixed() {
+        let mut a = Assembler::new();
+        let s = step(&mut a, decode_event(12, &[run(0, 0, 12, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Prompt));
+        assert_eq!((s.prompt_tokens, s.generated_tokens), (12, 0));
+        assert_eq!(s.parts[0].kind, PartKind::FinalPromptChunk);
+
+        let s = step(&mut a, decode_event(1, &[run(0, 12, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Generation));
+        assert_eq!((s.prompt_tokens, s.generated_tokens), (0, 1));
+
+        // seq 0 generates while seq 1 starts a prompt.
+        let s = step(
+            &mut a,
+            decode_event(7, &[run(0, 13, 1, 1, true), run(1, 0, 6, 1, true)], 0),
+        );
+        assert_eq!(s.phase, Some(Phase::Mixed));
+        assert_eq!((s.prompt_tokens, s.generated_tokens), (6, 1));
+    }
+
+    #[test]
+    fn a_single_token_that_does_not_continue_its_sequence_is_prompt() {
+        let mut a = Assembler::new();
+        step(&mut a, decode_event(5, &[run(0, 0, 5, 1, true)], 0));
+        step(&mut a, decode_event(1, &[run(0, 5, 1, 1, true)], 0));
+        // A new request whose prompt is all cached but the last token: re-evaluated at pos 4.
+        let s = step(&mut a, decode_event(1, &[run(0, 4, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Prompt));
+    }
+
+    #[test]
+    fn failed_steps_do_not_advance_positions() {
+        let mut a = Assembler::new();
+        step(&mut a, decode_event(3, &[run(0, 0, 3, 1, true)], 0));
+        let s = step(&mut a, decode_event(1, &[run(0, 3, 1, 1, true)], 1));
+        assert_eq!(s.result, DecodeResult::NoKvSlot);
+        // The retry of the same token still continues the sequence.
+        let s = step(&mut a, decode_event(1, &[run(0, 3, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Generation));
+    }
+
+    #[test]
+    fn tokens_beyond_the_scan_window_are_prompt_of_the_last_sequence() {
+        let mut a = Assembler::new();
+        let mut ev = decode_event(200, &[run(2, 0, 64, 0, false)], 0);
+        ev.flags = F::LAST_VALID;
+        ev.last.seq_id = 2;
+        ev.last.pos = 199;
+        ev.last.output = 1;
+        let s = step(&mut a, ev);
+        assert_eq!(s.unscanned_tokens, 136);
+        assert_eq!(s.parts.len(), 1);
+        assert_eq!(s.parts[0].n_tokens, 200);
+        assert_eq!(s.parts[0].kind, PartKind::FinalPromptChunk);
+        assert_eq!(s.prompt_tokens, 200);
+    }
+
+    #[test]
+    fn get_one_batches_use_the_token_count() {
+        let mut a = Assembler::new();
+        let mut ev = decode_event(7, &[], 0);
+        ev.flags = F::NO_SEQ_INFO;
+        assert_eq!(step(&mut a, ev).phase, Some(Phase::Prompt));
+        let mut ev = decode_event(1, &[], 0);
+        ev.flags = F::NO_SEQ_INFO;
+        assert_eq!(step(&mut a, ev).phase, Some(Phase::Generation));
+    }
+
+    #[test]
+    fn return_codes_map_to_results() {
+        assert_eq!(DecodeResult::from_ret(0), DecodeResult::Ok);
+        assert_eq!(DecodeResult::from_ret(1), DecodeResult::NoKvSlot);
+        assert_eq!(DecodeResult::from_ret(2), DecodeResult::Aborted);
+        assert_eq!(DecodeResult::from_ret(-1), DecodeResult::InvalidBatch);
+        assert_eq!(DecodeResult::from_ret(-3), DecodeResult::Error);
+    }
+}

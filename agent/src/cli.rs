@@ -1,0 +1,133 @@
+//! Command-line interface.
+
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "llamaprobe",
+    version,
+    about = "Zero-instrumentation profiler for llama.cpp",
+    long_about = "Zero-instrumentation profiler for llama.cpp.\n\n\
+        llamaprobe attaches eBPF uprobes to an unmodified llama.cpp (llama-server, llama-cli, or \
+        any program using libllama) and measures every decode step (latency, tokens, prompt vs \
+        generation, errors), sampling, llama_synchronize, model loading and context creation, \
+        without rebuilding or restarting it. Results: a live terminal view, a final summary, and \
+        Prometheus metrics.\n\n\
+        Needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE) and Linux 5.8+.",
+    after_help = "Examples:\n  \
+        sudo llamaprobe attach --pid $(pgrep -n llama-server)\n  \
+        sudo llamaprobe run -- llama-server -m model.gguf\n  \
+        llamaprobe symbols /usr/local/lib/libllama.so"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter for llamaprobe's own diagnostics (e.g. info, debug).
+    #[arg(long, global = true, env = "LLAMAPROBE_LOG", default_value = "warn")]
+    pub log: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach to a running llama.cpp process and profile it until it exits, Ctrl-C, or --duration.
+    Attach {
+        /// Process id of the llama.cpp program (llama-server, llama-cli, or a libllama host).
+        #[arg(long)]
+        pid: u32,
+        #[command(flatten)]
+        opts: ProfileOpts,
+    },
+    /// Start a program with the probes already in place (model load and context creation are
+    /// seen), profile it until it exits, and exit with its exit code.
+    Run {
+        #[command(flatten)]
+        opts: ProfileOpts,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Print what llamaprobe finds in a process or a file: API generation, the functions it
+    /// would probe (file, offset, symbol table) and those missing. Needs no privileges for a file.
+    Symbols {
+        /// A running process.
+        #[arg(long, conflicts_with = "path")]
+        pid: Option<u32>,
+        /// An executable or shared library (e.g. llama-server, libllama.so).
+        #[arg(required_unless_present = "pid")]
+        path: Option<PathBuf>,
+    },
+}
+
+/// Options of `attach` and `run`.
+#[derive(Args, Debug, Clone)]
+pub struct ProfileOpts {
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Prometheus endpoint address (`off` to disable).
+    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR")]
+    pub metrics_addr: MetricsAddr,
+    /// Seconds between one-line summaries when stdout is not a terminal.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub interval: f64,
+    /// Write the final summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+    /// Write every observation (decode step, sample, load, ...) as a JSON line to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub events_out: Option<PathBuf>,
+    /// Do not probe llama_synchronize (two fewer probe hits per decode step; no compute time).
+    #[arg(long)]
+    pub no_sync: bool,
+    /// No live view or periodic lines; only the final summary.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Where to serve Prometheus metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    On(SocketAddr),
+}
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse()
+        .map(MetricsAddr::On)
+        .map_err(|e| format!("`{s}` is not HOST:PORT or `off` ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_the_command_after_dashes() {
+        let cli = Cli::try_parse_from(["llamaprobe", "run", "--duration", "3", "--", "llama-server", "-m", "x.gguf"]).unwrap();
+        match cli.command {
+            Command::Run { opts, command } => {
+                assert_eq!(opts.duration, Some(3.0));
+                assert_eq!(command, ["llama-server", "-m", "x.gguf"]);
+                assert_eq!(opts.metrics_addr, MetricsAddr::On("127.0.0.1:9464".parse().unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off() {
+        assert_eq!(parse_metrics_addr("off"), Ok(MetricsAddr::Off));
+        assert!(parse_metrics_addr("nonsense").is_err());
+    }
+}

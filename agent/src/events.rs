@@ -1,0 +1,191 @@
+//! Decoder: raw ring-buffer records → typed events. The only place that reinterprets bytes.
+
+use std::mem::size_of;
+
+use probe_common::{
+    ContextEvent, DecodeEvent, EventHeader, EventKind, ModelLoadEvent, SampleEvent, SyncEvent,
+};
+
+/// A decoded event.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Decode(Box<DecodeEvent>),
+    ModelLoad(Box<ModelLoadEvent>),
+    Context(ContextEvent),
+    Sample(SampleEvent),
+    Sync(SyncEvent),
+}
+
+impl Event {
+    pub fn header(&self) -> &EventHeader {
+        match self {
+            Event::Decode(e) => &e.header,
+            Event::ModelLoad(e) => &e.header,
+            Event::Context(e) => &e.header,
+            Event::Sample(e) => &e.header,
+            Event::Sync(e) => &e.header,
+        }
+    }
+}
+
+/// A record that could not be decoded (a build mismatch between agent and probes).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event record of {len} bytes is shorter than its header")]
+    Short { len: usize },
+    #[error("unknown event kind {kind}")]
+    UnknownKind { kind: u32 },
+    #[error("event of kind {kind:?} has {len} bytes, expected {expected}")]
+    Size {
+        kind: EventKind,
+        len: usize,
+        expected: usize,
+    },
+}
+
+fn read<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::Size {
+            kind,
+            len: bytes.len(),
+            expected: size_of::<T>(),
+        });
+    }
+    // SAFETY: length checked; T is a #[repr(C)] plain-data event type for which any bit
+    // pattern is valid; read_unaligned copes with the ring buffer's 8-byte alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() < size_of::<EventHeader>() {
+        return Err(DecodeError::Short { len: bytes.len() });
+    }
+    let kind = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    let kind = EventKind::from_u32(kind).ok_or(DecodeError::UnknownKind { kind })?;
+    Ok(match kind {
+        EventKind::Decode => Event::Decode(Box::new(read(bytes, kind)?)),
+        EventKind::ModelLoad => Event::ModelLoad(Box::new(read(bytes, kind)?)),
+        EventKind::ContextCreate => Event::Context(read(bytes, kind)?),
+        EventKind::Sample => Event::Sample(read(bytes, kind)?),
+        EventKind::Synchronize => Event::Sync(read(bytes, kind)?),
+    })
+}
+
+/// The path in a model-load event (lossy UTF-8, without the NUL).
+pub fn model_path(e: &ModelLoadEvent) -> Option<String> {
+    let n = (e.path_len as usize).min(e.path.len());
+    if n == 0 {
+        return None;
+    }
+    let bytes = &e.path[..n];
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(n);
+    Some(String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use probe_common::{LastToken, SeqRun, MAX_RUNS, PATH_CAP};
+
+    pub fn as_bytes<T>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain-data value.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    pub fn header(kind: EventKind, start: u64, end: u64) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            tgid: 7,
+            tid: 8,
+            nest: 0,
+            start_ns: start,
+            end_ns: end,
+        }
+    }
+
+    pub fn decode_event(n_tokens: i32, runs: &[SeqRun], ret: i32) -> DecodeEvent {
+        let mut r = [SeqRun::default(); MAX_RUNS];
+        r[..runs.len()].copy_from_slice(runs);
+        DecodeEvent {
+            header: header(EventKind::Decode, 1_000, 3_000),
+            ctx: 0x1000,
+            ret,
+            n_tokens,
+            n_scanned: runs.iter().map(|r| r.n_tokens as u16).sum(),
+            n_runs: runs.len() as u8,
+            api: 1,
+            flags: 0,
+            _pad: [0; 3],
+            last: LastToken::default(),
+            runs: r,
+        }
+    }
+
+    #[test]
+    fn every_event_type_round_trips() {
+        let d = decode_event(
+            5,
+            &[SeqRun {
+                seq_id: 3,
+                pos0: 10,
+                n_tokens: 5,
+                n_outputs: 1,
+                last_output: 1,
+                _pad: 0,
+            }],
+            1,
+        );
+        match decode(&as_bytes(&d)).unwrap() {
+            Event::Decode(e) => {
+                assert_eq!(e.n_tokens, 5);
+                assert_eq!(e.ret, 1);
+                assert_eq!(e.runs[0].seq_id, 3);
+                assert_eq!(e.runs[0].pos0, 10);
+                assert_eq!(e.header.end_ns - e.header.start_ns, 2_000);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut m = ModelLoadEvent {
+            header: header(EventKind::ModelLoad, 0, 5),
+            model: 0xdead,
+            path_len: 0,
+            api: 1,
+            path: [0; PATH_CAP],
+        };
+        let p = b"/models/tiny.gguf\0";
+        m.path[..p.len()].copy_from_slice(p);
+        m.path_len = p.len() as u32;
+        match decode(&as_bytes(&m)).unwrap() {
+            Event::ModelLoad(e) => assert_eq!(model_path(&e).as_deref(), Some("/models/tiny.gguf")),
+            other => panic!("{other:?}"),
+        }
+        let c = ContextEvent {
+            header: header(EventKind::ContextCreate, 0, 1),
+            n_ctx: 4096,
+            ..Default::default()
+        };
+        assert!(matches!(decode(&as_bytes(&c)).unwrap(), Event::Context(e) if e.n_ctx == 4096));
+        let s = SampleEvent {
+            header: header(EventKind::Sample, 0, 1),
+            token: 42,
+            ..Default::default()
+        };
+        assert!(matches!(decode(&as_bytes(&s)).unwrap(), Event::Sample(e) if e.token == 42));
+        let y = SyncEvent {
+            header: header(EventKind::Synchronize, 0, 1),
+            ctx: 9,
+        };
+        assert!(matches!(decode(&as_bytes(&y)).unwrap(), Event::Sync(e) if e.ctx == 9));
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        assert_eq!(decode(&[0; 8]).unwrap_err(), DecodeError::Short { len: 8 });
+        let mut h = as_bytes(&header(EventKind::Decode, 0, 0));
+        assert!(matches!(decode(&h).unwrap_err(), DecodeError::Size { .. }));
+        h[0] = 99;
+        assert_eq!(decode(&h).unwrap_err(), DecodeError::UnknownKind { kind: 99 });
+    }
+}

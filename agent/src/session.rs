@@ -1,0 +1,270 @@
+//! A profiling session: plan → attach → event loop (ring buffer → decoder → assembler → sinks)
+//! → detach and final summary.
+
+use std::{
+    os::fd::{FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    assemble::Assembler,
+    attach::Probes,
+    cli::{MetricsAddr, ProfileOpts},
+    discover,
+    events,
+    launch::Held,
+    sinks::{self, events_out::EventsOut, terminal::Terminal, SelfStats, Sink},
+    stats::Stats,
+    symbols::Plan,
+    targets::{self, Family},
+};
+
+/// What to profile.
+pub enum Target {
+    /// A running process.
+    Pid(u32),
+    /// A program started by us, held before exec.
+    Launched(Held),
+}
+
+impl Target {
+    fn pid(&self) -> u32 {
+        match self {
+            Target::Pid(p) => *p,
+            Target::Launched(h) => h.pid,
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the returned fd is owned by us.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Prints the plan header to stderr.
+fn announce(pid: u32, plan: &Plan, attached: u64, opts: &ProfileOpts) {
+    eprintln!(
+        "llamaprobe: pid {pid} ({}): {} — {} probes attached",
+        discover::comm(pid),
+        plan.generation.describe(),
+        attached
+    );
+    for m in &plan.missing {
+        eprintln!(
+            "llamaprobe: not found, not measured: {} ({})",
+            m.symbol,
+            m.family.name()
+        );
+    }
+    if let MetricsAddr::On(addr) = opts.metrics_addr {
+        eprintln!("llamaprobe: Prometheus metrics at http://{addr}/metrics");
+    }
+}
+
+/// Runs a session to its end; returns the process exit code for llamaprobe.
+pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32> {
+    let pid = target.pid();
+    let mut probes = Probes::load()?;
+    probes.set_layout(pid, &targets::layout_for(plan.generation).layout)?;
+    let skip: &[Family] = if opts.no_sync {
+        &[Family::Synchronize]
+    } else {
+        &[]
+    };
+    probes.attach(&plan.probes, Some(pid), skip)?;
+    let ring = probes.ring_buffer()?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(event_loop(target, plan, opts, probes, ring))
+}
+
+async fn event_loop(
+    mut target: Target,
+    plan: Plan,
+    opts: ProfileOpts,
+    probes: Probes,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+) -> anyhow::Result<i32> {
+    let pid = target.pid();
+    let metrics = sinks::prometheus::Metrics::new();
+    if let MetricsAddr::On(addr) = opts.metrics_addr {
+        let listener = sinks::prometheus::bind(addr).await?;
+        tokio::spawn(sinks::prometheus::serve(listener, metrics.registry.clone()));
+    }
+    let events_out = match &opts.events_out {
+        Some(p) => Some(EventsOut::create(p)?),
+        None => None,
+    };
+    let mut terminal = Terminal::new(
+        format!("llamaprobe — pid {pid} ({})", discover::comm(pid)),
+        Duration::from_secs_f64(opts.interval.max(0.1)),
+        opts.quiet,
+    );
+    let mut pipe = Pipeline {
+        assembler: Assembler::new(),
+        stats: Stats::default(),
+        metrics,
+        events_out,
+    };
+    let mut self_stats = SelfStats {
+        probes_attached: probes.attached(),
+        ..Default::default()
+    };
+
+    announce(pid, &plan, probes.attached(), &opts);
+    let exit_fd = pidfd_open(pid).map(|fd| {
+        // SAFETY: the fd is owned by the AsyncFd and stays open until it is dropped.
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+    });
+    if let Target::Launched(h) = &mut target {
+        h.release();
+    }
+    let exit_fd = match exit_fd {
+        Ok(Ok(fd)) => Some(fd),
+        _ => None,
+    };
+    // SAFETY: the ring buffer's fd is owned by the AsyncFd and stays open until it is dropped.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let deadline = async {
+        match opts.duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let exited = async {
+        match &exit_fd {
+            Some(fd) => {
+                let _ = fd.readable().await;
+            }
+            None => loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if !discover::process_exists(pid) {
+                    break;
+                }
+            },
+        }
+    };
+    tokio::pin!(exited);
+    let launched = matches!(target, Target::Launched(_));
+    let mut interrupted = false;
+
+    let ended_by = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("ring buffer")?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    pipe.handle(&item, &mut self_stats);
+                }
+                guard.clear_ready();
+            }
+            _ = ticker.tick() => {
+                (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
+                pipe.metrics.tick(&self_stats);
+                if let Some(e) = pipe.events_out.as_mut() { e.tick(&self_stats); }
+                if let Some(t) = terminal.as_mut() { t.tick(&pipe.stats.summary(), &self_stats); }
+            }
+            _ = &mut exited => break "the process exited",
+            _ = &mut deadline => break "--duration elapsed",
+            r = tokio::signal::ctrl_c() => {
+                r.context("waiting for Ctrl-C")?;
+                if launched && !interrupted {
+                    // The program got the same SIGINT: let it shut down and report its end.
+                    interrupted = true;
+                    eprintln!("llamaprobe: interrupted; waiting for the program to exit (Ctrl-C again to stop now)");
+                    continue;
+                }
+                break "interrupted";
+            }
+        }
+    };
+    // Events still in the ring buffer belong to the run.
+    {
+        let rb = ring.get_mut();
+        while let Some(item) = rb.next() {
+            pipe.handle(&item, &mut self_stats);
+        }
+    }
+    (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
+    drop(probes); // detaches every probe
+    self_stats.probes_attached = 0;
+    pipe.metrics.finish(&self_stats)?;
+    if let Some(e) = pipe.events_out.as_mut() {
+        e.finish(&self_stats)?;
+    }
+
+    let summary = pipe.stats.summary();
+    println!(
+        "\nllamaprobe summary — pid {pid} — {} — {ended_by}\n{}events lost: {} (ring buffer full {}, entry map full {}), undecodable {}",
+        plan.generation.describe(),
+        summary.render(),
+        self_stats.lost_ringbuf + self_stats.lost_entry,
+        self_stats.lost_ringbuf,
+        self_stats.lost_entry,
+        self_stats.undecodable
+    );
+    if let Some(path) = &opts.summary_json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["pid"] = pid.into();
+        v["generation"] = serde_json::to_value(plan.generation)?;
+        v["ended_by"] = ended_by.into();
+        v["events_lost"] = (self_stats.lost_ringbuf + self_stats.lost_entry).into();
+        v["undecodable"] = self_stats.undecodable.into();
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("writing --summary-json {}", path.display()))?;
+    }
+    Ok(match &target {
+        Target::Launched(h) => {
+            if ended_by != "the process exited" {
+                eprintln!("llamaprobe: stopping the program ({ended_by})");
+                h.terminate();
+            }
+            h.wait()
+        }
+        Target::Pid(_) => 0,
+    })
+}
+
+
+/// The one-way path of an event: decoder → assembler → stats and sinks.
+struct Pipeline {
+    assembler: Assembler,
+    stats: Stats,
+    metrics: sinks::prometheus::Metrics,
+    events_out: Option<EventsOut>,
+}
+
+impl Pipeline {
+    fn handle(&mut self, bytes: &[u8], self_stats: &mut SelfStats) {
+        match events::decode(bytes) {
+            Ok(ev) => {
+                let obs = self.assembler.process(&ev);
+                self.stats.observe(&obs);
+                self.metrics.observe(&obs);
+                if let Some(e) = self.events_out.as_mut() {
+                    e.observe(&obs);
+                }
+            }
+            Err(e) => {
+                if self_stats.undecodable == 0 {
+                    tracing::warn!("undecodable event (agent/probe build mismatch?): {e}");
+                }
+                self_stats.undecodable += 1;
+            }
+        }
+    }
+}

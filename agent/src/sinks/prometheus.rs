@@ -1,0 +1,325 @@
+//! Prometheus sink: metrics in the `llamacpp_` namespace (what the traced llama.cpp does) and
+//! `llamaprobe_` (the agent itself), served at `http://ADDR/metrics`.
+//!
+//! Every `llamacpp_` series carries `pid` and `model` (the model file's stem once a load was
+//! seen, else empty).
+
+use std::{convert::Infallible, net::SocketAddr};
+
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    core::Collector, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+use super::{SelfStats, Sink};
+use crate::assemble::{DecodeResult, Observation};
+
+/// Decode and sampling latency buckets, seconds: resolve the sub-millisecond steps of small
+/// models and reach the tens of seconds of large prompts on CPUs.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Tokens per decode step.
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+];
+/// Model loads, seconds.
+pub const LOAD_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+/// The metric families.
+pub struct Metrics {
+    pub registry: Registry,
+    decode_duration: HistogramVec,
+    batch_tokens: HistogramVec,
+    decode_calls: IntCounterVec,
+    tokens: IntCounterVec,
+    sample_duration: HistogramVec,
+    sync_duration: HistogramVec,
+    compute_duration: HistogramVec,
+    model_load: HistogramVec,
+    context_size: GaugeVec,
+    probes_attached: IntGauge,
+    events_lost: IntCounterVec,
+}
+
+fn hist(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid histogram")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Registry::new(),
+            decode_duration: hist(
+                "llamacpp_decode_duration_seconds",
+                "Duration of llama.cpp decode steps (llama_decode / llama_context::decode), by phase.",
+                LATENCY_BUCKETS,
+                &["pid", "model", "phase"],
+            ),
+            batch_tokens: hist(
+                "llamacpp_batch_tokens",
+                "Tokens per decode step, by phase.",
+                BATCH_BUCKETS,
+                &["pid", "model", "phase"],
+            ),
+            decode_calls: counter(
+                "llamacpp_decode_calls_total",
+                "Decode steps by result (ok, no_kv_slot, aborted, invalid_batch, error).",
+                &["pid", "model", "result"],
+            ),
+            tokens: counter(
+                "llamacpp_tokens_total",
+                "Tokens: prompt tokens processed by successful decode steps; generated tokens sampled.",
+                &["pid", "model", "kind"],
+            ),
+            sample_duration: hist(
+                "llamacpp_sample_duration_seconds",
+                "Duration of sampling one token (llama_sampler_sample / common_sampler_sample).",
+                LATENCY_BUCKETS,
+                &["pid", "model"],
+            ),
+            sync_duration: hist(
+                "llamacpp_synchronize_duration_seconds",
+                "Duration of llama_synchronize (waiting for the backend to finish queued work).",
+                LATENCY_BUCKETS,
+                &["pid", "model"],
+            ),
+            compute_duration: hist(
+                "llamacpp_decode_compute_seconds",
+                "Decode step start to the end of the llama_synchronize after it: the step's compute time on GPU backends.",
+                LATENCY_BUCKETS,
+                &["pid", "model"],
+            ),
+            model_load: hist(
+                "llamacpp_model_load_duration_seconds",
+                "Model load duration, by result (ok, error).",
+                LOAD_BUCKETS,
+                &["pid", "model", "result"],
+            ),
+            context_size: GaugeVec::new(
+                Opts::new(
+                    "llamacpp_context_size_tokens",
+                    "n_ctx of the most recently created context (as requested; 0 = from the model is reported absent).",
+                ),
+                &["pid", "model"],
+            )
+            .expect("valid gauge"),
+            probes_attached: IntGauge::new(
+                "llamaprobe_probes_attached",
+                "Uprobes and uretprobes currently attached.",
+            )
+            .expect("valid gauge"),
+            events_lost: counter(
+                "llamaprobe_events_lost_total",
+                "Events dropped rather than slowing the traced process, by reason (ringbuf_full, entry_map_full, undecodable).",
+                &["reason"],
+            ),
+        };
+        let all: [Box<dyn Collector>; 11] = [
+            Box::new(m.decode_duration.clone()),
+            Box::new(m.batch_tokens.clone()),
+            Box::new(m.decode_calls.clone()),
+            Box::new(m.tokens.clone()),
+            Box::new(m.sample_duration.clone()),
+            Box::new(m.sync_duration.clone()),
+            Box::new(m.compute_duration.clone()),
+            Box::new(m.model_load.clone()),
+            Box::new(m.context_size.clone()),
+            Box::new(m.probes_attached.clone()),
+            Box::new(m.events_lost.clone()),
+        ];
+        for c in all {
+            m.registry.register(c).expect("unique metric names");
+        }
+        for reason in ["ringbuf_full", "entry_map_full", "undecodable"] {
+            m.events_lost.with_label_values(&[reason]);
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counter handle set to an absolute value read from elsewhere.
+fn set_counter(c: &prometheus::IntCounter, value: u64) {
+    let cur = c.get();
+    if value > cur {
+        c.inc_by(value - cur);
+    }
+}
+
+impl Sink for Metrics {
+    fn observe(&mut self, obs: &Observation) {
+        match obs {
+            Observation::Decode(d) => {
+                let pid = d.origin.pid.to_string();
+                let model = &*d.origin.model;
+                self.decode_calls
+                    .with_label_values(&[pid.as_str(), model, d.result.label()])
+                    .inc();
+                let phase = d.phase.map_or("unknown", |p| p.label());
+                self.decode_duration
+                    .with_label_values(&[pid.as_str(), model, phase])
+                    .observe(d.origin.seconds());
+                if let Some(n) = d.n_tokens {
+                    self.batch_tokens
+                        .with_label_values(&[pid.as_str(), model, phase])
+                        .observe(n as f64);
+                }
+                if d.result == DecodeResult::Ok && d.prompt_tokens > 0 {
+                    self.tokens
+                        .with_label_values(&[pid.as_str(), model, "prompt"])
+                        .inc_by(d.prompt_tokens as u64);
+                }
+            }
+            Observation::Sample(s) => {
+                let pid = s.origin.pid.to_string();
+                let model = &*s.origin.model;
+                self.sample_duration
+                    .with_label_values(&[pid.as_str(), model])
+                    .observe(s.origin.seconds());
+                self.tokens
+                    .with_label_values(&[pid.as_str(), model, "generated"])
+                    .inc();
+            }
+            Observation::Synchronize(s) => {
+                let pid = s.origin.pid.to_string();
+                let model = &*s.origin.model;
+                self.sync_duration
+                    .with_label_values(&[pid.as_str(), model])
+                    .observe(s.origin.seconds());
+                if let Some(c) = s.compute_ns {
+                    self.compute_duration
+                        .with_label_values(&[pid.as_str(), model])
+                        .observe(c as f64 / 1e9);
+                }
+            }
+            Observation::ModelLoad(m) => {
+                let pid = m.origin.pid.to_string();
+                self.model_load
+                    .with_label_values(&[pid.as_str(), &m.origin.model, if m.ok { "ok" } else { "error" }])
+                    .observe(m.origin.seconds());
+            }
+            Observation::ContextCreate(c) => {
+                if let (true, Some(n)) = (c.ok, c.n_ctx) {
+                    self.context_size
+                        .with_label_values(&[c.origin.pid.to_string().as_str(), &c.origin.model])
+                        .set(n as f64);
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, s: &SelfStats) {
+        self.probes_attached.set(s.probes_attached as i64);
+        set_counter(&self.events_lost.with_label_values(&["ringbuf_full"]), s.lost_ringbuf);
+        set_counter(&self.events_lost.with_label_values(&["entry_map_full"]), s.lost_entry);
+        set_counter(&self.events_lost.with_label_values(&["undecodable"]), s.undecodable);
+    }
+
+    fn finish(&mut self, s: &SelfStats) -> anyhow::Result<()> {
+        self.tick(s);
+        Ok(())
+    }
+}
+
+/// Serves `/metrics` on `listener` until the runtime ends.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = registry.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        let mut buf = Vec::new();
+                        let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+                        Response::builder()
+                            .header("content-type", prometheus::TEXT_FORMAT)
+                            .body(Full::new(Bytes::from(buf)))
+                    } else {
+                        Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"llamaprobe: metrics are at /metrics\n")))
+                    };
+                    Ok::<_, Infallible>(resp.expect("valid response"))
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics address, with a message that says what to do when it is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr} for Prometheus ({e}): pick another address with \
+             --metrics-addr HOST:PORT, or --metrics-addr off"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assemble::{Assembler, Observation};
+    use crate::events::{tests::decode_event, Event};
+    use probe_common::SeqRun;
+
+    #[test]
+    fn decode_steps_become_series_with_pid_model_phase() {
+        let mut a = Assembler::new();
+        a.set_model(7, "tiny");
+        let mut m = Metrics::new();
+        let run = SeqRun {
+            seq_id: 0,
+            pos0: 0,
+            n_tokens: 4,
+            n_outputs: 1,
+            last_output: 1,
+            _pad: 0,
+        };
+        for ret in [0, 1] {
+            let obs = a.process(&Event::Decode(Box::new(decode_event(4, &[run], ret))));
+            assert!(matches!(obs, Observation::Decode(_)));
+            m.observe(&obs);
+        }
+        let text = m.render();
+        assert!(text.contains(r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="ok"} 1"#), "{text}");
+        assert!(text.contains(r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="no_kv_slot"} 1"#));
+        assert!(text.contains(r#"llamacpp_tokens_total{kind="prompt",model="tiny",pid="7"} 4"#));
+        assert!(text.contains(r#"llamacpp_batch_tokens_count{model="tiny",phase="prompt",pid="7"} 2"#));
+        assert!(text.contains(r#"llamacpp_decode_duration_seconds_bucket{model="tiny",phase="prompt",pid="7",le="0.00005"} 2"#));
+    }
+}

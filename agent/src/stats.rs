@@ -1,0 +1,396 @@
+//! Summary statistics: per-phase decode latency percentiles, throughput, batch sizes, errors,
+//! sampling and synchronize latency, loads and contexts. Feeds the final summary, the terminal
+//! view and `--summary-json`.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::assemble::{DecodeResult, Observation, Phase};
+
+/// Latency distribution of one kind of call.
+pub struct Latency {
+    hist: Histogram<u64>,
+    total_ns: u128,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            // 1 ns … 1 hour, 3 significant digits.
+            hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds"),
+            total_ns: 0,
+        }
+    }
+}
+
+/// Latency figures in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    pub fn record(&mut self, ns: u64) {
+        self.hist.saturating_record(ns.max(1));
+        self.total_ns += ns as u128;
+    }
+    pub fn count(&self) -> u64 {
+        self.hist.len()
+    }
+    pub fn summary(&self) -> LatencySummary {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let n = self.hist.len();
+        if n == 0 {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: n,
+            total_ms: self.total_ns as f64 / 1e6,
+            mean_ms: self.total_ns as f64 / 1e6 / n as f64,
+            p50_ms: ms(self.hist.value_at_quantile(0.50)),
+            p90_ms: ms(self.hist.value_at_quantile(0.90)),
+            p99_ms: ms(self.hist.value_at_quantile(0.99)),
+            max_ms: ms(self.hist.max()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PhaseStats {
+    latency: Latency,
+    tokens: u64,
+    busy_ns: u128,
+    batch_sizes: BTreeMap<u32, u64>,
+}
+
+/// One phase in the summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseSummary {
+    #[serde(flatten)]
+    pub latency: LatencySummary,
+    /// Tokens in these steps (all kinds).
+    pub tokens: u64,
+    /// Tokens per second of decode time.
+    pub tokens_per_s: f64,
+    /// Exact batch sizes (tokens per step) → number of steps.
+    pub batch_sizes: BTreeMap<u32, u64>,
+}
+
+/// A model load in the summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadSummary {
+    pub pid: u32,
+    pub path: Option<String>,
+    pub ok: bool,
+    pub duration_ms: f64,
+}
+
+/// A context in the summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContextSummary {
+    pub pid: u32,
+    pub ok: bool,
+    pub duration_ms: f64,
+    pub n_ctx: Option<u32>,
+    pub n_batch: Option<u32>,
+    pub n_ubatch: Option<u32>,
+    pub n_seq_max: Option<u32>,
+    pub n_threads: Option<u32>,
+    pub n_threads_batch: Option<u32>,
+}
+
+/// Everything the summary reports; serialised by `--summary-json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub decode_calls: u64,
+    /// Calls by result label (ok, no_kv_slot, aborted, invalid_batch, error).
+    pub decode_results: BTreeMap<&'static str, u64>,
+    /// Failed calls by raw return code.
+    pub decode_errors_by_code: BTreeMap<i32, u64>,
+    /// Decode steps by phase (all results).
+    pub phases: BTreeMap<&'static str, PhaseSummary>,
+    /// Decode steps whose batch could not be read.
+    pub decode_unknown_phase: u64,
+    /// Prompt tokens processed by successful steps.
+    pub prompt_tokens: u64,
+    /// Generated tokens fed back by successful steps.
+    pub generation_tokens_decoded: u64,
+    /// Tokens sampled (one per generated token).
+    pub sampled_tokens: u64,
+    pub sample: LatencySummary,
+    pub synchronize: LatencySummary,
+    /// Decode step start → end of the synchronize after it.
+    pub compute: LatencySummary,
+    pub model_loads: Vec<LoadSummary>,
+    pub contexts: Vec<ContextSummary>,
+    /// Wall time between the first and the last observation, seconds.
+    pub span_s: f64,
+}
+
+/// Aggregates observations for the summary.
+#[derive(Default)]
+pub struct Stats {
+    decode_calls: u64,
+    results: BTreeMap<&'static str, u64>,
+    errors: BTreeMap<i32, u64>,
+    phases: BTreeMap<Phase, PhaseStats>,
+    unknown_phase: u64,
+    prompt_tokens: u64,
+    generation_tokens: u64,
+    sample: Latency,
+    sync: Latency,
+    compute: Latency,
+    loads: Vec<LoadSummary>,
+    contexts: Vec<ContextSummary>,
+    first_ns: Option<u64>,
+    last_ns: u64,
+}
+
+impl Stats {
+    pub fn observe(&mut self, obs: &Observation) {
+        let origin = match obs {
+            Observation::Decode(d) => &d.origin,
+            Observation::ModelLoad(m) => &m.origin,
+            Observation::ContextCreate(c) => &c.origin,
+            Observation::Sample(s) => &s.origin,
+            Observation::Synchronize(s) => &s.origin,
+        };
+        self.first_ns.get_or_insert(origin.start_ns);
+        self.last_ns = self.last_ns.max(origin.end_ns);
+        match obs {
+            Observation::Decode(d) => {
+                self.decode_calls += 1;
+                *self.results.entry(d.result.label()).or_default() += 1;
+                if d.result != DecodeResult::Ok {
+                    *self.errors.entry(d.ret).or_default() += 1;
+                }
+                match (d.phase, d.n_tokens) {
+                    (Some(phase), Some(n)) => {
+                        let p = self.phases.entry(phase).or_default();
+                        p.latency.record(d.origin.duration_ns());
+                        p.busy_ns += d.origin.duration_ns() as u128;
+                        p.tokens += n as u64;
+                        *p.batch_sizes.entry(n).or_default() += 1;
+                    }
+                    _ => self.unknown_phase += 1,
+                }
+                if d.result == DecodeResult::Ok {
+                    self.prompt_tokens += d.prompt_tokens as u64;
+                    self.generation_tokens += d.generated_tokens as u64;
+                }
+            }
+            Observation::Sample(s) => self.sample.record(s.origin.duration_ns()),
+            Observation::Synchronize(s) => {
+                self.sync.record(s.origin.duration_ns());
+                if let Some(c) = s.compute_ns {
+                    self.compute.record(c);
+                }
+            }
+            Observation::ModelLoad(m) => self.loads.push(LoadSummary {
+                pid: m.origin.pid,
+                path: m.path.clone(),
+                ok: m.ok,
+                duration_ms: m.origin.duration_ns() as f64 / 1e6,
+            }),
+            Observation::ContextCreate(c) => self.contexts.push(ContextSummary {
+                pid: c.origin.pid,
+                ok: c.ok,
+                duration_ms: c.origin.duration_ns() as f64 / 1e6,
+                n_ctx: c.n_ctx,
+                n_batch: c.n_batch,
+                n_ubatch: c.n_ubatch,
+                n_seq_max: c.n_seq_max,
+                n_threads: c.n_threads,
+                n_threads_batch: c.n_threads_batch,
+            }),
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        let phases = self
+            .phases
+            .iter()
+            .map(|(phase, p)| {
+                let secs = p.busy_ns as f64 / 1e9;
+                (
+                    phase.label(),
+                    PhaseSummary {
+                        latency: p.latency.summary(),
+                        tokens: p.tokens,
+                        tokens_per_s: if secs > 0.0 { p.tokens as f64 / secs } else { 0.0 },
+                        batch_sizes: p.batch_sizes.clone(),
+                    },
+                )
+            })
+            .collect();
+        Summary {
+            decode_calls: self.decode_calls,
+            decode_results: self.results.clone(),
+            decode_errors_by_code: self.errors.clone(),
+            phases,
+            decode_unknown_phase: self.unknown_phase,
+            prompt_tokens: self.prompt_tokens,
+            generation_tokens_decoded: self.generation_tokens,
+            sampled_tokens: self.sample.count(),
+            sample: self.sample.summary(),
+            synchronize: self.sync.summary(),
+            compute: self.compute.summary(),
+            model_loads: self.loads.clone(),
+            contexts: self.contexts.clone(),
+            span_s: self
+                .first_ns
+                .map(|f| self.last_ns.saturating_sub(f) as f64 / 1e9)
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// Power-of-two buckets of exact batch sizes, for display: (upper bound, count).
+pub fn pow2_buckets(sizes: &BTreeMap<u32, u64>) -> Vec<(u32, u64)> {
+    let mut out: BTreeMap<u32, u64> = BTreeMap::new();
+    for (&size, &n) in sizes {
+        *out.entry(size.max(1).next_power_of_two()).or_default() += n;
+    }
+    out.into_iter().collect()
+}
+
+impl Summary {
+    /// The human-readable final summary.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "decode steps: {} ({}) over {:.1} s",
+            self.decode_calls,
+            self.decode_results
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.span_s
+        );
+        let _ = writeln!(
+            s,
+            "  {:<11} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11}  batch sizes (tokens≤: steps)",
+            "phase", "steps", "p50 ms", "p90 ms", "p99 ms", "tokens", "tokens/s"
+        );
+        for phase in Phase::ALL {
+            let Some(p) = self.phases.get(phase.label()) else {
+                continue;
+            };
+            let buckets = pow2_buckets(&p.batch_sizes)
+                .iter()
+                .map(|(b, n)| format!("{b}:{n}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let _ = writeln!(
+                s,
+                "  {:<11} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>11.1}  {}",
+                phase.label(),
+                p.latency.count,
+                p.latency.p50_ms,
+                p.latency.p90_ms,
+                p.latency.p99_ms,
+                p.tokens,
+                p.tokens_per_s,
+                buckets
+            );
+        }
+        if self.decode_unknown_phase > 0 {
+            let _ = writeln!(s, "  unreadable batches: {}", self.decode_unknown_phase);
+        }
+        if !self.decode_errors_by_code.is_empty() {
+            let _ = writeln!(
+                s,
+                "  errors by return code: {}",
+                self.decode_errors_by_code
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "tokens: prompt {}, generated {} sampled ({} fed back to decode)",
+            self.prompt_tokens, self.sampled_tokens, self.generation_tokens_decoded
+        );
+        for (name, l) in [
+            ("sampling", &self.sample),
+            ("synchronize", &self.synchronize),
+            ("compute (decode→sync end)", &self.compute),
+        ] {
+            if l.count > 0 {
+                let _ = writeln!(
+                    s,
+                    "{name}: {} calls, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
+                    l.count, l.p50_ms, l.p90_ms, l.p99_ms
+                );
+            }
+        }
+        for l in &self.model_loads {
+            let _ = writeln!(
+                s,
+                "model load: {} {} in {:.1} ms",
+                l.path.as_deref().unwrap_or("(path unreadable)"),
+                if l.ok { "ok" } else { "FAILED" },
+                l.duration_ms
+            );
+        }
+        let opt = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
+        for c in &self.contexts {
+            let _ = writeln!(
+                s,
+                "context: {} n_ctx {} n_batch {} n_ubatch {} n_seq_max {} threads {}/{} in {:.1} ms",
+                if c.ok { "created" } else { "FAILED" },
+                opt(c.n_ctx),
+                opt(c.n_batch),
+                opt(c.n_ubatch),
+                opt(c.n_seq_max),
+                opt(c.n_threads),
+                opt(c.n_threads_batch),
+                c.duration_ms
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_known_distribution() {
+        let mut l = Latency::default();
+        for ms in 1..=100u64 {
+            l.record(ms * 1_000_000);
+        }
+        let s = l.summary();
+        assert_eq!(s.count, 100);
+        // hdrhistogram keeps 3 significant digits.
+        assert!((s.p50_ms - 50.0).abs() < 0.1, "{s:?}");
+        assert!((s.p90_ms - 90.0).abs() < 0.1, "{s:?}");
+        assert!((s.p99_ms - 99.0).abs() < 0.1, "{s:?}");
+        assert!((s.mean_ms - 50.5).abs() < 1e-9, "{s:?}");
+        assert!((s.total_ms - 5050.0).abs() < 1e-9, "{s:?}");
+    }
+
+    #[test]
+    fn batch_sizes_bucket_by_power_of_two() {
+        let sizes: BTreeMap<u32, u64> = [(1, 5), (3, 1), (4, 2), (12, 1), (200, 1)].into();
+        assert_eq!(
+            pow2_buckets(&sizes),
+            vec![(1, 5), (4, 3), (16, 1), (256, 1)]
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! Symbol resolution with the `object` crate: which catalog functions a file defines, at which
+//! file offset (what a uprobe attaches to), and the probe plan for a process.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::{
+    discover::MappedFile,
+    targets::{self, Generation, ProbePoint, PROBES},
+};
+
+/// Errors of symbol resolution and planning.
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not an ELF file llamaprobe can read: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: object::Error,
+    },
+    #[error(
+        "{what} defines none of llama.cpp's decode functions (llama_decode, \
+         llama_context::decode(llama_batch_ext const&)); checked {n_files} file(s). {hint}"
+    )]
+    NotLlama {
+        what: String,
+        n_files: usize,
+        hint: String,
+    },
+}
+
+/// Which symbol table a hit came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Table {
+    Dynsym,
+    Symtab,
+}
+
+/// A catalog symbol defined in a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hit {
+    pub vaddr: u64,
+    pub file_offset: u64,
+    pub table: Table,
+}
+
+/// What one file offers.
+#[derive(Clone, Debug)]
+pub struct FileSymbols {
+    pub file: MappedFile,
+    pub hits: BTreeMap<&'static str, Hit>,
+    /// The file has a `.symtab` (not stripped).
+    pub has_symtab: bool,
+}
+
+/// ELF interpreter (`PT_INTERP`) of an executable image, if dynamically linked.
+pub fn interpreter(data: &[u8]) -> Result<Option<String>, object::Error> {
+    use object::read::elf::{ElfFile64, ProgramHeader};
+    let elf = ElfFile64::<object::Endianness>::parse(data)?;
+    let endian = elf.endian();
+    for ph in elf.elf_program_headers() {
+        if ph.p_type(endian) == object::elf::PT_INTERP {
+            if let Ok(Some(bytes)) = ph.interpreter(endian, data) {
+                return Ok(Some(String::from_utf8_lossy(bytes).into_owned()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Translates a virtual address to a file offset through the loadable segments.
+fn file_offset(obj: &object::File, vaddr: u64) -> Option<u64> {
+    obj.segments().find_map(|s| {
+        let (off, size) = s.file_range();
+        (vaddr >= s.address() && vaddr < s.address() + size).then(|| vaddr - s.address() + off)
+    })
+}
+
+/// Reads the catalog symbols a file defines (`.dynsym` and `.symtab`).
+pub fn resolve_file(file: &MappedFile) -> Result<FileSymbols, SymbolError> {
+    let data = fs::read(&file.host_path).map_err(|source| SymbolError::Read {
+        path: file.host_path.clone(),
+        source,
+    })?;
+    resolve_bytes(file.clone(), &data)
+}
+
+fn resolve_bytes(file: MappedFile, data: &[u8]) -> Result<FileSymbols, SymbolError> {
+    let obj = object::File::parse(data).map_err(|source| SymbolError::Parse {
+        path: file.host_path.clone(),
+        source,
+    })?;
+    let mut hits = BTreeMap::new();
+    let wanted: Vec<&'static str> = targets::wanted_symbols().collect();
+    let tables = [
+        (Table::Dynsym, obj.dynamic_symbols().collect::<Vec<_>>()),
+        (Table::Symtab, obj.symbols().collect::<Vec<_>>()),
+    ];
+    for (table, syms) in tables {
+        for sym in syms {
+            if !sym.is_definition() || sym.kind() != SymbolKind::Text || sym.address() == 0 {
+                continue;
+            }
+            let Ok(name) = sym.name() else { continue };
+            let Some(&w) = wanted.iter().find(|w| **w == name) else {
+                continue;
+            };
+            if hits.contains_key(w) {
+                continue;
+            }
+            if let Some(file_offset) = file_offset(&obj, sym.address()) {
+                hits.insert(
+                    w,
+                    Hit {
+                        vaddr: sym.address(),
+                        file_offset,
+                        table,
+                    },
+                );
+            }
+        }
+    }
+    let has_symtab = obj.symbols().next().is_some();
+    Ok(FileSymbols {
+        file,
+        hits,
+        has_symtab,
+    })
+}
+
+/// One uprobe pair to attach.
+#[derive(Clone, Debug)]
+pub struct PlannedProbe {
+    pub point: &'static ProbePoint,
+    /// File to attach to (host path).
+    pub target: PathBuf,
+    /// Path as the process sees it.
+    pub path: PathBuf,
+    pub hit: Hit,
+}
+
+/// What will be probed in one process.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub generation: Generation,
+    pub probes: Vec<PlannedProbe>,
+    /// Catalog functions of this generation found nowhere (by symbol).
+    pub missing: Vec<&'static ProbePoint>,
+    /// Files that define at least one catalog function.
+    pub files: Vec<FileSymbols>,
+}
+
+impl Plan {
+    /// Builds the plan from the files of one process (or one file). Unreadable files (e.g. the
+    /// vdso, deleted files) are skipped.
+    pub fn build(files: &[MappedFile], what: &str) -> Result<Plan, SymbolError> {
+        let mut resolved = Vec::new();
+        let mut stripped = Vec::new();
+        for f in files {
+            match resolve_file(f) {
+                Ok(r) if !r.hits.is_empty() => resolved.push(r),
+                Ok(r) => {
+                    if !r.has_symtab && looks_like_llama(&r.file.path) {
+                        stripped.push(r.file.path.clone());
+                    }
+                }
+                Err(e) => tracing::debug!("skipping {}: {e}", f.host_path.display()),
+            }
+        }
+        let has = |s: &str| resolved.iter().any(|r| r.hits.contains_key(s));
+        let Some(generation) = targets::detect_generation(has) else {
+            let hint = if stripped.is_empty() {
+                "Is this a llama.cpp program (llama-server, llama-cli, or a program linked with \
+                 libllama)? If llama.cpp is linked statically and stripped, use an unstripped build."
+                    .to_string()
+            } else {
+                format!(
+                    "{} look(s) stripped (no symbol table): use an unstripped build of llama.cpp.",
+                    stripped
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            return Err(SymbolError::NotLlama {
+                what: what.to_string(),
+                n_files: files.len(),
+                hint,
+            });
+        };
+        let mut probes = Vec::new();
+        let mut missing = Vec::new();
+        for point in PROBES.iter().filter(|p| p.applies_to(generation)) {
+            let mut found = false;
+            for r in &resolved {
+                if let Some(hit) = r.hits.get(point.symbol) {
+                    found = true;
+                    probes.push(PlannedProbe {
+                        point,
+                        target: r.file.host_path.clone(),
+                        path: r.file.path.clone(),
+                        hit: hit.clone(),
+                    });
+                }
+            }
+            if !found {
+                missing.push(point);
+            }
+        }
+        Ok(Plan {
+            generation,
+            probes,
+            missing,
+            files: resolved,
+        })
+    }
+}
+
+/// Human-readable report of a plan (`llamaprobe symbols`).
+pub fn render_plan(what: &str, plan: &Plan) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{what}");
+    let _ = writeln!(s, "generation: {}", plan.generation.describe());
+    let _ = writeln!(s, "files with llama.cpp functions:");
+    for f in &plan.files {
+        let _ = writeln!(
+            s,
+            "  {} ({} functions; symbol table: {})",
+            f.file.path.display(),
+            f.hits.len(),
+            if f.has_symtab { "yes" } else { "no, stripped" }
+        );
+    }
+    let _ = writeln!(s, "would probe ({} uprobe + uretprobe pairs):", plan.probes.len());
+    for p in &plan.probes {
+        let _ = writeln!(
+            s,
+            "  {:<15} {:<60} {} +{:#x} ({:?})",
+            p.point.family.name(),
+            p.point.prototype.split('(').next().unwrap_or(p.point.symbol),
+            p.path.display(),
+            p.hit.file_offset,
+            p.hit.table
+        );
+    }
+    if !plan.missing.is_empty() {
+        let _ = writeln!(s, "not found (not measured):");
+        for m in &plan.missing {
+            let _ = writeln!(s, "  {:<15} {}", m.family.name(), m.symbol);
+        }
+    }
+    s
+}
+
+fn looks_like_llama(p: &Path) -> bool {
+    let s = p.to_string_lossy();
+    s.contains("llama")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ordinary_program_is_not_llama() {
+        let sh = crate::discover::which("sh").unwrap();
+        let files = crate::discover::planned_files(&sh).unwrap();
+        let err = Plan::build(&files, "sh").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("defines none of llama.cpp's decode functions"), "{msg}");
+    }
+
+    #[test]
+    fn file_offsets_match_the_symbol_in_libc() {
+        // libc defines `getpid`; its file offset must land inside the file.
+        let files = crate::discover::mapped_files(std::process::id()).unwrap();
+        let libc = files
+            .iter()
+            .find(|f| f.path.to_string_lossy().contains("libc.so"))
+            .unwrap();
+        let data = fs::read(&libc.host_path).unwrap();
+        let obj = object::File::parse(&*data).unwrap();
+        let sym = obj
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("getpid"))
+            .unwrap();
+        let off = file_offset(&obj, sym.address()).unwrap();
+        assert!(off < data.len() as u64);
+    }
+}

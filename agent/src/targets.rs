@@ -1,0 +1,316 @@
+//! Everything llamaprobe knows about llama.cpp versions, as data: the API generations, the
+//! functions probed in each (symbol → eBPF programs), and the struct layouts the probes read.
+//!
+//! To support a new llama.cpp version, change this file only: add its symbols to [`PROBES`] and,
+//! if a struct moved, a layout to [`LAYOUTS`]. Each probe names the upstream prototype it relies
+//! on (see the eBPF modules for the argument handling).
+
+use probe_common::{
+    BatchExtLayout, ClassicBatchLayout, ContextParamsLayout, ProcessLayout, ABSENT,
+};
+
+/// An API generation of llama.cpp: how a decode step enters libllama.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Generation {
+    /// 2026+: `llama_process(ctx, type, llama_batch_ext *)` → `llama_context::decode(const
+    /// llama_batch_ext &)`; `llama_decode` is a compatibility wrapper around the same method.
+    BatchExt,
+    /// b3943 … 2026: `llama_decode(ctx, struct llama_batch)` with the 56-byte batch.
+    Classic,
+}
+
+impl Generation {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Generation::BatchExt => "batch_ext (llama_process / llama_context::decode(llama_batch_ext const&), 2026+)",
+            Generation::Classic => "classic (llama_decode(ctx, struct llama_batch), b3943+)",
+        }
+    }
+}
+
+/// What a probe measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Decode,
+    ModelLoad,
+    ContextCreate,
+    Sample,
+    Synchronize,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Decode => "decode",
+            Family::ModelLoad => "model_load",
+            Family::ContextCreate => "context_create",
+            Family::Sample => "sample",
+            Family::Synchronize => "synchronize",
+        }
+    }
+}
+
+/// One function to probe.
+#[derive(Debug)]
+pub struct ProbePoint {
+    pub family: Family,
+    /// Symbol name as in `.dynsym`/`.symtab` (mangled for C++).
+    pub symbol: &'static str,
+    /// Human-readable prototype.
+    pub prototype: &'static str,
+    /// eBPF program run at entry.
+    pub entry: &'static str,
+    /// eBPF program run at return.
+    pub ret: &'static str,
+    /// Generations in which this symbol is the one to probe (empty: all).
+    pub generations: &'static [Generation],
+}
+
+const ALL: &[Generation] = &[];
+
+/// Symbol whose presence marks the batch_ext generation.
+pub const BATCH_EXT_DECODE: &str = "_ZN13llama_context6decodeERK15llama_batch_ext";
+/// Symbol that marks the classic generation (when the batch_ext one is absent).
+pub const CLASSIC_DECODE: &str = "llama_decode";
+
+/// The probe catalog. Wrappers of one family on one thread nest (the probes count the outer
+/// call once), so listing both a deprecated function and its replacement is safe.
+pub const PROBES: &[ProbePoint] = &[
+    ProbePoint {
+        family: Family::Decode,
+        symbol: BATCH_EXT_DECODE,
+        prototype: "int llama_context::decode(const llama_batch_ext & batch)",
+        entry: "decode_ext",
+        ret: "decode_return",
+        generations: &[Generation::BatchExt],
+    },
+    ProbePoint {
+        family: Family::Decode,
+        symbol: CLASSIC_DECODE,
+        prototype: "int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch)",
+        entry: "decode_classic",
+        ret: "decode_return",
+        generations: &[Generation::Classic],
+    },
+    ProbePoint {
+        family: Family::ModelLoad,
+        symbol: "llama_model_load_from_file",
+        prototype: "struct llama_model * llama_model_load_from_file(const char * path_model, struct llama_model_params params)",
+        entry: "model_load_file",
+        ret: "model_load_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::ModelLoad,
+        symbol: "llama_load_model_from_file",
+        prototype: "struct llama_model * llama_load_model_from_file(const char * path_model, struct llama_model_params params) [deprecated]",
+        entry: "model_load_file",
+        ret: "model_load_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::ModelLoad,
+        symbol: "llama_model_load_from_splits",
+        prototype: "struct llama_model * llama_model_load_from_splits(const char ** paths, size_t n_paths, struct llama_model_params params)",
+        entry: "model_load_splits",
+        ret: "model_load_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::ContextCreate,
+        symbol: "llama_init_from_model",
+        prototype: "struct llama_context * llama_init_from_model(struct llama_model * model, struct llama_context_params params)",
+        entry: "context_enter",
+        ret: "context_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::ContextCreate,
+        symbol: "llama_new_context_with_model",
+        prototype: "struct llama_context * llama_new_context_with_model(struct llama_model * model, struct llama_context_params params) [deprecated]",
+        entry: "context_enter",
+        ret: "context_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Sample,
+        symbol: "llama_sampler_sample",
+        prototype: "llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx)",
+        entry: "sample_enter",
+        ret: "sample_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Sample,
+        symbol: "_Z21common_sampler_sampleP14common_samplerP13llama_contextib",
+        prototype: "llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx, bool grammar_first)",
+        entry: "sample_enter",
+        ret: "sample_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Synchronize,
+        symbol: "llama_synchronize",
+        prototype: "void llama_synchronize(struct llama_context * ctx)",
+        entry: "sync_enter",
+        ret: "sync_return",
+        generations: ALL,
+    },
+];
+
+impl ProbePoint {
+    pub fn applies_to(&self, g: Generation) -> bool {
+        self.generations.is_empty() || self.generations.contains(&g)
+    }
+}
+
+/// Every symbol llamaprobe looks for.
+pub fn wanted_symbols() -> impl Iterator<Item = &'static str> {
+    PROBES.iter().map(|p| p.symbol)
+}
+
+/// The generation implied by the symbols a process has.
+pub fn detect_generation(has: impl Fn(&str) -> bool) -> Option<Generation> {
+    if has(BATCH_EXT_DECODE) {
+        Some(Generation::BatchExt)
+    } else if has(CLASSIC_DECODE) {
+        Some(Generation::Classic)
+    } else {
+        None
+    }
+}
+
+/// Layout of the classic `struct llama_batch` (llama.h): unchanged since b3943 (older builds
+/// only add trailing fields).
+const CLASSIC_BATCH: ClassicBatchLayout = ClassicBatchLayout {
+    n_tokens: 0,
+    pos: 24,
+    seq_id: 40,
+    logits: 48,
+};
+
+/// Struct layouts per generation (x86-64 / aarch64 LP64, libstdc++).
+pub struct LayoutRow {
+    pub generation: Generation,
+    /// Where the numbers come from.
+    pub source: &'static str,
+    pub layout: ProcessLayout,
+}
+
+pub const LAYOUTS: &[LayoutRow] = &[
+    LayoutRow {
+        generation: Generation::BatchExt,
+        source: "llama.cpp vendored in llama-cpp-python 0.3.36 (src/llama-batch.h, include/llama.h)",
+        layout: ProcessLayout {
+            classic: CLASSIC_BATCH,
+            // struct llama_batch_ext { size_t n_tokens_max, n_embd_inp, n_embd_inp_enc;
+            // llama_seq_id n_seq_max; llama_memory_i * mem; llama_token n_vocab;
+            // size_t n_pos_per_embd, n_embd; std::vector<token> tokens; ... }
+            // struct token { llama_token id; bool has_embd; size_t embd_off; bool output;
+            // std::unordered_set<llama_seq_id> seq_ids; std::array<llama_pos, 4> pos; }
+            ext: BatchExtLayout {
+                tokens_vec: 64,
+                token_size: 96,
+                token_output: 16,
+                // seq_ids at 24; libstdc++ _Hashtable: _M_buckets, _M_bucket_count, then
+                // _M_before_begin (whose _M_nxt is the first node) at +16.
+                token_seq_first_node: 24 + 16,
+                // _Hash_node<int, false>: _M_nxt, then the value.
+                seq_node_value: 8,
+                token_pos: 80,
+            },
+            // n_ctx, n_batch, n_ubatch, n_seq_max, n_rs_seq, n_outputs_max,
+            // n_outputs_max_per_seq, n_threads, n_threads_batch
+            ctx_params: ContextParamsLayout {
+                n_ctx: 0,
+                n_batch: 4,
+                n_ubatch: 8,
+                n_seq_max: 12,
+                n_threads: 28,
+                n_threads_batch: 32,
+            },
+        },
+    },
+    LayoutRow {
+        generation: Generation::Classic,
+        source: "llama.h b4463 … 2026 classic (n_ctx, n_batch, n_ubatch, n_seq_max, n_threads, n_threads_batch)",
+        layout: ProcessLayout {
+            classic: CLASSIC_BATCH,
+            ext: BatchExtLayout {
+                tokens_vec: ABSENT,
+                token_size: 0,
+                token_output: ABSENT,
+                token_seq_first_node: ABSENT,
+                seq_node_value: ABSENT,
+                token_pos: ABSENT,
+            },
+            ctx_params: ContextParamsLayout {
+                n_ctx: 0,
+                n_batch: 4,
+                n_ubatch: 8,
+                n_seq_max: 12,
+                n_threads: 16,
+                n_threads_batch: 20,
+            },
+        },
+    },
+];
+
+/// The layout row for a generation.
+pub fn layout_for(g: Generation) -> &'static LayoutRow {
+    LAYOUTS
+        .iter()
+        .find(|r| r.generation == g)
+        .expect("every generation has a layout row")
+}
+
+/// Plausible ranges of the context parameters; a value outside is reported unknown.
+pub mod plausible {
+    pub const N_CTX: std::ops::RangeInclusive<u32> = 1..=16 << 20;
+    pub const N_BATCH: std::ops::RangeInclusive<u32> = 1..=16 << 20;
+    pub const N_SEQ_MAX: std::ops::RangeInclusive<u32> = 1..=4096;
+    pub const N_THREADS: std::ops::RangeInclusive<u32> = 1..=4096;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_generation_has_a_decode_probe_and_a_layout() {
+        for g in [Generation::BatchExt, Generation::Classic] {
+            let decodes = PROBES
+                .iter()
+                .filter(|p| p.family == Family::Decode && p.applies_to(g))
+                .count();
+            assert_eq!(decodes, 1, "{g:?} must probe exactly one decode function");
+            assert_eq!(layout_for(g).generation, g);
+        }
+    }
+
+    #[test]
+    fn generation_detection_prefers_batch_ext() {
+        let both = |s: &str| s == BATCH_EXT_DECODE || s == CLASSIC_DECODE;
+        assert_eq!(detect_generation(both), Some(Generation::BatchExt));
+        assert_eq!(
+            detect_generation(|s| s == CLASSIC_DECODE),
+            Some(Generation::Classic)
+        );
+        assert_eq!(detect_generation(|_| false), None);
+    }
+
+    #[test]
+    fn program_names_exist_in_the_ebpf_object() {
+        let obj = crate::attach::EBPF_OBJECT;
+        for p in PROBES {
+            for prog in [p.entry, p.ret] {
+                assert!(
+                    obj.windows(prog.len()).any(|w| w == prog.as_bytes()),
+                    "program {prog} missing from the eBPF object"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# build.sh OUTDIR: builds the fake llama.cpp libraries and drivers for llamaprobe's integration
+# tests, with gcc/g++ only:
+#   OUTDIR/classic/libllama.so      llama_classic.c + llama_common.c   (classic API, C)
+#   OUTDIR/classic/driver_classic   driver_classic.c, RUNPATH $ORIGIN
+#   OUTDIR/ext/libllama.so          llama_ext.cpp + llama_common.c     (newest API, C++17)
+#   OUTDIR/ext/driver_ext           driver_ext.cpp, RUNPATH $ORIGIN
+#   OUTDIR/ext/layout_ext           layout_ext.cpp (prints llama_batch_ext offsets)
+# Flags: -O1 -g0 -fPIC, default visibility (every API symbol in .dynsym), -fno-omit-frame-pointer.
+# Idempotent: always rebuilds (well under a second per file); every output is written to a
+# temporary name in its final directory and renamed into place, so a concurrent reader never
+# sees a half-written file. Environment: CC (default gcc), CXX (default g++).
+set -euo pipefail
+
+if [ "$#" -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+mkdir -p "$1/classic" "$1/ext"
+OUT="$(cd "$1" && pwd)"
+CC="${CC:-gcc}"
+CXX="${CXX:-g++}"
+
+COMMON=(-O1 -g0 -fPIC -fno-omit-frame-pointer -Wall -Wextra -I"$SRC")
+CFLAGS=("${COMMON[@]}" -std=gnu11)
+CXXFLAGS=("${COMMON[@]}" -std=c++17)
+RPATH=(-Wl,-rpath,'$ORIGIN')
+
+TMP="$(mktemp -d "$OUT/.build.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+
+# install SRC_TMP DEST: atomic replace
+install_file() {
+    local tmp="$2.tmp.$$"
+    cp "$1" "$tmp"
+    mv -f "$tmp" "$2"
+}
+
+# ---- classic ----
+"$CC" "${CFLAGS[@]}" -shared -Wl,-soname,libllama.so -o "$TMP/libllama_classic.so" \
+    "$SRC/llama_classic.c" "$SRC/llama_common.c"
+install_file "$TMP/libllama_classic.so" "$OUT/classic/libllama.so"
+"$CC" "${CFLAGS[@]}" -o "$TMP/driver_classic" "$SRC/driver_classic.c" \
+    -L"$OUT/classic" -lllama "${RPATH[@]}"
+install_file "$TMP/driver_classic" "$OUT/classic/driver_classic"
+
+# ---- ext ----
+"$CC" "${CFLAGS[@]}" -c -o "$TMP/llama_common.o" "$SRC/llama_common.c"
+"$CXX" "${CXXFLAGS[@]}" -shared -Wl,-soname,libllama.so -o "$TMP/libllama_ext.so" \
+    "$SRC/llama_ext.cpp" "$TMP/llama_common.o"
+install_file "$TMP/libllama_ext.so" "$OUT/ext/libllama.so"
+"$CXX" "${CXXFLAGS[@]}" -o "$TMP/driver_ext" "$SRC/driver_ext.cpp" \
+    -L"$OUT/ext" -lllama "${RPATH[@]}"
+install_file "$TMP/driver_ext" "$OUT/ext/driver_ext"
+"$CXX" "${CXXFLAGS[@]}" -o "$TMP/layout_ext" "$SRC/layout_ext.cpp"
+install_file "$TMP/layout_ext" "$OUT/ext/layout_ext"

@@ -1,0 +1,227 @@
+/*
+ * driver_classic.c: test driver for the CLASSIC fake libllama.so (OUTDIR/classic/, RUNPATH $ORIGIN).
+ *
+ * Usage: driver_classic MODEL_PATH        (MODEL_PATH must NOT contain "missing"; any string works,
+ *                                          nothing is opened)
+ *
+ * Start: prints `ready pid=<pid>`, then waits: one byte from stdin if FAKE_WAIT_STDIN=1, else
+ * sleeps 1.5 s (see driver_common.h). Then makes EXACTLY these calls, in this order, one stdout
+ * line each (the line is printed after the call returned). Sleeps are the fake's own (the real
+ * wall time is a bit longer). "runs" = consecutive tokens of one sequence in batch order:
+ * (seq id, tokens, tokens with output/logits flag set).
+ *
+ *  #  call (printed name)              n_tok  batch content / runs                      ret      sleep
+ *  1  llama_load_model_from_file       -      (MODEL_PATH, mparams)  DEPRECATED wrapper: nonnull  30 ms
+ *        -> internally calls llama_model_load_from_file(MODEL_PATH) once (not printed):
+ *           ONE successful model load in total
+ *  2  llama_model_load_from_file       -      ("/nonexistent/missing.gguf")             null     5 ms
+ *        -> ONE failed model load
+ *  3  llama_new_context_with_model     -      DEPRECATED wrapper, cparams below          nonnull  10 ms
+ *        -> internally calls llama_init_from_model once (not printed): ONE context
+ *  4  llama_decode  D1  12  ids 100..111, pos 0..11, seq 0; logits only on the last
+ *                           runs: (0,12,1)                                               0        2.4 ms
+ *  5  llama_synchronize                                                                   void     2 ms
+ *  6  llama_sampler_sample(smpl, ctx, -1)                                                 999      1 ms
+ *  7  for k = 0..4 (5 generation steps), 3 lines each:
+ *       llama_decode D2..D6  1   id (k==0 ? 999 : 1000), pos 12+k, seq 0, logits 1
+ *                                runs: (0,1,1)                                            0        0.2 ms
+ *       llama_synchronize                                                                 void     2 ms
+ *       llama_sampler_sample(smpl, ctx, 0)                                                1000     1 ms
+ *  8  llama_decode  D7  11  "mixed", 3 sequences, in this batch order:
+ *                           [0]     id 1000,     seq 0, pos 17,   logits 1   (generated token FIRST)
+ *                           [1..6]  ids 200..205, seq 1, pos 0..5, logits only on [6] (prompt end)
+ *                           [7..10] ids 300..303, seq 4, pos 0..3, logits 0 (middle prompt chunk)
+ *                           runs: (0,1,1) (1,6,1) (4,4,0); 2 outputs                     0        2.2 ms
+ *  9  llama_decode  D8   7  llama_batch_get_one style: ids 400..406; embd, pos, n_seq_id,
+ *                           seq_id, logits all NULL (=> no seq ids; llama.cpp would use
+ *                           seq 0, pos 18..24, output on the last only)                  0        1.4 ms
+ * 10  llama_decode  D9   1  get_one style: id 407, all pointers but token NULL            0        0.2 ms
+ * 11  llama_decode  D10  1  id 9001, pos 26, seq 0, logits 1; runs (0,1,1)                1        0.2 ms
+ * 12  llama_decode  D11  1  id 9002, pos 26, seq 0, logits 1; runs (0,1,1)                2        0.2 ms
+ * 13  llama_decode  D12  1  id 9003, pos 26, seq 0, logits 1; runs (0,1,1)               -1        0.2 ms
+ * 14  llama_decode  D13  1  id 9004, pos 26, seq 0, logits 1; runs (0,1,1)               -3        0.2 ms
+ * 15  llama_decode  D14 200 ids 500..699, pos 0..199, seq 2; logits only on the last
+ *                           runs: (2,200,1)   (larger than a 64-token scan window)       0        40 ms
+ * 16  llama_decode  D15 20  token i (i = 0..19): id 700+i, seq i, pos 100, logits 1
+ *                           runs: (0,1,1) (1,1,1) ... (19,1,1): 20 runs, 20 outputs      0        4 ms
+ * 17  done decodes=15 samples=6
+ *
+ * Totals: llama_decode calls 15 (ok 11, failed 4: ret 1, 2, -1, -3); tokens decoded 260
+ * (12 + 5 + 11 + 7 + 1 + 4 + 200 + 20); llama_synchronize 6; llama_sampler_sample 6;
+ * model loads 2 (1 ok + 1 NULL), each counted ONCE although #1 enters two exported symbols;
+ * contexts 1 (counted once although it enters two exported symbols).
+ *
+ * mparams (llama_model_params, 72 bytes, by value): n_gpu_layers 0, split_mode 1 (LAYER),
+ *   main_gpu 0, use_mmap 1, all pointers NULL, other bools 0.
+ * cparams (llama_context_params, 120 bytes, by value): n_ctx 4096 (+0), n_batch 512 (+4),
+ *   n_ubatch 256 (+8), n_seq_max 4 (+12), n_threads 3 (+16), n_threads_batch 5 (+20),
+ *   rope_scaling_type/pooling_type/attention_type -1, floats 0 except yarn_ext_factor -1,
+ *   yarn_attn_factor 1, yarn_beta_fast 32, yarn_beta_slow 1, defrag_thold -1; type_k/type_v 1
+ *   (F16); callbacks NULL; offload_kqv 1, no_perf 1, other bools 0.
+ * Classic batches (not get_one) are built like common_batch_add: every token has n_seq_id 1 and
+ * seq_id[i] points to one id; embd is NULL.
+ * Exit 0 when every return value matched the table (else 3, with MISMATCH lines on stderr).
+ */
+#include "llama_fake.h"
+#include "driver_common.h"
+
+#define MAX_TOK 256
+
+static struct {
+    llama_batch b;
+    llama_token tok[MAX_TOK];
+    llama_pos pos[MAX_TOK];
+    int32_t nseq[MAX_TOK];
+    llama_seq_id sid[MAX_TOK];
+    llama_seq_id * sidp[MAX_TOK];
+    int8_t lg[MAX_TOK];
+} cb;
+
+static void cb_clear(void) {
+    memset(&cb.b, 0, sizeof cb.b);
+    cb.b.token = cb.tok;
+    cb.b.embd = NULL;
+    cb.b.pos = cb.pos;
+    cb.b.n_seq_id = cb.nseq;
+    cb.b.seq_id = cb.sidp;
+    cb.b.logits = cb.lg;
+}
+
+static void cb_add(llama_token id, llama_pos pos, llama_seq_id seq, int out) {
+    int i = cb.b.n_tokens++;
+    cb.tok[i] = id;
+    cb.pos[i] = pos;
+    cb.nseq[i] = 1;
+    cb.sid[i] = seq;
+    cb.sidp[i] = &cb.sid[i];
+    cb.lg[i] = (int8_t) (out != 0);
+}
+
+/* like llama_batch_get_one(tokens, n): only n_tokens and token set */
+static llama_batch get_one(llama_token * tokens, int32_t n) {
+    llama_batch b;
+    memset(&b, 0, sizeof b);
+    b.n_tokens = n;
+    b.token = tokens;
+    return b;
+}
+
+static void decode(struct llama_context * ctx, llama_batch b, int want) {
+    int rc = llama_decode(ctx, b);
+    driver_decode("llama_decode", rc, want, b.n_tokens);
+}
+
+static void sync_and_sample(struct llama_context * ctx, struct llama_sampler * smpl, int32_t idx,
+                            llama_token * last) {
+    llama_synchronize(ctx);
+    driver_sync_done();
+    llama_token t = llama_sampler_sample(smpl, ctx, idx);
+    driver_sample(t, 1000 + idx);
+    *last = t;
+}
+
+int main(int argc, char ** argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s MODEL_PATH\n", argv[0]);
+        return 2;
+    }
+    driver_wait_for_start();
+
+    struct llama_model_params mp;
+    memset(&mp, 0, sizeof mp);
+    mp.n_gpu_layers = 0;
+    mp.split_mode = LLAMA_SPLIT_MODE_LAYER;
+    mp.use_mmap = true;
+
+    struct llama_context_params cp;
+    memset(&cp, 0, sizeof cp);
+    cp.n_ctx = 4096;
+    cp.n_batch = 512;
+    cp.n_ubatch = 256;
+    cp.n_seq_max = 4;
+    cp.n_threads = 3;
+    cp.n_threads_batch = 5;
+    cp.rope_scaling_type = LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED;
+    cp.pooling_type = LLAMA_POOLING_TYPE_UNSPECIFIED;
+    cp.attention_type = LLAMA_ATTENTION_TYPE_UNSPECIFIED;
+    cp.yarn_ext_factor = -1.0f;
+    cp.yarn_attn_factor = 1.0f;
+    cp.yarn_beta_fast = 32.0f;
+    cp.yarn_beta_slow = 1.0f;
+    cp.defrag_thold = -1.0f;
+    cp.type_k = GGML_TYPE_F16;
+    cp.type_v = GGML_TYPE_F16;
+    cp.offload_kqv = true;
+    cp.no_perf = true;
+
+    /* 1-3: model and context */
+    struct llama_model * model = llama_load_model_from_file(argv[1], mp);
+    driver_ptr("llama_load_model_from_file", model, 1);
+    struct llama_model * missing = llama_model_load_from_file("/nonexistent/missing.gguf", mp);
+    driver_ptr("llama_model_load_from_file", missing, 0);
+    struct llama_context * ctx = llama_new_context_with_model(model, cp);
+    driver_ptr("llama_new_context_with_model", ctx, 1);
+
+    static long sampler_storage[4];
+    struct llama_sampler * smpl = (struct llama_sampler *) (void *) sampler_storage;
+    llama_token last = 0;
+
+    /* 4-6: prompt of 12 tokens, seq 0 */
+    cb_clear();
+    for (int i = 0; i < 12; i++) {
+        cb_add(100 + i, i, 0, i == 11);
+    }
+    decode(ctx, cb.b, 0);
+    sync_and_sample(ctx, smpl, -1, &last);
+
+    /* 7: 5 generation steps */
+    for (int k = 0; k < 5; k++) {
+        cb_clear();
+        cb_add(last, 12 + k, 0, 1);
+        decode(ctx, cb.b, 0);
+        sync_and_sample(ctx, smpl, 0, &last);
+    }
+
+    /* 8: mixed batch: generated token of seq 0 first, then prompt end of seq 1, then a middle
+     * prompt chunk of seq 4 */
+    cb_clear();
+    cb_add(last, 17, 0, 1);
+    for (int i = 0; i < 6; i++) {
+        cb_add(200 + i, i, 1, i == 5);
+    }
+    for (int i = 0; i < 4; i++) {
+        cb_add(300 + i, i, 4, 0);
+    }
+    decode(ctx, cb.b, 0);
+
+    /* 9-10: llama_batch_get_one style batches */
+    static llama_token one7[7] = { 400, 401, 402, 403, 404, 405, 406 };
+    static llama_token one1[1] = { 407 };
+    decode(ctx, get_one(one7, 7), 0);
+    decode(ctx, get_one(one1, 1), 0);
+
+    /* 11-14: failing decodes */
+    static const int fail_ids[4] = { 9001, 9002, 9003, 9004 };
+    static const int fail_rc[4] = { 1, 2, -1, -3 };
+    for (int f = 0; f < 4; f++) {
+        cb_clear();
+        cb_add(fail_ids[f], 26, 0, 1);
+        decode(ctx, cb.b, fail_rc[f]);
+    }
+
+    /* 15: large prompt, 200 tokens, seq 2 */
+    cb_clear();
+    for (int i = 0; i < 200; i++) {
+        cb_add(500 + i, i, 2, i == 199);
+    }
+    decode(ctx, cb.b, 0);
+
+    /* 16: 20 sequences of one prompt token each, all outputs */
+    cb_clear();
+    for (int s = 0; s < 20; s++) {
+        cb_add(700 + s, 100, s, 1);
+    }
+    decode(ctx, cb.b, 0);
+
+    return driver_finish();
+}

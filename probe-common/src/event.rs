@@ -1,0 +1,218 @@
+//! Events sent from the probes to the agent through the ring buffer.
+//!
+//! Every probe family works as an entry/return pair: the entry probe fills an event in a
+//! per-thread map, the return probe completes it (end time, return value) and sends it. So each
+//! event is one finished call, with `start_ns`/`end_ns` in `CLOCK_MONOTONIC` nanoseconds.
+
+use core::mem::size_of;
+
+/// Event kinds. Numbers are stable and never reused; each family has its own range.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// One decode step ([`DecodeEvent`]).
+    Decode = 1,
+    /// One model load ([`ModelLoadEvent`]).
+    ModelLoad = 10,
+    /// One context creation ([`ContextEvent`]).
+    ContextCreate = 20,
+    /// One sampled token ([`SampleEvent`]).
+    Sample = 30,
+    /// One `llama_synchronize` call ([`SyncEvent`]).
+    Synchronize = 40,
+}
+
+impl EventKind {
+    /// The kind for a raw header value, if it is one this build knows.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Decode,
+            10 => Self::ModelLoad,
+            20 => Self::ContextCreate,
+            30 => Self::Sample,
+            40 => Self::Synchronize,
+            _ => return None,
+        })
+    }
+}
+
+/// First field of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] value.
+    pub kind: u32,
+    /// Process id (thread group id) of the traced process.
+    pub tgid: u32,
+    /// Thread id that made the call.
+    pub tid: u32,
+    /// Nesting depth of the same probe family on this thread while the call ran. Used by the
+    /// probes to count a call through a wrapper once; always 0 in a delivered event.
+    pub nest: u32,
+    /// Monotonic time of the call's entry, ns.
+    pub start_ns: u64,
+    /// Monotonic time of the call's return, ns.
+    pub end_ns: u64,
+}
+
+/// Which function a decode step entered through.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeApi {
+    /// `llama_decode(ctx, struct llama_batch)`: the classic C API, batch passed by value.
+    Classic = 1,
+    /// `llama_context::decode(llama_batch_ext const&)`: the newest API (`llama_process`).
+    BatchExt = 2,
+}
+
+/// Maximum number of sequence runs recorded per decode step.
+pub const MAX_RUNS: usize = 16;
+/// Maximum number of batch tokens the probe walks to build the runs.
+pub const MAX_SCAN: u32 = 64;
+
+/// A run of consecutive batch tokens that belong to the same (first) sequence id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqRun {
+    /// Sequence id of the run's tokens (the first id where a token has several).
+    pub seq_id: i32,
+    /// Position of the run's first token, or -1 if the batch carries no positions.
+    pub pos0: i32,
+    /// Number of tokens in the run.
+    pub n_tokens: u32,
+    /// Number of those tokens flagged for output (logits).
+    pub n_outputs: u16,
+    /// 1 if the run's last token is flagged for output.
+    pub last_output: u8,
+    pub _pad: u8,
+}
+
+/// The last token of a batch, read even when it lies beyond [`MAX_SCAN`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastToken {
+    pub seq_id: i32,
+    pub pos: i32,
+    pub output: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `DecodeEvent::flags` bits.
+pub mod decode_flags {
+    /// More than [`super::MAX_RUNS`] runs: the runs stop early.
+    pub const RUNS_TRUNCATED: u8 = 1;
+    /// The batch has no per-token sequence ids (e.g. `llama_batch_get_one`): runs are empty.
+    pub const NO_SEQ_INFO: u8 = 2;
+    /// The batch has no output flags: llama.cpp then outputs the last token only.
+    pub const NO_OUTPUT_INFO: u8 = 4;
+    /// `last` holds the batch's last token.
+    pub const LAST_VALID: u8 = 8;
+    /// The batch could not be read (unknown layout or unreadable memory): only `n_tokens` (if
+    /// not negative) and the timing are valid.
+    pub const UNREADABLE: u8 = 16;
+}
+
+/// One decode step: `llama_decode` or `llama_context::decode(llama_batch_ext const&)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeEvent {
+    pub header: EventHeader,
+    /// The `llama_context *`.
+    pub ctx: u64,
+    /// Return value (0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal).
+    pub ret: i32,
+    /// Tokens in the batch, -1 if unreadable.
+    pub n_tokens: i32,
+    /// Tokens walked into `runs` (at most [`MAX_SCAN`]).
+    pub n_scanned: u16,
+    /// Valid entries in `runs`.
+    pub n_runs: u8,
+    /// A [`DecodeApi`] value.
+    pub api: u8,
+    /// [`decode_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    pub last: LastToken,
+    pub runs: [SeqRun; MAX_RUNS],
+}
+
+/// Longest model path kept; longer paths are cut (flag in `ModelLoadEvent::path_len`).
+pub const PATH_CAP: usize = 512;
+
+/// Which function a model load entered through.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelLoadApi {
+    /// `llama_model_load_from_file(path, params)` or `llama_load_model_from_file`.
+    File = 1,
+    /// `llama_model_load_from_splits(paths, n_paths, params)`: `path` is the first split.
+    Splits = 2,
+}
+
+/// One model load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ModelLoadEvent {
+    pub header: EventHeader,
+    /// Returned `llama_model *`; 0 means the load failed.
+    pub model: u64,
+    /// Bytes of `path` read (including the NUL), 0 if unreadable.
+    pub path_len: u32,
+    /// A [`ModelLoadApi`] value.
+    pub api: u32,
+    pub path: [u8; PATH_CAP],
+}
+
+/// One context creation (`llama_init_from_model` / `llama_new_context_with_model`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ContextEvent {
+    pub header: EventHeader,
+    pub model: u64,
+    /// Returned `llama_context *`; 0 means creation failed.
+    pub ctx: u64,
+    /// Raw parameter values read with the process's layout; `u32::MAX` where the layout has no
+    /// such field. The agent range-checks them before use.
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_seq_max: u32,
+    pub n_threads: u32,
+    pub n_threads_batch: u32,
+}
+
+/// One sampled token (`llama_sampler_sample`, `common_sampler_sample`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SampleEvent {
+    pub header: EventHeader,
+    pub ctx: u64,
+    /// The sampled token id.
+    pub token: i32,
+    /// The output index sampled from.
+    pub idx: i32,
+}
+
+/// One `llama_synchronize(ctx)` call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncEvent {
+    pub header: EventHeader,
+    pub ctx: u64,
+}
+
+/// Index of the counter of events the ring buffer had no room for.
+pub const LOST_RINGBUF: u32 = 0;
+/// Index of the counter of calls whose entry could not be recorded (per-thread map full).
+pub const LOST_ENTRY: u32 = 1;
+/// Number of counters in the `LOST` per-CPU array.
+pub const LOST_COUNTERS: u32 = 2;
+
+const _: () = assert!(size_of::<EventHeader>() == 32);
+const _: () = assert!(size_of::<SeqRun>() == 16);
+const _: () = assert!(size_of::<LastToken>() == 12);
+const _: () = assert!(size_of::<DecodeEvent>() == 32 + 8 + 8 + 8 + 12 + 16 * MAX_RUNS + 4);
+const _: () = assert!(size_of::<ModelLoadEvent>() == 32 + 8 + 8 + PATH_CAP);
+const _: () = assert!(size_of::<ContextEvent>() == 32 + 16 + 24);
+const _: () = assert!(size_of::<SampleEvent>() == 32 + 16);
+const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);

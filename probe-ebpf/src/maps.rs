@@ -1,0 +1,49 @@
+//! The maps shared by all probe families.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use probe_common::{
+    ContextEvent, DecodeEvent, ModelLoadEvent, ProcessLayout, SampleEvent, SyncEvent,
+    LOST_COUNTERS,
+};
+
+/// Finished events, read by the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Events lost, by cause (`probe_common::LOST_*`), per CPU.
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_COUNTERS, 0);
+
+/// Struct layouts by traced process id, written by the agent.
+#[map]
+pub static LAYOUTS: HashMap<u32, ProcessLayout> = HashMap::with_max_entries(1024, 0);
+
+/// Calls in progress, by thread id, one map per family.
+#[map]
+pub static DECODE_ENTRY: HashMap<u32, DecodeEvent> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static MODEL_ENTRY: HashMap<u32, ModelLoadEvent> = HashMap::with_max_entries(256, 0);
+#[map]
+pub static CONTEXT_ENTRY: HashMap<u32, ContextEvent> = HashMap::with_max_entries(256, 0);
+#[map]
+pub static SAMPLE_ENTRY: HashMap<u32, SampleEvent> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static SYNC_ENTRY: HashMap<u32, SyncEvent> = HashMap::with_max_entries(4096, 0);
+
+/// Per-CPU scratch space for events too large for the 512-byte eBPF stack.
+#[map]
+pub static DECODE_SCRATCH: PerCpuArray<DecodeEvent> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static MODEL_SCRATCH: PerCpuArray<ModelLoadEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counts one lost event of cause `index`.
+#[inline(always)]
+pub fn count_lost(index: u32) {
+    if let Some(c) = LOST.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *c += 1 };
+    }
+}

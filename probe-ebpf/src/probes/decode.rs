@@ -1,0 +1,264 @@
+//! Decode steps, one event per step whichever API the program uses:
+//! - classic: `int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch)`
+//!   (llama.h; the 56-byte batch is passed by value);
+//! - newest: `int llama_context::decode(const llama_batch_ext & batch)` (src/llama-context.h),
+//!   which `llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch)` and the compatibility
+//!   `llama_decode` both reach. Probing this method counts each step once on either path.
+//!
+//! The entry program summarises the batch into runs of consecutive tokens of one sequence
+//! (sequence id, first position, tokens, outputs) so the agent can tell prompt chunks from
+//! generated tokens per sequence. It walks at most `MAX_SCAN` tokens and also reads the last.
+
+use aya_ebpf::{
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use probe_common::{
+    decode_flags as F, BatchExtLayout, ClassicBatchLayout, DecodeApi, DecodeEvent, LastToken,
+    SeqRun, MAX_RUNS, MAX_SCAN,
+};
+
+use super::{byval_arg, current, enter, layout, leave, read};
+use crate::maps::{DECODE_ENTRY, DECODE_SCRATCH};
+
+/// Per-token access to one batch representation.
+trait Tokens {
+    /// First sequence id of token `i`.
+    fn seq(&self, i: u32) -> Option<i32>;
+    /// Output flag of token `i` (`None`: the batch has no flags).
+    fn output(&self, i: u32) -> Option<bool>;
+    /// Position of token `i`, -1 if unknown.
+    fn pos(&self, i: u32) -> i32;
+}
+
+/// The classic `llama_batch`, by value: array pointers read from the struct.
+struct Classic {
+    pos: u64,
+    seq_id: u64,
+    logits: u64,
+}
+
+impl Tokens for Classic {
+    #[inline(always)]
+    fn seq(&self, i: u32) -> Option<i32> {
+        let p = read::<u64>(self.seq_id + 8 * i as u64)?;
+        read::<i32>(p)
+    }
+    #[inline(always)]
+    fn output(&self, i: u32) -> Option<bool> {
+        if self.logits == 0 {
+            return None;
+        }
+        read::<i8>(self.logits + i as u64).map(|v| v != 0)
+    }
+    #[inline(always)]
+    fn pos(&self, i: u32) -> i32 {
+        read::<i32>(self.pos + 4 * i as u64).unwrap_or(-1)
+    }
+}
+
+/// The C++ `llama_batch_ext`: a vector of token objects.
+struct Ext {
+    begin: u64,
+    l: BatchExtLayout,
+}
+
+impl Ext {
+    #[inline(always)]
+    fn token(&self, i: u32) -> u64 {
+        self.begin + i as u64 * self.l.token_size as u64
+    }
+}
+
+impl Tokens for Ext {
+    #[inline(always)]
+    fn seq(&self, i: u32) -> Option<i32> {
+        let node = read::<u64>(self.token(i) + self.l.token_seq_first_node as u64)?;
+        if node == 0 {
+            return Some(-1);
+        }
+        read::<i32>(node + self.l.seq_node_value as u64)
+    }
+    #[inline(always)]
+    fn output(&self, i: u32) -> Option<bool> {
+        read::<u8>(self.token(i) + self.l.token_output as u64).map(|v| v != 0)
+    }
+    #[inline(always)]
+    fn pos(&self, i: u32) -> i32 {
+        read::<i32>(self.token(i) + self.l.token_pos as u64).unwrap_or(-1)
+    }
+}
+
+/// Run `k` of the event. The index is masked after an optimisation barrier: LLVM may check a
+/// bound on one copy of a value and index with another, which the verifier cannot follow; the
+/// mask (MAX_RUNS is a power of two) is a bound it always sees. Callers check `k < MAX_RUNS`.
+#[inline(always)]
+fn run_at(ev: &mut DecodeEvent, k: usize) -> &mut SeqRun {
+    const _: () = assert!(MAX_RUNS.is_power_of_two());
+    let k = core::hint::black_box(k) & (MAX_RUNS - 1);
+    // SAFETY: k < MAX_RUNS by the mask.
+    unsafe { &mut *ev.runs.as_mut_ptr().add(k) }
+}
+
+/// Fills `ev.runs`, `n_runs`, `n_scanned`, `last` and flags from the first tokens of a batch.
+///
+/// Verifier note: the run index and current sequence live in the event (map memory, accessed
+/// with volatile reads) rather than in registers. The verifier treats map memory as unknown
+/// scalars, so every path through one iteration reaches the next in the same abstract state
+/// and is pruned; with the index in a register it would explore every (token, run) pair and
+/// exceed the instruction limit.
+#[inline(always)]
+fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
+    use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+    let limit = if n_tokens < MAX_SCAN { n_tokens } else { MAX_SCAN };
+    let mut i: u32 = 0;
+    while i < MAX_SCAN {
+        if i >= limit {
+            break;
+        }
+        let Some(seq) = src.seq(i) else {
+            ev.flags |= F::UNREADABLE;
+            break;
+        };
+        let out = match src.output(i) {
+            Some(o) => o,
+            None => {
+                ev.flags |= F::NO_OUTPUT_INFO;
+                false
+            }
+        };
+        // SAFETY: fields of the map value we own for the duration of the program.
+        let started = unsafe { read_volatile(addr_of!(ev.n_runs)) } as usize;
+        let same = started > 0
+            && started <= MAX_RUNS
+            && (unsafe { read_volatile(addr_of!(run_at(ev, started - 1).seq_id)) }) == seq;
+        if !same {
+            if started >= MAX_RUNS {
+                ev.flags |= F::RUNS_TRUNCATED;
+                break;
+            }
+            let pos0 = src.pos(i);
+            let run = run_at(ev, started);
+            run.seq_id = seq;
+            run.pos0 = pos0;
+            unsafe { write_volatile(addr_of_mut!(ev.n_runs), (started + 1) as u8) };
+        }
+        let cur = unsafe { read_volatile(addr_of!(ev.n_runs)) } as usize;
+        if cur == 0 || cur > MAX_RUNS {
+            break;
+        }
+        let run = run_at(ev, cur - 1);
+        run.n_tokens += 1;
+        if out {
+            run.n_outputs += 1;
+        }
+        run.last_output = out as u8;
+        i += 1;
+    }
+    ev.n_scanned = i as u16;
+    if n_tokens > 0 {
+        let last = n_tokens - 1;
+        if let Some(seq) = src.seq(last) {
+            ev.last = LastToken {
+                seq_id: seq,
+                pos: src.pos(last),
+                output: src.output(last).unwrap_or(true) as u8,
+                _pad: [0; 3],
+            };
+            ev.flags |= F::LAST_VALID;
+        }
+    }
+}
+
+/// Starts a decode event in the per-CPU scratch slot and records it for this thread.
+#[inline(always)]
+fn start(ctx_ptr: u64, api: DecodeApi, fill: impl FnOnce(&mut DecodeEvent)) {
+    let Some(ev) = DECODE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot, used by this program only while it runs.
+    let ev = unsafe { &mut *ev };
+    enter(&DECODE_ENTRY, ev, |ev| {
+        ev.ctx = ctx_ptr;
+        ev.ret = 0;
+        ev.n_tokens = -1;
+        ev.n_scanned = 0;
+        ev.n_runs = 0;
+        ev.api = api as u8;
+        ev.flags = 0;
+        ev._pad = [0; 3];
+        ev.last = LastToken::default();
+        let mut k = 0;
+        while k < MAX_RUNS {
+            if let Some(run) = ev.runs.get_mut(k) {
+                *run = Default::default();
+            }
+            k += 1;
+        }
+        fill(ev);
+    });
+}
+
+#[uprobe]
+pub fn decode_classic(ctx: ProbeContext) -> u32 {
+    let ctx_ptr = ctx.arg::<u64>(0).unwrap_or(0);
+    let batch = byval_arg(&ctx, 1).unwrap_or(0);
+    start(ctx_ptr, DecodeApi::Classic, |ev| {
+        let (tgid, _) = current();
+        let Some(l) = layout(tgid) else {
+            ev.flags |= F::UNREADABLE;
+            return;
+        };
+        let l: ClassicBatchLayout = l.classic;
+        let Some(n) = read::<i32>(batch + l.n_tokens as u64) else {
+            ev.flags |= F::UNREADABLE;
+            return;
+        };
+        ev.n_tokens = n;
+        let seq_id = read::<u64>(batch + l.seq_id as u64).unwrap_or(0);
+        if seq_id == 0 || n <= 0 {
+            ev.flags |= F::NO_SEQ_INFO;
+            return;
+        }
+        let src = Classic {
+            pos: read::<u64>(batch + l.pos as u64).unwrap_or(0),
+            seq_id,
+            logits: read::<u64>(batch + l.logits as u64).unwrap_or(0),
+        };
+        scan(ev, &src, n as u32);
+    });
+    0
+}
+
+#[uprobe]
+pub fn decode_ext(ctx: ProbeContext) -> u32 {
+    // C++ method: `this` in the first argument register, the reference in the second.
+    let ctx_ptr = ctx.arg::<u64>(0).unwrap_or(0);
+    let batch = ctx.arg::<u64>(1).unwrap_or(0);
+    start(ctx_ptr, DecodeApi::BatchExt, |ev| {
+        let (tgid, _) = current();
+        let Some(l) = layout(tgid) else {
+            ev.flags |= F::UNREADABLE;
+            return;
+        };
+        let l: BatchExtLayout = l.ext;
+        let begin = read::<u64>(batch + l.tokens_vec as u64).unwrap_or(0);
+        let end = read::<u64>(batch + l.tokens_vec as u64 + 8).unwrap_or(0);
+        if begin == 0 || end < begin || l.token_size == 0 {
+            ev.flags |= F::UNREADABLE;
+            return;
+        }
+        let n = (end - begin) / l.token_size as u64;
+        ev.n_tokens = n as i32;
+        scan(ev, &Ext { begin, l }, n as u32);
+    });
+    0
+}
+
+#[uretprobe]
+pub fn decode_return(ctx: RetProbeContext) -> u32 {
+    // int32_t / int: the low 32 bits of the return register.
+    let ret = ctx.ret::<u64>().unwrap_or(0) as i32;
+    leave(&DECODE_ENTRY, |ev| ev.ret = ret);
+    0
+}

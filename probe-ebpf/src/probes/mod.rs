@@ -1,0 +1,152 @@
+//! Probe families and the entry/return machinery they share.
+//!
+//! [`enter`] and [`leave`] implement the per-thread protocol once for every family:
+//! - an entry while the same family is already in progress on the thread (a deprecated wrapper
+//!   calling its replacement, e.g. `llama_load_model_from_file` → `llama_model_load_from_file`)
+//!   only bumps the nesting depth, so the call is counted once, with the outer timing;
+//! - the return of a nested call drops the depth; the outermost return sends the event and
+//!   removes the entry.
+
+pub mod context;
+pub mod decode;
+pub mod model;
+pub mod sampler;
+pub mod sync;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    maps::HashMap,
+    programs::ProbeContext,
+};
+use probe_common::{EventHeader, EventKind, ProcessLayout, LOST_ENTRY, LOST_RINGBUF};
+
+use crate::maps::{count_lost, EVENTS, LAYOUTS};
+
+/// An event type with a header.
+pub trait Event: Copy + 'static {
+    const KIND: EventKind;
+    fn header(&mut self) -> &mut EventHeader;
+}
+
+macro_rules! impl_event {
+    ($t:ty, $k:expr) => {
+        impl Event for $t {
+            const KIND: EventKind = $k;
+            #[inline(always)]
+            fn header(&mut self) -> &mut EventHeader {
+                &mut self.header
+            }
+        }
+    };
+}
+impl_event!(probe_common::DecodeEvent, EventKind::Decode);
+impl_event!(probe_common::ModelLoadEvent, EventKind::ModelLoad);
+impl_event!(probe_common::ContextEvent, EventKind::ContextCreate);
+impl_event!(probe_common::SampleEvent, EventKind::Sample);
+impl_event!(probe_common::SyncEvent, EventKind::Synchronize);
+
+/// The calling thread: (tgid, tid).
+#[inline(always)]
+pub fn current() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+/// Starts a call of family `T` on this thread. Returns `false` if the call is nested in one of
+/// the same family (nothing more to record) or if it could not be recorded.
+///
+/// `fill` writes the family's fields into `ev`, which the caller provides (stack or scratch
+/// map); the header is written here.
+#[inline(always)]
+pub fn enter<T: Event>(map: &HashMap<u32, T>, ev: &mut T, fill: impl FnOnce(&mut T)) -> bool {
+    let (tgid, tid) = current();
+    if let Some(prev) = map.get_ptr_mut(&tid) {
+        // SAFETY: map value pointer valid while the program runs.
+        let prev = unsafe { &mut *prev };
+        if prev.header().tgid == tgid {
+            prev.header().nest += 1;
+            return false;
+        }
+        // A leftover of an earlier process that had this thread id: overwrite it.
+    }
+    *ev.header() = EventHeader {
+        kind: T::KIND as u32,
+        tgid,
+        tid,
+        nest: 0,
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        end_ns: 0,
+    };
+    fill(ev);
+    if map.insert(&tid, ev, 0).is_err() {
+        count_lost(LOST_ENTRY);
+        return false;
+    }
+    true
+}
+
+/// Ends a call of family `T` on this thread: `fill` writes the return value, then the event is
+/// sent (outermost call only).
+#[inline(always)]
+pub fn leave<T: Event>(map: &HashMap<u32, T>, fill: impl FnOnce(&mut T)) {
+    let (_, tid) = current();
+    let Some(ev) = map.get_ptr_mut(&tid) else {
+        return; // entered before the probes were attached
+    };
+    // SAFETY: map value pointer valid while the program runs.
+    let ev = unsafe { &mut *ev };
+    if ev.header().nest > 0 {
+        ev.header().nest -= 1;
+        return;
+    }
+    ev.header().end_ns = unsafe { bpf_ktime_get_ns() };
+    fill(ev);
+    if EVENTS.output(ev, 0).is_err() {
+        count_lost(LOST_RINGBUF);
+    }
+    let _ = map.remove(&tid);
+}
+
+/// The layout the agent registered for this process, if any.
+#[inline(always)]
+pub fn layout(tgid: u32) -> Option<&'static ProcessLayout> {
+    // SAFETY: the value is plain data; a concurrent update by the agent can at worst give a
+    // mix of two layouts of the same process, which the agent never writes.
+    unsafe { LAYOUTS.get(&tgid) }
+}
+
+/// Reads a `T` from the traced process's memory.
+#[inline(always)]
+pub fn read<T>(addr: u64) -> Option<T> {
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_user checks the address; a fault returns an error.
+    unsafe { bpf_probe_read_user(addr as *const T).ok() }
+}
+
+/// Address of a struct argument passed by value, given the register index that would carry it
+/// had it been passed by reference.
+///
+/// - x86-64 SysV: structs larger than 16 bytes go on the stack; at a function's first
+///   instruction `rsp` points at the return address, so the first such argument is at `rsp + 8`.
+/// - AAPCS64: the caller copies the struct and passes its address in the next x register.
+#[inline(always)]
+pub fn byval_arg(ctx: &ProbeContext, reg_index: usize) -> Option<u64> {
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        let _ = reg_index;
+        // SAFETY: regs points at the probed task's saved registers.
+        let rsp = unsafe { (*ctx.regs).rsp };
+        Some(rsp + 8)
+    }
+    #[cfg(bpf_target_arch = "aarch64")]
+    {
+        ctx.arg::<u64>(reg_index)
+    }
+    #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+    {
+        let _ = (ctx, reg_index);
+        None
+    }
+}
