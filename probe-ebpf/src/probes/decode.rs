@@ -159,12 +159,19 @@ fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
     if n_tokens > 0 {
         let last = n_tokens - 1;
         if let Some(seq) = src.seq(last) {
-            ev.last = LastToken {
-                seq_id: seq,
-                pos: src.pos(last),
-                output: src.output(last).unwrap_or(true) as u8,
-                _pad: [0; 3],
+            let pos = src.pos(last);
+            // No output flags means llama.cpp outputs the last token.
+            let out: u8 = match src.output(last) {
+                Some(false) => 0,
+                _ => 1,
             };
+            // Volatile stores keep LLVM from merging these with values across the helper
+            // calls above (which clobber r1-r5).
+            unsafe {
+                write_volatile(addr_of_mut!(ev.last.seq_id), seq);
+                write_volatile(addr_of_mut!(ev.last.pos), pos);
+                write_volatile(addr_of_mut!(ev.last.output), out);
+            }
             ev.flags |= F::LAST_VALID;
         }
     }
