@@ -301,6 +301,33 @@ mod tests {
         assert_eq!(detect_generation(|_| false), None);
     }
 
+    /// The batch_ext layout row against the compiler: the fake (tests/fake) defines
+    /// `llama_batch_ext` field for field as llama.cpp does, and `layout_ext` prints offsetof.
+    #[test]
+    fn batch_ext_layout_matches_the_compiler() {
+        let out = std::env::temp_dir().join(format!("llamaprobe-layout-{}", std::process::id()));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake/build.sh");
+        let st = std::process::Command::new("bash").arg(script).arg(&out).status().unwrap();
+        assert!(st.success());
+        let printed = std::process::Command::new(out.join("ext/layout_ext")).output().unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        let text = String::from_utf8(printed.stdout).unwrap();
+        let get = |k: &str| -> u32 {
+            text.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} missing in {text}"))
+                .parse()
+                .unwrap()
+        };
+        let l = layout_for(Generation::BatchExt).layout.ext;
+        assert_eq!(l.tokens_vec, get("tokens") + get("vec_begin"));
+        assert_eq!(l.token_size, get("token_size"));
+        assert_eq!(l.token_output, get("output"));
+        assert_eq!(l.token_seq_first_node, get("seq_ids") + get("uset_first"));
+        assert_eq!(l.seq_node_value, get("node_value"));
+        assert_eq!(l.token_pos, get("pos"));
+    }
+
     #[test]
     fn program_names_exist_in_the_ebpf_object() {
         let obj = crate::attach::EBPF_OBJECT;

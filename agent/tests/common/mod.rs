@@ -1,0 +1,103 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::OnceLock,
+};
+
+pub use serde_json::Value;
+
+/// The llamaprobe binary under test.
+pub fn llamaprobe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llamaprobe"))
+}
+
+/// True when running as root. Tests that load eBPF programs need it; without it they print why
+/// they are skipped (and fail when LLAMAPROBE_REQUIRE_ROOT=1, as `cargo xtask test` sets).
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("LLAMAPROBE_REQUIRE_ROOT").is_some() {
+        panic!("{test}: needs root (loads eBPF programs)");
+    }
+    eprintln!("SKIPPED {test}: needs root (loads eBPF programs); run `sudo cargo xtask test`");
+    false
+}
+
+/// A fixture path from the environment `cargo xtask fixtures` prepares, or a skip.
+pub fn fixture_or_skip(test: &str, key: &str) -> Option<PathBuf> {
+    match std::env::var_os(key) {
+        Some(v) if Path::new(&v).exists() => Some(PathBuf::from(v)),
+        _ => {
+            if std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
+                panic!("{test}: fixture {key} is not set or missing; run `cargo xtask fixtures`");
+            }
+            eprintln!("SKIPPED {test}: fixture {key} not set; run through `cargo xtask test`");
+            None
+        }
+    }
+}
+
+/// Builds the fake llama.cpp libraries and drivers once per test binary.
+pub fn fakes() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fake-llama");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake/build.sh");
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg(&out)
+            .status()
+            .expect("run tests/fake/build.sh");
+        assert!(st.success(), "building the fake llama.cpp failed");
+        out
+    })
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Reads a JSON file.
+pub fn json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Reads a JSON-lines file.
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// stdout + stderr of an output, for messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Observations of one kind from an --events-out file.
+pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+/// Milliseconds of an observation.
+pub fn dur_ms(e: &Value) -> f64 {
+    let o = &e["origin"];
+    (o["end_ns"].as_u64().unwrap() - o["start_ns"].as_u64().unwrap()) as f64 / 1e6
+}

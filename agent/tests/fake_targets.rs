@@ -1,0 +1,190 @@
+//! Integration: the real eBPF programs loaded into this kernel, attached to a fake llama.cpp
+//! (tests/fake) that exports the real signatures of both API generations. The drivers make a
+//! known sequence of calls (tests/fake/README.md), so every count, token number, phase and
+//! result is asserted exactly, and durations against the fake's own sleeps.
+
+mod common;
+
+use common::*;
+
+/// Runs `llamaprobe run` on a driver; returns (summary, events).
+fn profile(driver: &str, test: &str) -> (Value, Vec<Value>) {
+    let dir = scratch(test);
+    let (sum, ev) = (dir.join("summary.json"), dir.join("events.jsonl"));
+    let out = llamaprobe()
+        .args(["run", "--quiet", "--metrics-addr", "off", "--summary-json"])
+        .arg(&sum)
+        .arg("--events-out")
+        .arg(&ev)
+        .arg("--")
+        .arg(fakes().join(driver))
+        .arg("/models/tiny-model.gguf")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("done decodes="), "driver did not finish: {}", text(&out));
+    (json(&sum), json_lines(&ev))
+}
+
+fn decode_sizes(events: &[Value]) -> Vec<u64> {
+    of_kind(events, "decode")
+        .iter()
+        .map(|d| d["n_tokens"].as_u64().unwrap())
+        .collect()
+}
+
+/// Checks shared by both drivers: loads, context, sampling, synchronize.
+fn check_common(sum: &Value, events: &[Value]) {
+    // One load through the deprecated wrapper (counted once) and one failing load.
+    let loads = sum["model_loads"].as_array().unwrap();
+    assert_eq!(loads.len(), 2, "{loads:?}");
+    assert_eq!(loads[0]["path"], "/models/tiny-model.gguf");
+    assert_eq!(loads[0]["ok"], true);
+    assert_eq!(loads[1]["path"], "/nonexistent/missing.gguf");
+    assert_eq!(loads[1]["ok"], false);
+    // The fake sleeps 30 ms and 5 ms.
+    let (ok_ms, fail_ms) = (loads[0]["duration_ms"].as_f64().unwrap(), loads[1]["duration_ms"].as_f64().unwrap());
+    assert!((30.0..530.0).contains(&ok_ms), "{ok_ms}");
+    assert!((5.0..505.0).contains(&fail_ms), "{fail_ms}");
+    // After the load the model label is the file stem.
+    let first_decode = of_kind(events, "decode")[0];
+    assert_eq!(first_decode["origin"]["model"], "tiny-model");
+
+    // One context through the deprecated wrapper.
+    let ctxs = sum["contexts"].as_array().unwrap();
+    assert_eq!(ctxs.len(), 1, "{ctxs:?}");
+    let c = &ctxs[0];
+    assert_eq!(c["ok"], true);
+    assert_eq!((c["n_ctx"].as_u64(), c["n_batch"].as_u64(), c["n_ubatch"].as_u64(), c["n_seq_max"].as_u64()), (Some(4096), Some(512), Some(256), Some(4)));
+    assert!(c["duration_ms"].as_f64().unwrap() >= 10.0);
+
+    // Six samples returning 1000 + idx (idx -1 first, then 0), each sleeping 1 ms.
+    let samples = of_kind(events, "sample");
+    let tokens: Vec<i64> = samples.iter().map(|s| s["token"].as_i64().unwrap()).collect();
+    assert_eq!(tokens, [999, 1000, 1000, 1000, 1000, 1000]);
+    assert!(samples.iter().all(|s| dur_ms(s) >= 1.0));
+    assert_eq!(sum["sampled_tokens"], 6);
+
+    // Six synchronize calls of 2 ms, each completing the decode step just before it.
+    let syncs = of_kind(events, "synchronize");
+    assert_eq!(syncs.len(), 6);
+    assert!(syncs.iter().all(|s| dur_ms(s) >= 2.0));
+    assert!(syncs.iter().all(|s| s["compute_ns"].as_u64().unwrap() >= 2_000_000));
+    assert_eq!(sum["compute"]["count"], 6);
+
+    // Decode durations follow the fake's n_tokens × 200 µs.
+    for d in of_kind(events, "decode") {
+        let n = d["n_tokens"].as_f64().unwrap();
+        assert!(dur_ms(d) >= n * 0.2, "{d}");
+    }
+    assert_eq!(sum["events_lost"], 0);
+    assert_eq!(sum["undecodable"], 0);
+}
+
+fn results(sum: &Value) -> Vec<(String, u64)> {
+    sum["decode_results"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect()
+}
+
+fn batch_sizes(sum: &Value, phase: &str) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = sum["phases"][phase]["batch_sizes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn classic_api_every_call_measured_exactly() {
+    if !root_or_skip("classic_api_every_call_measured_exactly") {
+        return;
+    }
+    let (sum, events) = profile("classic/driver_classic", "classic");
+    assert_eq!(sum["generation"], "classic");
+    assert_eq!(decode_sizes(&events), [12, 1, 1, 1, 1, 1, 11, 7, 1, 1, 1, 1, 1, 200, 20]);
+    assert_eq!(sum["decode_calls"], 15);
+    assert_eq!(
+        results(&sum),
+        [("aborted".into(), 1), ("error".into(), 1), ("invalid_batch".into(), 1), ("no_kv_slot".into(), 1), ("ok".into(), 11)]
+    );
+    let codes = sum["decode_errors_by_code"].as_object().unwrap();
+    assert_eq!(codes.len(), 4);
+    for c in ["1", "2", "-1", "-3"] {
+        assert_eq!(codes[c], 1, "{codes:?}");
+    }
+    // Prompt: D1 (12), the get_one batch of 7, the four failing single tokens (their position
+    // does not continue the sequence: the get_one batches carry none), 200, 20 sequences × 1.
+    assert_eq!(batch_sizes(&sum, "prompt"), [(1, 4), (7, 1), (12, 1), (20, 1), (200, 1)]);
+    // Generation: five fed-back tokens and the single-token get_one batch.
+    assert_eq!(batch_sizes(&sum, "generation"), [(1, 6)]);
+    assert_eq!(batch_sizes(&sum, "mixed"), [(11, 1)]);
+    // Prompt tokens of successful steps: 12 + (6 + 4) + 7 + 200 + 20.
+    assert_eq!(sum["prompt_tokens"], 249);
+    assert_eq!(sum["generation_tokens_decoded"], 7);
+
+    let decodes = of_kind(&events, "decode");
+    let mixed = decodes[6];
+    let parts: Vec<(i64, u64, &str)> = mixed["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["seq_id"].as_i64().unwrap(), p["n_tokens"].as_u64().unwrap(), p["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(parts, [(0, 1, "generated"), (1, 6, "final_prompt_chunk"), (4, 4, "prompt_chunk")]);
+    // 200 tokens: beyond the 64-token scan window, still one final prompt chunk of seq 2.
+    let big = decodes[13];
+    assert_eq!(big["parts"].as_array().unwrap().len(), 1);
+    assert_eq!(big["parts"][0]["seq_id"], 2);
+    assert_eq!(big["parts"][0]["n_tokens"], 200);
+    assert_eq!(big["parts"][0]["kind"], "final_prompt_chunk");
+    assert!(dur_ms(big) >= 40.0);
+    // 20 sequences: 16 runs recorded, the rest attributed to the last sequence.
+    let many = decodes[14];
+    let parts = many["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 17);
+    assert_eq!(parts[16]["seq_id"], 19);
+    assert_eq!(parts.iter().map(|p| p["n_tokens"].as_u64().unwrap()).sum::<u64>(), 20);
+    assert_eq!(decodes[9]["result"], "no_kv_slot");
+    assert_eq!(decodes[12]["ret"], -3);
+    check_common(&sum, &events);
+    assert_eq!(sum["contexts"][0]["n_threads"], 3);
+    assert_eq!(sum["contexts"][0]["n_threads_batch"], 5);
+}
+
+#[test]
+fn batch_ext_api_every_call_measured_exactly() {
+    if !root_or_skip("batch_ext_api_every_call_measured_exactly") {
+        return;
+    }
+    let (sum, events) = profile("ext/driver_ext", "ext");
+    assert_eq!(sum["generation"], "batch_ext");
+    // 15 steps through llama_process and one through the compatibility llama_decode: the
+    // method both reach is probed, so each counts once.
+    assert_eq!(decode_sizes(&events), [12, 1, 1, 1, 1, 1, 11, 7, 1, 1, 1, 1, 1, 200, 20, 3]);
+    assert_eq!(sum["decode_calls"], 16);
+    assert_eq!(
+        results(&sum),
+        [("aborted".into(), 1), ("error".into(), 1), ("invalid_batch".into(), 1), ("no_kv_slot".into(), 1), ("ok".into(), 12)]
+    );
+    // The ext batches carry positions: D9 (pos 25) and the failing steps (pos 26) continue seq 0.
+    assert_eq!(batch_sizes(&sum, "generation"), [(1, 10)]);
+    assert_eq!(batch_sizes(&sum, "prompt"), [(3, 1), (7, 1), (12, 1), (20, 1), (200, 1)]);
+    assert_eq!(batch_sizes(&sum, "mixed"), [(11, 1)]);
+    assert_eq!(sum["prompt_tokens"], 12 + 10 + 7 + 200 + 20 + 3);
+    assert_eq!(sum["generation_tokens_decoded"], 7);
+    let last = *of_kind(&events, "decode").last().unwrap();
+    assert_eq!(last["parts"][0]["seq_id"], 3);
+    assert_eq!(last["parts"][0]["kind"], "final_prompt_chunk");
+    check_common(&sum, &events);
+    // The fake's context params follow the mid-2025 layout (n_threads at +16); the batch_ext
+    // row reads +28 and +32, where the fake holds enum values: reported unknown, not wrong.
+    assert!(sum["contexts"][0]["n_threads"].is_null());
+}
