@@ -2,8 +2,8 @@
 //! synchronize calls paired with their decode step, model loads, contexts).
 //!
 //! Phase classification follows how llama.cpp itself counts "prompt eval" and "eval": per
-//! sequence in a batch, one token with output that continues the sequence (position = last
-//! position + 1) is a generated token; other tokens are prompt tokens, the chunk whose last
+//! sequence in a batch, one token with output that continues the sequence (a position past the
+//! sequence's last one) is a generated token; other tokens are prompt tokens, the chunk whose last
 //! token is flagged for output being the final prompt chunk. A batch without sequence ids
 //! (`llama_batch_get_one`) is generation if it has one token, else prompt.
 
@@ -329,9 +329,7 @@ impl Assembler {
         } else {
             let no_outputs = d.flags & F::NO_OUTPUT_INFO != 0;
             for run in d.runs.iter().take(d.n_runs as usize) {
-                let key = (pid, d.ctx, run.seq_id);
-                let continues = run.pos0 < 0
-                    || self.last_pos.get(&key).is_some_and(|&p| p + 1 == run.pos0);
+                let continues = self.continues(pid, d.ctx, run.seq_id, run.pos0);
                 let outputs = if no_outputs { 1 } else { run.n_outputs as u32 };
                 let kind = if run.n_tokens == 1 && outputs == 1 && continues {
                     PartKind::Generated
@@ -398,6 +396,21 @@ impl Assembler {
             self.advance_positions(pid, d, &step);
         }
         step
+    }
+
+    /// Whether a token at `pos` moves sequence `seq` forward (a generated token being fed back)
+    /// rather than restarting it (a new prompt reusing the sequence). A sequence whose end is
+    /// known continues at any later position: its end may be under-estimated when a batch's
+    /// tail lay beyond the probe's scan window. An unknown sequence continues unless it starts
+    /// at 0 (attached mid-generation). Batches without positions are judged by size alone.
+    fn continues(&self, pid: u32, ctx: u64, seq: i32, pos: i32) -> bool {
+        if pos < 0 {
+            return true;
+        }
+        match self.last_pos.get(&(pid, ctx, seq)) {
+            Some(&last) => pos > last,
+            None => pos > 0,
+        }
     }
 
     /// Records where each sequence ends after a successful step.

@@ -120,11 +120,11 @@ fn classic_api_every_call_measured_exactly() {
     for c in ["1", "2", "-1", "-3"] {
         assert_eq!(codes[c], 1, "{codes:?}");
     }
-    // Prompt: D1 (12), the get_one batch of 7, the four failing single tokens (their position
-    // does not continue the sequence: the get_one batches carry none), 200, 20 sequences × 1.
-    assert_eq!(batch_sizes(&sum, "prompt"), [(1, 4), (7, 1), (12, 1), (20, 1), (200, 1)]);
-    // Generation: five fed-back tokens and the single-token get_one batch.
-    assert_eq!(batch_sizes(&sum, "generation"), [(1, 6)]);
+    // Prompt: D1 (12), the get_one batch of 7, 200 tokens, twenty new one-token prompts.
+    assert_eq!(batch_sizes(&sum, "prompt"), [(7, 1), (12, 1), (20, 1), (200, 1)]);
+    // Generation: five fed-back tokens, the single-token get_one batch, and the four failing
+    // single tokens (position 26, past sequence 0's end at 17).
+    assert_eq!(batch_sizes(&sum, "generation"), [(1, 10)]);
     assert_eq!(batch_sizes(&sum, "mixed"), [(11, 1)]);
     // Prompt tokens of successful steps: 12 + (6 + 4) + 7 + 200 + 20.
     assert_eq!(sum["prompt_tokens"], 249);

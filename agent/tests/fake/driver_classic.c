@@ -42,7 +42,7 @@
  * 14  llama_decode  D13  1  id 9004, pos 26, seq 0, logits 1; runs (0,1,1)               -3        0.2 ms
  * 15  llama_decode  D14 200 ids 500..699, pos 0..199, seq 2; logits only on the last
  *                           runs: (2,200,1)   (larger than a 64-token scan window)       0        40 ms
- * 16  llama_decode  D15 20  token i (i = 0..19): id 700+i, seq i, pos 100, logits 1
+ * 16  llama_decode  D15 20  token i (i = 0..19): id 700+i, seq i, pos 0, logits 1
  *                           runs: (0,1,1) (1,1,1) ... (19,1,1): 20 runs, 20 outputs      0        4 ms
  * 17  done decodes=15 samples=6
  *
@@ -219,7 +219,7 @@ int main(int argc, char ** argv) {
     /* 16: 20 sequences of one prompt token each, all outputs */
     cb_clear();
     for (int s = 0; s < 20; s++) {
-        cb_add(700 + s, 100, s, 1);
+        cb_add(700 + s, 0, s, 1);
     }
     decode(ctx, cb.b, 0);
 

@@ -42,7 +42,7 @@
 // 14  llama_process D13  1  id 9004, pos 26, seq 0, output; runs (0,1,1)                 -3        0.2 ms
 // 15  llama_process D14 200 ids 500..699, pos 0..199, seq 2; output only on the last
 //                           runs: (2,200,1)   (larger than a 64-token scan window)       0        40 ms
-// 16  llama_process D15 20  token i (i = 0..19): id 700+i, seq i, pos 100, output
+// 16  llama_process D15 20  token i (i = 0..19): id 700+i, seq i, pos 0, output
 //                           runs: (0,1,1) (1,1,1) ... (19,1,1): 20 runs, 20 outputs      0        4 ms
 // 17  llama_decode  D16  3  COMPATIBILITY wrapper, classic 56-byte llama_batch by value:
 //                           ids 800..802, seq 3, pos 0..2, logits only on the last
@@ -208,7 +208,7 @@ int main(int argc, char ** argv) {
     // 16: 20 sequences of one prompt token each, all outputs
     begin();
     for (int s = 0; s < 20; s++) {
-        tok(700 + s, 100, s, true);
+        tok(700 + s, 0, s, true);
     }
     process(ctx, 0);
 

@@ -1,0 +1,190 @@
+//! A real llama-server (fixture) on loopback, and llamaprobe attached to it.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// llama-server's arguments for the tests: 4 slots over a 2048-token context, 2 threads,
+/// --metrics for its own counters, no web UI, one model load (--fit off).
+pub fn server_args(model: &Path, port: u16) -> Vec<String> {
+    [
+        "-m", &model.to_string_lossy(), "--host", "127.0.0.1", "--port", &port.to_string(),
+        "--metrics", "-c", "2048", "-np", "4", "-t", "2", "-tb", "2", "--fit", "off", "--no-webui",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// HTTP GET returning the body.
+pub fn get(url: &str) -> Option<String> {
+    let mut r = ureq::get(url).call().ok()?;
+    r.body_mut().read_to_string().ok()
+}
+
+/// Waits until llama-server's /health answers ok.
+pub fn wait_healthy(port: u16, child: &mut Child) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(body) = get(&format!("http://127.0.0.1:{port}/health")) {
+            if body.contains("ok") {
+                return;
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("process exited before llama-server became healthy: {st}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "llama-server not healthy after 120 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Parses Prometheus text: series (with labels) → value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of the series of one metric name (any labels) whose labels contain `filter`.
+pub fn sum_of(m: &HashMap<String, f64>, name: &str, filter: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(filter))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// One non-streamed /completion.
+pub fn completion(port: u16, prompt: &str, n_predict: u32) -> Value {
+    let mut r = ureq::post(&format!("http://127.0.0.1:{port}/completion"))
+        .send_json(json!({"prompt": prompt, "n_predict": n_predict, "temperature": 0.8, "seed": 1}))
+        .expect("completion request");
+    r.body_mut().read_json().unwrap()
+}
+
+/// A llama-server started by the test, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn start(bin: &Path, model: &Path) -> Self {
+        let port = free_port();
+        let mut child = Command::new(bin)
+            .args(server_args(model, port))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start llama-server");
+        wait_healthy(port, &mut child);
+        Self { child, port }
+    }
+
+    /// llama-server's own /metrics.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        parse_metrics(&get(&format!("http://127.0.0.1:{}/metrics", self.port)).expect("server /metrics"))
+    }
+
+    /// Waits until no request is in flight and the counters stopped moving.
+    pub fn settled_metrics(&self) -> HashMap<String, f64> {
+        let mut prev = self.metrics();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let cur = self.metrics();
+            if cur.get("llamacpp:requests_processing") == Some(&0.0) && cur == prev {
+                return cur;
+            }
+            prev = cur;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A llamaprobe process whose stderr is collected; killed on drop.
+pub struct Probe {
+    pub child: Child,
+    pub stderr: mpsc::Receiver<String>,
+    pub lines: Vec<String>,
+}
+
+impl Probe {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start llamaprobe");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[llamaprobe] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, stderr: rx, lines: Vec::new() }
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            match self.stderr.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) => {
+                    self.lines.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("llamaprobe never printed `{needle}` ({e}); got {:?}", self.lines),
+            }
+        }
+    }
+
+    /// Sends SIGINT and waits; returns (exit code, stdout).
+    pub fn interrupt(mut self) -> (i32, String) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.finish()
+    }
+
+    /// Waits for the end; returns (exit code, stdout).
+    pub fn finish(mut self) -> (i32, String) {
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

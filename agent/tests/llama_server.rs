@@ -1,0 +1,151 @@
+//! End to end on a real, unmodified llama.cpp (the fixture `cargo xtask fixtures` builds from the
+//! llama-cpp-python 0.3.36 sdist) serving a tiny generated model: llamaprobe's counts must equal
+//! llama-server's own counters.
+
+mod common;
+
+use std::{path::PathBuf, process::Command};
+
+use common::{server::*, *};
+
+fn fixtures(test: &str) -> Option<(PathBuf, PathBuf)> {
+    Some((
+        fixture_or_skip(test, "LLAMAPROBE_LLAMA_SERVER")?,
+        fixture_or_skip(test, "LLAMAPROBE_MODEL")?,
+    ))
+}
+
+/// Distinct prompts (so no request is served from another's cache) of different lengths.
+fn prompt(i: usize) -> String {
+    let words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india"];
+    (0..3 + 2 * i).map(|k| words[(i * 7 + k * 3) % words.len()]).collect::<Vec<_>>().join(" ") + &format!(" request {i}")
+}
+
+#[test]
+fn attach_counts_equal_llama_servers_own_counters() {
+    let test = "attach_counts_equal_llama_servers_own_counters";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some((server_bin, model)) = fixtures(test) else { return };
+    let server = Server::start(&server_bin, &model);
+    let metrics_port = free_port();
+    let dir = scratch(test);
+    let summary = dir.join("summary.json");
+    let mut probe = Probe::spawn(
+        llamaprobe()
+            .args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .arg("--summary-json")
+            .arg(&summary),
+    );
+    probe.wait_for("probes attached");
+    // Warm-up decodes happened at start, before the probes: the baseline is taken now.
+    let before = server.settled_metrics();
+
+    // Three sequential completions, then four concurrent ones (4 slots) of different lengths.
+    let mut responses = Vec::new();
+    for (i, n) in [(0, 8), (1, 12), (2, 5)] {
+        responses.push(completion(server.port, &prompt(i), n));
+    }
+    let port = server.port;
+    let handles: Vec<_> = [(3, 6u32), (4, 16), (5, 9), (6, 20)]
+        .into_iter()
+        .map(|(i, n)| std::thread::spawn(move || completion(port, &prompt(i), n)))
+        .collect();
+    responses.extend(handles.into_iter().map(|h| h.join().unwrap()));
+    let after = server.settled_metrics();
+    let delta = |k: &str| after[&format!("llamacpp:{k}")] - before[&format!("llamacpp:{k}")];
+
+    // Each response agrees with the server's own counters (sanity of the ground truth).
+    let predicted: f64 = responses.iter().map(|r| r["tokens_predicted"].as_f64().unwrap()).sum();
+    assert_eq!(predicted, delta("tokens_predicted_total"));
+    assert!(delta("n_decode_total") > 7.0);
+
+    let ours = parse_metrics(&get(&format!("http://127.0.0.1:{metrics_port}/metrics")).unwrap());
+    let pid = format!("pid=\"{}\"", server.child.id());
+    assert_eq!(sum_of(&ours, "llamacpp_decode_calls_total", &pid), delta("n_decode_total"), "decode steps");
+    assert_eq!(sum_of(&ours, "llamacpp_decode_calls_total", "result=\"ok\""), delta("n_decode_total"));
+    assert_eq!(sum_of(&ours, "llamacpp_tokens_total", "kind=\"prompt\""), delta("prompt_tokens_total"), "prompt tokens");
+    assert_eq!(sum_of(&ours, "llamacpp_tokens_total", "kind=\"generated\""), delta("tokens_predicted_total"), "generated tokens");
+    assert_eq!(sum_of(&ours, "llamacpp_sample_duration_seconds_count", &pid), delta("tokens_predicted_total"));
+    // Concurrent slots share batches: some steps must be mixed or multi-sequence generation.
+    let steps_by_phase = |p: &str| sum_of(&ours, "llamacpp_decode_duration_seconds_count", &format!("phase=\"{p}\""));
+    assert_eq!(
+        steps_by_phase("prompt") + steps_by_phase("generation") + steps_by_phase("mixed"),
+        delta("n_decode_total")
+    );
+    assert!(sum_of(&ours, "llamacpp_batch_tokens_bucket", "le=\"1\"") < sum_of(&ours, "llamacpp_batch_tokens_count", ""));
+    assert_eq!(sum_of(&ours, "llamaprobe_events_lost_total", ""), 0.0);
+    assert!(sum_of(&ours, "llamaprobe_probes_attached", "") >= 10.0);
+
+    let (code, stdout) = probe.interrupt();
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("llamaprobe summary"), "{stdout}");
+    let s = json(&summary);
+    assert_eq!(s["decode_calls"].as_f64().unwrap(), delta("n_decode_total"));
+    assert_eq!(s["prompt_tokens"].as_f64().unwrap(), delta("prompt_tokens_total"));
+    assert_eq!(s["sampled_tokens"].as_f64().unwrap(), delta("tokens_predicted_total"));
+    // Every request's last sampled token is not decoded again.
+    assert_eq!(
+        s["generation_tokens_decoded"].as_f64().unwrap(),
+        delta("tokens_predicted_total") - responses.len() as f64
+    );
+    assert_eq!(s["ended_by"], "interrupted");
+    // The process keeps serving after llamaprobe detached.
+    let r = completion(server.port, "after detach", 3);
+    assert_eq!(r["tokens_predicted"], 3);
+}
+
+#[test]
+fn run_sees_model_load_and_context_from_the_start() {
+    let test = "run_sees_model_load_and_context_from_the_start";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some((server_bin, model)) = fixtures(test) else { return };
+    let port = free_port();
+    let dir = scratch(test);
+    let summary = dir.join("summary.json");
+    let mut probe = Probe::spawn(
+        llamaprobe()
+            .args(["run", "--quiet", "--metrics-addr", "off", "--summary-json"])
+            .arg(&summary)
+            .arg("--")
+            .arg(&server_bin)
+            .args(server_args(&model, port)),
+    );
+    probe.wait_for("probes attached");
+    // Wait for the server (a child of llamaprobe) to answer, then make one request.
+    let t0 = std::time::Instant::now();
+    while get(&format!("http://127.0.0.1:{port}/health")).is_none_or(|b| !b.contains("ok")) {
+        assert!(t0.elapsed().as_secs() < 120, "server never became healthy");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let r = completion(port, "hello from the run test", 6);
+    assert_eq!(r["tokens_predicted"], 6);
+    // Stop the server itself: llamaprobe reports its end and exits with its code.
+    let st = Command::new("pkill").args(["-TERM", "-P", &probe.child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let (code, stdout) = probe.finish();
+    assert!(stdout.contains("the process exited"), "{stdout}");
+    assert_eq!(code, 0, "llama-server exits 0 on SIGTERM: {stdout}");
+    let s = json(&summary);
+    let loads = s["model_loads"].as_array().unwrap();
+    assert_eq!(loads.len(), 1, "--fit off loads once: {loads:?}");
+    assert_eq!(loads[0]["path"], model.to_string_lossy().as_ref());
+    assert_eq!(loads[0]["ok"], true);
+    assert!(loads[0]["duration_ms"].as_f64().unwrap() > 0.0);
+    let ctxs = s["contexts"].as_array().unwrap();
+    assert_eq!(ctxs.len(), 1, "{ctxs:?}");
+    let c = &ctxs[0];
+    assert_eq!(c["ok"], true);
+    assert_eq!(c["n_ctx"], 2048);
+    assert_eq!(c["n_seq_max"], 4);
+    assert_eq!(c["n_ubatch"], 512);
+    assert_eq!(c["n_threads"], 2);
+    assert_eq!(c["n_threads_batch"], 2);
+    // From the start, the warm-up decode and the request are all seen; 6 tokens sampled.
+    assert_eq!(s["sampled_tokens"], 6);
+    assert!(s["decode_calls"].as_u64().unwrap() >= 6);
+}
