@@ -45,13 +45,6 @@ pub enum DecodeResult {
 }
 
 impl DecodeResult {
-    pub const ALL: [DecodeResult; 5] = [
-        DecodeResult::Ok,
-        DecodeResult::NoKvSlot,
-        DecodeResult::Aborted,
-        DecodeResult::InvalidBatch,
-        DecodeResult::Error,
-    ];
     /// llama.h: 0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal.
     pub fn from_ret(ret: i32) -> Self {
         match ret {
@@ -202,14 +195,18 @@ impl Assembler {
         }
     }
 
-    /// Declares the model of a process learnt elsewhere (e.g. given by the user).
+    /// Declares the model of a process learnt elsewhere.
+    #[cfg(test)]
     pub fn set_model(&mut self, pid: u32, model: &str) {
         self.models.insert(pid, Arc::from(model));
     }
 
     /// The model label of a process ("" until known).
     pub fn model(&self, pid: u32) -> Arc<str> {
-        self.models.get(&pid).cloned().unwrap_or_else(|| self.unknown.clone())
+        self.models
+            .get(&pid)
+            .cloned()
+            .unwrap_or_else(|| self.unknown.clone())
     }
 
     fn origin(&self, h: &probe_common::EventHeader) -> Origin {
@@ -422,14 +419,9 @@ impl Assembler {
             }
         }
         if d.flags & F::LAST_VALID != 0 && d.last.pos >= 0 {
-            self.last_pos.insert((pid, d.ctx, d.last.seq_id), d.last.pos);
+            self.last_pos
+                .insert((pid, d.ctx, d.last.seq_id), d.last.pos);
         }
-    }
-
-    /// Forgets a process that ended.
-    pub fn forget(&mut self, pid: u32) {
-        self.last_pos.retain(|k, _| k.0 != pid);
-        self.models.remove(&pid);
     }
 }
 

@@ -207,7 +207,10 @@ impl Probes {
 
     /// Takes the events ring buffer (once).
     pub fn ring_buffer(&mut self) -> Result<RingBuf<MapData>, AttachError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(AttachError::Map("EVENTS"))?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(AttachError::Map("EVENTS"))?;
         RingBuf::try_from(map).map_err(|_| AttachError::Map("EVENTS"))
     }
 
@@ -219,11 +222,7 @@ impl Probes {
         let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
             return (0, 0);
         };
-        let sum = |i: u32| -> u64 {
-            arr.get(&i, 0)
-                .map(|v| v.iter().copied().sum())
-                .unwrap_or(0)
-        };
+        let sum = |i: u32| -> u64 { arr.get(&i, 0).map(|v| v.iter().copied().sum()).unwrap_or(0) };
         debug_assert_eq!(LOST_COUNTERS, 2);
         (sum(LOST_RINGBUF), sum(LOST_ENTRY))
     }

@@ -114,12 +114,25 @@ mod tests {
 
     #[test]
     fn run_takes_the_command_after_dashes() {
-        let cli = Cli::try_parse_from(["llamaprobe", "run", "--duration", "3", "--", "llama-server", "-m", "x.gguf"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "llamaprobe",
+            "run",
+            "--duration",
+            "3",
+            "--",
+            "llama-server",
+            "-m",
+            "x.gguf",
+        ])
+        .unwrap();
         match cli.command {
             Command::Run { opts, command } => {
                 assert_eq!(opts.duration, Some(3.0));
                 assert_eq!(command, ["llama-server", "-m", "x.gguf"]);
-                assert_eq!(opts.metrics_addr, MetricsAddr::On("127.0.0.1:9464".parse().unwrap()));
+                assert_eq!(
+                    opts.metrics_addr,
+                    MetricsAddr::On("127.0.0.1:9464".parse().unwrap())
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -127,7 +127,9 @@ pub fn planned_files(exe: &Path) -> Result<Vec<MappedFile>, DiscoverError> {
             .output()
             .map_err(|e| loader_err(format!("{interp}: {e}")))?;
         if !out.status.success() {
-            return Err(loader_err(String::from_utf8_lossy(&out.stderr).into_owned()));
+            return Err(loader_err(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             // "\tlibllama.so.0 => /path/libllama.so.0 (0x...)" or "\t/lib64/ld-linux... (0x...)"
@@ -177,7 +179,10 @@ mod tests {
     fn missing_pid_is_reported_as_such() {
         // pid_max is at most 2^22 on Linux.
         let err = mapped_files(4_999_999).unwrap_err();
-        assert!(matches!(err, DiscoverError::NoSuchProcess { pid: 4_999_999 }));
+        assert!(matches!(
+            err,
+            DiscoverError::NoSuchProcess { pid: 4_999_999 }
+        ));
     }
 
     #[test]

@@ -16,18 +16,6 @@ pub enum Event {
     Sync(SyncEvent),
 }
 
-impl Event {
-    pub fn header(&self) -> &EventHeader {
-        match self {
-            Event::Decode(e) => &e.header,
-            Event::ModelLoad(e) => &e.header,
-            Event::Context(e) => &e.header,
-            Event::Sample(e) => &e.header,
-            Event::Sync(e) => &e.header,
-        }
-    }
-}
-
 /// A record that could not be decoded (a build mismatch between agent and probes).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -90,8 +78,7 @@ pub(crate) mod tests {
 
     pub fn as_bytes<T>(v: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a plain-data value.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
     pub fn header(kind: EventKind, start: u64, end: u64) -> EventHeader {
@@ -186,6 +173,9 @@ pub(crate) mod tests {
         let mut h = as_bytes(&header(EventKind::Decode, 0, 0));
         assert!(matches!(decode(&h).unwrap_err(), DecodeError::Size { .. }));
         h[0] = 99;
-        assert_eq!(decode(&h).unwrap_err(), DecodeError::UnknownKind { kind: 99 });
+        assert_eq!(
+            decode(&h).unwrap_err(),
+            DecodeError::UnknownKind { kind: 99 }
+        );
     }
 }

@@ -14,6 +14,8 @@ use std::{
 /// A started, held program.
 pub struct Held {
     pub pid: u32,
+    /// File name of the program.
+    pub name: String,
     release_fd: libc::c_int,
 }
 
@@ -59,6 +61,10 @@ pub fn spawn_held(exe: &Path, args: &[OsString]) -> anyhow::Result<Held> {
     unsafe { libc::close(read_fd) };
     Ok(Held {
         pid: pid as u32,
+        name: exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         release_fd: write_fd,
     })
 }

@@ -48,10 +48,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
         Command::Attach { pid, opts } => {
             attach::preflight()?;
             let files = discover::mapped_files(pid)?;
-            let plan = Plan::build(
-                &files,
-                &format!("process {pid} ({})", discover::comm(pid)),
-            )?;
+            let plan = Plan::build(&files, &format!("process {pid} ({})", discover::comm(pid)))?;
             session::run(session::Target::Pid(pid), plan, opts)
         }
         Command::Run { opts, command } => {

@@ -13,8 +13,7 @@ use crate::{
     assemble::Assembler,
     attach::Probes,
     cli::{MetricsAddr, ProfileOpts},
-    discover,
-    events,
+    discover, events,
     launch::Held,
     sinks::{self, events_out::EventsOut, terminal::Terminal, SelfStats, Sink},
     stats::Stats,
@@ -37,6 +36,14 @@ impl Target {
             Target::Launched(h) => h.pid,
         }
     }
+
+    /// The program's name, for display (a held child still runs llamaprobe's image).
+    fn name(&self) -> String {
+        match self {
+            Target::Pid(p) => discover::comm(*p),
+            Target::Launched(h) => h.name.clone(),
+        }
+    }
 }
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
@@ -50,10 +57,9 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// Prints the plan header to stderr.
-fn announce(pid: u32, plan: &Plan, attached: u64, opts: &ProfileOpts) {
+fn announce(pid: u32, name: &str, plan: &Plan, attached: u64, opts: &ProfileOpts) {
     eprintln!(
-        "llamaprobe: pid {pid} ({}): {} — {} probes attached",
-        discover::comm(pid),
+        "llamaprobe: pid {pid} ({name}): {} — {} probes attached",
         plan.generation.describe(),
         attached
     );
@@ -107,7 +113,7 @@ async fn event_loop(
         None => None,
     };
     let mut terminal = Terminal::new(
-        format!("llamaprobe — pid {pid} ({})", discover::comm(pid)),
+        format!("llamaprobe — pid {pid} ({})", target.name()),
         Duration::from_secs_f64(opts.interval.max(0.1)),
         opts.quiet,
     );
@@ -122,7 +128,7 @@ async fn event_loop(
         ..Default::default()
     };
 
-    announce(pid, &plan, probes.attached(), &opts);
+    announce(pid, &target.name(), &plan, probes.attached(), &opts);
     let exit_fd = pidfd_open(pid).map(|fd| {
         // SAFETY: the fd is owned by the AsyncFd and stays open until it is dropped.
         unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
@@ -238,7 +244,6 @@ async fn event_loop(
         Target::Pid(_) => 0,
     })
 }
-
 
 /// The one-way path of an event: decoder → assembler → stats and sinks.
 struct Pipeline {

@@ -225,7 +225,11 @@ impl Stats {
                     PhaseSummary {
                         latency: p.latency.summary(),
                         tokens: p.tokens,
-                        tokens_per_s: if secs > 0.0 { p.tokens as f64 / secs } else { 0.0 },
+                        tokens_per_s: if secs > 0.0 {
+                            p.tokens as f64 / secs
+                        } else {
+                            0.0
+                        },
                         batch_sizes: p.batch_sizes.clone(),
                     },
                 )

@@ -235,6 +235,11 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{what}");
     let _ = writeln!(s, "generation: {}", plan.generation.describe());
+    let _ = writeln!(
+        s,
+        "struct layouts: {}",
+        crate::targets::layout_for(plan.generation).source
+    );
     let _ = writeln!(s, "files with llama.cpp functions:");
     for f in &plan.files {
         let _ = writeln!(
@@ -245,13 +250,21 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
             if f.has_symtab { "yes" } else { "no, stripped" }
         );
     }
-    let _ = writeln!(s, "would probe ({} uprobe + uretprobe pairs):", plan.probes.len());
+    let _ = writeln!(
+        s,
+        "would probe ({} uprobe + uretprobe pairs):",
+        plan.probes.len()
+    );
     for p in &plan.probes {
         let _ = writeln!(
             s,
             "  {:<15} {:<60} {} +{:#x} ({:?})",
             p.point.family.name(),
-            p.point.prototype.split('(').next().unwrap_or(p.point.symbol),
+            p.point
+                .prototype
+                .split('(')
+                .next()
+                .unwrap_or(p.point.symbol),
             p.path.display(),
             p.hit.file_offset,
             p.hit.table
@@ -281,7 +294,10 @@ mod tests {
         let files = crate::discover::planned_files(&sh).unwrap();
         let err = Plan::build(&files, "sh").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("defines none of llama.cpp's decode functions"), "{msg}");
+        assert!(
+            msg.contains("defines none of llama.cpp's decode functions"),
+            "{msg}"
+        );
     }
 
     #[test]

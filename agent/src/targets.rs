@@ -23,7 +23,9 @@ pub enum Generation {
 impl Generation {
     pub fn describe(self) -> &'static str {
         match self {
-            Generation::BatchExt => "batch_ext (llama_process / llama_context::decode(llama_batch_ext const&), 2026+)",
+            Generation::BatchExt => {
+                "batch_ext (llama_process / llama_context::decode(llama_batch_ext const&), 2026+)"
+            }
             Generation::Classic => "classic (llama_decode(ctx, struct llama_batch), b3943+)",
         }
     }
@@ -307,9 +309,15 @@ mod tests {
     fn batch_ext_layout_matches_the_compiler() {
         let out = std::env::temp_dir().join(format!("llamaprobe-layout-{}", std::process::id()));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake/build.sh");
-        let st = std::process::Command::new("bash").arg(script).arg(&out).status().unwrap();
+        let st = std::process::Command::new("bash")
+            .arg(script)
+            .arg(&out)
+            .status()
+            .unwrap();
         assert!(st.success());
-        let printed = std::process::Command::new(out.join("ext/layout_ext")).output().unwrap();
+        let printed = std::process::Command::new(out.join("ext/layout_ext"))
+            .output()
+            .unwrap();
         let _ = std::fs::remove_dir_all(&out);
         let text = String::from_utf8(printed.stdout).unwrap();
         let get = |k: &str| -> u32 {

@@ -18,7 +18,13 @@ fn fails(cmd: &mut Command) -> (i32, String) {
 struct Sleeper(std::process::Child);
 impl Sleeper {
     fn start() -> Self {
-        Self(Command::new("sleep").arg("60").stdin(Stdio::null()).spawn().unwrap())
+        Self(
+            Command::new("sleep")
+                .arg("60")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     }
 }
 impl Drop for Sleeper {
@@ -37,7 +43,10 @@ fn no_such_pid() {
     let (code, err) = fails(llamaprobe().args(["attach", "--pid", "4999999"]));
     assert_eq!(code, 2);
     assert!(err.contains("no process with pid 4999999"), "{err}");
-    assert!(err.contains("pgrep"), "should say how to find the pid: {err}");
+    assert!(
+        err.contains("pgrep"),
+        "should say how to find the pid: {err}"
+    );
 }
 
 #[test]
@@ -48,7 +57,10 @@ fn a_process_that_is_not_llama_cpp() {
     let s = Sleeper::start();
     let (code, err) = fails(llamaprobe().args(["attach", "--pid", &s.0.id().to_string()]));
     assert_eq!(code, 2);
-    assert!(err.contains("defines none of llama.cpp's decode functions"), "{err}");
+    assert!(
+        err.contains("defines none of llama.cpp's decode functions"),
+        "{err}"
+    );
     assert!(err.contains("(sleep)"), "should name the process: {err}");
     assert!(err.contains("Is this a llama.cpp program"), "{err}");
 }
@@ -57,16 +69,26 @@ fn a_process_that_is_not_llama_cpp() {
 fn a_binary_without_the_symbols() {
     let (code, err) = fails(llamaprobe().args(["symbols", "/bin/true"]));
     assert_eq!(code, 2);
-    assert!(err.contains("/bin/true defines none of llama.cpp's decode functions"), "{err}");
+    assert!(
+        err.contains("/bin/true defines none of llama.cpp's decode functions"),
+        "{err}"
+    );
     if !root_or_skip("a_binary_without_the_symbols (run)") {
         return;
     }
     // `run` refuses before starting the program.
     let dir = scratch("no-symbols");
     let marker = dir.join("ran");
-    let (code, err) = fails(llamaprobe().args(["run", "--metrics-addr", "off", "--", "/bin/sh", "-c"]).arg(format!("touch {}", marker.display())));
+    let (code, err) = fails(
+        llamaprobe()
+            .args(["run", "--metrics-addr", "off", "--", "/bin/sh", "-c"])
+            .arg(format!("touch {}", marker.display())),
+    );
     assert_eq!(code, 2);
-    assert!(err.contains("defines none of llama.cpp's decode functions"), "{err}");
+    assert!(
+        err.contains("defines none of llama.cpp's decode functions"),
+        "{err}"
+    );
     assert!(!marker.exists(), "the program must not run unprobed");
 }
 
@@ -77,7 +99,10 @@ fn a_program_that_does_not_exist() {
     }
     let (code, err) = fails(llamaprobe().args(["run", "--", "no-such-llama-program-xyz"]));
     assert_eq!(code, 2);
-    assert!(err.contains("cannot find program `no-such-llama-program-xyz`"), "{err}");
+    assert!(
+        err.contains("cannot find program `no-such-llama-program-xyz`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -89,7 +114,12 @@ fn no_privileges() {
     // Drop to the unprivileged `nobody` user with no capabilities.
     let (code, err) = fails(
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
             .arg(env!("CARGO_BIN_EXE_llamaprobe"))
             .args(["attach", "--pid", &s.0.id().to_string()]),
     );
@@ -107,7 +137,13 @@ fn help_explains_every_subcommand() {
     }
     let out = llamaprobe().args(["attach", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for s in ["--pid", "--duration", "--metrics-addr", "127.0.0.1:9464", "--summary-json"] {
+    for s in [
+        "--pid",
+        "--duration",
+        "--metrics-addr",
+        "127.0.0.1:9464",
+        "--summary-json",
+    ] {
         assert!(help.contains(s), "{help}");
     }
 }

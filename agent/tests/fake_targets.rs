@@ -23,7 +23,11 @@ fn profile(driver: &str, test: &str) -> (Value, Vec<Value>) {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("done decodes="), "driver did not finish: {}", text(&out));
+    assert!(
+        stdout.contains("done decodes="),
+        "driver did not finish: {}",
+        text(&out)
+    );
     (json(&sum), json_lines(&ev))
 }
 
@@ -44,7 +48,10 @@ fn check_common(sum: &Value, events: &[Value]) {
     assert_eq!(loads[1]["path"], "/nonexistent/missing.gguf");
     assert_eq!(loads[1]["ok"], false);
     // The fake sleeps 30 ms and 5 ms.
-    let (ok_ms, fail_ms) = (loads[0]["duration_ms"].as_f64().unwrap(), loads[1]["duration_ms"].as_f64().unwrap());
+    let (ok_ms, fail_ms) = (
+        loads[0]["duration_ms"].as_f64().unwrap(),
+        loads[1]["duration_ms"].as_f64().unwrap(),
+    );
     assert!((30.0..530.0).contains(&ok_ms), "{ok_ms}");
     assert!((5.0..505.0).contains(&fail_ms), "{fail_ms}");
     // After the load the model label is the file stem.
@@ -56,12 +63,23 @@ fn check_common(sum: &Value, events: &[Value]) {
     assert_eq!(ctxs.len(), 1, "{ctxs:?}");
     let c = &ctxs[0];
     assert_eq!(c["ok"], true);
-    assert_eq!((c["n_ctx"].as_u64(), c["n_batch"].as_u64(), c["n_ubatch"].as_u64(), c["n_seq_max"].as_u64()), (Some(4096), Some(512), Some(256), Some(4)));
+    assert_eq!(
+        (
+            c["n_ctx"].as_u64(),
+            c["n_batch"].as_u64(),
+            c["n_ubatch"].as_u64(),
+            c["n_seq_max"].as_u64()
+        ),
+        (Some(4096), Some(512), Some(256), Some(4))
+    );
     assert!(c["duration_ms"].as_f64().unwrap() >= 10.0);
 
     // Six samples returning 1000 + idx (idx -1 first, then 0), each sleeping 1 ms.
     let samples = of_kind(events, "sample");
-    let tokens: Vec<i64> = samples.iter().map(|s| s["token"].as_i64().unwrap()).collect();
+    let tokens: Vec<i64> = samples
+        .iter()
+        .map(|s| s["token"].as_i64().unwrap())
+        .collect();
     assert_eq!(tokens, [999, 1000, 1000, 1000, 1000, 1000]);
     assert!(samples.iter().all(|s| dur_ms(s) >= 1.0));
     assert_eq!(sum["sampled_tokens"], 6);
@@ -70,7 +88,9 @@ fn check_common(sum: &Value, events: &[Value]) {
     let syncs = of_kind(events, "synchronize");
     assert_eq!(syncs.len(), 6);
     assert!(syncs.iter().all(|s| dur_ms(s) >= 2.0));
-    assert!(syncs.iter().all(|s| s["compute_ns"].as_u64().unwrap() >= 2_000_000));
+    assert!(syncs
+        .iter()
+        .all(|s| s["compute_ns"].as_u64().unwrap() >= 2_000_000));
     assert_eq!(sum["compute"]["count"], 6);
 
     // Decode durations follow the fake's n_tokens × 200 µs.
@@ -109,11 +129,20 @@ fn classic_api_every_call_measured_exactly() {
     }
     let (sum, events) = profile("classic/driver_classic", "classic");
     assert_eq!(sum["generation"], "classic");
-    assert_eq!(decode_sizes(&events), [12, 1, 1, 1, 1, 1, 11, 7, 1, 1, 1, 1, 1, 200, 20]);
+    assert_eq!(
+        decode_sizes(&events),
+        [12, 1, 1, 1, 1, 1, 11, 7, 1, 1, 1, 1, 1, 200, 20]
+    );
     assert_eq!(sum["decode_calls"], 15);
     assert_eq!(
         results(&sum),
-        [("aborted".into(), 1), ("error".into(), 1), ("invalid_batch".into(), 1), ("no_kv_slot".into(), 1), ("ok".into(), 11)]
+        [
+            ("aborted".into(), 1),
+            ("error".into(), 1),
+            ("invalid_batch".into(), 1),
+            ("no_kv_slot".into(), 1),
+            ("ok".into(), 11)
+        ]
     );
     let codes = sum["decode_errors_by_code"].as_object().unwrap();
     assert_eq!(codes.len(), 4);
@@ -121,7 +150,10 @@ fn classic_api_every_call_measured_exactly() {
         assert_eq!(codes[c], 1, "{codes:?}");
     }
     // Prompt: D1 (12), the get_one batch of 7, 200 tokens, twenty new one-token prompts.
-    assert_eq!(batch_sizes(&sum, "prompt"), [(7, 1), (12, 1), (20, 1), (200, 1)]);
+    assert_eq!(
+        batch_sizes(&sum, "prompt"),
+        [(7, 1), (12, 1), (20, 1), (200, 1)]
+    );
     // Generation: five fed-back tokens, the single-token get_one batch, and the four failing
     // single tokens (position 26, past sequence 0's end at 17).
     assert_eq!(batch_sizes(&sum, "generation"), [(1, 10)]);
@@ -136,9 +168,22 @@ fn classic_api_every_call_measured_exactly() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["seq_id"].as_i64().unwrap(), p["n_tokens"].as_u64().unwrap(), p["kind"].as_str().unwrap()))
+        .map(|p| {
+            (
+                p["seq_id"].as_i64().unwrap(),
+                p["n_tokens"].as_u64().unwrap(),
+                p["kind"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(parts, [(0, 1, "generated"), (1, 6, "final_prompt_chunk"), (4, 4, "prompt_chunk")]);
+    assert_eq!(
+        parts,
+        [
+            (0, 1, "generated"),
+            (1, 6, "final_prompt_chunk"),
+            (4, 4, "prompt_chunk")
+        ]
+    );
     // 200 tokens: beyond the 64-token scan window, still one final prompt chunk of seq 2.
     let big = decodes[13];
     assert_eq!(big["parts"].as_array().unwrap().len(), 1);
@@ -151,7 +196,13 @@ fn classic_api_every_call_measured_exactly() {
     let parts = many["parts"].as_array().unwrap();
     assert_eq!(parts.len(), 17);
     assert_eq!(parts[16]["seq_id"], 19);
-    assert_eq!(parts.iter().map(|p| p["n_tokens"].as_u64().unwrap()).sum::<u64>(), 20);
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| p["n_tokens"].as_u64().unwrap())
+            .sum::<u64>(),
+        20
+    );
     assert_eq!(decodes[9]["result"], "no_kv_slot");
     assert_eq!(decodes[12]["ret"], -3);
     check_common(&sum, &events);
@@ -168,15 +219,27 @@ fn batch_ext_api_every_call_measured_exactly() {
     assert_eq!(sum["generation"], "batch_ext");
     // 15 steps through llama_process and one through the compatibility llama_decode: the
     // method both reach is probed, so each counts once.
-    assert_eq!(decode_sizes(&events), [12, 1, 1, 1, 1, 1, 11, 7, 1, 1, 1, 1, 1, 200, 20, 3]);
+    assert_eq!(
+        decode_sizes(&events),
+        [12, 1, 1, 1, 1, 1, 11, 7, 1, 1, 1, 1, 1, 200, 20, 3]
+    );
     assert_eq!(sum["decode_calls"], 16);
     assert_eq!(
         results(&sum),
-        [("aborted".into(), 1), ("error".into(), 1), ("invalid_batch".into(), 1), ("no_kv_slot".into(), 1), ("ok".into(), 12)]
+        [
+            ("aborted".into(), 1),
+            ("error".into(), 1),
+            ("invalid_batch".into(), 1),
+            ("no_kv_slot".into(), 1),
+            ("ok".into(), 12)
+        ]
     );
     // The ext batches carry positions: D9 (pos 25) and the failing steps (pos 26) continue seq 0.
     assert_eq!(batch_sizes(&sum, "generation"), [(1, 10)]);
-    assert_eq!(batch_sizes(&sum, "prompt"), [(3, 1), (7, 1), (12, 1), (20, 1), (200, 1)]);
+    assert_eq!(
+        batch_sizes(&sum, "prompt"),
+        [(3, 1), (7, 1), (12, 1), (20, 1), (200, 1)]
+    );
     assert_eq!(batch_sizes(&sum, "mixed"), [(11, 1)]);
     assert_eq!(sum["prompt_tokens"], 12 + 10 + 7 + 200 + 20 + 3);
     assert_eq!(sum["generation_tokens_decoded"], 7);

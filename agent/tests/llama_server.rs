@@ -17,8 +17,14 @@ fn fixtures(test: &str) -> Option<(PathBuf, PathBuf)> {
 
 /// Distinct prompts (so no request is served from another's cache) of different lengths.
 fn prompt(i: usize) -> String {
-    let words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india"];
-    (0..3 + 2 * i).map(|k| words[(i * 7 + k * 3) % words.len()]).collect::<Vec<_>>().join(" ") + &format!(" request {i}")
+    let words = [
+        "alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india",
+    ];
+    (0..3 + 2 * i)
+        .map(|k| words[(i * 7 + k * 3) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+        + &format!(" request {i}")
 }
 
 #[test]
@@ -27,7 +33,9 @@ fn attach_counts_equal_llama_servers_own_counters() {
     if !root_or_skip(test) {
         return;
     }
-    let Some((server_bin, model)) = fixtures(test) else { return };
+    let Some((server_bin, model)) = fixtures(test) else {
+        return;
+    };
     let server = Server::start(&server_bin, &model);
     let metrics_port = free_port();
     let dir = scratch(test);
@@ -58,24 +66,54 @@ fn attach_counts_equal_llama_servers_own_counters() {
     let delta = |k: &str| after[&format!("llamacpp:{k}")] - before[&format!("llamacpp:{k}")];
 
     // Each response agrees with the server's own counters (sanity of the ground truth).
-    let predicted: f64 = responses.iter().map(|r| r["tokens_predicted"].as_f64().unwrap()).sum();
+    let predicted: f64 = responses
+        .iter()
+        .map(|r| r["tokens_predicted"].as_f64().unwrap())
+        .sum();
     assert_eq!(predicted, delta("tokens_predicted_total"));
     assert!(delta("n_decode_total") > 7.0);
 
     let ours = parse_metrics(&get(&format!("http://127.0.0.1:{metrics_port}/metrics")).unwrap());
     let pid = format!("pid=\"{}\"", server.child.id());
-    assert_eq!(sum_of(&ours, "llamacpp_decode_calls_total", &pid), delta("n_decode_total"), "decode steps");
-    assert_eq!(sum_of(&ours, "llamacpp_decode_calls_total", "result=\"ok\""), delta("n_decode_total"));
-    assert_eq!(sum_of(&ours, "llamacpp_tokens_total", "kind=\"prompt\""), delta("prompt_tokens_total"), "prompt tokens");
-    assert_eq!(sum_of(&ours, "llamacpp_tokens_total", "kind=\"generated\""), delta("tokens_predicted_total"), "generated tokens");
-    assert_eq!(sum_of(&ours, "llamacpp_sample_duration_seconds_count", &pid), delta("tokens_predicted_total"));
+    assert_eq!(
+        sum_of(&ours, "llamacpp_decode_calls_total", &pid),
+        delta("n_decode_total"),
+        "decode steps"
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_decode_calls_total", "result=\"ok\""),
+        delta("n_decode_total")
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_tokens_total", "kind=\"prompt\""),
+        delta("prompt_tokens_total"),
+        "prompt tokens"
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_tokens_total", "kind=\"generated\""),
+        delta("tokens_predicted_total"),
+        "generated tokens"
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_sample_duration_seconds_count", &pid),
+        delta("tokens_predicted_total")
+    );
     // Concurrent slots share batches: some steps must be mixed or multi-sequence generation.
-    let steps_by_phase = |p: &str| sum_of(&ours, "llamacpp_decode_duration_seconds_count", &format!("phase=\"{p}\""));
+    let steps_by_phase = |p: &str| {
+        sum_of(
+            &ours,
+            "llamacpp_decode_duration_seconds_count",
+            &format!("phase=\"{p}\""),
+        )
+    };
     assert_eq!(
         steps_by_phase("prompt") + steps_by_phase("generation") + steps_by_phase("mixed"),
         delta("n_decode_total")
     );
-    assert!(sum_of(&ours, "llamacpp_batch_tokens_bucket", "le=\"1\"") < sum_of(&ours, "llamacpp_batch_tokens_count", ""));
+    assert!(
+        sum_of(&ours, "llamacpp_batch_tokens_bucket", "le=\"1\"")
+            < sum_of(&ours, "llamacpp_batch_tokens_count", "")
+    );
     assert_eq!(sum_of(&ours, "llamaprobe_events_lost_total", ""), 0.0);
     assert!(sum_of(&ours, "llamaprobe_probes_attached", "") >= 10.0);
 
@@ -84,8 +122,14 @@ fn attach_counts_equal_llama_servers_own_counters() {
     assert!(stdout.contains("llamaprobe summary"), "{stdout}");
     let s = json(&summary);
     assert_eq!(s["decode_calls"].as_f64().unwrap(), delta("n_decode_total"));
-    assert_eq!(s["prompt_tokens"].as_f64().unwrap(), delta("prompt_tokens_total"));
-    assert_eq!(s["sampled_tokens"].as_f64().unwrap(), delta("tokens_predicted_total"));
+    assert_eq!(
+        s["prompt_tokens"].as_f64().unwrap(),
+        delta("prompt_tokens_total")
+    );
+    assert_eq!(
+        s["sampled_tokens"].as_f64().unwrap(),
+        delta("tokens_predicted_total")
+    );
     // Every request's last sampled token is not decoded again.
     assert_eq!(
         s["generation_tokens_decoded"].as_f64().unwrap(),
@@ -103,7 +147,9 @@ fn run_sees_model_load_and_context_from_the_start() {
     if !root_or_skip(test) {
         return;
     }
-    let Some((server_bin, model)) = fixtures(test) else { return };
+    let Some((server_bin, model)) = fixtures(test) else {
+        return;
+    };
     let port = free_port();
     let dir = scratch(test);
     let summary = dir.join("summary.json");
@@ -125,7 +171,10 @@ fn run_sees_model_load_and_context_from_the_start() {
     let r = completion(port, "hello from the run test", 6);
     assert_eq!(r["tokens_predicted"], 6);
     // Stop the server itself: llamaprobe reports its end and exits with its code.
-    let st = Command::new("pkill").args(["-TERM", "-P", &probe.child.id().to_string()]).status().unwrap();
+    let st = Command::new("pkill")
+        .args(["-TERM", "-P", &probe.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     let (code, stdout) = probe.finish();
     assert!(stdout.contains("the process exited"), "{stdout}");

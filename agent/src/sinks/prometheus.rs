@@ -10,8 +10,8 @@ use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    core::Collector, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    core::Collector, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use super::{SelfStats, Sink};
@@ -20,15 +20,17 @@ use crate::assemble::{DecodeResult, Observation};
 /// Decode and sampling latency buckets, seconds: resolve the sub-millisecond steps of small
 /// models and reach the tens of seconds of large prompts on CPUs.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Tokens per decode step.
 pub const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 /// Model loads, seconds.
-pub const LOAD_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+pub const LOAD_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 /// The metric families.
 pub struct Metrics {
@@ -150,6 +152,7 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
+    #[cfg(test)]
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()
@@ -222,7 +225,11 @@ impl Sink for Metrics {
             Observation::ModelLoad(m) => {
                 let pid = m.origin.pid.to_string();
                 self.model_load
-                    .with_label_values(&[pid.as_str(), &m.origin.model, if m.ok { "ok" } else { "error" }])
+                    .with_label_values(&[
+                        pid.as_str(),
+                        &m.origin.model,
+                        if m.ok { "ok" } else { "error" },
+                    ])
                     .observe(m.origin.seconds());
             }
             Observation::ContextCreate(c) => {
@@ -237,9 +244,18 @@ impl Sink for Metrics {
 
     fn tick(&mut self, s: &SelfStats) {
         self.probes_attached.set(s.probes_attached as i64);
-        set_counter(&self.events_lost.with_label_values(&["ringbuf_full"]), s.lost_ringbuf);
-        set_counter(&self.events_lost.with_label_values(&["entry_map_full"]), s.lost_entry);
-        set_counter(&self.events_lost.with_label_values(&["undecodable"]), s.undecodable);
+        set_counter(
+            &self.events_lost.with_label_values(&["ringbuf_full"]),
+            s.lost_ringbuf,
+        );
+        set_counter(
+            &self.events_lost.with_label_values(&["entry_map_full"]),
+            s.lost_entry,
+        );
+        set_counter(
+            &self.events_lost.with_label_values(&["undecodable"]),
+            s.undecodable,
+        );
     }
 
     fn finish(&mut self, s: &SelfStats) -> anyhow::Result<()> {
@@ -268,7 +284,9 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) {
                     } else {
                         Response::builder()
                             .status(404)
-                            .body(Full::new(Bytes::from_static(b"llamaprobe: metrics are at /metrics\n")))
+                            .body(Full::new(Bytes::from_static(
+                                b"llamaprobe: metrics are at /metrics\n",
+                            )))
                     };
                     Ok::<_, Infallible>(resp.expect("valid response"))
                 }
@@ -316,10 +334,17 @@ mod tests {
             m.observe(&obs);
         }
         let text = m.render();
-        assert!(text.contains(r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="ok"} 1"#), "{text}");
-        assert!(text.contains(r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="no_kv_slot"} 1"#));
+        assert!(
+            text.contains(r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="ok"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="no_kv_slot"} 1"#
+        ));
         assert!(text.contains(r#"llamacpp_tokens_total{kind="prompt",model="tiny",pid="7"} 4"#));
-        assert!(text.contains(r#"llamacpp_batch_tokens_count{model="tiny",phase="prompt",pid="7"} 2"#));
+        assert!(
+            text.contains(r#"llamacpp_batch_tokens_count{model="tiny",phase="prompt",pid="7"} 2"#)
+        );
         assert!(text.contains(r#"llamacpp_decode_duration_seconds_bucket{model="tiny",phase="prompt",pid="7",le="0.00005"} 2"#));
     }
 }

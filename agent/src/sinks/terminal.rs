@@ -25,7 +25,11 @@ impl Terminal {
         let live = std::io::stdout().is_terminal();
         Some(Self {
             live,
-            interval: if live { Duration::from_secs(1) } else { interval },
+            interval: if live {
+                Duration::from_secs(1)
+            } else {
+                interval
+            },
             last: Instant::now(),
             title,
             started: Instant::now(),
@@ -59,10 +63,15 @@ impl Terminal {
 /// The periodic one-line summary.
 pub fn one_line(summary: &Summary, s: &SelfStats) -> String {
     let phase = |p: Phase| {
-        summary
-            .phases
-            .get(p.label())
-            .map(|x| format!("{} {} p50 {:.2}ms p99 {:.2}ms", p.label(), x.latency.count, x.latency.p50_ms, x.latency.p99_ms))
+        summary.phases.get(p.label()).map(|x| {
+            format!(
+                "{} {} p50 {:.2}ms p99 {:.2}ms",
+                p.label(),
+                x.latency.count,
+                x.latency.p50_ms,
+                x.latency.p99_ms
+            )
+        })
     };
     let phases: Vec<String> = Phase::ALL.into_iter().filter_map(phase).collect();
     format!(

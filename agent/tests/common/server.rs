@@ -14,15 +14,35 @@ use serde_json::{json, Value};
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// llama-server's arguments for the tests: 4 slots over a 2048-token context, 2 threads,
 /// --metrics for its own counters, no web UI, one model load (--fit off).
 pub fn server_args(model: &Path, port: u16) -> Vec<String> {
     [
-        "-m", &model.to_string_lossy(), "--host", "127.0.0.1", "--port", &port.to_string(),
-        "--metrics", "-c", "2048", "-np", "4", "-t", "2", "-tb", "2", "--fit", "off", "--no-webui",
+        "-m",
+        &model.to_string_lossy(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--metrics",
+        "-c",
+        "2048",
+        "-np",
+        "4",
+        "-t",
+        "2",
+        "-tb",
+        "2",
+        "--fit",
+        "off",
+        "--no-webui",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -47,7 +67,10 @@ pub fn wait_healthy(port: u16, child: &mut Child) {
         if let Ok(Some(st)) = child.try_wait() {
             panic!("process exited before llama-server became healthy: {st}");
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "llama-server not healthy after 120 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "llama-server not healthy after 120 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -66,7 +89,9 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
 /// Sum of the series of one metric name (any labels) whose labels contain `filter`.
 pub fn sum_of(m: &HashMap<String, f64>, name: &str, filter: &str) -> f64 {
     m.iter()
-        .filter(|(k, _)| (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(filter))
+        .filter(|(k, _)| {
+            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(filter)
+        })
         .map(|(_, v)| v)
         .sum()
 }
@@ -101,7 +126,9 @@ impl Server {
 
     /// llama-server's own /metrics.
     pub fn metrics(&self) -> HashMap<String, f64> {
-        parse_metrics(&get(&format!("http://127.0.0.1:{}/metrics", self.port)).expect("server /metrics"))
+        parse_metrics(
+            &get(&format!("http://127.0.0.1:{}/metrics", self.port)).expect("server /metrics"),
+        )
     }
 
     /// Waits until no request is in flight and the counters stopped moving.
@@ -148,7 +175,11 @@ impl Probe {
                 let _ = tx.send(line);
             }
         });
-        Self { child, stderr: rx, lines: Vec::new() }
+        Self {
+            child,
+            stderr: rx,
+            lines: Vec::new(),
+        }
     }
 
     /// Waits for a stderr line containing `needle`.
@@ -161,13 +192,16 @@ impl Probe {
                         return line;
                     }
                 }
-                Err(e) => panic!("llamaprobe never printed `{needle}` ({e}); got {:?}", self.lines),
+                Err(e) => panic!(
+                    "llamaprobe never printed `{needle}` ({e}); got {:?}",
+                    self.lines
+                ),
             }
         }
     }
 
     /// Sends SIGINT and waits; returns (exit code, stdout).
-    pub fn interrupt(mut self) -> (i32, String) {
+    pub fn interrupt(self) -> (i32, String) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.finish()
@@ -178,7 +212,10 @@ impl Probe {
         let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
             .wait_with_output()
             .unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 }
 
