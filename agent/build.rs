@@ -7,8 +7,12 @@ use std::{env, path::PathBuf};
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {
-    if let Some(home) = env::var_os("HOME") {
-        let tools = PathBuf::from(home).join(".cache/llamaprobe/tools/bin");
+    println!("cargo:rerun-if-env-changed=LLAMAPROBE_CACHE");
+    let cache = env::var_os("LLAMAPROBE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/llamaprobe")));
+    if let Some(cache) = cache {
+        let tools = cache.join("tools/bin");
         if tools.is_dir() {
             let mut paths: Vec<PathBuf> = vec![tools];
             paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));

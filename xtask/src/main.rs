@@ -1,0 +1,102 @@
+//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo>`.
+//!
+//! Everything is idempotent and cached under `~/.cache/llamaprobe` (or `$LLAMAPROBE_CACHE`).
+
+mod demo;
+mod fixtures;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use fixtures::Matrix;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "llamaprobe's build, fixture, test and demo tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages (cmake, compilers), nightly rust-src, bpf-linker.
+    Setup,
+    /// Build real llama.cpp binaries and a tiny GGUF model; print them as KEY=VALUE lines.
+    Fixtures {
+        #[arg(long, value_enum, default_value = "default")]
+        matrix: Matrix,
+        /// Also generate the larger model (tiny-large.gguf, LLAMAPROBE_MODEL_LARGE).
+        #[arg(long)]
+        large: bool,
+    },
+    /// Setup, fixtures, then cargo test, clippy and rustfmt over the workspace (as root).
+    Test {
+        #[arg(long, value_enum, default_value = "default")]
+        matrix: Matrix,
+        /// Extra arguments for `cargo test`, after `--`.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// End to end: llama-server on the tiny model, llamaprobe attached, a dozen requests (as root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole chain of causes on one line, without a backtrace.
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::run(),
+        Task::Fixtures { matrix, large } => fixtures::run(matrix, large),
+        Task::Test { matrix, cargo_args } => test::run(matrix, &cargo_args),
+        Task::Demo => demo::run(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Matrix, Task};
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_everything_after_dashes_to_cargo_test() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--matrix",
+            "full",
+            "--",
+            "attach",
+            "--",
+            "--nocapture",
+        ])
+        .unwrap();
+        let Task::Test { matrix, cargo_args } = cli.command else {
+            panic!("not the test task");
+        };
+        assert_eq!(matrix, Matrix::Full);
+        assert_eq!(cargo_args, ["attach", "--", "--nocapture"]);
+    }
+}
