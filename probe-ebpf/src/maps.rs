@@ -5,8 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    ContextEvent, DecodeEvent, ModelLoadEvent, ProcessLayout, SampleEvent, SyncEvent,
-    LOST_COUNTERS,
+    ContextEvent, DecodeEvent, ModelLoadEvent, ProcessLayout, SampleEvent, SyncEvent, LOST_COUNTERS,
 };
 
 /// Finished events, read by the agent.

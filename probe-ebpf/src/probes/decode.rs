@@ -110,7 +110,11 @@ fn run_at(ev: &mut DecodeEvent, k: usize) -> &mut SeqRun {
 #[inline(always)]
 fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
     use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-    let limit = if n_tokens < MAX_SCAN { n_tokens } else { MAX_SCAN };
+    let limit = if n_tokens < MAX_SCAN {
+        n_tokens
+    } else {
+        MAX_SCAN
+    };
     let mut i: u32 = 0;
     while i < MAX_SCAN {
         if i >= limit {

@@ -30,7 +30,9 @@ fn start(path_ptr: u64, api: ModelLoadApi) {
         ev.path_len = 0;
         if path_ptr != 0 {
             // SAFETY: the helper bounds the read by the buffer and checks the address.
-            if let Ok(s) = unsafe { bpf_probe_read_user_str_bytes(path_ptr as *const u8, &mut ev.path) } {
+            if let Ok(s) =
+                unsafe { bpf_probe_read_user_str_bytes(path_ptr as *const u8, &mut ev.path) }
+            {
                 ev.path_len = s.len() as u32 + 1;
             }
         }

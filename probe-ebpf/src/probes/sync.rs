@@ -13,7 +13,9 @@ use crate::maps::SYNC_ENTRY;
 #[uprobe]
 pub fn sync_enter(ctx: ProbeContext) -> u32 {
     let mut ev = SyncEvent::default();
-    enter(&SYNC_ENTRY, &mut ev, |ev| ev.ctx = ctx.arg::<u64>(0).unwrap_or(0));
+    enter(&SYNC_ENTRY, &mut ev, |ev| {
+        ev.ctx = ctx.arg::<u64>(0).unwrap_or(0)
+    });
     0
 }
 
