@@ -2,8 +2,10 @@
 //! synchronize calls paired with their decode step, model loads, contexts).
 //!
 //! Phase classification follows how llama.cpp itself counts "prompt eval" and "eval": per
-//! sequence in a batch, one token with output that continues the sequence (a position past the
-//! sequence's last one) is a generated token; other tokens are prompt tokens, the chunk whose last
+//! sequence in a batch, one token with output that is a generated token being fed back is
+//! generation; a token is recognised as fed back when the sampler returned its id since the
+//! context's previous step (or, where no sampler is probed, when its position is past the
+//! sequence's last one); other tokens are prompt tokens, the chunk whose last
 //! token is flagged for output being the final prompt chunk. A batch without sequence ids
 //! (`llama_batch_get_one`) is generation if it has one token, else prompt.
 
@@ -185,7 +187,29 @@ pub struct Assembler {
     pending_compute: HashMap<u32, (u64, u64)>,
     models: HashMap<u32, Arc<str>>,
     unknown: Arc<str>,
+    /// Token ids sampled since the last decode step, by (pid, ctx).
+    sampled: HashMap<(u32, u64), Vec<i32>>,
+    /// Processes whose sampling is probed and has been seen.
+    sampler_seen: std::collections::HashSet<u32>,
 }
+
+/// Removes one `token` from the pending samples; true if it was there.
+fn take(pending: &mut Option<Vec<i32>>, token: i32) -> bool {
+    let Some(v) = pending.as_mut() else {
+        return false;
+    };
+    match v.iter().position(|&t| t == token) {
+        Some(i) => {
+            v.swap_remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Sampled ids kept per context between two steps (a program that samples without decoding
+/// must not grow the agent).
+const MAX_PENDING_SAMPLES: usize = 4096;
 
 impl Assembler {
     pub fn new() -> Self {
@@ -224,10 +248,16 @@ impl Assembler {
             Event::Decode(d) => Observation::Decode(self.decode(d)),
             Event::ModelLoad(m) => Observation::ModelLoad(self.model_load(m)),
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
-            Event::Sample(s) => Observation::Sample(Sample {
-                origin: self.origin(&s.header),
-                token: s.token,
-            }),
+            Event::Sample(s) => {
+                let pending = self.sampled.entry((s.header.tgid, s.ctx)).or_default();
+                if pending.len() < MAX_PENDING_SAMPLES {
+                    pending.push(s.token);
+                }
+                Observation::Sample(Sample {
+                    origin: self.origin(&s.header),
+                    token: s.token,
+                })
+            }
             Event::Sync(s) => {
                 let compute_ns = match self.pending_compute.get(&s.header.tid) {
                     Some(&(ctx, start)) if ctx == s.ctx && start <= s.header.start_ns => {
@@ -325,10 +355,19 @@ impl Assembler {
             });
         } else {
             let no_outputs = d.flags & F::NO_OUTPUT_INFO != 0;
+            // Samples taken since this context's previous step; None if no sampler is probed.
+            let mut sampled = self.sampled.remove(&(pid, d.ctx));
+            let samplers_seen = sampled.is_some() || self.sampler_seen.contains(&pid);
             for run in d.runs.iter().take(d.n_runs as usize) {
-                let continues = self.continues(pid, d.ctx, run.seq_id, run.pos0);
                 let outputs = if no_outputs { 1 } else { run.n_outputs as u32 };
-                let kind = if run.n_tokens == 1 && outputs == 1 && continues {
+                let single = run.n_tokens == 1 && outputs == 1;
+                let fed_back = single
+                    && if samplers_seen {
+                        take(&mut sampled, run.tok0)
+                    } else {
+                        self.continues(pid, d.ctx, run.seq_id, run.pos0)
+                    };
+                let kind = if fed_back {
                     PartKind::Generated
                 } else if outputs == 0 {
                     PartKind::PromptChunk
@@ -340,10 +379,13 @@ impl Assembler {
                 step.parts.push(Part {
                     seq_id: run.seq_id,
                     pos0: run.pos0,
-                    n_tokens: run.n_tokens,
+                    n_tokens: run.n_tokens as u32,
                     n_outputs: outputs,
                     kind,
                 });
+            }
+            if samplers_seen {
+                self.sampler_seen.insert(pid);
             }
             let scanned: u32 = step.parts.iter().map(|p| p.n_tokens).sum();
             step.unscanned_tokens = n.saturating_sub(scanned);
@@ -431,15 +473,45 @@ mod tests {
     use crate::events::tests::decode_event;
     use probe_common::SeqRun;
 
-    fn run(seq: i32, pos0: i32, n: u32, outputs: u16, last: bool) -> SeqRun {
+    fn run(seq: i32, pos0: i32, n: u16, outputs: u8, last: bool) -> SeqRun {
         SeqRun {
             seq_id: seq,
             pos0,
+            tok0: 100 + pos0,
             n_tokens: n,
             n_outputs: outputs,
             last_output: last as u8,
-            _pad: 0,
         }
+    }
+
+    fn sample(a: &mut Assembler, token: i32) {
+        let ev = probe_common::SampleEvent {
+            header: crate::events::tests::header(probe_common::EventKind::Sample, 0, 1),
+            ctx: 0x1000,
+            token,
+            idx: 0,
+        };
+        a.process(&Event::Sample(ev));
+    }
+
+    #[test]
+    fn with_a_sampler_a_fed_back_token_is_one_just_sampled() {
+        let mut a = Assembler::new();
+        step(&mut a, decode_event(5, &[run(0, 0, 5, 1, true)], 0));
+        sample(&mut a, 105);
+        // The sampled token (id 105 at pos 5) comes back: generation.
+        let s = step(&mut a, decode_event(1, &[run(0, 5, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Generation));
+        sample(&mut a, 106);
+        // The request ended (106 sampled, never decoded). Another prompt whose state was
+        // restored from a cache into this sequence re-evaluates its last token at pos 30:
+        // past the sequence's end, but not a sampled id: prompt.
+        let s = step(&mut a, decode_event(1, &[run(0, 30, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Prompt));
+        // Pending samples are per step: 106 no longer counts.
+        let mut ev = decode_event(1, &[run(0, 6, 1, 1, true)], 0);
+        ev.runs[0].tok0 = 106;
+        assert_eq!(step(&mut a, ev).phase, Some(Phase::Prompt));
     }
 
     fn step(a: &mut Assembler, ev: DecodeEvent) -> DecodeStep {

@@ -100,7 +100,7 @@ pub(crate) mod tests {
             ctx: 0x1000,
             ret,
             n_tokens,
-            n_scanned: runs.iter().map(|r| r.n_tokens as u16).sum(),
+            n_scanned: runs.iter().map(|r| r.n_tokens).sum(),
             n_runs: runs.len() as u8,
             api: 1,
             flags: 0,
@@ -117,10 +117,10 @@ pub(crate) mod tests {
             &[SeqRun {
                 seq_id: 3,
                 pos0: 10,
+                tok0: 7,
                 n_tokens: 5,
                 n_outputs: 1,
                 last_output: 1,
-                _pad: 0,
             }],
             1,
         );

@@ -188,6 +188,7 @@ pub fn detect_generation(has: impl Fn(&str) -> bool) -> Option<Generation> {
 /// only add trailing fields).
 const CLASSIC_BATCH: ClassicBatchLayout = ClassicBatchLayout {
     n_tokens: 0,
+    token: 8,
     pos: 24,
     seq_id: 40,
     logits: 48,
@@ -215,6 +216,7 @@ pub const LAYOUTS: &[LayoutRow] = &[
             ext: BatchExtLayout {
                 tokens_vec: 64,
                 token_size: 96,
+                token_id: 0,
                 token_output: 16,
                 // seq_ids at 24; libstdc++ _Hashtable: _M_buckets, _M_bucket_count, then
                 // _M_before_begin (whose _M_nxt is the first node) at +16.
@@ -243,6 +245,7 @@ pub const LAYOUTS: &[LayoutRow] = &[
             ext: BatchExtLayout {
                 tokens_vec: ABSENT,
                 token_size: 0,
+                token_id: ABSENT,
                 token_output: ABSENT,
                 token_seq_first_node: ABSENT,
                 seq_node_value: ABSENT,
@@ -330,6 +333,7 @@ mod tests {
         let l = layout_for(Generation::BatchExt).layout.ext;
         assert_eq!(l.tokens_vec, get("tokens") + get("vec_begin"));
         assert_eq!(l.token_size, get("token_size"));
+        assert_eq!(l.token_id, get("id"));
         assert_eq!(l.token_output, get("output"));
         assert_eq!(l.token_seq_first_node, get("seq_ids") + get("uset_first"));
         assert_eq!(l.seq_node_value, get("node_value"));

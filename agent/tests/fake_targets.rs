@@ -149,14 +149,15 @@ fn classic_api_every_call_measured_exactly() {
     for c in ["1", "2", "-1", "-3"] {
         assert_eq!(codes[c], 1, "{codes:?}");
     }
-    // Prompt: D1 (12), the get_one batch of 7, 200 tokens, twenty new one-token prompts.
+    // Prompt: D1 (12), the get_one batch of 7, the four failing single tokens (ids 9001..9004,
+    // never sampled), 200 tokens, twenty new one-token prompts.
     assert_eq!(
         batch_sizes(&sum, "prompt"),
-        [(7, 1), (12, 1), (20, 1), (200, 1)]
+        [(1, 4), (7, 1), (12, 1), (20, 1), (200, 1)]
     );
-    // Generation: five fed-back tokens, the single-token get_one batch, and the four failing
-    // single tokens (position 26, past sequence 0's end at 17).
-    assert_eq!(batch_sizes(&sum, "generation"), [(1, 10)]);
+    // Generation: the five sampled tokens fed back, and the single-token get_one batch (no
+    // sequence ids: judged by size, as llama.cpp counts "eval").
+    assert_eq!(batch_sizes(&sum, "generation"), [(1, 6)]);
     assert_eq!(batch_sizes(&sum, "mixed"), [(11, 1)]);
     // Prompt tokens of successful steps: 12 + (6 + 4) + 7 + 200 + 20.
     assert_eq!(sum["prompt_tokens"], 249);
@@ -234,15 +235,17 @@ fn batch_ext_api_every_call_measured_exactly() {
             ("ok".into(), 12)
         ]
     );
-    // The ext batches carry positions: D9 (pos 25) and the failing steps (pos 26) continue seq 0.
-    assert_eq!(batch_sizes(&sum, "generation"), [(1, 10)]);
+    // The ext batches always carry sequence ids: D9 (id 407) and the failing steps (ids
+    // 9001..9004) are single tokens nobody sampled, so prompt; only the five sampled tokens
+    // fed back are generation.
+    assert_eq!(batch_sizes(&sum, "generation"), [(1, 5)]);
     assert_eq!(
         batch_sizes(&sum, "prompt"),
-        [(3, 1), (7, 1), (12, 1), (20, 1), (200, 1)]
+        [(1, 5), (3, 1), (7, 1), (12, 1), (20, 1), (200, 1)]
     );
     assert_eq!(batch_sizes(&sum, "mixed"), [(11, 1)]);
-    assert_eq!(sum["prompt_tokens"], 12 + 10 + 7 + 200 + 20 + 3);
-    assert_eq!(sum["generation_tokens_decoded"], 7);
+    assert_eq!(sum["prompt_tokens"], 12 + 10 + 7 + 1 + 200 + 20 + 3);
+    assert_eq!(sum["generation_tokens_decoded"], 6);
     let last = *of_kind(&events, "decode").last().unwrap();
     assert_eq!(last["parts"][0]["seq_id"], 3);
     assert_eq!(last["parts"][0]["kind"], "final_prompt_chunk");

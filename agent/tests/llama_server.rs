@@ -62,6 +62,11 @@ fn attach_counts_equal_llama_servers_own_counters() {
         .map(|(i, n)| std::thread::spawn(move || completion(port, &prompt(i), n)))
         .collect();
     responses.extend(handles.into_iter().map(|h| h.join().unwrap()));
+    // Repeats: served from the slots' or the server's prompt cache, only the last prompt
+    // token is evaluated again (a one-token prompt step that must not look generated).
+    for (i, n) in [(0, 4), (4, 3), (1, 5)] {
+        responses.push(completion(server.port, &prompt(i), n));
+    }
     let after = server.settled_metrics();
     let delta = |k: &str| after[&format!("llamacpp:{k}")] - before[&format!("llamacpp:{k}")];
 

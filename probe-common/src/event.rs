@@ -67,7 +67,8 @@ pub enum DecodeApi {
 
 /// Maximum number of sequence runs recorded per decode step.
 pub const MAX_RUNS: usize = 16;
-/// Maximum number of batch tokens the probe walks to build the runs.
+/// Maximum number of batch tokens the probe walks to build the runs (fits a run's u16/u8
+/// counters).
 pub const MAX_SCAN: u32 = 64;
 
 /// A run of consecutive batch tokens that belong to the same (first) sequence id.
@@ -78,13 +79,14 @@ pub struct SeqRun {
     pub seq_id: i32,
     /// Position of the run's first token, or -1 if the batch carries no positions.
     pub pos0: i32,
-    /// Number of tokens in the run.
-    pub n_tokens: u32,
+    /// Token id of the run's first token, -1 if the batch carries none (embeddings).
+    pub tok0: i32,
+    /// Number of tokens in the run (at most [`MAX_SCAN`]).
+    pub n_tokens: u16,
     /// Number of those tokens flagged for output (logits).
-    pub n_outputs: u16,
+    pub n_outputs: u8,
     /// 1 if the run's last token is flagged for output.
     pub last_output: u8,
-    pub _pad: u8,
 }
 
 /// The last token of a batch, read even when it lies beyond [`MAX_SCAN`].

@@ -15,6 +15,7 @@ pub const ABSENT: u32 = u32::MAX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClassicBatchLayout {
     pub n_tokens: u32,
+    pub token: u32,
     pub pos: u32,
     pub seq_id: u32,
     pub logits: u32,
@@ -29,6 +30,8 @@ pub struct BatchExtLayout {
     pub tokens_vec: u32,
     /// `sizeof(token)`.
     pub token_size: u32,
+    /// Offset of `llama_token id` in a token.
+    pub token_id: u32,
     /// Offset of `bool output` in a token.
     pub token_output: u32,
     /// Offset, in a token, of the first-node pointer of `std::unordered_set<llama_seq_id>
@@ -65,7 +68,7 @@ pub struct ProcessLayout {
 // SAFETY: plain #[repr(C)] data of u32 fields, no padding, any bit pattern valid.
 unsafe impl aya::Pod for ProcessLayout {}
 
-const _: () = assert!(size_of::<ClassicBatchLayout>() == 16);
-const _: () = assert!(size_of::<BatchExtLayout>() == 24);
+const _: () = assert!(size_of::<ClassicBatchLayout>() == 20);
+const _: () = assert!(size_of::<BatchExtLayout>() == 28);
 const _: () = assert!(size_of::<ContextParamsLayout>() == 24);
-const _: () = assert!(size_of::<ProcessLayout>() == 64);
+const _: () = assert!(size_of::<ProcessLayout>() == 72);

@@ -323,10 +323,10 @@ mod tests {
         let run = SeqRun {
             seq_id: 0,
             pos0: 0,
+            tok0: 1,
             n_tokens: 4,
             n_outputs: 1,
             last_output: 1,
-            _pad: 0,
         };
         for ret in [0, 1] {
             let obs = a.process(&Event::Decode(Box::new(decode_event(4, &[run], ret))));

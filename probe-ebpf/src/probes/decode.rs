@@ -29,10 +29,13 @@ trait Tokens {
     fn output(&self, i: u32) -> Option<bool>;
     /// Position of token `i`, -1 if unknown.
     fn pos(&self, i: u32) -> i32;
+    /// Token id of token `i`, -1 if unknown.
+    fn id(&self, i: u32) -> i32;
 }
 
 /// The classic `llama_batch`, by value: array pointers read from the struct.
 struct Classic {
+    token: u64,
     pos: u64,
     seq_id: u64,
     logits: u64,
@@ -54,6 +57,10 @@ impl Tokens for Classic {
     #[inline(always)]
     fn pos(&self, i: u32) -> i32 {
         read::<i32>(self.pos + 4 * i as u64).unwrap_or(-1)
+    }
+    #[inline(always)]
+    fn id(&self, i: u32) -> i32 {
+        read::<i32>(self.token + 4 * i as u64).unwrap_or(-1)
     }
 }
 
@@ -86,6 +93,10 @@ impl Tokens for Ext {
     #[inline(always)]
     fn pos(&self, i: u32) -> i32 {
         read::<i32>(self.token(i) + self.l.token_pos as u64).unwrap_or(-1)
+    }
+    #[inline(always)]
+    fn id(&self, i: u32) -> i32 {
+        read::<i32>(self.token(i) + self.l.token_id as u64).unwrap_or(-1)
     }
 }
 
@@ -142,9 +153,11 @@ fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
                 break;
             }
             let pos0 = src.pos(i);
+            let tok0 = src.id(i);
             let run = run_at(ev, started);
             run.seq_id = seq;
             run.pos0 = pos0;
+            run.tok0 = tok0;
             unsafe { write_volatile(addr_of_mut!(ev.n_runs), (started + 1) as u8) };
         }
         let cur = unsafe { read_volatile(addr_of!(ev.n_runs)) } as usize;
@@ -232,6 +245,7 @@ pub fn decode_classic(ctx: ProbeContext) -> u32 {
             return;
         }
         let src = Classic {
+            token: read::<u64>(batch + l.token as u64).unwrap_or(0),
             pos: read::<u64>(batch + l.pos as u64).unwrap_or(0),
             seq_id,
             logits: read::<u64>(batch + l.logits as u64).unwrap_or(0),
