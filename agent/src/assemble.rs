@@ -139,17 +139,25 @@ pub struct ModelLoad {
     pub ok: bool,
 }
 
-/// A context creation; parameters outside plausible ranges are `None`.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ContextCreate {
-    pub origin: Origin,
-    pub ok: bool,
+/// Parameters of a context; those outside plausible ranges (or absent from the layout) are
+/// `None`. `n_ctx` 0 ("from the model") is reported `None` too.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ContextParams {
     pub n_ctx: Option<u32>,
     pub n_batch: Option<u32>,
     pub n_ubatch: Option<u32>,
     pub n_seq_max: Option<u32>,
     pub n_threads: Option<u32>,
     pub n_threads_batch: Option<u32>,
+}
+
+/// A context creation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ContextCreate {
+    pub origin: Origin,
+    pub ok: bool,
+    #[serde(flatten)]
+    pub params: ContextParams,
 }
 
 /// A sampled token.
@@ -298,13 +306,14 @@ impl Assembler {
         ContextCreate {
             origin: self.origin(&c.header),
             ok: c.ctx != 0,
-            // n_ctx 0 means "from the model": reported unknown here.
-            n_ctx: check(c.n_ctx, plausible::N_CTX),
-            n_batch: check(c.n_batch, plausible::N_BATCH),
-            n_ubatch: check(c.n_ubatch, plausible::N_BATCH),
-            n_seq_max: check(c.n_seq_max, plausible::N_SEQ_MAX),
-            n_threads: check(c.n_threads, plausible::N_THREADS),
-            n_threads_batch: check(c.n_threads_batch, plausible::N_THREADS),
+            params: ContextParams {
+                n_ctx: check(c.n_ctx, plausible::N_CTX),
+                n_batch: check(c.n_batch, plausible::N_BATCH),
+                n_ubatch: check(c.n_ubatch, plausible::N_BATCH),
+                n_seq_max: check(c.n_seq_max, plausible::N_SEQ_MAX),
+                n_threads: check(c.n_threads, plausible::N_THREADS),
+                n_threads_batch: check(c.n_threads_batch, plausible::N_THREADS),
+            },
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::assemble::{DecodeResult, Observation, Phase};
+use crate::assemble::{ContextParams, DecodeResult, Observation, Phase};
 
 /// Latency distribution of one kind of call.
 pub struct Latency {
@@ -99,12 +99,8 @@ pub struct ContextSummary {
     pub pid: u32,
     pub ok: bool,
     pub duration_ms: f64,
-    pub n_ctx: Option<u32>,
-    pub n_batch: Option<u32>,
-    pub n_ubatch: Option<u32>,
-    pub n_seq_max: Option<u32>,
-    pub n_threads: Option<u32>,
-    pub n_threads_batch: Option<u32>,
+    #[serde(flatten)]
+    pub params: ContextParams,
 }
 
 /// Everything the summary reports; serialised by `--summary-json`.
@@ -204,12 +200,7 @@ impl Stats {
                 pid: c.origin.pid,
                 ok: c.ok,
                 duration_ms: c.origin.duration_ns() as f64 / 1e6,
-                n_ctx: c.n_ctx,
-                n_batch: c.n_batch,
-                n_ubatch: c.n_ubatch,
-                n_seq_max: c.n_seq_max,
-                n_threads: c.n_threads,
-                n_threads_batch: c.n_threads_batch,
+                params: c.params.clone(),
             }),
         }
     }
@@ -356,12 +347,12 @@ impl Summary {
                 s,
                 "context: {} n_ctx {} n_batch {} n_ubatch {} n_seq_max {} threads {}/{} in {:.1} ms",
                 if c.ok { "created" } else { "FAILED" },
-                opt(c.n_ctx),
-                opt(c.n_batch),
-                opt(c.n_ubatch),
-                opt(c.n_seq_max),
-                opt(c.n_threads),
-                opt(c.n_threads_batch),
+                opt(c.params.n_ctx),
+                opt(c.params.n_batch),
+                opt(c.params.n_ubatch),
+                opt(c.params.n_seq_max),
+                opt(c.params.n_threads),
+                opt(c.params.n_threads_batch),
                 c.duration_ms
             );
         }

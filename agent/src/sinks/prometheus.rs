@@ -233,7 +233,7 @@ impl Sink for Metrics {
                     .observe(m.origin.seconds());
             }
             Observation::ContextCreate(c) => {
-                if let (true, Some(n)) = (c.ok, c.n_ctx) {
+                if let (true, Some(n)) = (c.ok, c.params.n_ctx) {
                     self.context_size
                         .with_label_values(&[c.origin.pid.to_string().as_str(), &c.origin.model])
                         .set(n as f64);
