@@ -54,6 +54,10 @@ pub enum Command {
         /// A running process.
         #[arg(long, conflicts_with = "path")]
         pid: Option<u32>,
+        /// Take symbols from this file: an unstripped copy of a stripped binary of the same
+        /// build, or its separate debug file.
+        #[arg(long, value_name = "FILE")]
+        symbols_from: Option<PathBuf>,
         /// An executable or shared library (e.g. llama-server, libllama.so).
         #[arg(required_unless_present = "pid")]
         path: Option<PathBuf>,
@@ -84,6 +88,10 @@ pub struct ProfileOpts {
     /// No live view or periodic lines; only the final summary.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Take symbols from this file: an unstripped copy of a stripped binary of the same build,
+    /// or its separate debug file (matched by GNU build id, else by file name).
+    #[arg(long, value_name = "FILE")]
+    pub symbols_from: Option<PathBuf>,
 }
 
 /// Where to serve Prometheus metrics.

@@ -43,24 +43,46 @@ fn main() -> ExitCode {
     }
 }
 
+fn symbols_from(path: Option<&std::path::Path>) -> anyhow::Result<Option<symbols::SymbolsFrom>> {
+    Ok(match path {
+        Some(p) => Some(symbols::SymbolsFrom::load(p)?),
+        None => None,
+    })
+}
+
 fn run(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Attach { pid, opts } => {
             attach::preflight()?;
+            let from = symbols_from(opts.symbols_from.as_deref())?;
             let files = discover::mapped_files(pid)?;
-            let plan = Plan::build(&files, &format!("process {pid} ({})", discover::comm(pid)))?;
+            let plan = Plan::build(
+                &files,
+                &format!("process {pid} ({})", discover::comm(pid)),
+                from.as_ref(),
+            )?;
             session::run(session::Target::Pid(pid), plan, opts)
         }
         Command::Run { opts, command } => {
             attach::preflight()?;
+            let from = symbols_from(opts.symbols_from.as_deref())?;
             let program = command[0].to_string_lossy().into_owned();
             let exe = discover::which(&program)?;
             let files = discover::planned_files(&exe)?;
-            let plan = Plan::build(&files, &format!("{} and its libraries", exe.display()))?;
+            let plan = Plan::build(
+                &files,
+                &format!("{} and its libraries", exe.display()),
+                from.as_ref(),
+            )?;
             let held = launch::spawn_held(&exe, &command)?;
             session::run(session::Target::Launched(held), plan, opts)
         }
-        Command::Symbols { pid, path } => {
+        Command::Symbols {
+            pid,
+            path,
+            symbols_from: from,
+        } => {
+            let from = symbols_from(from.as_deref())?;
             let (what, files) = match (pid, path) {
                 (Some(pid), _) => (
                     format!("process {pid} ({})", discover::comm(pid)),
@@ -75,7 +97,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                 }
                 (None, None) => unreachable!("clap requires a pid or a path"),
             };
-            let plan = Plan::build(&files, &what)?;
+            let plan = Plan::build(&files, &what, from.as_ref())?;
             print!("{}", symbols::render_plan(&what, &plan));
             Ok(0)
         }

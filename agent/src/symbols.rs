@@ -38,6 +38,47 @@ pub enum SymbolError {
         n_files: usize,
         hint: String,
     },
+    #[error(
+        "--symbols-from {path} matches none of the files of {what} (compared GNU build ids, \
+         then file names): give the unstripped copy or the debug file of the same build"
+    )]
+    SymbolsFromUnmatched { path: PathBuf, what: String },
+}
+
+/// Symbols taken from another file (`--symbols-from`): an unstripped copy of a stripped
+/// binary, or its separate debug file (`objcopy --only-keep-debug`). Addresses are translated
+/// to file offsets with the stripped file's own program headers.
+pub struct SymbolsFrom {
+    pub path: PathBuf,
+    data: Vec<u8>,
+    build_id: Option<Vec<u8>>,
+}
+
+impl SymbolsFrom {
+    pub fn load(path: &Path) -> Result<Self, SymbolError> {
+        let data = fs::read(path).map_err(|source| SymbolError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let obj = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
+        Ok(Self {
+            path: path.to_path_buf(),
+            data,
+            build_id,
+        })
+    }
+
+    /// Whether these symbols belong to `file` (parsed as `obj`).
+    fn applies_to(&self, obj: &object::File, file: &MappedFile) -> bool {
+        match (&self.build_id, obj.build_id().ok().flatten()) {
+            (Some(a), Some(b)) => a.as_slice() == b,
+            _ => self.path.file_name() == file.path.file_name(),
+        }
+    }
 }
 
 /// Which symbol table a hit came from.
@@ -46,6 +87,8 @@ pub enum SymbolError {
 pub enum Table {
     Dynsym,
     Symtab,
+    /// The `.symtab` of the `--symbols-from` file.
+    SymbolsFrom,
 }
 
 /// A catalog symbol defined in a file.
@@ -63,6 +106,11 @@ pub struct FileSymbols {
     pub hits: BTreeMap<&'static str, Hit>,
     /// The file has a `.symtab` (not stripped).
     pub has_symtab: bool,
+    /// The `--symbols-from` file was applied to this one.
+    pub symbols_from: bool,
+    /// A stripped file containing llama.cpp's or ggml's strings: llama.cpp code without
+    /// symbols.
+    pub looks_like_llama: bool,
 }
 
 /// ELF interpreter (`PT_INTERP`) of an executable image, if dynamically linked.
@@ -88,26 +136,46 @@ fn file_offset(obj: &object::File, vaddr: u64) -> Option<u64> {
     })
 }
 
-/// Reads the catalog symbols a file defines (`.dynsym` and `.symtab`).
-pub fn resolve_file(file: &MappedFile) -> Result<FileSymbols, SymbolError> {
+/// Reads the catalog symbols a file defines (`.dynsym` and `.symtab`, or those of the
+/// `--symbols-from` file when it belongs to this one).
+pub fn resolve_file(
+    file: &MappedFile,
+    from: Option<&SymbolsFrom>,
+) -> Result<FileSymbols, SymbolError> {
     let data = fs::read(&file.host_path).map_err(|source| SymbolError::Read {
         path: file.host_path.clone(),
         source,
     })?;
-    resolve_bytes(file.clone(), &data)
+    resolve_bytes(file.clone(), &data, from)
 }
 
-fn resolve_bytes(file: MappedFile, data: &[u8]) -> Result<FileSymbols, SymbolError> {
+fn resolve_bytes(
+    file: MappedFile,
+    data: &[u8],
+    from: Option<&SymbolsFrom>,
+) -> Result<FileSymbols, SymbolError> {
     let obj = object::File::parse(data).map_err(|source| SymbolError::Parse {
         path: file.host_path.clone(),
         source,
     })?;
     let mut hits = BTreeMap::new();
     let wanted: Vec<&'static str> = targets::wanted_symbols().collect();
-    let tables = [
+    let from = match from {
+        Some(f) if f.applies_to(&obj, &file) => Some(object::File::parse(&*f.data).map_err(
+            |source| SymbolError::Parse {
+                path: f.path.clone(),
+                source,
+            },
+        )?),
+        _ => None,
+    };
+    let mut tables = vec![
         (Table::Dynsym, obj.dynamic_symbols().collect::<Vec<_>>()),
         (Table::Symtab, obj.symbols().collect::<Vec<_>>()),
     ];
+    if let Some(f) = &from {
+        tables.push((Table::SymbolsFrom, f.symbols().collect()));
+    }
     for (table, syms) in tables {
         for sym in syms {
             if !sym.is_definition() || sym.kind() != SymbolKind::Text || sym.address() == 0 {
@@ -133,10 +201,18 @@ fn resolve_bytes(file: MappedFile, data: &[u8]) -> Result<FileSymbols, SymbolErr
         }
     }
     let has_symtab = obj.symbols().next().is_some();
+    // Only asked of files that offer nothing, to explain a stripped llama.cpp.
+    let looks_like_llama = hits.is_empty()
+        && !has_symtab
+        && data
+            .windows(6)
+            .any(|w| w == b"llama_" || w.starts_with(b"ggml_"));
     Ok(FileSymbols {
         file,
         hits,
         has_symtab,
+        symbols_from: from.is_some(),
+        looks_like_llama,
     })
 }
 
@@ -165,32 +241,54 @@ pub struct Plan {
 impl Plan {
     /// Builds the plan from the files of one process (or one file). Unreadable files (e.g. the
     /// vdso, deleted files) are skipped.
-    pub fn build(files: &[MappedFile], what: &str) -> Result<Plan, SymbolError> {
+    pub fn build(
+        files: &[MappedFile],
+        what: &str,
+        from: Option<&SymbolsFrom>,
+    ) -> Result<Plan, SymbolError> {
         let mut resolved = Vec::new();
         let mut stripped = Vec::new();
+        let mut from_applied = false;
         for f in files {
-            match resolve_file(f) {
-                Ok(r) if !r.hits.is_empty() => resolved.push(r),
+            match resolve_file(f, from) {
                 Ok(r) => {
-                    if !r.has_symtab && looks_like_llama(&r.file.path) {
+                    from_applied |= r.symbols_from;
+                    if !r.hits.is_empty() {
+                        resolved.push(r);
+                    } else if !r.has_symtab && r.looks_like_llama {
                         stripped.push(r.file.path.clone());
                     }
                 }
                 Err(e) => tracing::debug!("skipping {}: {e}", f.host_path.display()),
             }
         }
+        if let (Some(from), false) = (from, from_applied) {
+            return Err(SymbolError::SymbolsFromUnmatched {
+                path: from.path.clone(),
+                what: what.to_string(),
+            });
+        }
         let has = |s: &str| resolved.iter().any(|r| r.hits.contains_key(s));
         let Some(generation) = targets::detect_generation(has) else {
             let hint = if stripped.is_empty() {
                 "Is this a llama.cpp program (llama-server, llama-cli, or a program linked with \
-                 libllama)? If llama.cpp is linked statically and stripped, use an unstripped build."
+                 libllama)? If llama.cpp is linked statically and stripped, use an unstripped build \
+                 or --symbols-from FILE."
                     .to_string()
             } else {
                 format!(
-                    "{} look(s) stripped (no symbol table): use an unstripped build of llama.cpp.",
+                    "{} contain(s) llama.cpp code but no symbol table (stripped): none of the \
+                     functions llamaprobe probes ({}) can be found. Use an unstripped build, or \
+                     point --symbols-from FILE at an unstripped copy of the same build or its \
+                     separate debug file.",
                     stripped
                         .iter()
                         .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    PROBES
+                        .iter()
+                        .map(|p| p.name())
                         .collect::<Vec<_>>()
                         .join(", ")
                 )
@@ -279,11 +377,6 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
     s
 }
 
-fn looks_like_llama(p: &Path) -> bool {
-    let s = p.to_string_lossy();
-    s.contains("llama")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,7 +385,7 @@ mod tests {
     fn an_ordinary_program_is_not_llama() {
         let sh = crate::discover::which("sh").unwrap();
         let files = crate::discover::planned_files(&sh).unwrap();
-        let err = Plan::build(&files, "sh").unwrap_err();
+        let err = Plan::build(&files, "sh", None).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("defines none of llama.cpp's decode functions"),

@@ -166,6 +166,15 @@ impl ProbePoint {
     pub fn applies_to(&self, g: Generation) -> bool {
         self.generations.is_empty() || self.generations.contains(&g)
     }
+
+    /// The function's name as a person writes it (C++ names unmangled).
+    pub fn name(&self) -> &'static str {
+        self.prototype
+            .split('(')
+            .next()
+            .and_then(|head| head.rsplit([' ', '*']).next())
+            .unwrap_or(self.symbol)
+    }
 }
 
 /// Every symbol llamaprobe looks for.
@@ -293,6 +302,15 @@ mod tests {
             assert_eq!(decodes, 1, "{g:?} must probe exactly one decode function");
             assert_eq!(layout_for(g).generation, g);
         }
+    }
+
+    #[test]
+    fn names_are_readable() {
+        let names: Vec<&str> = PROBES.iter().map(|p| p.name()).collect();
+        assert_eq!(names[0], "llama_context::decode");
+        assert!(names.contains(&"llama_decode"));
+        assert!(names.contains(&"common_sampler_sample"));
+        assert!(names.iter().all(|n| !n.is_empty() && !n.starts_with("_Z")));
     }
 
     #[test]

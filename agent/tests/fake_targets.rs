@@ -254,3 +254,70 @@ fn batch_ext_api_every_call_measured_exactly() {
     // row reads +28 and +32, where the fake holds enum values: reported unknown, not wrong.
     assert!(sum["contexts"][0]["n_threads"].is_null());
 }
+
+#[test]
+fn stripped_static_binary_is_explained_and_symbols_from_restores_it() {
+    let dir = fakes().join("static");
+    let stripped = dir.join("driver_classic.stripped");
+    // No symbols at all: a clear error naming what is missing and what to do.
+    let out = llamaprobe().arg("symbols").arg(&stripped).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(err.contains("no symbol table (stripped)"), "{err}");
+    assert!(
+        err.contains("llama_decode") && err.contains("llama_context::decode"),
+        "{err}"
+    );
+    assert!(err.contains("--symbols-from FILE"), "{err}");
+    // Symbols of another build are refused.
+    let out = llamaprobe()
+        .arg("symbols")
+        .arg(&stripped)
+        .arg("--symbols-from")
+        .arg(fakes().join("classic/libllama.so"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("matches none of the files"));
+    // The unstripped copy and the separate debug file both give every probe.
+    for from in ["driver_classic", "driver_classic.debug"] {
+        let out = llamaprobe()
+            .arg("symbols")
+            .arg(&stripped)
+            .arg("--symbols-from")
+            .arg(dir.join(from))
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            shown.contains("would probe (7 uprobe + uretprobe pairs)"),
+            "{shown}"
+        );
+        assert!(shown.contains("(SymbolsFrom)"), "{shown}");
+    }
+    if !root_or_skip("stripped_static_binary_is_explained_and_symbols_from_restores_it") {
+        return;
+    }
+    // Profiling the stripped binary with the debug file measures exactly what the shared
+    // build does.
+    let scratch = scratch("static-stripped");
+    let sum = scratch.join("summary.json");
+    let out = llamaprobe()
+        .args(["run", "-q", "--metrics-addr", "off", "--summary-json"])
+        .arg(&sum)
+        .arg("--symbols-from")
+        .arg(dir.join("driver_classic.debug"))
+        .arg("--")
+        .arg(&stripped)
+        .arg("/models/tiny-model.gguf")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let s = json(&sum);
+    assert_eq!(s["decode_calls"], 15);
+    assert_eq!(s["prompt_tokens"], 249);
+    assert_eq!(s["sampled_tokens"], 6);
+    assert_eq!(s["model_loads"].as_array().unwrap().len(), 2);
+    assert_eq!(s["contexts"][0]["n_ctx"], 4096);
+}

@@ -6,6 +6,11 @@
 #   OUTDIR/ext/libllama.so          llama_ext.cpp + llama_common.c     (newest API, C++17)
 #   OUTDIR/ext/driver_ext           driver_ext.cpp, RUNPATH $ORIGIN
 #   OUTDIR/ext/layout_ext           layout_ext.cpp (prints llama_batch_ext offsets)
+#   OUTDIR/ext/layout_ext_g         the same with DWARF (-g), for the DWARF layout reader
+#   OUTDIR/static/driver_classic    driver + classic lib in one executable: the llama.cpp
+#                                   functions are only in .symtab (like a static llama-server)
+#   OUTDIR/static/driver_classic.stripped  strip --strip-all of it: no symbols at all
+#   OUTDIR/static/driver_classic.debug     objcopy --only-keep-debug of it: a debug file
 # Flags: -O1 -g0 -fPIC, default visibility (every API symbol in .dynsym), -fno-omit-frame-pointer.
 # Idempotent: always rebuilds (well under a second per file); every output is written to a
 # temporary name in its final directory and renamed into place, so a concurrent reader never
@@ -18,7 +23,7 @@ if [ "$#" -ne 1 ]; then
 fi
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-mkdir -p "$1/classic" "$1/ext"
+mkdir -p "$1/classic" "$1/ext" "$1/static"
 OUT="$(cd "$1" && pwd)"
 CC="${CC:-gcc}"
 CXX="${CXX:-g++}"
@@ -56,3 +61,14 @@ install_file "$TMP/libllama_ext.so" "$OUT/ext/libllama.so"
 install_file "$TMP/driver_ext" "$OUT/ext/driver_ext"
 "$CXX" "${CXXFLAGS[@]}" -o "$TMP/layout_ext" "$SRC/layout_ext.cpp"
 install_file "$TMP/layout_ext" "$OUT/ext/layout_ext"
+"$CXX" "${CXXFLAGS[@]}" -g -O0 -o "$TMP/layout_ext_g" "$SRC/layout_ext.cpp"
+install_file "$TMP/layout_ext_g" "$OUT/ext/layout_ext_g"
+
+# ---- static: everything in the executable, symbols in .symtab only ----
+"$CC" "${CFLAGS[@]}" -o "$TMP/driver_static" "$SRC/driver_classic.c" "$SRC/llama_classic.c" \
+    "$SRC/llama_common.c"
+install_file "$TMP/driver_static" "$OUT/static/driver_classic"
+strip --strip-all -o "$TMP/driver_static.stripped" "$TMP/driver_static"
+install_file "$TMP/driver_static.stripped" "$OUT/static/driver_classic.stripped"
+objcopy --only-keep-debug "$TMP/driver_static" "$TMP/driver_static.debug"
+install_file "$TMP/driver_static.debug" "$OUT/static/driver_classic.debug"
