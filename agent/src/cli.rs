@@ -62,6 +62,12 @@ pub enum Command {
         #[arg(required_unless_present = "pid")]
         path: Option<PathBuf>,
     },
+    /// Read llama.cpp's struct layouts from a build's DWARF (built with -g) and compare them with
+    /// llamaprobe's layout table: how support for a new llama.cpp version is added.
+    Layout {
+        /// A libllama.so, llama-server or other binary built with -g.
+        path: PathBuf,
+    },
 }
 
 /// Options of `attach` and `run`.

@@ -8,6 +8,7 @@ mod assemble;
 mod attach;
 mod cli;
 mod discover;
+mod dwarf;
 mod events;
 mod launch;
 mod session;
@@ -15,6 +16,8 @@ mod sinks;
 mod stats;
 mod symbols;
 mod targets;
+#[cfg(test)]
+mod test_support;
 
 use std::process::ExitCode;
 
@@ -76,6 +79,14 @@ fn run(command: Command) -> anyhow::Result<i32> {
             )?;
             let held = launch::spawn_held(&exe, &command)?;
             session::run(session::Target::Launched(held), plan, opts)
+        }
+        Command::Layout { path } => {
+            let found = dwarf::read(&path)?;
+            print!(
+                "{}",
+                targets::compare_with_table(&path.display().to_string(), &found)
+            );
+            Ok(0)
         }
         Command::Symbols {
             pid,

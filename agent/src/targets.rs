@@ -280,6 +280,53 @@ pub fn layout_for(g: Generation) -> &'static LayoutRow {
         .expect("every generation has a layout row")
 }
 
+/// A report of DWARF-derived layouts against the table (`llamaprobe layout`).
+pub fn compare_with_table(what: &str, found: &crate::dwarf::DwarfLayouts) -> String {
+    use std::fmt::Write;
+    let mut s = format!("{what}: struct layouts from DWARF\n");
+    let mut line = |name: &str, found: Option<String>, table: Vec<(Generation, String)>| match found
+    {
+        None => {
+            let _ = writeln!(s, "  {name}: not in this file's DWARF");
+        }
+        Some(f) => {
+            let same: Vec<String> = table
+                .iter()
+                .filter(|(_, t)| *t == f)
+                .map(|(g, _)| format!("{g:?}"))
+                .collect();
+            let verdict = if same.is_empty() {
+                "differs from every table row: add a row to agent/src/targets.rs".to_string()
+            } else {
+                format!("matches the table row(s) {}", same.join(", "))
+            };
+            let _ = writeln!(s, "  {name}: {f}\n    {verdict}");
+        }
+    };
+    let table = |f: &dyn Fn(&ProcessLayout) -> String| {
+        LAYOUTS
+            .iter()
+            .map(|r| (r.generation, f(&r.layout)))
+            .collect::<Vec<_>>()
+    };
+    line(
+        "llama_batch",
+        found.classic.map(|l| format!("{l:?}")),
+        table(&|l| format!("{:?}", l.classic)),
+    );
+    line(
+        "llama_batch_ext",
+        found.ext.map(|l| format!("{l:?}")),
+        table(&|l| format!("{:?}", l.ext)),
+    );
+    line(
+        "llama_context_params",
+        found.ctx_params.map(|l| format!("{l:?}")),
+        table(&|l| format!("{:?}", l.ctx_params)),
+    );
+    s
+}
+
 /// Plausible ranges of the context parameters; a value outside is reported unknown.
 pub mod plausible {
     pub const N_CTX: std::ops::RangeInclusive<u32> = 1..=16 << 20;
@@ -328,18 +375,10 @@ mod tests {
     /// `llama_batch_ext` field for field as llama.cpp does, and `layout_ext` prints offsetof.
     #[test]
     fn batch_ext_layout_matches_the_compiler() {
-        let out = std::env::temp_dir().join(format!("llamaprobe-layout-{}", std::process::id()));
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake/build.sh");
-        let st = std::process::Command::new("bash")
-            .arg(script)
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let printed = std::process::Command::new(out.join("ext/layout_ext"))
+        let dir = crate::test_support::fakes();
+        let printed = std::process::Command::new(dir.join("ext/layout_ext"))
             .output()
             .unwrap();
-        let _ = std::fs::remove_dir_all(&out);
         let text = String::from_utf8(printed.stdout).unwrap();
         let get = |k: &str| -> u32 {
             text.split_whitespace()
@@ -356,6 +395,27 @@ mod tests {
         assert_eq!(l.token_seq_first_node, get("seq_ids") + get("uset_first"));
         assert_eq!(l.seq_node_value, get("node_value"));
         assert_eq!(l.token_pos, get("pos"));
+    }
+
+    /// The same rows derived from DWARF (`llamaprobe layout`): the batch_ext row from the
+    /// fake's identical `llama_batch_ext`, the classic batch and the mid-2025 context params
+    /// (the fake's) from its classic library.
+    #[test]
+    fn layouts_derived_from_dwarf_match_the_table() {
+        let dir = crate::test_support::fakes();
+        let ext = crate::dwarf::read(&dir.join("ext/layout_ext_g")).unwrap();
+        assert_eq!(ext.ext, Some(layout_for(Generation::BatchExt).layout.ext));
+        let classic = crate::dwarf::read(&dir.join("classic/libllama_g.so")).unwrap();
+        let row = layout_for(Generation::Classic).layout;
+        assert_eq!(classic.classic, Some(row.classic));
+        assert_eq!(classic.ctx_params, Some(row.ctx_params));
+        let report = compare_with_table("fake", &classic);
+        assert!(
+            report.contains("matches the table row(s) BatchExt, Classic"),
+            "{report}"
+        );
+        let err = crate::dwarf::read(&dir.join("ext/layout_ext")).unwrap_err();
+        assert!(err.to_string().contains("build llama.cpp with -g"));
     }
 
     #[test]

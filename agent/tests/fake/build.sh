@@ -7,6 +7,7 @@
 #   OUTDIR/ext/driver_ext           driver_ext.cpp, RUNPATH $ORIGIN
 #   OUTDIR/ext/layout_ext           layout_ext.cpp (prints llama_batch_ext offsets)
 #   OUTDIR/ext/layout_ext_g         the same with DWARF (-g), for the DWARF layout reader
+#   OUTDIR/classic/libllama_g.so    the classic lib with DWARF (-g), for the same
 #   OUTDIR/static/driver_classic    driver + classic lib in one executable: the llama.cpp
 #                                   functions are only in .symtab (like a static llama-server)
 #   OUTDIR/static/driver_classic.stripped  strip --strip-all of it: no symbols at all
@@ -72,3 +73,5 @@ strip --strip-all -o "$TMP/driver_static.stripped" "$TMP/driver_static"
 install_file "$TMP/driver_static.stripped" "$OUT/static/driver_classic.stripped"
 objcopy --only-keep-debug "$TMP/driver_static" "$TMP/driver_static.debug"
 install_file "$TMP/driver_static.debug" "$OUT/static/driver_classic.debug"
+"$CC" "${CFLAGS[@]}" -g -shared -o "$TMP/libllama_g.so" "$SRC/llama_classic.c" "$SRC/llama_common.c"
+install_file "$TMP/libllama_g.so" "$OUT/classic/libllama_g.so"
