@@ -27,18 +27,18 @@ pub enum AttachError {
          uprobes); upgrade the kernel"
     )]
     KernelTooOld { release: String },
-    #[error("loading the eBPF programs failed: {source}")]
+    #[error("loading the eBPF programs failed")]
     Load {
         #[source]
         source: EbpfError,
     },
-    #[error("eBPF program {program} is missing or failed to load: {source}")]
+    #[error("eBPF program {program} is missing or failed to load")]
     Program {
         program: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("cannot attach to {symbol} in {path}: {source}")]
+    #[error("cannot attach to {symbol} in {path}")]
     Attach {
         symbol: &'static str,
         path: PathBuf,

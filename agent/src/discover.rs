@@ -17,12 +17,8 @@ pub enum DiscoverError {
     #[error("no process with pid {pid}: check the pid (e.g. `pgrep -n llama-server`)")]
     NoSuchProcess { pid: u32 },
     /// /proc could not be read for the pid.
-    #[error("cannot read /proc/{pid}/maps ({source}): run llamaprobe as root (sudo) or with CAP_SYS_PTRACE")]
-    Proc {
-        pid: u32,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read /proc/{pid}/maps ({error}): run llamaprobe as root (sudo) or with CAP_SYS_PTRACE")]
+    Proc { pid: u32, error: std::io::Error },
     /// The program to run was not found.
     #[error("cannot find program `{program}` (not a path and not on PATH)")]
     ProgramNotFound { program: String },
@@ -48,7 +44,7 @@ pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>, DiscoverError> {
         Err(e) if e.kind() == ErrorKind::NotFound => {
             return Err(DiscoverError::NoSuchProcess { pid })
         }
-        Err(source) => return Err(DiscoverError::Proc { pid, source }),
+        Err(error) => return Err(DiscoverError::Proc { pid, error }),
     };
     let mut seen = HashSet::new();
     let mut out = Vec::new();

@@ -16,13 +16,13 @@ use probe_common::{BatchExtLayout, ClassicBatchLayout, ContextParamsLayout};
 /// Errors of reading DWARF.
 #[derive(Debug, thiserror::Error)]
 pub enum DwarfError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not an ELF file: {source}")]
+    #[error("{path} is not an ELF file")]
     Parse {
         path: String,
         #[source]
@@ -30,7 +30,7 @@ pub enum DwarfError {
     },
     #[error("{path} has no DWARF (.debug_info): build llama.cpp with -g (CMAKE_BUILD_TYPE=RelWithDebInfo)")]
     NoDwarf { path: String },
-    #[error("DWARF of {path} is unreadable: {source}")]
+    #[error("DWARF of {path} is unreadable")]
     Gimli {
         path: String,
         #[source]

@@ -17,13 +17,13 @@ use crate::{
 /// Errors of symbol resolution and planning.
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not an ELF file llamaprobe can read: {source}")]
+    #[error("{path} is not an ELF file llamaprobe can read")]
     Parse {
         path: PathBuf,
         #[source]

@@ -1,18 +1,31 @@
-//! End to end on a real, unmodified llama.cpp (the fixture `cargo xtask fixtures` builds from the
-//! llama-cpp-python 0.3.36 sdist) serving a tiny generated model: llamaprobe's counts must equal
-//! llama-server's own counters.
+//! End to end on real, unmodified llama.cpp builds (every server-bearing fixture `cargo xtask
+//! fixtures` prepared: versions, static, stripped) serving a tiny generated model: llamaprobe's
+//! counts must equal llama-server's own counters.
 
 mod common;
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use common::{server::*, *};
+use common::{
+    fixtures::{self, Fixture},
+    server::*,
+    *,
+};
 
-fn fixtures(test: &str) -> Option<(PathBuf, PathBuf)> {
-    Some((
-        fixture_or_skip(test, "LLAMAPROBE_LLAMA_SERVER")?,
-        fixture_or_skip(test, "LLAMAPROBE_MODEL")?,
-    ))
+/// The server-bearing fixtures and the model, or nothing (skipped).
+fn servers(test: &str) -> Vec<(Fixture, std::path::PathBuf)> {
+    let Some(model) = fixtures::model(test) else {
+        return vec![];
+    };
+    let list: Vec<_> = fixtures::all(test)
+        .into_iter()
+        .filter(|f| f.server.is_some())
+        .map(|f| (f, model.clone()))
+        .collect();
+    if list.is_empty() && std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
+        panic!("{test}: no llama-server fixture");
+    }
+    list
 }
 
 /// Distinct prompts (so no request is served from another's cache) of different lengths.
@@ -33,20 +46,25 @@ fn attach_counts_equal_llama_servers_own_counters() {
     if !root_or_skip(test) {
         return;
     }
-    let Some((server_bin, model)) = fixtures(test) else {
-        return;
-    };
-    let server = Server::start(&server_bin, &model);
+    for (f, model) in servers(test) {
+        eprintln!("== fixture {}", f.name);
+        attach_agrees(&f, &model);
+    }
+}
+
+fn attach_agrees(f: &Fixture, model: &std::path::Path) {
+    let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
     let metrics_port = free_port();
-    let dir = scratch(test);
+    let dir = scratch(&format!("attach-{}", f.name));
     let summary = dir.join("summary.json");
-    let mut probe = Probe::spawn(
-        llamaprobe()
-            .args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--summary-json")
-            .arg(&summary),
-    );
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(f.symbols_args())
+        .arg("--summary-json")
+        .arg(&summary);
+    f.apply(&mut cmd);
+    let mut probe = Probe::spawn(&mut cmd);
     probe.wait_for("probes attached");
     // Warm-up decodes happened at start, before the probes: the baseline is taken now.
     let before = server.settled_metrics();
@@ -152,20 +170,26 @@ fn run_sees_model_load_and_context_from_the_start() {
     if !root_or_skip(test) {
         return;
     }
-    let Some((server_bin, model)) = fixtures(test) else {
-        return;
-    };
+    for (f, model) in servers(test) {
+        eprintln!("== fixture {}", f.name);
+        run_sees_load(&f, &model);
+    }
+}
+
+fn run_sees_load(f: &Fixture, model: &std::path::Path) {
+    let server_bin = f.server.clone().unwrap();
     let port = free_port();
-    let dir = scratch(test);
+    let dir = scratch(&format!("run-{}", f.name));
     let summary = dir.join("summary.json");
-    let mut probe = Probe::spawn(
-        llamaprobe()
-            .args(["run", "--quiet", "--metrics-addr", "off", "--summary-json"])
-            .arg(&summary)
-            .arg("--")
-            .arg(&server_bin)
-            .args(server_args(&model, port)),
-    );
+    let mut cmd = llamaprobe();
+    cmd.args(["run", "--quiet", "--metrics-addr", "off", "--summary-json"])
+        .arg(&summary)
+        .args(f.symbols_args())
+        .arg("--")
+        .arg(&server_bin)
+        .args(server_args(&server_bin, model, port));
+    f.apply(&mut cmd);
+    let mut probe = Probe::spawn(&mut cmd);
     probe.wait_for("probes attached");
     // Wait for the server (a child of llamaprobe) to answer, then make one request.
     let t0 = std::time::Instant::now();
@@ -186,7 +210,11 @@ fn run_sees_model_load_and_context_from_the_start() {
     assert_eq!(code, 0, "llama-server exits 0 on SIGTERM: {stdout}");
     let s = json(&summary);
     let loads = s["model_loads"].as_array().unwrap();
-    assert_eq!(loads.len(), 1, "--fit off loads once: {loads:?}");
+    assert_eq!(
+        loads.len(),
+        1,
+        "one load (--fit off where it exists): {loads:?}"
+    );
     assert_eq!(loads[0]["path"], model.to_string_lossy().as_ref());
     assert_eq!(loads[0]["ok"], true);
     assert!(loads[0]["duration_ms"].as_f64().unwrap() > 0.0);

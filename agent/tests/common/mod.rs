@@ -101,4 +101,5 @@ pub fn dur_ms(e: &Value) -> f64 {
     let o = &e["origin"];
     (o["end_ns"].as_u64().unwrap() - o["start_ns"].as_u64().unwrap()) as f64 / 1e6
 }
+pub mod fixtures;
 pub mod server;

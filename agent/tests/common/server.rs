@@ -22,9 +22,17 @@ pub fn free_port() -> u16 {
 }
 
 /// llama-server's arguments for the tests: 4 slots over a 2048-token context, 2 threads,
-/// --metrics for its own counters, no web UI, one model load (--fit off).
-pub fn server_args(model: &Path, port: u16) -> Vec<String> {
-    [
+/// --metrics for its own counters, and where this version has them, one model load (--fit off)
+/// and no web UI.
+pub fn server_args(bin: &Path, model: &Path, port: u16) -> Vec<String> {
+    let help = Command::new(bin)
+        .arg("--help")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
+        .unwrap_or_default();
+    let mut args: Vec<String> = [
         "-m",
         &model.to_string_lossy(),
         "--host",
@@ -40,13 +48,17 @@ pub fn server_args(model: &Path, port: u16) -> Vec<String> {
         "2",
         "-tb",
         "2",
-        "--fit",
-        "off",
-        "--no-webui",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    if help.contains("--fit ") {
+        args.extend(["--fit".into(), "off".into()]);
+    }
+    if help.contains("--no-webui") {
+        args.push("--no-webui".into());
+    }
+    args
 }
 
 /// HTTP GET returning the body.
@@ -111,10 +123,15 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(bin: &Path, model: &Path) -> Self {
+    pub fn start(
+        bin: &Path,
+        model: &Path,
+        env: &std::collections::HashMap<String, String>,
+    ) -> Self {
         let port = free_port();
         let mut child = Command::new(bin)
-            .args(server_args(model, port))
+            .args(server_args(bin, model, port))
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
