@@ -13,7 +13,11 @@ use std::{collections::HashMap, sync::Arc};
 
 use probe_common::{decode_flags as F, ContextEvent, DecodeApi, DecodeEvent, ModelLoadEvent};
 
-use crate::{events::Event, targets::plausible};
+use crate::{
+    context_use::{ContextUse, SeqUsed},
+    events::Event,
+    targets::plausible,
+};
 
 /// Phase of a decode step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -129,6 +133,8 @@ pub struct DecodeStep {
     pub parts: Vec<Part>,
     /// Tokens beyond the probe's scan window, counted as prompt tokens.
     pub unscanned_tokens: u32,
+    /// Tokens each sequence of a successful step holds afterwards.
+    pub context_used: Vec<SeqUsed>,
 }
 
 /// A model load.
@@ -184,6 +190,42 @@ pub enum Observation {
     ContextCreate(ContextCreate),
     Sample(Sample),
     Synchronize(Synchronize),
+    Memory(MemoryChange),
+}
+
+impl Observation {
+    pub fn origin(&self) -> &Origin {
+        match self {
+            Observation::Decode(d) => &d.origin,
+            Observation::ModelLoad(m) => &m.origin,
+            Observation::ContextCreate(c) => &c.origin,
+            Observation::Sample(s) => &s.origin,
+            Observation::Synchronize(s) => &s.origin,
+            Observation::Memory(m) => &m.origin,
+        }
+    }
+
+    /// Tokens held per sequence after this observation, if it changed them.
+    pub fn context_used(&self) -> &[SeqUsed] {
+        match self {
+            Observation::Decode(d) => &d.context_used,
+            Observation::Memory(m) => &m.context_used,
+            _ => &[],
+        }
+    }
+}
+
+/// A change of the KV memory (`seq_rm`, `seq_cp`, `clear`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemoryChange {
+    pub origin: Origin,
+    pub op: &'static str,
+    pub seq_id: i32,
+    pub seq_dst: i32,
+    pub p0: i32,
+    pub p1: i32,
+    /// Tokens of each sequence the change touched, afterwards.
+    pub context_used: Vec<SeqUsed>,
 }
 
 /// Turns events into observations; keeps per-sequence positions and per-process models.
@@ -199,6 +241,7 @@ pub struct Assembler {
     sampled: HashMap<(u32, u64), Vec<i32>>,
     /// Processes whose sampling is probed and has been seen.
     sampler_seen: std::collections::HashSet<u32>,
+    context_use: ContextUse,
 }
 
 /// Removes one `token` from the pending samples; true if it was there.
@@ -255,6 +298,19 @@ impl Assembler {
         match ev {
             Event::Decode(d) => Observation::Decode(self.decode(d)),
             Event::ModelLoad(m) => Observation::ModelLoad(self.model_load(m)),
+            Event::Memory(m) => Observation::Memory(MemoryChange {
+                origin: self.origin(&m.header),
+                op: match m.op {
+                    x if x == probe_common::MemoryOp::SeqRm as u32 => "seq_rm",
+                    x if x == probe_common::MemoryOp::SeqCp as u32 => "seq_cp",
+                    _ => "clear",
+                },
+                seq_id: m.seq_id,
+                seq_dst: m.seq_dst,
+                p0: m.p0,
+                p1: m.p1,
+                context_used: self.context_use.apply(m.header.tgid, m),
+            }),
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
             Event::Sample(s) => {
                 let pending = self.sampled.entry((s.header.tgid, s.ctx)).or_default();
@@ -337,6 +393,7 @@ impl Assembler {
             generated_tokens: 0,
             parts: Vec::new(),
             unscanned_tokens: 0,
+            context_used: Vec::new(),
         };
         let pid = d.header.tgid;
         if result == DecodeResult::Ok {
@@ -442,6 +499,7 @@ impl Assembler {
         });
         if result == DecodeResult::Ok {
             self.advance_positions(pid, d, &step);
+            step.context_used = self.context_use.after_decode(pid, &step.parts);
         }
         step
     }

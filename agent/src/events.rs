@@ -3,7 +3,8 @@
 use std::mem::size_of;
 
 use probe_common::{
-    ContextEvent, DecodeEvent, EventHeader, EventKind, ModelLoadEvent, SampleEvent, SyncEvent,
+    ContextEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent, ModelLoadEvent, SampleEvent,
+    SyncEvent,
 };
 
 /// A decoded event.
@@ -14,6 +15,7 @@ pub enum Event {
     Context(ContextEvent),
     Sample(SampleEvent),
     Sync(SyncEvent),
+    Memory(MemoryEvent),
 }
 
 /// A record that could not be decoded (a build mismatch between agent and probes).
@@ -57,6 +59,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::ContextCreate => Event::Context(read(bytes, kind)?),
         EventKind::Sample => Event::Sample(read(bytes, kind)?),
         EventKind::Synchronize => Event::Sync(read(bytes, kind)?),
+        EventKind::Memory => Event::Memory(read(bytes, kind)?),
     })
 }
 
@@ -165,6 +168,18 @@ pub(crate) mod tests {
             ctx: 9,
         };
         assert!(matches!(decode(&as_bytes(&y)).unwrap(), Event::Sync(e) if e.ctx == 9));
+        let m = MemoryEvent {
+            header: header(EventKind::Memory, 0, 1),
+            seq_id: 3,
+            p0: 10,
+            p1: -1,
+            op: probe_common::MemoryOp::SeqRm as u32,
+            ret: 1,
+            ..Default::default()
+        };
+        assert!(
+            matches!(decode(&as_bytes(&m)).unwrap(), Event::Memory(e) if e.seq_id == 3 && e.p0 == 10)
+        );
     }
 
     #[test]

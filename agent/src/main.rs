@@ -7,6 +7,7 @@
 mod assemble;
 mod attach;
 mod cli;
+mod context_use;
 mod discover;
 mod dwarf;
 mod events;

@@ -129,6 +129,10 @@ pub struct Summary {
     pub contexts: Vec<ContextSummary>,
     /// Wall time between the first and the last observation, seconds.
     pub span_s: f64,
+    /// Tokens each sequence holds at the end (sequence id → tokens), of the last process seen.
+    pub context_used: BTreeMap<i32, u32>,
+    /// KV memory calls seen (seq_rm, seq_cp, clear).
+    pub memory_changes: u64,
 }
 
 /// Aggregates observations for the summary.
@@ -148,17 +152,17 @@ pub struct Stats {
     contexts: Vec<ContextSummary>,
     first_ns: Option<u64>,
     last_ns: u64,
+    /// Latest tokens held, by (pid, sequence).
+    context_used: BTreeMap<(u32, i32), u32>,
+    memory_changes: u64,
 }
 
 impl Stats {
     pub fn observe(&mut self, obs: &Observation) {
-        let origin = match obs {
-            Observation::Decode(d) => &d.origin,
-            Observation::ModelLoad(m) => &m.origin,
-            Observation::ContextCreate(c) => &c.origin,
-            Observation::Sample(s) => &s.origin,
-            Observation::Synchronize(s) => &s.origin,
-        };
+        let origin = obs.origin();
+        for s in obs.context_used() {
+            self.context_used.insert((origin.pid, s.seq_id), s.used);
+        }
         self.first_ns.get_or_insert(origin.start_ns);
         self.last_ns = self.last_ns.max(origin.end_ns);
         match obs {
@@ -190,6 +194,7 @@ impl Stats {
                     self.compute.record(c);
                 }
             }
+            Observation::Memory(_) => self.memory_changes += 1,
             Observation::ModelLoad(m) => self.loads.push(LoadSummary {
                 pid: m.origin.pid,
                 path: m.path.clone(),
@@ -240,6 +245,12 @@ impl Stats {
             compute: self.compute.summary(),
             model_loads: self.loads.clone(),
             contexts: self.contexts.clone(),
+            context_used: self
+                .context_used
+                .iter()
+                .map(|(&(_, seq), &used)| (seq, used))
+                .collect(),
+            memory_changes: self.memory_changes,
             span_s: self
                 .first_ns
                 .map(|f| self.last_ns.saturating_sub(f) as f64 / 1e9)
@@ -331,6 +342,17 @@ impl Summary {
                     l.count, l.p50_ms, l.p90_ms, l.p99_ms
                 );
             }
+        }
+        if !self.context_used.is_empty() {
+            let _ = writeln!(
+                s,
+                "context used (tokens per sequence): {}",
+                self.context_used
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         for l in &self.model_loads {
             let _ = writeln!(

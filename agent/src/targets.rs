@@ -40,6 +40,8 @@ pub enum Family {
     ContextCreate,
     Sample,
     Synchronize,
+    /// KV memory changes (sequence removal, copy, clear): context use.
+    Memory,
 }
 
 impl Family {
@@ -50,6 +52,7 @@ impl Family {
             Family::ContextCreate => "context_create",
             Family::Sample => "sample",
             Family::Synchronize => "synchronize",
+            Family::Memory => "memory",
         }
     }
 }
@@ -158,6 +161,78 @@ pub const PROBES: &[ProbePoint] = &[
         prototype: "void llama_synchronize(struct llama_context * ctx)",
         entry: "sync_enter",
         ret: "sync_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_memory_seq_rm",
+        prototype: "bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1)",
+        entry: "memory_seq_rm",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_self_seq_rm",
+        prototype: "bool llama_kv_self_seq_rm(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1) [2025, removed]",
+        entry: "memory_seq_rm",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_cache_seq_rm",
+        prototype: "bool llama_kv_cache_seq_rm(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1) [2024]",
+        entry: "memory_seq_rm",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_memory_seq_cp",
+        prototype: "void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1)",
+        entry: "memory_seq_cp",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_self_seq_cp",
+        prototype: "void llama_kv_self_seq_cp(struct llama_context * ctx, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) [2025, removed]",
+        entry: "memory_seq_cp",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_cache_seq_cp",
+        prototype: "void llama_kv_cache_seq_cp(struct llama_context * ctx, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) [2024]",
+        entry: "memory_seq_cp",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_memory_clear",
+        prototype: "void llama_memory_clear(llama_memory_t mem, bool data)",
+        entry: "memory_clear",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_self_clear",
+        prototype: "void llama_kv_self_clear(struct llama_context * ctx) [2025, removed]",
+        entry: "memory_clear",
+        ret: "memory_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_cache_clear",
+        prototype: "void llama_kv_cache_clear(struct llama_context * ctx) [2024]",
+        entry: "memory_clear",
+        ret: "memory_return",
         generations: ALL,
     },
 ];

@@ -181,8 +181,11 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     let port = free_port();
     let dir = scratch(&format!("run-{}", f.name));
     let summary = dir.join("summary.json");
+    let metrics_port = free_port();
     let mut cmd = llamaprobe();
-    cmd.args(["run", "--quiet", "--metrics-addr", "off", "--summary-json"])
+    cmd.args(["run", "--quiet"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .arg("--summary-json")
         .arg(&summary)
         .args(f.symbols_args())
         .arg("--")
@@ -199,6 +202,32 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     }
     let r = completion(port, "hello from the run test", 6);
     assert_eq!(r["tokens_predicted"], 6);
+    let prompt_n = r["tokens_evaluated"].as_u64().unwrap();
+    let ours = parse_metrics(&get(&format!("http://127.0.0.1:{metrics_port}/metrics")).unwrap());
+    let model_stem = model.file_stem().unwrap().to_string_lossy().into_owned();
+    let label = format!("model=\"{model_stem}\"");
+    // The context's parameters as llama-server set them (-c 2048 -np 4 -t 2, n_ubatch 512).
+    assert_eq!(
+        sum_of(&ours, "llamacpp_context_size_tokens", &label),
+        2048.0
+    );
+    assert_eq!(sum_of(&ours, "llamacpp_sequences_max", &label), 4.0);
+    assert_eq!(sum_of(&ours, "llamacpp_ubatch_size_tokens", &label), 512.0);
+    assert_eq!(sum_of(&ours, "llamacpp_threads", &label), 2.0);
+    // The request's slot holds prompt + 5 tokens of its 512-token share (2048 / 4 sequences).
+    let held = (prompt_n + 5) as f64;
+    let used: Vec<f64> = ours
+        .iter()
+        .filter(|(k, v)| k.starts_with("llamacpp_context_used_tokens{") && **v > 0.0)
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(used, [held]);
+    let ratio: Vec<f64> = ours
+        .iter()
+        .filter(|(k, v)| k.starts_with("llamacpp_context_utilization_ratio{") && **v > 0.0)
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(ratio, [held / 512.0]);
     // Stop the server itself: llamaprobe reports its end and exits with its code.
     let st = Command::new("pkill")
         .args(["-TERM", "-P", &probe.child.id().to_string()])
@@ -229,5 +258,15 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     assert_eq!(c["n_threads_batch"], 2);
     // From the start, the warm-up decode and the request are all seen; 6 tokens sampled.
     assert_eq!(s["sampled_tokens"], 6);
+    // Context use: the warm-up was cleared; the request's slot holds its prompt and the five
+    // generated tokens fed back (the sixth was sampled, never decoded); the others hold none.
+    let used = s["context_used"].as_object().unwrap();
+    let held: Vec<u64> = used
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .filter(|&v| v > 0)
+        .collect();
+    assert_eq!(held, [prompt_n + 5], "{used:?}");
+    assert!(s["memory_changes"].as_u64().unwrap() >= 1);
     assert!(s["decode_calls"].as_u64().unwrap() >= 6);
 }

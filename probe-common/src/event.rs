@@ -20,6 +20,8 @@ pub enum EventKind {
     Sample = 30,
     /// One `llama_synchronize` call ([`SyncEvent`]).
     Synchronize = 40,
+    /// One change of the KV memory's sequences ([`MemoryEvent`]).
+    Memory = 50,
 }
 
 impl EventKind {
@@ -31,6 +33,7 @@ impl EventKind {
             20 => Self::ContextCreate,
             30 => Self::Sample,
             40 => Self::Synchronize,
+            50 => Self::Memory,
             _ => return None,
         })
     }
@@ -203,6 +206,37 @@ pub struct SyncEvent {
     pub ctx: u64,
 }
 
+/// What a [`MemoryEvent`] did.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryOp {
+    /// Removed positions `[p0, p1)` of `seq_id` (`seq_id` < 0: every sequence; `p1` < 0: to
+    /// the end).
+    SeqRm = 1,
+    /// Copied positions `[p0, p1)` of `seq_id` to `seq_dst`.
+    SeqCp = 2,
+    /// Cleared every sequence.
+    Clear = 3,
+}
+
+/// One change of the KV memory: `llama_memory_seq_rm` / `_seq_cp` / `_clear` and their older
+/// names (`llama_kv_self_*`, `llama_kv_cache_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryEvent {
+    pub header: EventHeader,
+    /// The `llama_memory_t` or, for the older names, the `llama_context *`.
+    pub handle: u64,
+    pub seq_id: i32,
+    pub seq_dst: i32,
+    pub p0: i32,
+    pub p1: i32,
+    /// A [`MemoryOp`] value.
+    pub op: u32,
+    /// Return value (seq_rm: bool; others 1).
+    pub ret: u32,
+}
+
 /// Index of the counter of events the ring buffer had no room for.
 pub const LOST_RINGBUF: u32 = 0;
 /// Index of the counter of calls whose entry could not be recorded (per-thread map full).
@@ -218,3 +252,4 @@ const _: () = assert!(size_of::<ModelLoadEvent>() == 32 + 8 + 8 + PATH_CAP);
 const _: () = assert!(size_of::<ContextEvent>() == 32 + 16 + 24);
 const _: () = assert!(size_of::<SampleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);
+const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 24);

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    ContextEvent, DecodeEvent, ModelLoadEvent, ProcessLayout, SampleEvent, SyncEvent, LOST_COUNTERS,
+    ContextEvent, DecodeEvent, MemoryEvent, ModelLoadEvent, ProcessLayout, SampleEvent, SyncEvent,
+    LOST_COUNTERS,
 };
 
 /// Finished events, read by the agent.
@@ -31,6 +32,8 @@ pub static CONTEXT_ENTRY: HashMap<u32, ContextEvent> = HashMap::with_max_entries
 pub static SAMPLE_ENTRY: HashMap<u32, SampleEvent> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static SYNC_ENTRY: HashMap<u32, SyncEvent> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static MEMORY_ENTRY: HashMap<u32, MemoryEvent> = HashMap::with_max_entries(1024, 0);
 
 /// Per-CPU scratch space for events too large for the 512-byte eBPF stack.
 #[map]

@@ -32,6 +32,9 @@ pub const LOAD_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// Reads one parameter of a context.
+type ParamField = fn(&crate::assemble::ContextParams) -> Option<u32>;
+
 /// The metric families.
 pub struct Metrics {
     pub registry: Registry,
@@ -44,6 +47,11 @@ pub struct Metrics {
     compute_duration: HistogramVec,
     model_load: HistogramVec,
     context_size: GaugeVec,
+    context_params: [(GaugeVec, ParamField); 4],
+    context_used: GaugeVec,
+    context_utilization: GaugeVec,
+    /// Tokens per sequence of each process's latest context (n_ctx / n_seq_max).
+    seq_capacity: std::collections::HashMap<u32, u32>,
     probes_attached: IntGauge,
     events_lost: IntCounterVec,
 }
@@ -54,6 +62,10 @@ fn hist(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVe
         labels,
     )
     .expect("valid histogram")
+}
+
+fn gauge(name: &str, help: &str) -> GaugeVec {
+    GaugeVec::new(Opts::new(name, help), &["pid", "model"]).expect("valid gauge")
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -118,6 +130,41 @@ impl Metrics {
                 &["pid", "model"],
             )
             .expect("valid gauge"),
+            context_params: [
+                (
+                    gauge("llamacpp_batch_size_tokens", "n_batch of the most recently created context."),
+                    |p| p.n_batch,
+                ),
+                (
+                    gauge("llamacpp_ubatch_size_tokens", "n_ubatch of the most recently created context."),
+                    |p| p.n_ubatch,
+                ),
+                (
+                    gauge("llamacpp_sequences_max", "n_seq_max of the most recently created context."),
+                    |p| p.n_seq_max,
+                ),
+                (
+                    gauge("llamacpp_threads", "n_threads of the most recently created context."),
+                    |p| p.n_threads,
+                ),
+            ],
+            context_used: GaugeVec::new(
+                Opts::new(
+                    "llamacpp_context_used_tokens",
+                    "Tokens a sequence holds in the KV memory (from decoded tokens and seq_rm/seq_cp/clear).",
+                ),
+                &["pid", "model", "seq"],
+            )
+            .expect("valid gauge"),
+            context_utilization: GaugeVec::new(
+                Opts::new(
+                    "llamacpp_context_utilization_ratio",
+                    "Tokens a sequence holds over its share of the context (n_ctx / n_seq_max).",
+                ),
+                &["pid", "model", "seq"],
+            )
+            .expect("valid gauge"),
+            seq_capacity: Default::default(),
             probes_attached: IntGauge::new(
                 "llamaprobe_probes_attached",
                 "Uprobes and uretprobes currently attached.",
@@ -129,7 +176,14 @@ impl Metrics {
                 &["reason"],
             ),
         };
-        let all: [Box<dyn Collector>; 11] = [
+        let mut all: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.context_used.clone()),
+            Box::new(m.context_utilization.clone()),
+        ];
+        for (g, _) in &m.context_params {
+            all.push(Box::new(g.clone()));
+        }
+        all.extend::<[Box<dyn Collector>; 11]>([
             Box::new(m.decode_duration.clone()),
             Box::new(m.batch_tokens.clone()),
             Box::new(m.decode_calls.clone()),
@@ -141,7 +195,7 @@ impl Metrics {
             Box::new(m.context_size.clone()),
             Box::new(m.probes_attached.clone()),
             Box::new(m.events_lost.clone()),
-        ];
+        ]);
         for c in all {
             m.registry.register(c).expect("unique metric names");
         }
@@ -178,7 +232,26 @@ fn set_counter(c: &prometheus::IntCounter, value: u64) {
 
 impl Sink for Metrics {
     fn observe(&mut self, obs: &Observation) {
+        let used = obs.context_used();
+        if !used.is_empty() {
+            let o = obs.origin();
+            let pid = o.pid.to_string();
+            let capacity = self.seq_capacity.get(&o.pid).copied();
+            for s in used {
+                let seq = s.seq_id.to_string();
+                let labels = [pid.as_str(), &*o.model, seq.as_str()];
+                self.context_used
+                    .with_label_values(&labels)
+                    .set(s.used as f64);
+                if let Some(c) = capacity {
+                    self.context_utilization
+                        .with_label_values(&labels)
+                        .set(s.used as f64 / c as f64);
+                }
+            }
+        }
         match obs {
+            Observation::Memory(_) => {}
             Observation::Decode(d) => {
                 let pid = d.origin.pid.to_string();
                 let model = &*d.origin.model;
@@ -233,10 +306,21 @@ impl Sink for Metrics {
                     .observe(m.origin.seconds());
             }
             Observation::ContextCreate(c) => {
-                if let (true, Some(n)) = (c.ok, c.params.n_ctx) {
-                    self.context_size
-                        .with_label_values(&[c.origin.pid.to_string().as_str(), &c.origin.model])
-                        .set(n as f64);
+                if !c.ok {
+                    return;
+                }
+                let pid = c.origin.pid.to_string();
+                let labels = [pid.as_str(), &*c.origin.model];
+                if let Some(n) = c.params.n_ctx {
+                    self.context_size.with_label_values(&labels).set(n as f64);
+                    if let Some(seqs) = c.params.n_seq_max {
+                        self.seq_capacity.insert(c.origin.pid, n / seqs);
+                    }
+                }
+                for (g, field) in &self.context_params {
+                    if let Some(v) = field(&c.params) {
+                        g.with_label_values(&labels).set(v as f64);
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@
 
 pub mod context;
 pub mod decode;
+pub mod memory;
 pub mod model;
 pub mod sampler;
 pub mod sync;
@@ -44,6 +45,7 @@ impl_event!(probe_common::ModelLoadEvent, EventKind::ModelLoad);
 impl_event!(probe_common::ContextEvent, EventKind::ContextCreate);
 impl_event!(probe_common::SampleEvent, EventKind::Sample);
 impl_event!(probe_common::SyncEvent, EventKind::Synchronize);
+impl_event!(probe_common::MemoryEvent, EventKind::Memory);
 
 /// The calling thread: (tgid, tid).
 #[inline(always)]

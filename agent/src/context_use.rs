@@ -1,0 +1,214 @@
+//! Context use per sequence: how many tokens each sequence holds in the KV memory, from the
+//! decode steps (tokens added) and the memory calls (`seq_rm`, `seq_cp`, `clear`).
+//!
+//! A sequence first seen mid-way (attached after it started) is assumed to hold positions
+//! `0..pos0` already. Not seen: `seq_add`/`seq_div` position shifts (context shifting) and
+//! state restores (`llama_state_seq_set_data`), whose tokens count once decoding continues.
+//! Sequences are keyed by process, not by context: a process with a draft model's context
+//! counts both contexts' changes on the same sequence ids.
+
+use std::collections::HashMap;
+
+use probe_common::{MemoryEvent, MemoryOp};
+
+use crate::assemble::Part;
+
+/// A sequence's tokens after a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SeqUsed {
+    pub seq_id: i32,
+    pub used: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SeqUse {
+    /// Tokens held.
+    used: u32,
+    /// One past the highest position held.
+    end: i32,
+}
+
+/// Per-process, per-sequence token counts.
+#[derive(Default)]
+pub struct ContextUse {
+    seqs: HashMap<(u32, i32), SeqUse>,
+}
+
+impl ContextUse {
+    /// Counts the tokens a successful decode step added.
+    pub fn after_decode(&mut self, pid: u32, parts: &[Part]) -> Vec<SeqUsed> {
+        let mut changed: Vec<SeqUsed> = Vec::new();
+        for p in parts {
+            let s = self.seqs.entry((pid, p.seq_id)).or_insert_with(|| SeqUse {
+                // First sight of a sequence: it holds what lies before this position.
+                used: p.pos0.max(0) as u32,
+                end: p.pos0.max(0),
+            });
+            s.used += p.n_tokens;
+            if p.pos0 >= 0 {
+                s.end = s.end.max(p.pos0 + p.n_tokens as i32);
+            } else {
+                s.end += p.n_tokens as i32;
+            }
+            match changed.iter_mut().find(|c| c.seq_id == p.seq_id) {
+                Some(c) => c.used = s.used,
+                None => changed.push(SeqUsed {
+                    seq_id: p.seq_id,
+                    used: s.used,
+                }),
+            }
+        }
+        changed
+    }
+
+    /// Applies a memory call; returns the sequences it changed.
+    pub fn apply(&mut self, pid: u32, ev: &MemoryEvent) -> Vec<SeqUsed> {
+        let op = match ev.op {
+            x if x == MemoryOp::SeqRm as u32 => MemoryOp::SeqRm,
+            x if x == MemoryOp::SeqCp as u32 => MemoryOp::SeqCp,
+            _ => MemoryOp::Clear,
+        };
+        let of_pid: Vec<i32> = self
+            .seqs
+            .keys()
+            .filter(|k| k.0 == pid)
+            .map(|k| k.1)
+            .collect();
+        let targets: Vec<i32> = match op {
+            MemoryOp::Clear => of_pid,
+            MemoryOp::SeqRm if ev.seq_id < 0 => of_pid,
+            MemoryOp::SeqRm => vec![ev.seq_id],
+            MemoryOp::SeqCp => vec![ev.seq_dst],
+        };
+        // A failed partial removal leaves the sequence as it was.
+        if op == MemoryOp::SeqRm && ev.ret == 0 {
+            return vec![];
+        }
+        let src = self
+            .seqs
+            .get(&(pid, ev.seq_id))
+            .copied()
+            .unwrap_or_default();
+        targets
+            .into_iter()
+            .map(|seq| {
+                let s = self.seqs.entry((pid, seq)).or_default();
+                match op {
+                    MemoryOp::Clear => *s = SeqUse::default(),
+                    MemoryOp::SeqRm => remove(s, ev.p0, ev.p1),
+                    MemoryOp::SeqCp if ev.p0 <= 0 && ev.p1 < 0 => *s = src,
+                    MemoryOp::SeqCp => {
+                        let (a, b) = range(&src, ev.p0, ev.p1);
+                        s.used += (b - a).max(0) as u32;
+                        s.end = s.end.max(b);
+                    }
+                }
+                SeqUsed {
+                    seq_id: seq,
+                    used: s.used,
+                }
+            })
+            .collect()
+    }
+}
+
+/// `[p0, p1)` clipped to what the sequence holds (`p0` < 0: from 0; `p1` < 0: to the end).
+fn range(s: &SeqUse, p0: i32, p1: i32) -> (i32, i32) {
+    let a = p0.max(0);
+    let b = if p1 < 0 { s.end } else { p1.min(s.end) };
+    (a, b.max(a))
+}
+
+fn remove(s: &mut SeqUse, p0: i32, p1: i32) {
+    let (a, b) = range(s, p0, p1);
+    s.used = s.used.saturating_sub((b - a) as u32);
+    if p1 < 0 || p1 >= s.end {
+        s.end = a;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assemble::PartKind;
+
+    fn part(seq: i32, pos0: i32, n: u32) -> Part {
+        Part {
+            seq_id: seq,
+            pos0,
+            n_tokens: n,
+            n_outputs: 1,
+            kind: PartKind::FinalPromptChunk,
+        }
+    }
+
+    fn mem(op: MemoryOp, seq: i32, dst: i32, p0: i32, p1: i32) -> MemoryEvent {
+        MemoryEvent {
+            op: op as u32,
+            seq_id: seq,
+            seq_dst: dst,
+            p0,
+            p1,
+            ret: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_request_then_a_new_prompt_reusing_a_prefix() {
+        let mut c = ContextUse::default();
+        // 10 prompt tokens, then 5 generated fed back.
+        c.after_decode(1, &[part(0, 0, 10)]);
+        for i in 0..5 {
+            c.after_decode(1, &[part(0, 10 + i, 1)]);
+        }
+        assert_eq!(c.after_decode(1, &[]), vec![]);
+        // The next prompt shares 4 tokens: positions 4.. are removed, 6 new tokens decoded.
+        assert_eq!(
+            c.apply(1, &mem(MemoryOp::SeqRm, 0, -1, 4, -1)),
+            vec![SeqUsed { seq_id: 0, used: 4 }]
+        );
+        assert_eq!(
+            c.after_decode(1, &[part(0, 4, 6)]),
+            vec![SeqUsed {
+                seq_id: 0,
+                used: 10
+            }]
+        );
+    }
+
+    #[test]
+    fn middle_removal_copy_and_clear() {
+        let mut c = ContextUse::default();
+        c.after_decode(1, &[part(0, 0, 100), part(1, 0, 20)]);
+        // Context shift: discard [10, 40).
+        assert_eq!(c.apply(1, &mem(MemoryOp::SeqRm, 0, -1, 10, 40))[0].used, 70);
+        // Copy all of seq 1 to seq 2.
+        assert_eq!(
+            c.apply(1, &mem(MemoryOp::SeqCp, 1, 2, -1, -1)),
+            vec![SeqUsed {
+                seq_id: 2,
+                used: 20
+            }]
+        );
+        // A failed partial removal changes nothing.
+        let mut failed = mem(MemoryOp::SeqRm, 1, -1, 5, 10);
+        failed.ret = 0;
+        assert!(c.apply(1, &failed).is_empty());
+        // Another process is untouched by a clear.
+        c.after_decode(2, &[part(0, 0, 7)]);
+        let mut cleared = c.apply(1, &mem(MemoryOp::Clear, -1, -1, -1, -1));
+        cleared.sort_by_key(|s| s.seq_id);
+        assert_eq!(
+            cleared.iter().map(|s| s.used).collect::<Vec<_>>(),
+            [0, 0, 0]
+        );
+        assert_eq!(c.after_decode(2, &[part(0, 7, 1)])[0].used, 8);
+    }
+
+    #[test]
+    fn a_sequence_first_seen_mid_way_holds_its_earlier_positions() {
+        let mut c = ContextUse::default();
+        assert_eq!(c.after_decode(1, &[part(3, 41, 1)])[0].used, 42);
+    }
+}
