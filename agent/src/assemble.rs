@@ -170,6 +170,9 @@ pub struct ContextCreate {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Sample {
     pub origin: Origin,
+    pub ctx: u64,
+    /// Batch index of the output sampled from (-1: the last output).
+    pub idx: i32,
     pub token: i32,
 }
 
@@ -191,18 +194,22 @@ pub enum Observation {
     Sample(Sample),
     Synchronize(Synchronize),
     Memory(MemoryChange),
+    /// A request reconstructed by [`crate::requests`], when it closed.
+    Request(crate::requests::Request),
 }
 
 impl Observation {
-    pub fn origin(&self) -> &Origin {
-        match self {
+    /// The call an observation comes from (`None` for a request, which spans many).
+    pub fn origin(&self) -> Option<&Origin> {
+        Some(match self {
             Observation::Decode(d) => &d.origin,
             Observation::ModelLoad(m) => &m.origin,
             Observation::ContextCreate(c) => &c.origin,
             Observation::Sample(s) => &s.origin,
             Observation::Synchronize(s) => &s.origin,
             Observation::Memory(m) => &m.origin,
-        }
+            Observation::Request(_) => return None,
+        })
     }
 
     /// Tokens held per sequence after this observation, if it changed them.
@@ -319,6 +326,8 @@ impl Assembler {
                 }
                 Observation::Sample(Sample {
                     origin: self.origin(&s.header),
+                    ctx: s.ctx,
+                    idx: s.idx,
                     token: s.token,
                 })
             }

@@ -12,6 +12,7 @@ mod discover;
 mod dwarf;
 mod events;
 mod launch;
+mod requests;
 mod session;
 mod sinks;
 mod stats;

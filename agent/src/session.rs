@@ -10,11 +10,12 @@ use anyhow::Context as _;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    assemble::Assembler,
+    assemble::{Assembler, Observation},
     attach::Probes,
     cli::{MetricsAddr, ProfileOpts},
     discover, events,
     launch::Held,
+    requests::Requests,
     sinks::{self, events_out::EventsOut, terminal::Terminal, SelfStats, Sink},
     stats::Stats,
     symbols::Plan,
@@ -63,11 +64,16 @@ fn announce(pid: u32, name: &str, plan: &Plan, attached: u64, opts: &ProfileOpts
         plan.generation.describe(),
         attached
     );
-    for m in &plan.missing {
+    for family in plan.unmeasured_families() {
         eprintln!(
-            "llamaprobe: not found, not measured: {} ({})",
-            m.symbol,
-            m.family.name()
+            "llamaprobe: {} is not measured: none of its functions was found ({})",
+            family.name(),
+            plan.missing
+                .iter()
+                .filter(|m| m.family == family)
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if let MetricsAddr::On(addr) = opts.metrics_addr {
@@ -118,6 +124,7 @@ async fn event_loop(
         opts.quiet,
     );
     let mut pipe = Pipeline {
+        requests: Requests::default(),
         assembler: Assembler::new(),
         stats: Stats::default(),
         metrics,
@@ -180,6 +187,7 @@ async fn event_loop(
             }
             _ = ticker.tick() => {
                 (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
+                pipe.expire_requests(&mut self_stats);
                 pipe.metrics.tick(&self_stats);
                 if let Some(e) = pipe.events_out.as_mut() { e.tick(&self_stats); }
                 if let Some(t) = terminal.as_mut() { t.tick(&pipe.stats.summary(), &self_stats); }
@@ -207,6 +215,8 @@ async fn event_loop(
     }
     (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
     drop(probes); // detaches every probe
+    pipe.finish_requests();
+    self_stats.requests_active = 0;
     self_stats.probes_attached = 0;
     pipe.metrics.finish(&self_stats)?;
     if let Some(e) = pipe.events_out.as_mut() {
@@ -245,23 +255,47 @@ async fn event_loop(
     })
 }
 
-/// The one-way path of an event: decoder → assembler → stats and sinks.
+/// The one-way path of an event: decoder → assembler → requests → stats and sinks.
 struct Pipeline {
     assembler: Assembler,
+    requests: Requests,
     stats: Stats,
     metrics: sinks::prometheus::Metrics,
     events_out: Option<EventsOut>,
 }
 
 impl Pipeline {
+    fn emit(&mut self, obs: &Observation) {
+        self.stats.observe(obs);
+        self.metrics.observe(obs);
+        if let Some(e) = self.events_out.as_mut() {
+            e.observe(obs);
+        }
+    }
+
+    /// Closes silent requests; called about once a second.
+    fn expire_requests(&mut self, self_stats: &mut SelfStats) {
+        for r in self.requests.expire(monotonic_ns()) {
+            self.emit(&Observation::Request(r));
+        }
+        self_stats.requests_active = self.requests.active() as u64;
+    }
+
+    /// Closes every request (end of the session).
+    fn finish_requests(&mut self) {
+        for r in self.requests.finish() {
+            self.emit(&Observation::Request(r));
+        }
+    }
+
     fn handle(&mut self, bytes: &[u8], self_stats: &mut SelfStats) {
         match events::decode(bytes) {
             Ok(ev) => {
                 let obs = self.assembler.process(&ev);
-                self.stats.observe(&obs);
-                self.metrics.observe(&obs);
-                if let Some(e) = self.events_out.as_mut() {
-                    e.observe(&obs);
+                let closed = self.requests.observe(&obs);
+                self.emit(&obs);
+                for r in closed {
+                    self.emit(&Observation::Request(r));
                 }
             }
             Err(e) => {
@@ -272,4 +306,15 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of the probes' timestamps (bpf_ktime_get_ns).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -133,6 +133,13 @@ pub struct Summary {
     pub context_used: BTreeMap<i32, u32>,
     /// KV memory calls seen (seq_rm, seq_cp, clear).
     pub memory_changes: u64,
+    /// Requests reconstructed (closed).
+    pub requests: u64,
+    /// Time to first token of the requests.
+    pub time_to_first_token: LatencySummary,
+    /// Mean time per output token after the first, per request.
+    pub time_per_output_token: LatencySummary,
+    pub request_duration: LatencySummary,
 }
 
 /// Aggregates observations for the summary.
@@ -155,16 +162,21 @@ pub struct Stats {
     /// Latest tokens held, by (pid, sequence).
     context_used: BTreeMap<(u32, i32), u32>,
     memory_changes: u64,
+    requests: u64,
+    ttft: Latency,
+    tpot: Latency,
+    request_duration: Latency,
 }
 
 impl Stats {
     pub fn observe(&mut self, obs: &Observation) {
-        let origin = obs.origin();
-        for s in obs.context_used() {
-            self.context_used.insert((origin.pid, s.seq_id), s.used);
+        if let Some(origin) = obs.origin() {
+            for s in obs.context_used() {
+                self.context_used.insert((origin.pid, s.seq_id), s.used);
+            }
+            self.first_ns.get_or_insert(origin.start_ns);
+            self.last_ns = self.last_ns.max(origin.end_ns);
         }
-        self.first_ns.get_or_insert(origin.start_ns);
-        self.last_ns = self.last_ns.max(origin.end_ns);
         match obs {
             Observation::Decode(d) => {
                 self.decode_calls += 1;
@@ -195,6 +207,16 @@ impl Stats {
                 }
             }
             Observation::Memory(_) => self.memory_changes += 1,
+            Observation::Request(r) => {
+                self.requests += 1;
+                if let Some(t) = r.ttft_s() {
+                    self.ttft.record((t * 1e9) as u64);
+                }
+                if let Some(t) = r.tpot_s() {
+                    self.tpot.record((t * 1e9) as u64);
+                }
+                self.request_duration.record((r.duration_s() * 1e9) as u64);
+            }
             Observation::ModelLoad(m) => self.loads.push(LoadSummary {
                 pid: m.origin.pid,
                 path: m.path.clone(),
@@ -251,6 +273,10 @@ impl Stats {
                 .map(|(&(_, seq), &used)| (seq, used))
                 .collect(),
             memory_changes: self.memory_changes,
+            requests: self.requests,
+            time_to_first_token: self.ttft.summary(),
+            time_per_output_token: self.tpot.summary(),
+            request_duration: self.request_duration.summary(),
             span_s: self
                 .first_ns
                 .map(|f| self.last_ns.saturating_sub(f) as f64 / 1e9)
@@ -330,6 +356,19 @@ impl Summary {
             "tokens: prompt {}, generated {} sampled ({} fed back to decode)",
             self.prompt_tokens, self.sampled_tokens, self.generation_tokens_decoded
         );
+        if self.requests > 0 {
+            let _ = writeln!(
+                s,
+                "requests: {} — time to first token p50 {:.3} ms p99 {:.3} ms; per output token p50 {:.3} ms p99 {:.3} ms; duration p50 {:.1} ms p99 {:.1} ms",
+                self.requests,
+                self.time_to_first_token.p50_ms,
+                self.time_to_first_token.p99_ms,
+                self.time_per_output_token.p50_ms,
+                self.time_per_output_token.p99_ms,
+                self.request_duration.p50_ms,
+                self.request_duration.p99_ms
+            );
+        }
         for (name, l) in [
             ("sampling", &self.sample),
             ("synchronize", &self.synchronize),

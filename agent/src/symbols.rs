@@ -239,6 +239,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Families none of whose functions was found.
+    pub fn unmeasured_families(&self) -> Vec<crate::targets::Family> {
+        let mut out: Vec<_> = self
+            .missing
+            .iter()
+            .map(|m| m.family)
+            .filter(|f| !self.probes.iter().any(|p| p.point.family == *f))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Builds the plan from the files of one process (or one file). Unreadable files (e.g. the
     /// vdso, deleted files) are skipped.
     pub fn build(
@@ -369,10 +382,25 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
         );
     }
     if !plan.missing.is_empty() {
-        let _ = writeln!(s, "not found (not measured):");
+        let _ = writeln!(
+            s,
+            "not found (other versions' names, or not measured where a family has none above):"
+        );
         for m in &plan.missing {
-            let _ = writeln!(s, "  {:<15} {}", m.family.name(), m.symbol);
+            let _ = writeln!(s, "  {:<15} {}", m.family.name(), m.name());
         }
+    }
+    let unmeasured = plan.unmeasured_families();
+    if !unmeasured.is_empty() {
+        let _ = writeln!(
+            s,
+            "not measured: {}",
+            unmeasured
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     s
 }

@@ -16,6 +16,8 @@ pub struct SelfStats {
     pub lost_entry: u64,
     /// Records that could not be decoded.
     pub undecodable: u64,
+    /// Requests in progress.
+    pub requests_active: u64,
 }
 
 /// A consumer of observations.

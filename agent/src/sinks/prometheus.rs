@@ -27,6 +27,22 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 pub const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
+/// OpenTelemetry GenAI `gen_ai.server.time_to_first_token` boundaries, seconds.
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// OpenTelemetry GenAI `gen_ai.server.time_per_output_token` boundaries, seconds.
+pub const TPOT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+/// OpenTelemetry GenAI `gen_ai.server.request.duration` boundaries, seconds.
+pub const REQUEST_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+/// OpenTelemetry GenAI token usage boundaries.
+pub const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+];
 /// Model loads, seconds.
 pub const LOAD_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -52,6 +68,12 @@ pub struct Metrics {
     context_utilization: GaugeVec,
     /// Tokens per sequence of each process's latest context (n_ctx / n_seq_max).
     seq_capacity: std::collections::HashMap<u32, u32>,
+    ttft: HistogramVec,
+    tpot: HistogramVec,
+    request_duration: HistogramVec,
+    request_prompt_tokens: HistogramVec,
+    request_generated_tokens: HistogramVec,
+    requests_active: IntGauge,
     probes_attached: IntGauge,
     events_lost: IntCounterVec,
 }
@@ -165,6 +187,41 @@ impl Metrics {
             )
             .expect("valid gauge"),
             seq_capacity: Default::default(),
+            ttft: hist(
+                "llamacpp_time_to_first_token_seconds",
+                "Request start (its first prompt chunk) to the sampling of its first token.",
+                TTFT_BUCKETS,
+                &["pid", "model"],
+            ),
+            tpot: hist(
+                "llamacpp_time_per_output_token_seconds",
+                "Mean time between a request's generated tokens after the first.",
+                TPOT_BUCKETS,
+                &["pid", "model"],
+            ),
+            request_duration: hist(
+                "llamacpp_request_duration_seconds",
+                "Request start to the sampling of its last token.",
+                REQUEST_BUCKETS,
+                &["pid", "model"],
+            ),
+            request_prompt_tokens: hist(
+                "llamacpp_request_prompt_tokens",
+                "Prompt size of a request (reused from the cache plus decoded).",
+                TOKEN_BUCKETS,
+                &["pid", "model"],
+            ),
+            request_generated_tokens: hist(
+                "llamacpp_request_generated_tokens",
+                "Tokens generated (sampled) for a request.",
+                TOKEN_BUCKETS,
+                &["pid", "model"],
+            ),
+            requests_active: IntGauge::new(
+                "llamacpp_requests_active",
+                "Requests in progress (reconstructed from the decode batches).",
+            )
+            .expect("valid gauge"),
             probes_attached: IntGauge::new(
                 "llamaprobe_probes_attached",
                 "Uprobes and uretprobes currently attached.",
@@ -177,6 +234,12 @@ impl Metrics {
             ),
         };
         let mut all: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.ttft.clone()),
+            Box::new(m.tpot.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.request_prompt_tokens.clone()),
+            Box::new(m.request_generated_tokens.clone()),
+            Box::new(m.requests_active.clone()),
             Box::new(m.context_used.clone()),
             Box::new(m.context_utilization.clone()),
         ];
@@ -233,8 +296,7 @@ fn set_counter(c: &prometheus::IntCounter, value: u64) {
 impl Sink for Metrics {
     fn observe(&mut self, obs: &Observation) {
         let used = obs.context_used();
-        if !used.is_empty() {
-            let o = obs.origin();
+        if let (false, Some(o)) = (used.is_empty(), obs.origin()) {
             let pid = o.pid.to_string();
             let capacity = self.seq_capacity.get(&o.pid).copied();
             for s in used {
@@ -252,6 +314,25 @@ impl Sink for Metrics {
         }
         match obs {
             Observation::Memory(_) => {}
+            Observation::Request(r) => {
+                let pid = r.pid.to_string();
+                let labels = [pid.as_str(), &*r.model];
+                if let Some(t) = r.ttft_s() {
+                    self.ttft.with_label_values(&labels).observe(t);
+                }
+                if let Some(t) = r.tpot_s() {
+                    self.tpot.with_label_values(&labels).observe(t);
+                }
+                self.request_duration
+                    .with_label_values(&labels)
+                    .observe(r.duration_s());
+                self.request_prompt_tokens
+                    .with_label_values(&labels)
+                    .observe(r.input_tokens() as f64);
+                self.request_generated_tokens
+                    .with_label_values(&labels)
+                    .observe(r.generated_tokens as f64);
+            }
             Observation::Decode(d) => {
                 let pid = d.origin.pid.to_string();
                 let model = &*d.origin.model;
@@ -328,6 +409,7 @@ impl Sink for Metrics {
 
     fn tick(&mut self, s: &SelfStats) {
         self.probes_attached.set(s.probes_attached as i64);
+        self.requests_active.set(s.requests_active as i64);
         set_counter(
             &self.events_lost.with_label_values(&["ringbuf_full"]),
             s.lost_ringbuf,

@@ -1,0 +1,455 @@
+//! Prometheus exposition of the resources: GPUs (NVML), the traced processes (procfs) and their
+//! models (GGUF metadata), registered into the agent's registry.
+//!
+//! GPU series have `gpu` (NVML index), `uuid` and `name`; process and model series have `pid`
+//! and `model`. A series whose source went away (a process that exited, a GPU process that
+//! ended, a field NVML stopped reporting) is removed rather than left stale.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+};
+
+use prometheus::{
+    core::{Collector, MetricVec, MetricVecBuilder},
+    CounterVec, GaugeVec, Opts, Registry,
+};
+
+use super::{
+    gguf::ModelInfo,
+    nvml::{self, Gpus},
+    procfs::{self, ProcError},
+};
+
+/// Errors of creating the metric families.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A family could not be created or registered (e.g. the name is taken in the registry).
+    #[error("metric {name}: {source}")]
+    Prometheus {
+        name: &'static str,
+        #[source]
+        source: prometheus::Error,
+    },
+}
+
+/// A family with labels (`GaugeVec`, `CounterVec`).
+trait Family {
+    type Metric;
+    fn series(&self, labels: &[&str]) -> Self::Metric;
+    fn remove(&self, labels: &[String]);
+}
+
+impl<B: MetricVecBuilder> Family for MetricVec<B> {
+    type Metric = B::M;
+    fn series(&self, labels: &[&str]) -> B::M {
+        self.with_label_values(labels)
+    }
+    fn remove(&self, labels: &[String]) {
+        let _ = self.remove_label_values(labels);
+    }
+}
+
+/// Series of one family whose label sets are tracked, so that those not set in a round are
+/// removed at its end.
+struct Tracked<F: Family> {
+    vec: F,
+    live: HashSet<Vec<String>>,
+    seen: HashSet<Vec<String>>,
+}
+
+impl<F: Family> Tracked<F> {
+    fn new(vec: F) -> Self {
+        Self {
+            vec,
+            live: HashSet::new(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The series of `labels`, kept by this round.
+    fn get(&mut self, labels: &[&str]) -> F::Metric {
+        self.seen
+            .insert(labels.iter().map(|s| s.to_string()).collect());
+        self.vec.series(labels)
+    }
+
+    /// Removes the series not set since the last sweep.
+    fn sweep(&mut self) {
+        for gone in self.live.difference(&self.seen) {
+            self.vec.remove(gone);
+        }
+        self.live = std::mem::take(&mut self.seen);
+    }
+}
+
+impl Tracked<GaugeVec> {
+    fn set(&mut self, labels: &[&str], v: f64) {
+        self.get(labels).set(v);
+    }
+}
+
+/// Sets a counter to an absolute value read elsewhere (a lower value is a restart).
+fn set_counter(c: &prometheus::Counter, v: f64) {
+    let cur = c.get();
+    if v >= cur {
+        c.inc_by(v - cur);
+    } else {
+        c.reset();
+        c.inc_by(v.max(0.0));
+    }
+}
+
+type Gauges = Tracked<GaugeVec>;
+type Counters = Tracked<CounterVec>;
+
+const GPU: &[&str] = &["gpu", "uuid", "name"];
+const PROC: &[&str] = &["pid", "model"];
+
+struct Families {
+    gpu_utilization: Gauges,
+    gpu_memory_used: Gauges,
+    gpu_memory_total: Gauges,
+    gpu_temperature: Gauges,
+    gpu_power: Gauges,
+    gpu_sm_clock: Gauges,
+    gpu_throttle: Gauges,
+    gpu_process_memory: Gauges,
+    process_rss: Gauges,
+    process_cpu: Counters,
+    process_threads: Gauges,
+    model_info: GaugeVec,
+    model_size: GaugeVec,
+    model_parameters: GaugeVec,
+}
+
+impl Families {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let reg = |name: &'static str, c: Box<dyn Collector>| {
+            registry
+                .register(c)
+                .map_err(|source| MetricsError::Prometheus { name, source })
+        };
+        let gauge = |name: &'static str, help: &str, labels: &[&str]| {
+            let v = GaugeVec::new(Opts::new(name, help), labels)
+                .map_err(|source| MetricsError::Prometheus { name, source })?;
+            reg(name, Box::new(v.clone()))?;
+            Ok::<_, MetricsError>(v)
+        };
+        let tracked = |name, help, labels| gauge(name, help, labels).map(Tracked::new);
+        let cpu_name = "llamacpp_process_cpu_seconds_total";
+        let cpu = CounterVec::new(
+            Opts::new(
+                cpu_name,
+                "CPU time of the llama.cpp process, user + system, seconds (from /proc/PID/stat).",
+            ),
+            PROC,
+        )
+        .map_err(|source| MetricsError::Prometheus {
+            name: cpu_name,
+            source,
+        })?;
+        reg(cpu_name, Box::new(cpu.clone()))?;
+        Ok(Self {
+            gpu_utilization: tracked(
+                "llamacpp_gpu_utilization_ratio",
+                "Share of the last NVML sample period during which a kernel ran on the GPU (0-1).",
+                GPU,
+            )?,
+            gpu_memory_used: tracked(
+                "llamacpp_gpu_memory_used_bytes",
+                "GPU memory allocated, bytes (all processes).",
+                GPU,
+            )?,
+            gpu_memory_total: tracked(
+                "llamacpp_gpu_memory_total_bytes",
+                "GPU memory installed, bytes.",
+                GPU,
+            )?,
+            gpu_temperature: tracked(
+                "llamacpp_gpu_temperature_celsius",
+                "GPU core temperature, degrees Celsius.",
+                GPU,
+            )?,
+            gpu_power: tracked(
+                "llamacpp_gpu_power_watts",
+                "GPU power draw, watts.",
+                GPU,
+            )?,
+            gpu_sm_clock: tracked(
+                "llamacpp_gpu_sm_clock_hertz",
+                "GPU streaming-multiprocessor clock, hertz.",
+                GPU,
+            )?,
+            gpu_throttle: tracked(
+                "llamacpp_gpu_throttle_reasons",
+                "Bitmask of the GPU's current clock throttle reasons (NVML nvmlClocksThrottleReason*; 0 = none, 1 = idle).",
+                GPU,
+            )?,
+            gpu_process_memory: tracked(
+                "llamacpp_gpu_process_memory_bytes",
+                "GPU memory used by a traced process on a GPU, bytes (NVML compute and graphics process lists).",
+                &["gpu", "uuid", "name", "pid"],
+            )?,
+            process_rss: tracked(
+                "llamacpp_process_resident_memory_bytes",
+                "Resident memory of the llama.cpp process, bytes (includes touched pages of an mmapped model).",
+                PROC,
+            )?,
+            process_cpu: Tracked::new(cpu),
+            process_threads: tracked(
+                "llamacpp_process_threads",
+                "Threads of the llama.cpp process.",
+                PROC,
+            )?,
+            model_info: gauge(
+                "llamacpp_model_info",
+                "The model a llama.cpp process loaded (value 1), from its GGUF metadata.",
+                &[
+                    "pid",
+                    "model",
+                    "architecture",
+                    "file_type",
+                    "parameters",
+                    "context_length",
+                    "path",
+                ],
+            )?,
+            model_size: gauge(
+                "llamacpp_model_size_bytes",
+                "Size of the model file (all shards), bytes.",
+                PROC,
+            )?,
+            model_parameters: gauge(
+                "llamacpp_model_parameters",
+                "Parameters of the model (elements of all its tensors).",
+                PROC,
+            )?,
+        })
+    }
+
+    fn sweep(&mut self) {
+        for g in [
+            &mut self.gpu_utilization,
+            &mut self.gpu_memory_used,
+            &mut self.gpu_memory_total,
+            &mut self.gpu_temperature,
+            &mut self.gpu_power,
+            &mut self.gpu_sm_clock,
+            &mut self.gpu_throttle,
+            &mut self.gpu_process_memory,
+            &mut self.process_rss,
+            &mut self.process_threads,
+        ] {
+            g.sweep();
+        }
+        self.process_cpu.sweep();
+    }
+}
+
+/// Label values of the model series of a pid.
+struct ModelSeries {
+    info: Vec<String>,
+    model: String,
+}
+
+/// Samples GPUs and processes into the registry, about once a second.
+pub struct ResourceSampler {
+    gpus: Option<Gpus>,
+    gpu_status: String,
+    families: Option<Families>,
+    models: HashMap<u32, ModelSeries>,
+    /// (pid, what) whose failure was logged already.
+    logged: HashSet<(u32, &'static str)>,
+}
+
+impl ResourceSampler {
+    /// Registers the families into `registry` and initialises NVML from `nvml_lib` (else
+    /// `$LLAMAPROBE_NVML_LIB`, else `libnvidia-ml.so.1`). Without NVML, GPU metrics are off and
+    /// [`Self::gpu_status`] says why in one line; nothing else is said later.
+    pub fn new(registry: &Registry, nvml_lib: Option<PathBuf>) -> Self {
+        let families = match Families::new(registry) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("resource metrics off: {e}");
+                None
+            }
+        };
+        let lib = nvml::lib_path(nvml_lib.as_deref());
+        let (gpus, gpu_status) = match Gpus::init(&lib) {
+            Ok(g) => {
+                let s = g.describe();
+                (Some(g), s)
+            }
+            Err(e) => (None, e.to_string()),
+        };
+        tracing::info!("{gpu_status}");
+        Self {
+            gpus,
+            gpu_status,
+            families,
+            models: HashMap::new(),
+            logged: HashSet::new(),
+        }
+    }
+
+    /// One line on GPU metrics: the GPUs found, or why there are none
+    /// ("no NVIDIA driver (libnvidia-ml.so.1 not found): GPU metrics off").
+    pub fn gpu_status(&self) -> &str {
+        &self.gpu_status
+    }
+
+    /// True if GPUs are being sampled.
+    pub fn has_gpus(&self) -> bool {
+        self.gpus.is_some()
+    }
+
+    /// Declares the model of `pid` (replacing an earlier one).
+    pub fn set_model(&mut self, pid: u32, model_label: &str, info: &ModelInfo) {
+        let Some(f) = &self.families else { return };
+        let pid_s = pid.to_string();
+        if let Some(old) = self.models.remove(&pid) {
+            let _ = f.model_info.remove_label_values(&old.info);
+            let _ = f.model_size.remove_label_values(&[&pid_s, &old.model]);
+            let _ = f
+                .model_parameters
+                .remove_label_values(&[&pid_s, &old.model]);
+        }
+        let labels = vec![
+            pid_s.clone(),
+            model_label.to_owned(),
+            info.architecture.clone().unwrap_or_default(),
+            info.file_type.map(|t| t.to_string()).unwrap_or_default(),
+            info.parameters.to_string(),
+            info.context_length
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            info.path.display().to_string(),
+        ];
+        f.model_info.with_label_values(&labels).set(1.0);
+        f.model_size
+            .with_label_values(&[&pid_s, model_label])
+            .set(info.size_bytes as f64);
+        f.model_parameters
+            .with_label_values(&[&pid_s, model_label])
+            .set(info.parameters as f64);
+        self.models.insert(
+            pid,
+            ModelSeries {
+                info: labels,
+                model: model_label.to_owned(),
+            },
+        );
+    }
+
+    /// Samples the processes `pids` (procfs) and the GPUs (NVML); only GPU processes in `pids`
+    /// get a per-process series. Reads a few small /proc files and makes a dozen NVML calls
+    /// per GPU: well under a millisecond per process, a few per GPU.
+    pub fn sample(&mut self, pids: &[u32], model_label: impl Fn(u32) -> String) {
+        let Some(f) = self.families.as_mut() else {
+            return;
+        };
+        for &pid in pids {
+            let model = model_label(pid);
+            let pid_s = pid.to_string();
+            let labels = [pid_s.as_str(), model.as_str()];
+            match procfs::sample(pid) {
+                Ok(s) => {
+                    f.process_rss.set(&labels, s.rss_bytes as f64);
+                    f.process_threads.set(&labels, s.threads as f64);
+                    set_counter(&f.process_cpu.get(&labels), s.cpu_seconds);
+                }
+                Err(ProcError::NoSuchProcess { .. }) => {}
+                Err(e) => {
+                    if self.logged.insert((pid, "procfs")) {
+                        tracing::debug!("process metrics of pid {pid}: {e}");
+                    }
+                }
+            }
+        }
+        if let Some(gpus) = self.gpus.as_mut() {
+            for s in gpus.sample() {
+                let index = s.id.index.to_string();
+                let labels = [index.as_str(), s.id.uuid.as_str(), s.id.name.as_str()];
+                let gauges = [
+                    (&mut f.gpu_utilization, s.utilization),
+                    (
+                        &mut f.gpu_memory_used,
+                        s.memory_used_bytes.map(|v| v as f64),
+                    ),
+                    (
+                        &mut f.gpu_memory_total,
+                        s.memory_total_bytes.map(|v| v as f64),
+                    ),
+                    (&mut f.gpu_temperature, s.temperature_celsius),
+                    (&mut f.gpu_power, s.power_watts),
+                    (&mut f.gpu_sm_clock, s.sm_clock_hertz),
+                    (&mut f.gpu_throttle, s.throttle_reasons.map(|v| v as f64)),
+                ];
+                for (g, v) in gauges {
+                    if let Some(v) = v {
+                        g.set(&labels, v);
+                    }
+                }
+                for p in s.processes.unwrap_or_default() {
+                    if pids.contains(&p.pid) {
+                        let pid = p.pid.to_string();
+                        f.gpu_process_memory.set(
+                            &[labels[0], labels[1], labels[2], pid.as_str()],
+                            p.used_memory_bytes as f64,
+                        );
+                    }
+                }
+            }
+        }
+        f.sweep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{Encoder, TextEncoder};
+
+    fn render(r: &Registry) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&r.gather(), &mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn series_of_a_process_that_is_gone_are_removed() {
+        let r = Registry::new();
+        let mut s = ResourceSampler::new(&r, Some("/nonexistent/libnvidia-ml.so.1".into()));
+        assert!(!s.has_gpus());
+        let me = std::process::id();
+        s.sample(&[me, 4_999_999], |_| "m".into());
+        let text = render(&r);
+        let line = format!("llamacpp_process_threads{{model=\"m\",pid=\"{me}\"}}");
+        assert!(text.contains(&line), "{text}");
+        assert!(!text.contains("4999999"), "{text}");
+        s.sample(&[], |_| "m".into());
+        let text = render(&r);
+        assert!(!text.contains(&line), "{text}");
+        assert!(!text.contains("llamacpp_gpu_"), "{text}");
+    }
+
+    #[test]
+    fn a_counter_follows_an_absolute_value() {
+        let c = prometheus::Counter::new("c", "c").unwrap();
+        set_counter(&c, 2.5);
+        set_counter(&c, 4.0);
+        assert_eq!(c.get(), 4.0);
+        set_counter(&c, 1.0); // a new process with a reused pid
+        assert_eq!(c.get(), 1.0);
+    }
+
+    #[test]
+    fn a_taken_name_turns_resource_metrics_off_without_panicking() {
+        let r = Registry::new();
+        let g = prometheus::Gauge::new("llamacpp_gpu_power_watts", "x").unwrap();
+        r.register(Box::new(g)).unwrap();
+        let mut s = ResourceSampler::new(&r, Some("/nonexistent/libnvidia-ml.so.1".into()));
+        s.sample(&[std::process::id()], |_| String::new());
+    }
+}

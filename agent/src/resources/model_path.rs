@@ -1,0 +1,364 @@
+//! Recovering the model file of a llama.cpp process that loaded it before llamaprobe attached.
+//!
+//! llama.cpp mmaps the model (`/proc/PID/maps`); with `--no-mmap` it reads it and closes it, so
+//! the open files (`/proc/PID/fd`) and finally the command line (`-m`/`--model PATH`) or the
+//! environment (`LLAMA_ARG_MODEL`) are looked at too. A file counts as a model if its name ends
+//! in `.gguf` or it starts with the GGUF magic (Ollama's blobs have no extension). Files are
+//! opened through `/proc/PID/root` (and relative paths through `/proc/PID/cwd`), so processes
+//! in containers work.
+
+use std::{
+    collections::HashSet,
+    ffi::OsStr,
+    fs,
+    io::{self, Read},
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+/// Errors of looking for the model of a process.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelPathError {
+    /// The process does not exist.
+    #[error("no process with pid {pid}")]
+    NoSuchProcess { pid: u32 },
+    /// Neither the mappings nor the open files of the process could be read.
+    #[error(
+        "cannot read /proc/{pid}/maps ({source}): run llamaprobe as root or with CAP_SYS_PTRACE"
+    )]
+    Proc {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where a model file was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Mapped into the process (`/proc/PID/maps`).
+    Mapped,
+    /// Open in the process (`/proc/PID/fd`).
+    Open,
+    /// Named by the command line or the environment.
+    Argument,
+}
+
+/// A model file of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelPath {
+    /// The path as the process sees it.
+    pub path: PathBuf,
+    /// The path to open from here.
+    pub host_path: PathBuf,
+    pub source: Source,
+}
+
+impl ModelPath {
+    /// The model label used by llamaprobe's metrics: the file stem.
+    pub fn label(&self) -> String {
+        label(&self.path)
+    }
+}
+
+/// The model label of a path: its file stem (`models/qwen2-7b.Q4_K_M.gguf` → `qwen2-7b.Q4_K_M`).
+pub fn label(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The path to open from here for a path seen in process `pid` (e.g. the path of a model-load
+/// event): an absolute path through `/proc/PID/root`, a relative one through `/proc/PID/cwd`.
+pub fn host_path(pid: u32, path: &Path) -> PathBuf {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    if path.is_absolute() {
+        PathBuf::from(format!("/proc/{pid}/root")).join(rel)
+    } else {
+        PathBuf::from(format!("/proc/{pid}/cwd")).join(rel)
+    }
+}
+
+/// The model files of `pid`, the most likely first: mapped files in address order, then open
+/// files, then the `-m`/`--model` argument or `LLAMA_ARG_MODEL`; later shards of a split model
+/// and multimodal projectors (`mmproj*`) after the rest. Empty if none is found.
+pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut add = |out: &mut Vec<ModelPath>, path: PathBuf, source: Source, named: bool| {
+        let host = host_path(pid, &path);
+        if seen.contains(&path) {
+            return;
+        }
+        if (named || is_gguf_name(&path) || has_gguf_magic(&host)) && host.is_file() {
+            seen.insert(path.clone());
+            out.push(ModelPath {
+                path,
+                host_path: host,
+                source,
+            });
+        }
+    };
+
+    let maps = fs::read(format!("/proc/{pid}/maps"));
+    let maps_err = match maps {
+        Ok(maps) => {
+            for path in mapped_paths(&maps) {
+                add(&mut out, path, Source::Mapped, false);
+            }
+            None
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ModelPathError::NoSuchProcess { pid })
+        }
+        Err(e) => Some(e),
+    };
+
+    match fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(dir) => {
+            for entry in dir.flatten() {
+                let Ok(target) = fs::read_link(entry.path()) else {
+                    continue;
+                };
+                if is_plain_file_path(&target) {
+                    add(&mut out, target, Source::Open, false);
+                }
+            }
+        }
+        Err(e) => {
+            if let Some(source) = maps_err {
+                return Err(if e.kind() == io::ErrorKind::NotFound {
+                    ModelPathError::NoSuchProcess { pid }
+                } else {
+                    ModelPathError::Proc { pid, source }
+                });
+            }
+        }
+    }
+
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    let absolute = |p: PathBuf| match (&cwd, p.is_absolute()) {
+        (Some(cwd), false) => cwd.join(p),
+        _ => p,
+    };
+    let mut named = fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|c| model_argument(&c));
+    if named.is_none() {
+        named = fs::read(format!("/proc/{pid}/environ"))
+            .ok()
+            .and_then(|e| model_env(&e));
+    }
+    if let Some(p) = named {
+        // Opened through /proc/PID/cwd when relative: correct even if cwd is not reachable.
+        let host = host_path(pid, &p);
+        let path = absolute(p);
+        if !seen.contains(&path) && host.is_file() {
+            seen.insert(path.clone());
+            out.push(ModelPath {
+                path,
+                host_path: host,
+                source: Source::Argument,
+            });
+        }
+    }
+    // Stable: the order of discovery is kept within each group.
+    out.sort_by_key(|m| secondary(&m.path));
+    Ok(out)
+}
+
+/// Paths of file-backed mappings, in address order, each once.
+fn mapped_paths(maps: &[u8]) -> Vec<PathBuf> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for line in maps.split(|&b| b == b'\n') {
+        // address perms offset dev inode pathname; the path is the rest after 5 fields.
+        let mut rest = line;
+        let mut ok = true;
+        for _ in 0..5 {
+            let trimmed = trim_start(rest);
+            match trimmed.iter().position(|&b| b == b' ') {
+                Some(i) => rest = &trimmed[i..],
+                None => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        let path = trim_start(rest);
+        if !ok || !path.starts_with(b"/") || path.ends_with(b" (deleted)") {
+            continue;
+        }
+        let p = PathBuf::from(OsStr::from_bytes(path));
+        if seen.insert(p.clone()) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let i = b.iter().position(|&c| c != b' ').unwrap_or(b.len());
+    &b[i..]
+}
+
+/// An absolute path of a file that may be a model (not a device, socket, pipe, or deleted).
+fn is_plain_file_path(p: &Path) -> bool {
+    let b = p.as_os_str().as_bytes();
+    b.starts_with(b"/")
+        && !b.ends_with(b" (deleted)")
+        && !["/dev/", "/proc/", "/sys/"]
+            .iter()
+            .any(|d| b.starts_with(d.as_bytes()))
+}
+
+fn is_gguf_name(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(OsStr::new("gguf")))
+}
+
+/// True if `host` is a regular file starting with `GGUF`.
+fn has_gguf_magic(host: &Path) -> bool {
+    // Regular files only: opening a FIFO could block.
+    if !fs::metadata(host).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let mut magic = [0u8; 4];
+    fs::File::open(host)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// True for files less likely to be "the" model: later shards of a split model
+/// (`-0000N-of-0000M.gguf`, N > 1) and multimodal projectors.
+fn secondary(p: &Path) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if name.starts_with("mmproj") {
+        return true;
+    }
+    // "...-00002-of-00003.gguf"
+    let b = name.as_bytes();
+    let Some(stem) = name.strip_suffix(".gguf") else {
+        return false;
+    };
+    let n = stem.len();
+    n >= 15
+        && b[n - 15] == b'-'
+        && &b[n - 10..n - 6] == b"-of-"
+        && b[n - 14..n - 10].iter().all(u8::is_ascii_digit)
+        && b[n - 6..n].iter().all(u8::is_ascii_digit)
+        && &b[n - 14..n - 9] != b"00001"
+}
+
+/// The value of `-m PATH`, `--model PATH` or `--model=PATH` in a NUL-separated command line.
+fn model_argument(cmdline: &[u8]) -> Option<PathBuf> {
+    let args: Vec<&[u8]> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut found = None;
+    for (i, a) in args.iter().enumerate() {
+        if *a == b"-m" || *a == b"--model" {
+            if let Some(v) = args.get(i + 1) {
+                found = Some(*v);
+            }
+        } else if let Some(v) = a.strip_prefix(b"--model=") {
+            found = Some(v);
+        }
+    }
+    found
+        .filter(|v| !v.is_empty())
+        .map(|v| PathBuf::from(OsStr::from_bytes(v)))
+}
+
+/// `LLAMA_ARG_MODEL` (llama.cpp's environment form of `--model`) in a NUL-separated environment.
+fn model_env(environ: &[u8]) -> Option<PathBuf> {
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"LLAMA_ARG_MODEL="))
+        .filter(|v| !v.is_empty())
+        .map(|v| PathBuf::from(OsStr::from_bytes(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_go_through_the_process_root_or_cwd() {
+        assert_eq!(
+            host_path(7, Path::new("/models/a.gguf")),
+            Path::new("/proc/7/root/models/a.gguf")
+        );
+        assert_eq!(
+            host_path(7, Path::new("models/a.gguf")),
+            Path::new("/proc/7/cwd/models/a.gguf")
+        );
+    }
+
+    #[test]
+    fn maps_lines_give_their_paths_once() {
+        let maps = b"7f00-7f10 r--s 00000000 fd:01 1234    /models/my model.gguf\n\
+            7f10-7f20 r--s 00001000 fd:01 1234    /models/my model.gguf\n\
+            7f20-7f30 rw-p 00000000 00:00 0 \n\
+            7f30-7f40 r-xp 00000000 fd:01 99 /usr/lib/libc.so.6\n\
+            7f40-7f50 r--s 00000000 fd:01 98 /tmp/old.gguf (deleted)\n\
+            7ffd-7ffe rw-p 00000000 00:00 0                          [stack]\n";
+        assert_eq!(
+            mapped_paths(maps),
+            [
+                PathBuf::from("/models/my model.gguf"),
+                PathBuf::from("/usr/lib/libc.so.6")
+            ]
+        );
+    }
+
+    #[test]
+    fn model_arguments_and_environment() {
+        let c = |s: &str| s.replace(' ', "\0").into_bytes();
+        assert_eq!(
+            model_argument(&c("llama-server -c 512 -m models/x.gguf --port 1")),
+            Some(PathBuf::from("models/x.gguf"))
+        );
+        assert_eq!(
+            model_argument(&c("llama-cli --model=/m/y.gguf")),
+            Some(PathBuf::from("/m/y.gguf"))
+        );
+        assert_eq!(model_argument(&c("llama-server -m")), None);
+        assert_eq!(model_argument(b""), None);
+        assert_eq!(
+            model_env(b"PATH=/bin\0LLAMA_ARG_MODEL=/m/z.gguf\0"),
+            Some(PathBuf::from("/m/z.gguf"))
+        );
+    }
+
+    #[test]
+    fn later_shards_and_projectors_come_last() {
+        assert!(secondary(Path::new("/m/x-00002-of-00003.gguf")));
+        assert!(!secondary(Path::new("/m/x-00001-of-00003.gguf")));
+        assert!(secondary(Path::new("/m/mmproj-model-f16.gguf")));
+        assert!(!secondary(Path::new("/m/model.gguf")));
+        assert!(!secondary(Path::new("/m/a.gguf")));
+    }
+
+    #[test]
+    fn labels_are_file_stems() {
+        assert_eq!(
+            label(Path::new("/m/qwen2-7b.Q4_K_M.gguf")),
+            "qwen2-7b.Q4_K_M"
+        );
+        assert_eq!(label(Path::new("/")), "");
+    }
+
+    #[test]
+    fn missing_pid_is_reported_as_such() {
+        assert!(matches!(
+            find(4_999_999),
+            Err(ModelPathError::NoSuchProcess { pid: 4_999_999 })
+        ));
+    }
+}
