@@ -40,6 +40,11 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("probe-ebpf manifest has no parent"))?;
+    // aya-build watches the eBPF crate; the shared types it is built from change it too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        meta.workspace_root.join("probe-common")
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: pkg.name.as_str(),

@@ -270,3 +270,92 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     assert!(s["memory_changes"].as_u64().unwrap() >= 1);
     assert!(s["decode_calls"].as_u64().unwrap() >= 6);
 }
+
+/// 4 slots, 16 concurrent streaming requests of different lengths: every request is
+/// reconstructed from the batches alone, none merged or split, with the server's own token
+/// counts and a time to first token consistent with its timings.
+#[test]
+fn concurrent_streaming_requests_are_each_reconstructed() {
+    let test = "concurrent_streaming_requests_are_each_reconstructed";
+    if !root_or_skip(test) {
+        return;
+    }
+    for (f, model) in servers(test) {
+        eprintln!("== fixture {}", f.name);
+        requests_reconstructed(&f, &model);
+    }
+}
+
+fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
+    let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
+    let dir = scratch(&format!("requests-{}", f.name));
+    let events = dir.join("events.jsonl");
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
+        .args(["--metrics-addr", "off"])
+        .args(f.symbols_args())
+        .arg("--events-out")
+        .arg(&events);
+    f.apply(&mut cmd);
+    let mut probe = Probe::spawn(&mut cmd);
+    probe.wait_for("probes attached");
+    let port = server.port;
+    // Distinct lengths (3 + i tokens generated) identify each request.
+    let handles: Vec<_> = (0..16u32)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let words =
+                    "one two three four five six seven eight nine ten".repeat(1 + i as usize % 3);
+                (
+                    i,
+                    completion_stream(port, &format!("request {i}: {words}"), 3 + i),
+                )
+            })
+        })
+        .collect();
+    let responses: Vec<(u32, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let (code, _) = probe.interrupt();
+    assert_eq!(code, 0);
+    let requests: Vec<Value> = json_lines(&events)
+        .into_iter()
+        .filter(|e| e["kind"] == "request")
+        .collect();
+    assert_eq!(
+        requests.len(),
+        16,
+        "{} requests: {requests:?}",
+        requests.len()
+    );
+    for (i, resp) in &responses {
+        let predicted = resp["tokens_predicted"].as_u64().unwrap();
+        assert_eq!(predicted, 3 + *i as u64, "the model stopped early? {resp}");
+        let matching: Vec<&Value> = requests
+            .iter()
+            .filter(|r| r["generated_tokens"].as_u64() == Some(predicted))
+            .collect();
+        assert_eq!(matching.len(), 1, "request {i}: {matching:?}");
+        let r = matching[0];
+        let input = r["prompt_tokens"].as_u64().unwrap() + r["cached_tokens"].as_u64().unwrap();
+        assert_eq!(
+            input,
+            resp["tokens_evaluated"].as_u64().unwrap(),
+            "request {i}: {r} vs {resp}"
+        );
+        let timings = &resp["timings"];
+        assert_eq!(
+            r["prompt_tokens"], timings["prompt_n"],
+            "request {i}: {r} vs {timings}"
+        );
+        if let Some(cache_n) = timings.get("cache_n") {
+            assert_eq!(&r["cached_tokens"], cache_n, "request {i}");
+        }
+        // Time to first token covers the server's prompt processing (its own clock).
+        let ttft_ms =
+            (r["first_token_ns"].as_u64().unwrap() - r["start_ns"].as_u64().unwrap()) as f64 / 1e6;
+        let prompt_ms = timings["prompt_ms"].as_f64().unwrap();
+        assert!(
+            ttft_ms + 1.0 >= prompt_ms * 0.9,
+            "request {i}: ttft {ttft_ms} ms, server prompt {prompt_ms} ms"
+        );
+    }
+}

@@ -70,9 +70,13 @@ pub enum DecodeApi {
 
 /// Maximum number of sequence runs recorded per decode step.
 pub const MAX_RUNS: usize = 16;
-/// Maximum number of batch tokens the probe walks to build the runs (fits a run's u16/u8
-/// counters).
+/// Maximum number of steps the probe takes to walk a batch into runs. Each step reads one token:
+/// a run's first token, or the last token of a block of 1, 2, 4, … 256 tokens that continues the
+/// run (same sequence, consecutive positions), so a run of L tokens costs about 2·log2(L) steps
+/// and a batch of single-token runs one step per token.
 pub const MAX_SCAN: u32 = 64;
+/// Largest block the walk skips at once.
+pub const MAX_STRIDE: u32 = 256;
 
 /// A run of consecutive batch tokens that belong to the same (first) sequence id.
 #[repr(C)]
@@ -84,15 +88,16 @@ pub struct SeqRun {
     pub pos0: i32,
     /// Token id of the run's first token, -1 if the batch carries none (embeddings).
     pub tok0: i32,
-    /// Number of tokens in the run (at most [`MAX_SCAN`]).
+    /// Number of tokens in the run.
     pub n_tokens: u16,
-    /// Number of those tokens flagged for output (logits).
+    /// Tokens seen flagged for output: the run's first token and the last token of each block
+    /// the walk skipped (the tokens inside a skipped block are not read).
     pub n_outputs: u8,
     /// 1 if the run's last token is flagged for output.
     pub last_output: u8,
 }
 
-/// The last token of a batch, read even when it lies beyond [`MAX_SCAN`].
+/// The last token of a batch, read even when the runs stop before it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LastToken {
@@ -128,7 +133,7 @@ pub struct DecodeEvent {
     pub ret: i32,
     /// Tokens in the batch, -1 if unreadable.
     pub n_tokens: i32,
-    /// Tokens walked into `runs` (at most [`MAX_SCAN`]).
+    /// Tokens covered by `runs` (from the batch's start).
     pub n_scanned: u16,
     /// Valid entries in `runs`.
     pub n_runs: u8,

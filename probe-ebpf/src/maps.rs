@@ -35,6 +35,20 @@ pub static SYNC_ENTRY: HashMap<u32, SyncEvent> = HashMap::with_max_entries(4096,
 #[map]
 pub static MEMORY_ENTRY: HashMap<u32, MemoryEvent> = HashMap::with_max_entries(1024, 0);
 
+/// The batch walk's cursor (see `probes::decode::scan`), kept in map memory on purpose.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct ScanState {
+    pub i: u32,
+    pub stride: u32,
+    pub cur_seq: i32,
+    pub cur_pos0: i32,
+    pub cur_i0: u32,
+}
+
+#[map]
+pub static SCAN_SCRATCH: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch space for events too large for the 512-byte eBPF stack.
 #[map]
 pub static DECODE_SCRATCH: PerCpuArray<DecodeEvent> = PerCpuArray::with_max_entries(1, 0);

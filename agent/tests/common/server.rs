@@ -242,3 +242,23 @@ impl Drop for Probe {
         let _ = self.child.wait();
     }
 }
+
+/// One streamed /completion; returns the final chunk (with `tokens_predicted`, `timings`).
+pub fn completion_stream(port: u16, prompt: &str, n_predict: u32) -> Value {
+    use std::io::BufRead;
+    let resp = ureq::post(&format!("http://127.0.0.1:{port}/completion"))
+        .send_json(json!({"prompt": prompt, "n_predict": n_predict, "stream": true, "seed": 1}))
+        .expect("completion request");
+    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let mut last = Value::Null;
+    for line in reader.lines().map_while(Result::ok) {
+        if let Some(data) = line.strip_prefix("data: ") {
+            if let Ok(v) = serde_json::from_str::<Value>(data) {
+                if v.get("stop") == Some(&Value::Bool(true)) {
+                    last = v;
+                }
+            }
+        }
+    }
+    last
+}

@@ -7,7 +7,8 @@
 //!
 //! The entry program summarises the batch into runs of consecutive tokens of one sequence
 //! (sequence id, first position, tokens, outputs) so the agent can tell prompt chunks from
-//! generated tokens per sequence. It walks at most `MAX_SCAN` tokens and also reads the last.
+//! generated tokens per sequence. It walks the batch in at most `MAX_SCAN` steps (see [`scan`])
+//! and also reads the last token.
 
 use aya_ebpf::{
     macros::{uprobe, uretprobe},
@@ -15,11 +16,11 @@ use aya_ebpf::{
 };
 use probe_common::{
     decode_flags as F, BatchExtLayout, ClassicBatchLayout, DecodeApi, DecodeEvent, LastToken,
-    SeqRun, MAX_RUNS, MAX_SCAN,
+    SeqRun, MAX_RUNS, MAX_SCAN, MAX_STRIDE,
 };
 
 use super::{byval_arg, current, enter, layout, leave, read};
-use crate::maps::{DECODE_ENTRY, DECODE_SCRATCH};
+use crate::maps::{ScanState, DECODE_ENTRY, DECODE_SCRATCH, SCAN_SCRATCH};
 
 /// Per-token access to one batch representation.
 trait Tokens {
@@ -111,24 +112,89 @@ fn run_at(ev: &mut DecodeEvent, k: usize) -> &mut SeqRun {
     unsafe { &mut *ev.runs.as_mut_ptr().add(k) }
 }
 
-/// Fills `ev.runs`, `n_runs`, `n_scanned`, `last` and flags from the first tokens of a batch.
+/// Fills `ev.runs`, `n_runs`, `n_scanned`, `last` and flags by walking the batch.
 ///
-/// Verifier note: the run index and current sequence live in the event (map memory, accessed
-/// with volatile reads) rather than in registers. The verifier treats map memory as unknown
-/// scalars, so every path through one iteration reaches the next in the same abstract state
-/// and is pruned; with the index in a register it would explore every (token, run) pair and
-/// exceed the instruction limit.
+/// The walk (at most `MAX_SCAN` steps) starts a run at a token, then tries to extend it by a
+/// block of `stride` tokens by reading only the block's last token: same sequence at the
+/// expected position means the whole block continues the run (llama.cpp's batches hold each
+/// sequence's tokens contiguously), and the stride doubles; otherwise it halves, down to one
+/// token, whose mismatch starts the next run.
+///
+/// Verifier note: the run index lives in the event (map memory, read with volatile loads),
+/// not in a register. The verifier treats map memory as unknown scalars, so every path through
+/// one step reaches the next in the same abstract state and is pruned; with the index in a
+/// register it would explore every (step, run) pair and exceed the instruction limit.
 #[inline(always)]
 fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
-    use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-    let limit = if n_tokens < MAX_SCAN {
-        n_tokens
-    } else {
-        MAX_SCAN
+    use core::ptr::{addr_of, addr_of_mut, read_volatile as rv, write_volatile as wv};
+    let Some(st) = SCAN_SCRATCH.get_ptr_mut(0) else {
+        ev.flags |= F::UNREADABLE;
+        return;
     };
-    let mut i: u32 = 0;
-    while i < MAX_SCAN {
-        if i >= limit {
+    // SAFETY: per-CPU scratch slot, used by this program only while it runs. Every access is
+    // volatile so that LLVM keeps the cursor in map memory (see the verifier note above).
+    let st = unsafe { &mut *st };
+    unsafe {
+        wv(
+            st,
+            ScanState {
+                i: 0,
+                stride: 1,
+                cur_seq: 0,
+                cur_pos0: 0,
+                cur_i0: 0,
+            },
+        )
+    };
+    let mut k: u32 = 0;
+    while k < MAX_SCAN {
+        k += 1;
+        let ScanState {
+            i,
+            stride,
+            cur_seq,
+            cur_pos0,
+            cur_i0,
+        } = unsafe { rv(st) };
+        if i >= n_tokens {
+            break;
+        }
+        // SAFETY: fields of the map value we own for the duration of the program.
+        let started = unsafe { rv(addr_of!(ev.n_runs)) } as usize;
+        if started > 0 && started <= MAX_RUNS {
+            let cand = i.wrapping_add(stride).wrapping_sub(1);
+            if cand < n_tokens {
+                let expected = cur_pos0.wrapping_add(cand.wrapping_sub(cur_i0) as i32);
+                if src.seq(cand) == Some(cur_seq) && (cur_pos0 < 0 || src.pos(cand) == expected) {
+                    let out = src.output(cand).unwrap_or(false);
+                    let run = run_at(ev, started - 1);
+                    run.n_tokens = run.n_tokens.wrapping_add(stride as u16);
+                    if out {
+                        run.n_outputs = run.n_outputs.wrapping_add(1);
+                    }
+                    run.last_output = out as u8;
+                    unsafe {
+                        wv(addr_of_mut!(st.i), i.wrapping_add(stride));
+                        wv(
+                            addr_of_mut!(st.stride),
+                            if stride < MAX_STRIDE {
+                                stride * 2
+                            } else {
+                                stride
+                            },
+                        );
+                    }
+                    continue;
+                }
+            }
+            if stride > 1 {
+                unsafe { wv(addr_of_mut!(st.stride), stride / 2) };
+                continue;
+            }
+        }
+        // Token i starts a new run.
+        if started >= MAX_RUNS {
+            ev.flags |= F::RUNS_TRUNCATED;
             break;
         }
         let Some(seq) = src.seq(i) else {
@@ -142,36 +208,30 @@ fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
                 false
             }
         };
-        // SAFETY: fields of the map value we own for the duration of the program.
-        let started = unsafe { read_volatile(addr_of!(ev.n_runs)) } as usize;
-        let same = started > 0
-            && started <= MAX_RUNS
-            && (unsafe { read_volatile(addr_of!(run_at(ev, started - 1).seq_id)) }) == seq;
-        if !same {
-            if started >= MAX_RUNS {
-                ev.flags |= F::RUNS_TRUNCATED;
-                break;
-            }
-            let pos0 = src.pos(i);
-            let tok0 = src.id(i);
-            let run = run_at(ev, started);
-            run.seq_id = seq;
-            run.pos0 = pos0;
-            run.tok0 = tok0;
-            unsafe { write_volatile(addr_of_mut!(ev.n_runs), (started + 1) as u8) };
-        }
-        let cur = unsafe { read_volatile(addr_of!(ev.n_runs)) } as usize;
-        if cur == 0 || cur > MAX_RUNS {
-            break;
-        }
-        let run = run_at(ev, cur - 1);
-        run.n_tokens += 1;
-        if out {
-            run.n_outputs += 1;
-        }
+        let pos0 = src.pos(i);
+        let tok0 = src.id(i);
+        let run = run_at(ev, started);
+        run.seq_id = seq;
+        run.pos0 = pos0;
+        run.tok0 = tok0;
+        run.n_tokens = 1;
+        run.n_outputs = out as u8;
         run.last_output = out as u8;
-        i += 1;
+        unsafe {
+            wv(addr_of_mut!(ev.n_runs), (started + 1) as u8);
+            wv(
+                st,
+                ScanState {
+                    i: i + 1,
+                    stride: 1,
+                    cur_seq: seq,
+                    cur_pos0: pos0,
+                    cur_i0: i,
+                },
+            );
+        }
     }
+    let i = unsafe { rv(addr_of!(st.i)) };
     ev.n_scanned = i as u16;
     if n_tokens > 0 {
         let last = n_tokens - 1;
@@ -185,9 +245,9 @@ fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
             // Volatile stores keep LLVM from merging these with values across the helper
             // calls above (which clobber r1-r5).
             unsafe {
-                write_volatile(addr_of_mut!(ev.last.seq_id), seq);
-                write_volatile(addr_of_mut!(ev.last.pos), pos);
-                write_volatile(addr_of_mut!(ev.last.output), out);
+                wv(addr_of_mut!(ev.last.seq_id), seq);
+                wv(addr_of_mut!(ev.last.pos), pos);
+                wv(addr_of_mut!(ev.last.output), out);
             }
             ev.flags |= F::LAST_VALID;
         }
