@@ -88,6 +88,11 @@ pub struct ProfileOpts {
     /// Write every observation (decode step, sample, load, ...) as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     pub events_out: Option<PathBuf>,
+    /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing) to FILE:
+    /// a track per thread (decode steps, sampling, synchronize, loads) and per sequence
+    /// (requests).
+    #[arg(long, value_name = "FILE")]
+    pub trace_out: Option<PathBuf>,
     /// Do not probe llama_synchronize (two fewer probe hits per decode step; no compute time).
     #[arg(long)]
     pub no_sync: bool,

@@ -16,7 +16,9 @@ use crate::{
     discover, events,
     launch::Held,
     requests::Requests,
-    sinks::{self, events_out::EventsOut, terminal::Terminal, SelfStats, Sink},
+    sinks::{
+        self, events_out::EventsOut, terminal::Terminal, trace_file::TraceFile, SelfStats, Sink,
+    },
     stats::Stats,
     symbols::Plan,
     targets::{self, Family},
@@ -114,10 +116,14 @@ async fn event_loop(
         let listener = sinks::prometheus::bind(addr).await?;
         tokio::spawn(sinks::prometheus::serve(listener, metrics.registry.clone()));
     }
-    let events_out = match &opts.events_out {
-        Some(p) => Some(EventsOut::create(p)?),
-        None => None,
-    };
+    // The optional file sinks.
+    let mut files: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(p) = &opts.events_out {
+        files.push(Box::new(EventsOut::create(p)?));
+    }
+    if let Some(p) = &opts.trace_out {
+        files.push(Box::new(TraceFile::create(p)?));
+    }
     let mut terminal = Terminal::new(
         format!("llamaprobe — pid {pid} ({})", target.name()),
         Duration::from_secs_f64(opts.interval.max(0.1)),
@@ -128,7 +134,7 @@ async fn event_loop(
         assembler: Assembler::new(),
         stats: Stats::default(),
         metrics,
-        events_out,
+        files,
     };
     let mut self_stats = SelfStats {
         probes_attached: probes.attached(),
@@ -189,7 +195,7 @@ async fn event_loop(
                 (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
                 pipe.expire_requests(&mut self_stats);
                 pipe.metrics.tick(&self_stats);
-                if let Some(e) = pipe.events_out.as_mut() { e.tick(&self_stats); }
+                for f in pipe.files.iter_mut() { f.tick(&self_stats); }
                 if let Some(t) = terminal.as_mut() { t.tick(&pipe.stats.summary(), &self_stats); }
             }
             _ = &mut exited => break "the process exited",
@@ -219,8 +225,8 @@ async fn event_loop(
     self_stats.requests_active = 0;
     self_stats.probes_attached = 0;
     pipe.metrics.finish(&self_stats)?;
-    if let Some(e) = pipe.events_out.as_mut() {
-        e.finish(&self_stats)?;
+    for f in pipe.files.iter_mut() {
+        f.finish(&self_stats)?;
     }
 
     let summary = pipe.stats.summary();
@@ -261,15 +267,15 @@ struct Pipeline {
     requests: Requests,
     stats: Stats,
     metrics: sinks::prometheus::Metrics,
-    events_out: Option<EventsOut>,
+    files: Vec<Box<dyn Sink>>,
 }
 
 impl Pipeline {
     fn emit(&mut self, obs: &Observation) {
         self.stats.observe(obs);
         self.metrics.observe(obs);
-        if let Some(e) = self.events_out.as_mut() {
-            e.observe(obs);
+        for f in self.files.iter_mut() {
+            f.observe(obs);
         }
     }
 

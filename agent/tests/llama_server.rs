@@ -290,12 +290,15 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
     let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
     let dir = scratch(&format!("requests-{}", f.name));
     let events = dir.join("events.jsonl");
+    let trace = dir.join("trace.json");
     let mut cmd = llamaprobe();
     cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
         .args(["--metrics-addr", "off"])
         .args(f.symbols_args())
         .arg("--events-out")
-        .arg(&events);
+        .arg(&events)
+        .arg("--trace-out")
+        .arg(&trace);
     f.apply(&mut cmd);
     let mut probe = Probe::spawn(&mut cmd);
     probe.wait_for("probes attached");
@@ -358,4 +361,33 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
             "request {i}: ttft {ttft_ms} ms, server prompt {prompt_ms} ms"
         );
     }
+
+    // The trace file parses and holds the same story: 16 requests on sequence tracks, one
+    // decode slice per decode step and one sample slice per sample on thread tracks.
+    let t: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let count = |cat: &str| {
+        t.iter()
+            .filter(|e| e["ph"] == "X" && e["cat"] == cat)
+            .count()
+    };
+    let all = json_lines(&events);
+    assert_eq!(count("decode"), of_kind(&all, "decode").len());
+    assert_eq!(count("sample"), of_kind(&all, "sample").len());
+    let requests_in_trace = t
+        .iter()
+        .filter(|e| e["cat"] == "request" && e["name"].as_str().unwrap().starts_with("request "))
+        .count();
+    assert_eq!(requests_in_trace, 16);
+    let tracks: Vec<&str> = t
+        .iter()
+        .filter(|e| e["ph"] == "M" && e["name"] == "thread_name")
+        .map(|e| e["args"]["name"].as_str().unwrap())
+        .collect();
+    for s in 0..4 {
+        assert!(
+            tracks.contains(&format!("sequence {s}").as_str()),
+            "{tracks:?}"
+        );
+    }
+    assert!(tracks.iter().any(|n| n.starts_with("thread ")));
 }

@@ -3,6 +3,7 @@
 pub mod events_out;
 pub mod prometheus;
 pub mod terminal;
+pub mod trace_file;
 
 use crate::assemble::Observation;
 
