@@ -352,12 +352,14 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
         if let Some(cache_n) = timings.get("cache_n") {
             assert_eq!(&r["cached_tokens"], cache_n, "request {i}");
         }
-        // Time to first token covers the server's prompt processing (its own clock).
+        // Time to first token runs from the request's first prompt step to its first sample;
+        // the server's prompt_ms runs from when the slot started on the prompt (at or before
+        // that step, earlier when other slots' work came first) to the same first token.
         let ttft_ms =
             (r["first_token_ns"].as_u64().unwrap() - r["start_ns"].as_u64().unwrap()) as f64 / 1e6;
         let prompt_ms = timings["prompt_ms"].as_f64().unwrap();
         assert!(
-            ttft_ms + 1.0 >= prompt_ms * 0.9,
+            ttft_ms > 0.0 && ttft_ms <= prompt_ms + 5.0,
             "request {i}: ttft {ttft_ms} ms, server prompt {prompt_ms} ms"
         );
     }

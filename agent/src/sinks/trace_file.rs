@@ -76,12 +76,10 @@ impl TraceFile {
     /// A complete event ("X") from `start_ns` to `end_ns`.
     fn span(
         &mut self,
-        pid: u32,
-        tid: u64,
+        (pid, tid): (u32, u64),
         name: &str,
         cat: &str,
-        start_ns: u64,
-        end_ns: u64,
+        (start_ns, end_ns): (u64, u64),
         args: Value,
     ) {
         self.write(&json!({
@@ -107,59 +105,49 @@ impl Sink for TraceFile {
                         }
                         None => "decode".to_string(),
                     };
-                    self.span(pid, tid, &name, "decode", start, end, json!({
+                    self.span((pid, tid), &name, "decode", (start, end), json!({
                         "n_tokens": d.n_tokens, "phase": d.phase, "result": d.result,
                         "prompt_tokens": d.prompt_tokens, "generated_tokens": d.generated_tokens,
                         "sequences": d.parts.iter().map(|p| json!([p.seq_id, p.n_tokens, p.kind])).collect::<Vec<_>>(),
                     }));
                 }
                 Observation::Sample(s) => self.span(
-                    pid,
-                    tid,
+                    (pid, tid),
                     "sample",
                     "sample",
-                    start,
-                    end,
+                    (start, end),
                     json!({"idx": s.idx}),
                 ),
                 Observation::Synchronize(s) => self.span(
-                    pid,
-                    tid,
+                    (pid, tid),
                     "synchronize",
                     "sync",
-                    start,
-                    end,
+                    (start, end),
                     json!({
                         "compute_ms": s.compute_ns.map(|c| c as f64 / 1e6),
                     }),
                 ),
                 Observation::ModelLoad(m) => self.span(
-                    pid,
-                    tid,
+                    (pid, tid),
                     "model load",
                     "model",
-                    start,
-                    end,
+                    (start, end),
                     json!({
                         "path": m.path, "ok": m.ok,
                     }),
                 ),
                 Observation::ContextCreate(c) => self.span(
-                    pid,
-                    tid,
+                    (pid, tid),
                     "context create",
                     "context",
-                    start,
-                    end,
+                    (start, end),
                     json!(c.params),
                 ),
                 Observation::Memory(m) => self.span(
-                    pid,
-                    tid,
+                    (pid, tid),
                     &format!("memory {}", m.op),
                     "memory",
-                    start,
-                    end,
+                    (start, end),
                     json!({
                         "seq_id": m.seq_id, "seq_dst": m.seq_dst, "p0": m.p0, "p1": m.p1,
                     }),
@@ -177,32 +165,26 @@ impl Sink for TraceFile {
                 "ttft_ms": r.ttft_s().map(|s| s * 1e3), "tpot_ms": r.tpot_s().map(|s| s * 1e3),
             });
             self.span(
-                r.pid,
-                tid,
+                (r.pid, tid),
                 &format!("request {}", r.id),
                 "request",
-                r.start_ns,
-                r.end_ns,
+                (r.start_ns, r.end_ns),
                 args,
             );
             let prompt_end = r.first_token_ns.or(r.prompt_end_ns).unwrap_or(r.end_ns);
             self.span(
-                r.pid,
-                tid,
+                (r.pid, tid),
                 "prompt",
                 "request",
-                r.start_ns,
-                prompt_end,
+                (r.start_ns, prompt_end),
                 json!({"tokens": r.prompt_tokens}),
             );
             if prompt_end < r.end_ns {
                 self.span(
-                    r.pid,
-                    tid,
+                    (r.pid, tid),
                     "generation",
                     "request",
-                    prompt_end,
-                    r.end_ns,
+                    (prompt_end, r.end_ns),
                     json!({"tokens": r.generated_tokens}),
                 );
             }
