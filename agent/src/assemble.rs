@@ -278,7 +278,6 @@ impl Assembler {
     }
 
     /// Declares the model of a process learnt elsewhere.
-    #[cfg(test)]
     pub fn set_model(&mut self, pid: u32, model: &str) {
         self.models.insert(pid, Arc::from(model));
     }

@@ -93,6 +93,10 @@ pub struct ProfileOpts {
     /// (requests).
     #[arg(long, value_name = "FILE")]
     pub trace_out: Option<PathBuf>,
+    /// NVML library for GPU metrics (default: libnvidia-ml.so.1 from the loader's search path).
+    /// Without one, GPU metrics are off (said once).
+    #[arg(long, value_name = "PATH", env = "LLAMAPROBE_NVML_LIB")]
+    pub nvml_lib: Option<PathBuf>,
     /// Do not probe llama_synchronize (two fewer probe hits per decode step; no compute time).
     #[arg(long)]
     pub no_sync: bool,

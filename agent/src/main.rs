@@ -13,6 +13,7 @@ mod dwarf;
 mod events;
 mod launch;
 mod requests;
+mod resources;
 mod session;
 mod sinks;
 mod stats;

@@ -16,6 +16,7 @@ use crate::{
     discover, events,
     launch::Held,
     requests::Requests,
+    resources::{self, ResourceSampler},
     sinks::{
         self, events_out::EventsOut, terminal::Terminal, trace_file::TraceFile, SelfStats, Sink,
     },
@@ -60,7 +61,14 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// Prints the plan header to stderr.
-fn announce(pid: u32, name: &str, plan: &Plan, attached: u64, opts: &ProfileOpts) {
+fn announce(
+    pid: u32,
+    name: &str,
+    plan: &Plan,
+    attached: u64,
+    opts: &ProfileOpts,
+    gpu_status: &str,
+) {
     eprintln!(
         "llamaprobe: pid {pid} ({name}): {} — {} probes attached",
         plan.generation.describe(),
@@ -78,6 +86,7 @@ fn announce(pid: u32, name: &str, plan: &Plan, attached: u64, opts: &ProfileOpts
                 .join(", ")
         );
     }
+    eprintln!("llamaprobe: {gpu_status}");
     if let MetricsAddr::On(addr) = opts.metrics_addr {
         eprintln!("llamaprobe: Prometheus metrics at http://{addr}/metrics");
     }
@@ -112,6 +121,7 @@ async fn event_loop(
 ) -> anyhow::Result<i32> {
     let pid = target.pid();
     let metrics = sinks::prometheus::Metrics::new();
+    let resources = ResourceSampler::new(&metrics.registry, opts.nvml_lib.clone());
     if let MetricsAddr::On(addr) = opts.metrics_addr {
         let listener = sinks::prometheus::bind(addr).await?;
         tokio::spawn(sinks::prometheus::serve(listener, metrics.registry.clone()));
@@ -135,13 +145,33 @@ async fn event_loop(
         stats: Stats::default(),
         metrics,
         files,
+        resources,
     };
+    if let Target::Pid(_) = target {
+        // Attached after the load: the model is found in the process.
+        match resources::recover_model(pid) {
+            Ok(Some((found, info))) => {
+                let label = found.label();
+                pipe.assembler.set_model(pid, &label);
+                pipe.resources.set_model(pid, &label, &info);
+            }
+            Ok(None) => tracing::info!("pid {pid}: no model file found in the process"),
+            Err(e) => tracing::info!("pid {pid}: model not recovered: {e}"),
+        }
+    }
     let mut self_stats = SelfStats {
         probes_attached: probes.attached(),
         ..Default::default()
     };
 
-    announce(pid, &target.name(), &plan, probes.attached(), &opts);
+    announce(
+        pid,
+        &target.name(),
+        &plan,
+        probes.attached(),
+        &opts,
+        pipe.resources.gpu_status(),
+    );
     let exit_fd = pidfd_open(pid).map(|fd| {
         // SAFETY: the fd is owned by the AsyncFd and stays open until it is dropped.
         unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
@@ -194,6 +224,7 @@ async fn event_loop(
             _ = ticker.tick() => {
                 (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
                 pipe.expire_requests(&mut self_stats);
+                pipe.sample_resources(pid);
                 pipe.metrics.tick(&self_stats);
                 for f in pipe.files.iter_mut() { f.tick(&self_stats); }
                 if let Some(t) = terminal.as_mut() { t.tick(&pipe.stats.summary(), &self_stats); }
@@ -268,9 +299,33 @@ struct Pipeline {
     stats: Stats,
     metrics: sinks::prometheus::Metrics,
     files: Vec<Box<dyn Sink>>,
+    resources: ResourceSampler,
 }
 
 impl Pipeline {
+    /// GPU, process and model resources; called about once a second.
+    fn sample_resources(&mut self, pid: u32) {
+        let assembler = &self.assembler;
+        self.resources
+            .sample(&[pid], |p| assembler.model(p).to_string());
+    }
+
+    /// Reads the metadata of a model the process loaded.
+    fn model_loaded(&mut self, obs: &Observation) {
+        let Observation::ModelLoad(m) = obs else {
+            return;
+        };
+        let (true, Some(path)) = (m.ok, m.path.as_deref()) else {
+            return;
+        };
+        match resources::model_from_load(m.origin.pid, std::path::Path::new(path)) {
+            Ok(info) => self
+                .resources
+                .set_model(m.origin.pid, &m.origin.model, &info),
+            Err(e) => tracing::info!("pid {}: {e}", m.origin.pid),
+        }
+    }
+
     fn emit(&mut self, obs: &Observation) {
         self.stats.observe(obs);
         self.metrics.observe(obs);
@@ -299,6 +354,7 @@ impl Pipeline {
             Ok(ev) => {
                 let obs = self.assembler.process(&ev);
                 let closed = self.requests.observe(&obs);
+                self.model_loaded(&obs);
                 self.emit(&obs);
                 for r in closed {
                     self.emit(&Observation::Request(r));

@@ -740,7 +740,7 @@ pub mod tests {
             out.extend(self.n_kv.to_le_bytes());
             out.extend(&self.kv);
             out.extend(&self.tensors);
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
             out.resize(out.len() + data, 0);
@@ -758,6 +758,7 @@ pub mod tests {
             .string("general.name", "Test Model")
             .u32("general.file_type", 15)
             .u32("qwen2.context_length", 32768)
+            .u64("qwen2.block_count", 24)
             .f32("qwen2.rope.freq_base", 1e6)
             .bool("tokenizer.ggml.add_bos_token", true)
             .strings("tokenizer.ggml.tokens", &["<s>", "</s>", "hello"])
@@ -776,6 +777,7 @@ pub mod tests {
         assert_eq!(m.tensor_count, 3);
         assert_eq!(m.parameters, 16 * 3 + 16 + 16 * 32);
         assert_eq!(m.get("qwen2.rope.freq_base"), Some(&Value::F32(1e6)));
+        assert_eq!(m.get("qwen2.block_count"), Some(&Value::U64(24)));
         assert_eq!(
             m.get("tokenizer.ggml.tokens"),
             Some(&Value::Array {

@@ -299,11 +299,6 @@ impl ResourceSampler {
         &self.gpu_status
     }
 
-    /// True if GPUs are being sampled.
-    pub fn has_gpus(&self) -> bool {
-        self.gpus.is_some()
-    }
-
     /// Declares the model of `pid` (replacing an earlier one).
     pub fn set_model(&mut self, pid: u32, model_label: &str, info: &ModelInfo) {
         let Some(f) = &self.families else { return };
@@ -421,7 +416,7 @@ mod tests {
     fn series_of_a_process_that_is_gone_are_removed() {
         let r = Registry::new();
         let mut s = ResourceSampler::new(&r, Some("/nonexistent/libnvidia-ml.so.1".into()));
-        assert!(!s.has_gpus());
+        assert!(s.gpus.is_none());
         let me = std::process::id();
         s.sample(&[me, 4_999_999], |_| "m".into());
         let text = render(&r);

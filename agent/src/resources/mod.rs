@@ -53,13 +53,17 @@ pub fn recover_model(pid: u32) -> Result<Option<(ModelPath, ModelInfo)>, Resourc
 }
 
 /// The metadata of the model a process reported loading (`path` as the process sees it, e.g.
-/// from a model-load event; a relative path is relative to the process's working directory).
+/// from a model-load event; a relative path is relative to the process's working directory,
+/// and [`ModelInfo::path`] is made absolute with it).
 pub fn model_from_load(pid: u32, path: &Path) -> Result<ModelInfo, ResourceError> {
     let mut info =
         gguf::read(&model_path::host_path(pid, path)).map_err(|source| ResourceError::Gguf {
             path: path.display().to_string(),
             source,
         })?;
-    info.path = path.to_path_buf();
+    info.path = match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+        Ok(cwd) if path.is_relative() => cwd.join(path),
+        _ => path.to_path_buf(),
+    };
     Ok(info)
 }

@@ -241,17 +241,17 @@ fn secondary(p: &Path) -> bool {
         return true;
     }
     // "...-00002-of-00003.gguf"
-    let b = name.as_bytes();
     let Some(stem) = name.strip_suffix(".gguf") else {
         return false;
     };
-    let n = stem.len();
-    n >= 15
-        && b[n - 15] == b'-'
-        && &b[n - 10..n - 6] == b"-of-"
-        && b[n - 14..n - 10].iter().all(u8::is_ascii_digit)
-        && b[n - 6..n].iter().all(u8::is_ascii_digit)
-        && &b[n - 14..n - 9] != b"00001"
+    let Some((head, total)) = stem.rsplit_once("-of-") else {
+        return false;
+    };
+    let Some((_, no)) = head.rsplit_once('-') else {
+        return false;
+    };
+    let five_digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    five_digits(no) && five_digits(total) && no != "00001"
 }
 
 /// The value of `-m PATH`, `--model PATH` or `--model=PATH` in a NUL-separated command line.

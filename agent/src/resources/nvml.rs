@@ -167,11 +167,6 @@ impl Gpus {
         })
     }
 
-    /// The GPUs, in NVML index order.
-    pub fn devices(&self) -> &[GpuIdentity] {
-        &self.devices
-    }
-
     /// One line for the user: how many GPUs, which, through which library.
     pub fn describe(&self) -> String {
         let list: Vec<String> = self
