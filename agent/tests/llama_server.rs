@@ -236,7 +236,9 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     assert!(st.success());
     let (code, stdout) = probe.finish();
     assert!(stdout.contains("the process exited"), "{stdout}");
-    assert_eq!(code, 0, "llama-server exits 0 on SIGTERM: {stdout}");
+    // llamaprobe exits with the program's code: current llama-servers exit 0 on SIGTERM,
+    // older ones die of it (128 + 15).
+    assert!(code == 0 || code == 143, "exit code {code}: {stdout}");
     let s = json(&summary);
     let loads = s["model_loads"].as_array().unwrap();
     assert_eq!(

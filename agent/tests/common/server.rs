@@ -150,13 +150,31 @@ impl Server {
 
     /// Waits until no request is in flight and the counters stopped moving.
     pub fn settled_metrics(&self) -> HashMap<String, f64> {
+        // Gauges like n_busy_slots_per_decode can be NaN: compare the counters only.
+        let counters = |m: &HashMap<String, f64>| -> Vec<f64> {
+            [
+                "n_decode_total",
+                "prompt_tokens_total",
+                "tokens_predicted_total",
+            ]
+            .iter()
+            .map(|k| m.get(&format!("llamacpp:{k}")).copied().unwrap_or(-1.0))
+            .collect()
+        };
+        let t0 = Instant::now();
         let mut prev = self.metrics();
         loop {
             std::thread::sleep(Duration::from_millis(300));
             let cur = self.metrics();
-            if cur.get("llamacpp:requests_processing") == Some(&0.0) && cur == prev {
+            if cur.get("llamacpp:requests_processing") == Some(&0.0)
+                && counters(&cur) == counters(&prev)
+            {
                 return cur;
             }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "llama-server's counters never settled"
+            );
             prev = cur;
         }
     }
