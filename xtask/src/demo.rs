@@ -5,7 +5,7 @@ use std::{
     fs::{self, File},
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     thread,
     time::{Duration, Instant},
@@ -14,8 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    fixtures::{self, Matrix},
-    setup,
+    fixtures, setup,
     util::{self, progress},
 };
 
@@ -56,15 +55,7 @@ pub fn run() -> Result<()> {
         bail!("`cargo xtask demo` attaches eBPF probes and must run as root: run it again with sudo or as root");
     }
     setup::run()?;
-    let vars = fixtures::prepare(Matrix::Default, false)?;
-    let var = |key: &str| -> Result<PathBuf> {
-        vars.iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| PathBuf::from(v))
-            .with_context(|| format!("fixtures gave no {key}"))
-    };
-    let server_bin = var("LLAMAPROBE_LLAMA_SERVER")?;
-    let model = var("LLAMAPROBE_MODEL")?;
+    let (server_bin, model) = fixtures::prepare_demo()?;
 
     progress!("building llamaprobe (release)");
     util::run_inherit(

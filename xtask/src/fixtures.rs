@@ -1,46 +1,209 @@
-//! `cargo xtask fixtures`: real, unmodified llama.cpp builds and a tiny GGUF model for the tests.
+//! `cargo xtask fixtures`: a version/build matrix of real, unmodified llama.cpp builds, and a tiny
+//! GGUF model, for the tests.
 //!
-//! llama.cpp's source comes from the `llama-cpp-python` sdist on PyPI (it vendors a llama.cpp
-//! commit under `vendor/llama.cpp`), built with CMake into the cache. The model is written by
-//! `assets/make_tiny_model.py` with PyPI `gguf` (llama.cpp's own writer) in a venv.
+//! Every fixture is one row of [`FIXTURES`], the one place that records what it is: where it
+//! comes from, its llama.cpp build number and commit, API generation, linkage, which binaries it
+//! has, and the facts the tests check against it (symbols, struct offsets). Sources:
 //!
-//! Prints `KEY=VALUE` lines on stdout and writes them to `cache/fixtures.env`.
+//! - `llama-cpp-python` sdists from PyPI (each vendors a llama.cpp commit under
+//!   `vendor/llama.cpp`), built with CMake into `cache/build/<name>`;
+//! - the prebuilt libllama of an npm package, with a small C driver of ours
+//!   (`agent/tests/embedded/driver.c`) linked against it;
+//! - `strip --strip-all` copies of other fixtures' files.
+//!
+//! The model is written by `assets/make_tiny_model.py` with PyPI `gguf` (llama.cpp's own writer)
+//! in a venv.
+//!
+//! Prints `KEY=VALUE` lines on stdout (also written to `cache/fixtures.env`) and describes every
+//! fixture of the chosen matrix in `cache/fixtures.json` (`LLAMAPROBE_FIXTURES`).
 
 use std::{
     fs,
+    os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
+use serde_json::{json, Value};
 
 use crate::util::{self, progress};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Matrix {
-    /// The newest llama.cpp and the tiny model.
+    /// The newest llama.cpp, a mid-2025 classic build, the npm prebuilt library with our driver,
+    /// a stripped copy of the newest libllama, and the tiny model.
     Default,
-    /// Every llama.cpp row of the table, and the larger model too.
+    /// Every row of the fixture table (adds late 2024 and a static -g build with a stripped
+    /// copy), and the larger model too.
     Full,
 }
 
-/// One llama.cpp build made from a `llama-cpp-python` sdist.
-pub struct LlamaFixture {
-    /// Short name; the first row's keys have no suffix, the others get `_<NAME>`.
-    pub name: &'static str,
-    /// `llama-cpp-python` version whose sdist vendors the llama.cpp source.
-    pub sdist_version: &'static str,
-    pub sdist_sha256: &'static str,
+impl Matrix {
+    pub fn name(self) -> &'static str {
+        match self {
+            Matrix::Default => "default",
+            Matrix::Full => "full",
+        }
+    }
+}
+
+/// How a decode step enters libllama (the agent's `targets.rs` has the same two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Generation {
+    /// `llama_process(ctx, type, llama_batch_ext *)` → `llama_context::decode(llama_batch_ext const&)`.
+    BatchExt,
+    /// `llama_decode(ctx, struct llama_batch)` with the 56-byte batch (b3943+).
+    Classic,
+}
+
+impl Generation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Generation::BatchExt => "batch_ext",
+            Generation::Classic => "classic",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Linkage {
+    /// libllama and ggml are shared libraries.
+    Shared,
+    /// Everything is in the executable.
+    Static,
+}
+
+impl Linkage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Linkage::Shared => "shared",
+            Linkage::Static => "static",
+        }
+    }
+}
+
+/// Byte offsets of `struct llama_context_params` fields (x86-64), from that version's llama.h,
+/// checked with offsetof.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtxParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_seq_max: u32,
+    pub n_threads: u32,
+    pub n_threads_batch: u32,
+}
+
+/// llama.h up to b4463 … llama-cpp-python 0.3.16 at least (b4295 and b5904 checked).
+const CTX_PARAMS_CLASSIC: CtxParams = CtxParams {
+    n_ctx: 0,
+    n_batch: 4,
+    n_ubatch: 8,
+    n_seq_max: 12,
+    n_threads: 16,
+    n_threads_batch: 20,
+};
+
+/// 2026 llama.h (b11312; the npm v0.5.0 library writes the same 160-byte struct): `n_rs_seq`,
+/// `n_outputs_max`, `n_outputs_max_per_seq` come before the thread counts.
+const CTX_PARAMS_2026: CtxParams = CtxParams {
+    n_ctx: 0,
+    n_batch: 4,
+    n_ubatch: 8,
+    n_seq_max: 12,
+    n_threads: 28,
+    n_threads_batch: 32,
+};
+
+/// A `llama-cpp-python` sdist on PyPI.
+pub struct Sdist {
+    pub version: &'static str,
+    pub sha256: &'static str,
+}
+
+/// llama.cpp built with CMake from an sdist's `vendor/llama.cpp`.
+pub struct CmakeBuild {
+    pub sdist: Sdist,
     /// Directory under `cache/build/`.
     pub build_dir: &'static str,
     pub cmake_flags: &'static [&'static str],
     /// CMake targets: executables that land in `bin/` (libllama is built as their dependency).
     pub targets: &'static [&'static str],
-    pub in_default_matrix: bool,
 }
+
+/// A prebuilt libllama from npm, driven by our own program.
+pub struct NpmPrebuilt {
+    pub package: &'static str,
+    pub version: &'static str,
+    /// sha256 of the `npm pack` tarball (npm's own integrity: see the row).
+    pub sha256: &'static str,
+    /// Directory of the libraries inside the tarball.
+    pub lib_dir: &'static str,
+    /// The libllama file in `lib_dir` (its SONAME too).
+    pub libllama: &'static str,
+    /// Our driver's C source, relative to the workspace root.
+    pub driver_source: &'static str,
+}
+
+pub enum Source {
+    Build(CmakeBuild),
+    Npm(NpmPrebuilt),
+    /// A copy of the shared-library directory of fixture `from` with `libllama.so*` stripped
+    /// (`strip --strip-all`); `from`'s executables run on it with `LD_LIBRARY_PATH`.
+    StripLibllama {
+        from: &'static str,
+    },
+    /// A `strip --strip-all` copy of fixture `from`'s `llama-server` (`from` stays the unstripped
+    /// copy for `--symbols-from`).
+    StripServer {
+        from: &'static str,
+    },
+}
+
+/// One fixture: a real llama.cpp build (or a copy of one) and what is known about it.
+pub struct Fixture {
+    pub name: &'static str,
+    pub in_default_matrix: bool,
+    pub source: Source,
+    /// `bNNNN (commit abcdef0)`: the build number is the commit count (`git rev-list --count`),
+    /// as llama.cpp's release tags are.
+    pub llama_cpp: &'static str,
+    /// Year and month of that llama.cpp commit.
+    pub date: &'static str,
+    pub generation: Generation,
+    pub linkage: Linkage,
+    /// No `.symtab` left in the files that matter (libllama, or the static executable).
+    pub stripped: bool,
+    /// The executables carry DWARF (`-g`).
+    pub dwarf: bool,
+    /// Where llama-server's own code is: `"executable"` or the library's file name.
+    pub server_code: Option<&'static str>,
+    /// Mangled name of `common_sampler_sample` in the server (None: no server).
+    pub common_sampler_symbol: Option<&'static str>,
+    pub ctx_params: CtxParams,
+    /// Compatibility table: the llama.cpp versions or builds this fixture stands for.
+    pub covers: &'static str,
+    /// Compatibility table: what llamaprobe measures on it.
+    pub measured: &'static str,
+}
+
+/// `common_sampler_sample(common_sampler *, llama_context *, int idx, bool grammar_first)`:
+/// the same signature, so the same mangled name, in b4295, b5904 and b11312.
+const COMMON_SAMPLER_SAMPLE: &str = "_Z21common_sampler_sampleP14common_samplerP13llama_contextib";
+
+/// llama-cpp-python 0.3.36: llama.cpp 0c1e57098bba (2026-10-01, "webgpu: fix SSM_SCAN binding
+/// aliasing (#29750)"), b11312. The sdist's CHANGELOG.md says "update llama.cpp to
+/// ggml-org/llama.cpp@0c1e57098", its shallow `.git/modules/vendor/llama.cpp` has the full
+/// hash; the build number is from llama.cpp release references (the shallow clone cannot
+/// count commits).
+const SDIST_0_3_36: Sdist = Sdist {
+    version: "0.3.36",
+    sha256: "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+};
 
 const NEWEST_FLAGS: &[&str] = &[
     "-DCMAKE_BUILD_TYPE=Release",
@@ -53,21 +216,270 @@ const NEWEST_FLAGS: &[&str] = &[
     "-DLLAMA_CURL=OFF",
 ];
 
-/// The llama.cpp builds. An older generation is one more row.
-pub const LLAMA_FIXTURES: &[LlamaFixture] = &[LlamaFixture {
-    name: "newest",
-    sdist_version: "0.3.36",
-    sdist_sha256: "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
-    build_dir: "newest",
-    cmake_flags: NEWEST_FLAGS,
-    targets: &["llama-server", "llama-cli", "llama-simple"],
-    in_default_matrix: true,
-}];
+/// The newest source again, everything linked into the executables, with DWARF.
+const STATIC_FLAGS: &[&str] = &[
+    "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_CURL=OFF",
+];
+
+/// 2024-2025 CMake: no LLAMA_OPENSSL / LLAMA_USE_PREBUILT_UI (the web UI is a checked-in
+/// `index.html(.gz)`); HTTPS is LLAMA_SERVER_SSL (off by default; explicit here); LLAMA_CURL
+/// defaults to ON in 2025 (needs libcurl headers) and OFF in 2024.
+const CLASSIC_FLAGS: &[&str] = &[
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_NATIVE=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_SERVER_SSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_CURL=OFF",
+];
+
+const SERVER_CLI_SIMPLE: &[&str] = &["llama-server", "llama-cli", "llama-simple"];
+
+/// The fixtures. A fixture's `from` must come earlier, in the same or a smaller matrix.
+pub const FIXTURES: &[Fixture] = &[
+    Fixture {
+        name: "newest",
+        in_default_matrix: true,
+        source: Source::Build(CmakeBuild {
+            sdist: SDIST_0_3_36,
+            build_dir: "newest",
+            cmake_flags: NEWEST_FLAGS,
+            targets: SERVER_CLI_SIMPLE,
+        }),
+        llama_cpp: "b11312 (commit 0c1e570)",
+        date: "2026-10",
+        generation: Generation::BatchExt,
+        linkage: Linkage::Shared,
+        stripped: false,
+        dwarf: false,
+        // llama-server → libllama-server-impl.so → libllama-common.so (common_sampler_sample).
+        server_code: Some("libllama-server-impl.so"),
+        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
+        ctx_params: CTX_PARAMS_2026,
+        covers: "2026+ (`llama_process`), shared libraries",
+        measured: "all: decode steps, sampling (`common_sampler_sample` in libllama-common.so), \
+                   synchronize, model load, context",
+    },
+    Fixture {
+        name: "newest-stripped",
+        in_default_matrix: true,
+        source: Source::StripLibllama { from: "newest" },
+        llama_cpp: "b11312 (commit 0c1e570)",
+        date: "2026-10",
+        generation: Generation::BatchExt,
+        linkage: Linkage::Shared,
+        stripped: true,
+        dwarf: false,
+        server_code: Some("libllama-server-impl.so"),
+        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
+        ctx_params: CTX_PARAMS_2026,
+        covers: "2026+, shared libraries, libllama stripped",
+        measured: "all, from `.dynsym` alone",
+    },
+    // llama-cpp-python 0.3.14 (PyPI 2025-07-18): llama.cpp 79e0b68c1786 (2025-07-16, "llama: add
+    // LLAMA_API to deprecated llama_kv_self_seq_div (#14708)"), b5904 (commit count in a
+    // full clone; Homebrew's b5900 = 10a0351a and b5910 = 6ffd4e9c bracket it). Vendored
+    // llama.h: llama_decode(ctx, struct llama_batch), llama_model_load_from_file,
+    // llama_init_from_model, llama_sampler_*, no llama_process; tools/server/server.cpp is
+    // compiled into the llama-server executable with the static `common` library.
+    Fixture {
+        name: "mid2025",
+        in_default_matrix: true,
+        source: Source::Build(CmakeBuild {
+            sdist: Sdist {
+                version: "0.3.14",
+                sha256: "c7ffd71685923a911206a40e972c1ec739aa21032100fdc8618316571b173507",
+            },
+            build_dir: "mid2025",
+            cmake_flags: CLASSIC_FLAGS,
+            targets: SERVER_CLI_SIMPLE,
+        }),
+        llama_cpp: "b5904 (commit 79e0b68)",
+        date: "2025-07",
+        generation: Generation::Classic,
+        linkage: Linkage::Shared,
+        stripped: false,
+        dwarf: false,
+        server_code: Some("executable"),
+        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
+        ctx_params: CTX_PARAMS_CLASSIC,
+        covers: "b4463 … 2026 classic (`llama_model_load_from_file`, `llama_init_from_model`), \
+                 shared libraries",
+        measured: "all; `common_sampler_sample` from the executable's `.symtab`",
+    },
+    // npm @node-llama-cpp/linux-x64 3.22.1 (published 2026-09-28): llama.cpp release v0.5.0
+    // (bins/linux-x64/_nlcBuildMetadata.json; the binaries' build info says b1-0ad4a86, which
+    // is node-llama-cpp's own commit). Classic: llama_decode, llama_model_load_from_file,
+    // llama_init_from_model, no llama_process; the CPU backend is a dlopen'ed
+    // libggml-cpu-<arch>.so. npm's integrity: sha512-5uCCDNqWCNfaAm8aR/Uzxbo4HBpKgNF91kCHPepK
+    // hgMgV2OAmatoefbOlMihsqCiH2Od35E/eUHQCFbfRBJuOg==.
+    Fixture {
+        name: "npm",
+        in_default_matrix: true,
+        source: Source::Npm(NpmPrebuilt {
+            package: "@node-llama-cpp/linux-x64",
+            version: "3.22.1",
+            sha256: "0d953e1503d5ab4608d8ed5b739132308c81ac05ffeb760d2a7f30e08a9f90e0",
+            lib_dir: "package/bins/linux-x64",
+            libllama: "libllama.v0.5.0.so",
+            driver_source: "agent/tests/embedded/driver.c",
+        }),
+        llama_cpp: "v0.5.0 (release tag; no commit recorded)",
+        date: "2026-09",
+        generation: Generation::Classic,
+        linkage: Linkage::Shared,
+        stripped: false,
+        dwarf: false,
+        server_code: None,
+        common_sampler_symbol: None,
+        ctx_params: CTX_PARAMS_2026,
+        covers: "prebuilt libllama embedded in another program (classic, 2026)",
+        measured: "all (sampling through `llama_sampler_sample`), in our driver: 12 decode steps, \
+                   9 prompt tokens, 12 samples",
+    },
+    // llama-cpp-python 0.3.5 (PyPI 2024-12-10): llama.cpp 26a8406ba919 (2024-12-09, "CUDA: fix
+    // shared memory access condition for mmv (#10740)"), b4295 (commit count; Homebrew's
+    // llama.cpp b4295 formula names the same revision). The newest sdist whose llama.h has
+    // neither llama_model_load_from_file (b4424+) nor llama_init_from_model (b4463+): 0.3.6 is
+    // b4447 and has the first. llama_decode takes the 56-byte batch, llama_sampler_* exist;
+    // examples/server is compiled into the executable.
+    Fixture {
+        name: "late2024",
+        in_default_matrix: false,
+        source: Source::Build(CmakeBuild {
+            sdist: Sdist {
+                version: "0.3.5",
+                sha256: "f5ce47499d53d3973e28ca5bdaf2dfe820163fa3fb67e3050f98e2e9b58d2cf6",
+            },
+            build_dir: "late2024",
+            cmake_flags: CLASSIC_FLAGS,
+            targets: SERVER_CLI_SIMPLE,
+        }),
+        llama_cpp: "b4295 (commit 26a8406)",
+        date: "2024-12",
+        generation: Generation::Classic,
+        linkage: Linkage::Shared,
+        stripped: false,
+        dwarf: false,
+        server_code: Some("executable"),
+        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
+        ctx_params: CTX_PARAMS_CLASSIC,
+        covers: "b3943 … b4423 classic (only `llama_load_model_from_file`, \
+                 `llama_new_context_with_model`), shared libraries",
+        measured: "all; model load and context through those two entry points",
+    },
+    Fixture {
+        name: "static",
+        in_default_matrix: false,
+        source: Source::Build(CmakeBuild {
+            sdist: SDIST_0_3_36,
+            build_dir: "static",
+            cmake_flags: STATIC_FLAGS,
+            targets: &["llama-server", "llama-cli"],
+        }),
+        llama_cpp: "b11312 (commit 0c1e570)",
+        date: "2026-10",
+        generation: Generation::BatchExt,
+        linkage: Linkage::Static,
+        stripped: false,
+        dwarf: true,
+        server_code: Some("executable"),
+        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
+        ctx_params: CTX_PARAMS_2026,
+        covers: "statically linked builds with DWARF (`-g`), here 2026+",
+        measured: "all, from the executable's `.symtab`; struct layouts checkable from its DWARF",
+    },
+    Fixture {
+        name: "static-stripped",
+        in_default_matrix: false,
+        source: Source::StripServer { from: "static" },
+        llama_cpp: "b11312 (commit 0c1e570)",
+        date: "2026-10",
+        generation: Generation::BatchExt,
+        linkage: Linkage::Static,
+        stripped: true,
+        dwarf: false,
+        server_code: Some("executable"),
+        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
+        ctx_params: CTX_PARAMS_2026,
+        covers: "statically linked and stripped builds, here 2026+",
+        measured: "nothing from the file alone (no symbols); all with `--symbols-from` the \
+                   unstripped `static` executable",
+    },
+];
+
+impl Fixture {
+    pub fn in_matrix(&self, matrix: Matrix) -> bool {
+        matrix == Matrix::Full || self.in_default_matrix
+    }
+
+    /// Where it comes from, in words (`fixtures.json`'s `source`).
+    pub fn source_text(&self) -> String {
+        match &self.source {
+            Source::Build(b) => {
+                let mut text = format!("llama-cpp-python {} sdist", b.sdist.version);
+                let special: Vec<&str> = b
+                    .cmake_flags
+                    .iter()
+                    .filter(|f| {
+                        ["SHARED_LIBS=OFF", "RelWithDebInfo"]
+                            .iter()
+                            .any(|s| f.ends_with(s))
+                    })
+                    .map(|f| f.trim_start_matches("-D"))
+                    .collect();
+                if !special.is_empty() {
+                    text.push_str(&format!(" ({})", special.join(", ")));
+                }
+                text
+            }
+            Source::Npm(n) => format!("npm {}@{} prebuilt libllama", n.package, n.version),
+            Source::StripLibllama { from } => {
+                format!("{from}'s shared libraries, libllama.so* after strip --strip-all")
+            }
+            Source::StripServer { from } => {
+                format!("{from}'s llama-server after strip --strip-all")
+            }
+        }
+    }
+}
+
+fn fixture(name: &str) -> Result<&'static Fixture> {
+    FIXTURES
+        .iter()
+        .find(|f| f.name == name)
+        .with_context(|| format!("no fixture named {name}"))
+}
 
 /// Python packages for the model generator (numpy's PCG64 stream is stable across versions).
 const PYTHON_REQUIREMENTS: &[&str] = &["gguf==0.19.0", "numpy>=1.24"];
 
 const MODEL_SCRIPT: &str = include_str!("../assets/make_tiny_model.py");
+
+/// What the driver must print when run on the tiny model.
+const DRIVER_EXPECTED: &str = "driver decodes=12 prompt_tokens=9 generated=12 samples=12";
+
+/// What a fixture step produced (absolute paths).
+#[derive(Default, Debug)]
+pub struct Built {
+    pub server: Option<PathBuf>,
+    pub cli: Option<PathBuf>,
+    pub simple: Option<PathBuf>,
+    pub driver: Option<PathBuf>,
+    pub libllama: Option<PathBuf>,
+    /// The directory of the shared libraries (the `bin/` of a CMake build).
+    pub lib_dir: Option<PathBuf>,
+    pub env: Vec<(&'static str, PathBuf)>,
+    pub symbols_from: Option<PathBuf>,
+}
 
 /// Prepares the fixtures, prints them as `KEY=VALUE` lines and writes `cache/fixtures.env`.
 pub fn run(matrix: Matrix, large: bool) -> Result<()> {
@@ -78,53 +490,154 @@ pub fn run(matrix: Matrix, large: bool) -> Result<()> {
     Ok(())
 }
 
-/// Prepares the fixtures and returns their `(KEY, VALUE)` pairs (also written to `fixtures.env`).
+/// Prepares the fixtures of the matrix and returns their `(KEY, VALUE)` pairs (also written to
+/// `fixtures.env`); writes `fixtures.json`.
 pub fn prepare(matrix: Matrix, large: bool) -> Result<Vec<(String, String)>> {
     let cache = util::cache_dir()?;
-    let mut vars = Vec::new();
+    let started = Instant::now();
 
-    for (index, fixture) in LLAMA_FIXTURES.iter().enumerate() {
-        if matrix == Matrix::Default && !fixture.in_default_matrix {
-            continue;
-        }
-        let suffix = if index == 0 {
-            String::new()
-        } else {
-            format!("_{}", fixture.name.to_uppercase().replace('-', "_"))
-        };
-        let source = extract_sdist(&cache, fixture)?;
-        let build = build_llama(&cache, fixture, &source)?;
-        let bin = build.join("bin");
-        for target in fixture.targets {
-            let key = format!(
-                "LLAMAPROBE_{}{suffix}",
-                target.to_uppercase().replace('-', "_")
-            );
-            vars.push((key, path_string(&bin.join(target))));
-        }
-        vars.push((
-            format!("LLAMAPROBE_LIBLLAMA{suffix}"),
-            path_string(&find_libllama(&build)?),
-        ));
-    }
-
+    // The model first: the npm driver is checked against it.
     let python = python_env(&cache)?;
     let models = cache.join("models");
     let tiny = make_model(&cache, &python, &models.join("tiny.gguf"), &[])?;
-    vars.push(("LLAMAPROBE_MODEL".into(), path_string(&tiny)));
-    if large || matrix == Matrix::Full {
-        let big = make_model(
+    let big = if large || matrix == Matrix::Full {
+        Some(make_model(
             &cache,
             &python,
             &models.join("tiny-large.gguf"),
             &["--large"],
-        )?;
-        vars.push(("LLAMAPROBE_MODEL_LARGE".into(), path_string(&big)));
+        )?)
+    } else {
+        None
+    };
+
+    let selected: Vec<&Fixture> = FIXTURES.iter().filter(|f| f.in_matrix(matrix)).collect();
+    let mut built: Vec<(&Fixture, Built)> = Vec::new();
+    let mut times = Vec::new();
+    for (i, f) in selected.iter().enumerate() {
+        progress!(
+            "fixture {}/{} '{}' ({})",
+            i + 1,
+            selected.len(),
+            f.name,
+            f.source_text()
+        );
+        let t = Instant::now();
+        let b = prepare_fixture(&cache, f, &built, &tiny)
+            .with_context(|| format!("fixture '{}'", f.name))?;
+        times.push((f.name, t.elapsed()));
+        built.push((f, b));
     }
+
+    let mut vars = Vec::new();
+    for (f, b) in &built {
+        // The newest build's keys have no suffix (what the tests and the demo read); other
+        // CMake builds get `_<NAME>`. Everything else is in fixtures.json.
+        let suffix = match (&f.source, f.name) {
+            (_, "newest") => String::new(),
+            (Source::Build(_), name) => format!("_{}", name.to_uppercase().replace('-', "_")),
+            _ => continue,
+        };
+        for (key, path) in [
+            ("LLAMA_SERVER", &b.server),
+            ("LLAMA_CLI", &b.cli),
+            ("LLAMA_SIMPLE", &b.simple),
+            ("LIBLLAMA", &b.libllama),
+        ] {
+            if let Some(path) = path {
+                vars.push((format!("LLAMAPROBE_{key}{suffix}"), path_string(path)));
+            }
+        }
+    }
+    vars.push(("LLAMAPROBE_MODEL".into(), path_string(&tiny)));
+    if let Some(big) = &big {
+        vars.push(("LLAMAPROBE_MODEL_LARGE".into(), path_string(big)));
+    }
+
+    let json_path = cache.join("fixtures.json");
+    util::write_atomic(&json_path, fixtures_json(&built).as_bytes())?;
+    vars.push(("LLAMAPROBE_FIXTURES".into(), path_string(&json_path)));
 
     let env_file: String = vars.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     util::write_atomic(&cache.join("fixtures.env"), env_file.as_bytes())?;
+
+    progress!(
+        "fixtures ({} matrix) ready in {}:",
+        matrix.name(),
+        util::format_duration(started.elapsed())
+    );
+    for (name, took) in &times {
+        progress!("  {name:<16} {:>12}", util::format_duration(*took));
+    }
     Ok(vars)
+}
+
+/// Only what the demo needs: the newest llama-server and the tiny model (no matrix files).
+pub fn prepare_demo() -> Result<(PathBuf, PathBuf)> {
+    let cache = util::cache_dir()?;
+    let python = python_env(&cache)?;
+    let tiny = make_model(&cache, &python, &cache.join("models/tiny.gguf"), &[])?;
+    let newest = fixture("newest")?;
+    let b = prepare_fixture(&cache, newest, &[], &tiny)?;
+    let server = b.server.context("the newest fixture has no llama-server")?;
+    Ok((server, tiny))
+}
+
+fn prepare_fixture(
+    cache: &Path,
+    f: &'static Fixture,
+    earlier: &[(&Fixture, Built)],
+    model: &Path,
+) -> Result<Built> {
+    let from = |name: &str| -> Result<&Built> {
+        earlier
+            .iter()
+            .find(|(e, _)| e.name == name)
+            .map(|(_, b)| b)
+            .with_context(|| format!("fixture '{name}' must be prepared first"))
+    };
+    match &f.source {
+        Source::Build(build) => {
+            let source = extract_sdist(cache, &build.sdist)?;
+            let dir = build_llama(cache, f.name, build, &source)?;
+            let bin = dir.join("bin");
+            let exe = |name: &str| {
+                build
+                    .targets
+                    .contains(&name)
+                    .then(|| bin.join(name))
+                    .filter(|p| p.is_file())
+            };
+            let libllama = match f.linkage {
+                Linkage::Shared => Some(find_libllama(&dir)?),
+                Linkage::Static => None,
+            };
+            if f.dwarf {
+                for target in build.targets {
+                    let exe = bin.join(target);
+                    if !has_section(&exe, ".debug_info")? {
+                        bail!("{} has no DWARF (.debug_info)", exe.display());
+                    }
+                }
+            }
+            Ok(Built {
+                server: exe("llama-server"),
+                cli: exe("llama-cli"),
+                simple: exe("llama-simple"),
+                driver: None,
+                lib_dir: libllama
+                    .as_deref()
+                    .and_then(Path::parent)
+                    .map(Path::to_path_buf),
+                libllama,
+                env: Vec::new(),
+                symbols_from: None,
+            })
+        }
+        Source::Npm(npm) => prepare_npm(cache, npm, model),
+        Source::StripLibllama { from: name } => strip_libllama(cache, f.name, from(name)?),
+        Source::StripServer { from: name } => strip_server(cache, f.name, from(name)?),
+    }
 }
 
 fn path_string(path: &Path) -> String {
@@ -132,10 +645,77 @@ fn path_string(path: &Path) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// fixtures.json
+
+/// A JSON object with its keys in the given order (serde_json's map would sort them).
+fn ordered_object(fields: &[(&str, String)], indent: &str) -> String {
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(key, value)| format!("{indent}  {}: {value}", json!(key)))
+        .collect();
+    format!("{{\n{}\n{indent}}}", body.join(",\n"))
+}
+
+/// The JSON array describing the prepared fixtures (keys in a fixed, readable order).
+fn fixtures_json(built: &[(&Fixture, Built)]) -> String {
+    let path = |p: &Option<PathBuf>| match p {
+        Some(p) => json!(path_string(p)).to_string(),
+        None => "null".to_string(),
+    };
+    let objects: Vec<String> = built
+        .iter()
+        .map(|(f, b)| {
+            let env: serde_json::Map<String, Value> = b
+                .env
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(path_string(v))))
+                .collect();
+            let c = f.ctx_params;
+            let ctx_params = [
+                ("n_ctx", c.n_ctx),
+                ("n_batch", c.n_batch),
+                ("n_ubatch", c.n_ubatch),
+                ("n_seq_max", c.n_seq_max),
+                ("n_threads", c.n_threads),
+                ("n_threads_batch", c.n_threads_batch),
+            ]
+            .iter()
+            .map(|(k, v)| format!("{}: {v}", json!(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+            let fields: Vec<(&str, String)> = vec![
+                ("name", json!(f.name).to_string()),
+                ("source", json!(f.source_text()).to_string()),
+                ("llama_cpp", json!(f.llama_cpp).to_string()),
+                ("date", json!(f.date).to_string()),
+                ("generation", json!(f.generation.as_str()).to_string()),
+                ("linkage", json!(f.linkage.as_str()).to_string()),
+                ("stripped", json!(f.stripped).to_string()),
+                ("dwarf", json!(f.dwarf).to_string()),
+                ("server", path(&b.server)),
+                ("cli", path(&b.cli)),
+                ("driver", path(&b.driver)),
+                ("libllama", path(&b.libllama)),
+                ("env", Value::Object(env).to_string()),
+                ("symbols_from", path(&b.symbols_from)),
+                ("server_code", json!(f.server_code).to_string()),
+                (
+                    "common_sampler_symbol",
+                    json!(f.common_sampler_symbol).to_string(),
+                ),
+                ("ctx_params", format!("{{{ctx_params}}}")),
+            ];
+            format!("  {}", ordered_object(&fields, "  "))
+        })
+        .collect();
+    format!("[\n{}\n]\n", objects.join(",\n"))
+}
+
+// ---------------------------------------------------------------------------------------------
 // llama.cpp source: the llama-cpp-python sdist
 
-fn sdist_name(fixture: &LlamaFixture) -> String {
-    format!("llama_cpp_python-{}", fixture.sdist_version)
+fn sdist_name(sdist: &Sdist) -> String {
+    format!("llama_cpp_python-{}", sdist.version)
 }
 
 fn sha256_of(path: &Path) -> Result<String> {
@@ -148,12 +728,12 @@ fn sha256_of(path: &Path) -> Result<String> {
 }
 
 /// Makes sure `cache/src/llama_cpp_python-X.tar.gz` exists with the right sha256.
-fn download_sdist(cache: &Path, fixture: &LlamaFixture) -> Result<PathBuf> {
+fn download_sdist(cache: &Path, sdist: &Sdist) -> Result<PathBuf> {
     let src = cache.join("src");
-    let tarball = src.join(format!("{}.tar.gz", sdist_name(fixture)));
+    let tarball = src.join(format!("{}.tar.gz", sdist_name(sdist)));
     if tarball.is_file() {
         let sha = sha256_of(&tarball)?;
-        if sha == fixture.sdist_sha256 {
+        if sha == sdist.sha256 {
             return Ok(tarball);
         }
         progress!(
@@ -163,59 +743,47 @@ fn download_sdist(cache: &Path, fixture: &LlamaFixture) -> Result<PathBuf> {
         fs::remove_file(&tarball)?;
     }
     fs::create_dir_all(&src)?;
-    let requirement = format!("llama-cpp-python=={}", fixture.sdist_version);
-    progress!("downloading the {requirement} sdist (about 77 MB)");
-
-    // pip first; it cannot prepare this sdist's metadata without its build backend
-    // (scikit-build-core) installed, so fall back to PyPI's JSON APIs and curl.
-    let pip = util::run(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                "llama-cpp-python",
-            ])
-            .args(["--no-build-isolation", "-q", "-d"])
-            .arg(&src)
-            .arg(&requirement),
+    // Not `pip download`: pip prepares an sdist's metadata before saving it, and that needs
+    // this one's build backend (scikit-build-core). PyPI's JSON APIs give the file's URL.
+    progress!(
+        "downloading the llama-cpp-python=={} sdist (50-80 MB)",
+        sdist.version
     );
-    if !tarball.is_file() {
-        if let Err(err) = pip {
-            progress!("pip download did not work ({err:#}); asking PyPI's JSON API instead");
-        }
-        let url = sdist_url(fixture)?;
-        let partial = tarball.with_extension("part");
-        util::run(
-            Command::new("curl")
-                .args(["-fL", "--retry", "3", "--progress-bar", "-o"])
-                .arg(&partial)
-                .arg(&url),
-        )
-        .with_context(|| format!("downloading {url} failed"))?;
-        fs::rename(&partial, &tarball)?;
-    }
+    let url = sdist_url(sdist)?;
+    download(&url, &tarball)?;
 
     let sha = sha256_of(&tarball)?;
-    if sha != fixture.sdist_sha256 {
+    if sha != sdist.sha256 {
         fs::remove_file(&tarball)?;
         bail!(
             "{} has sha256 {sha}, expected {}: removed it; run the command again",
             tarball.display(),
-            fixture.sdist_sha256
+            sdist.sha256
         );
     }
     Ok(tarball)
 }
 
+/// curl to `<dest>.part`, then a rename.
+fn download(url: &str, dest: &Path) -> Result<()> {
+    let partial = dest.with_extension("part");
+    util::run(
+        Command::new("curl")
+            .args(["-fL", "--retry", "3", "--progress-bar", "-o"])
+            .arg(&partial)
+            .arg(url),
+    )
+    .with_context(|| format!("downloading {url} failed"))?;
+    fs::rename(&partial, dest)?;
+    Ok(())
+}
+
 /// The sdist's download URL, from PyPI's per-release JSON API, else the PEP 691 simple index.
-fn sdist_url(fixture: &LlamaFixture) -> Result<String> {
-    let filename = format!("{}.tar.gz", sdist_name(fixture));
+fn sdist_url(sdist: &Sdist) -> Result<String> {
+    let filename = format!("{}.tar.gz", sdist_name(sdist));
     let release_api = format!(
         "https://pypi.org/pypi/llama-cpp-python/{}/json",
-        fixture.sdist_version
+        sdist.version
     );
     if let Ok(text) = util::output(Command::new("curl").args(["-fsSL", &release_api])) {
         let json: serde_json::Value = serde_json::from_str(&text).context("PyPI JSON")?;
@@ -246,41 +814,44 @@ fn sdist_url(fixture: &LlamaFixture) -> Result<String> {
         .with_context(|| format!("PyPI lists no {filename}"))
 }
 
-/// Extracts the sdist to `cache/src/llama_cpp_python-X/`; returns its `vendor/llama.cpp`.
-fn extract_sdist(cache: &Path, fixture: &LlamaFixture) -> Result<PathBuf> {
-    let dir = cache.join("src").join(sdist_name(fixture));
-    let source = dir.join("vendor/llama.cpp");
-    if source.join("CMakeLists.txt").is_file() {
-        return Ok(source);
-    }
-    let tarball = download_sdist(cache, fixture)?;
-    progress!("extracting {}", tarball.display());
-    // Into a scratch directory first, so an interrupted extraction is never mistaken for a good one.
-    let scratch = cache
-        .join("src")
-        .join(format!(".extract-{}", sdist_name(fixture)));
+/// Extracts `tarball` into `dest` through a scratch directory, so an interrupted extraction is
+/// never mistaken for a good one. `top` is the tarball's top directory.
+fn extract_tarball(tarball: &Path, top: &str, dest: &Path) -> Result<()> {
+    let parent = dest.parent().context("extraction target has no parent")?;
+    let scratch = parent.join(format!(
+        ".extract-{}",
+        dest.file_name().unwrap_or_default().to_string_lossy()
+    ));
     if scratch.exists() {
         fs::remove_dir_all(&scratch)?;
     }
     fs::create_dir_all(&scratch)?;
+    progress!("extracting {}", tarball.display());
     util::run(
         Command::new("tar")
             .arg("-xzf")
-            .arg(&tarball)
+            .arg(tarball)
             .arg("-C")
             .arg(&scratch),
     )?;
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
+    if dest.exists() {
+        fs::remove_dir_all(dest)?;
     }
-    fs::rename(scratch.join(sdist_name(fixture)), &dir).with_context(|| {
-        format!(
-            "{} has no top directory {}",
-            tarball.display(),
-            sdist_name(fixture)
-        )
-    })?;
+    fs::rename(scratch.join(top), dest)
+        .with_context(|| format!("{} has no top directory {top}", tarball.display()))?;
     fs::remove_dir_all(&scratch)?;
+    Ok(())
+}
+
+/// Extracts the sdist to `cache/src/llama_cpp_python-X/`; returns its `vendor/llama.cpp`.
+fn extract_sdist(cache: &Path, sdist: &Sdist) -> Result<PathBuf> {
+    let dir = cache.join("src").join(sdist_name(sdist));
+    let source = dir.join("vendor/llama.cpp");
+    if source.join("CMakeLists.txt").is_file() {
+        return Ok(source);
+    }
+    let tarball = download_sdist(cache, sdist)?;
+    extract_tarball(&tarball, &sdist_name(sdist), &dir)?;
     if !source.join("CMakeLists.txt").is_file() {
         bail!(
             "{} has no vendor/llama.cpp/CMakeLists.txt",
@@ -293,38 +864,39 @@ fn extract_sdist(cache: &Path, fixture: &LlamaFixture) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // llama.cpp build
 
-fn build_stamp(fixture: &LlamaFixture) -> String {
+fn build_stamp(build: &CmakeBuild) -> String {
     format!(
         "sdist=llama-cpp-python=={} sha256={}\ncmake_flags={}\ntargets={}\n",
-        fixture.sdist_version,
-        fixture.sdist_sha256,
-        fixture.cmake_flags.join(" "),
-        fixture.targets.join(" ")
+        build.sdist.version,
+        build.sdist.sha256,
+        build.cmake_flags.join(" "),
+        build.targets.join(" ")
     )
 }
 
-/// Builds the fixture's targets into `cache/build/<dir>` unless a matching build is there.
-fn build_llama(cache: &Path, fixture: &LlamaFixture, source: &Path) -> Result<PathBuf> {
-    let build = cache.join("build").join(fixture.build_dir);
-    let stamp_file = build.join(".llamaprobe-build-stamp");
-    let stamp = build_stamp(fixture);
+/// Builds the targets into `cache/build/<dir>` unless a matching build is there.
+fn build_llama(cache: &Path, name: &str, build: &CmakeBuild, source: &Path) -> Result<PathBuf> {
+    let dir = cache.join("build").join(build.build_dir);
+    let stamp_file = dir.join(".llamaprobe-build-stamp");
+    let stamp = build_stamp(build);
 
-    wait_for_other_builds(&build);
+    wait_for_other_builds(&dir);
 
-    let built = fixture
+    let built = build
         .targets
         .iter()
-        .all(|t| build.join("bin").join(t).is_file());
+        .all(|t| dir.join("bin").join(t).is_file());
     if built && fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
-        return Ok(build);
+        progress!("  {} is built (stamp matches)", dir.display());
+        return Ok(dir);
     }
 
     let _ = fs::remove_file(&stamp_file);
     progress!(
-        "building llama.cpp '{}' (llama-cpp-python {}) in {}: about 10 min on 2 cores when cold",
-        fixture.name,
-        fixture.sdist_version,
-        build.display()
+        "building llama.cpp '{name}' (llama-cpp-python {}, {}) in {}: about 10 min on 2 cores when cold",
+        build.sdist.version,
+        build.targets.join(" "),
+        dir.display()
     );
     let started = Instant::now();
     util::run(
@@ -332,35 +904,34 @@ fn build_llama(cache: &Path, fixture: &LlamaFixture, source: &Path) -> Result<Pa
             .arg("-S")
             .arg(source)
             .arg("-B")
-            .arg(&build)
-            .args(fixture.cmake_flags),
+            .arg(&dir)
+            .args(build.cmake_flags),
     )
     .context("configuring llama.cpp failed: see the CMake output above")?;
     let jobs = thread::available_parallelism().map_or(1, |n| n.get());
     util::run(
         Command::new("cmake")
             .arg("--build")
-            .arg(&build)
+            .arg(&dir)
             .arg(format!("-j{jobs}"))
             .arg("--target")
-            .args(fixture.targets),
+            .args(build.targets),
     )
     .context("building llama.cpp failed: see the compiler output above")?;
-    for target in fixture.targets {
-        if !build.join("bin").join(target).is_file() {
+    for target in build.targets {
+        if !dir.join("bin").join(target).is_file() {
             bail!(
                 "the build finished but made no bin/{target} in {}",
-                build.display()
+                dir.display()
             );
         }
     }
     fs::write(&stamp_file, stamp)?;
     progress!(
-        "built llama.cpp '{}' in {}",
-        fixture.name,
+        "built llama.cpp '{name}' in {}",
         util::format_duration(started.elapsed())
     );
-    Ok(build)
+    Ok(dir)
 }
 
 /// Waits while another `cmake --build <build>` (an earlier run, another terminal) is running.
@@ -432,6 +1003,361 @@ fn find_libllama(build: &Path) -> Result<PathBuf> {
         "no libllama.so in {}/{{bin,src,lib}}: was it built with BUILD_SHARED_LIBS=ON?",
         build.display()
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Derived copies: stripped files
+
+/// Identifies a file's content cheaply for stamps (path, size, modification time).
+fn fingerprint(path: &Path) -> Result<String> {
+    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let mtime = meta
+        .modified()?
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    Ok(format!("{} {} {mtime}", path.display(), meta.len()))
+}
+
+/// Runs `make` into a scratch directory and renames it to `dir`, unless `dir`'s stamp says it
+/// was made from the same inputs.
+fn derived_dir(dir: &Path, stamp: &str, make: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let stamp_file = dir.join(".llamaprobe-stamp");
+    if fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp) {
+        progress!("  {} is up to date (stamp matches)", dir.display());
+        return Ok(());
+    }
+    let scratch = dir.with_extension("tmp");
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch)?;
+    }
+    fs::create_dir_all(&scratch)?;
+    make(&scratch)?;
+    fs::write(scratch.join(".llamaprobe-stamp"), stamp)?;
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::rename(&scratch, dir)?;
+    Ok(())
+}
+
+fn strip_all(file: &Path) -> Result<()> {
+    util::run(Command::new("strip").arg("--strip-all").arg(file))
+        .with_context(|| format!("strip --strip-all {} failed", file.display()))
+}
+
+/// Whether an ELF file has a section of that name (`readelf -S`).
+fn has_section(file: &Path, section: &str) -> Result<bool> {
+    let out = util::output(Command::new("readelf").args(["-S", "-W"]).arg(file))?;
+    Ok(out.contains(&format!(" {section} ")))
+}
+
+fn has_symtab(file: &Path) -> Result<bool> {
+    has_section(file, ".symtab")
+}
+
+/// `cache/build/<name>/lib`: `from`'s shared libraries, with `libllama.so*` stripped; `from`'s
+/// executables run on them with `LD_LIBRARY_PATH` (searched before their DT_RUNPATH).
+fn strip_libllama(cache: &Path, name: &str, from: &Built) -> Result<Built> {
+    let src = from
+        .lib_dir
+        .as_ref()
+        .context("no shared-library directory")?;
+    let libllama = from.libllama.as_ref().context("no libllama")?;
+    let root = cache.join("build").join(name);
+    let lib = root.join("lib");
+    // Every library copied, so a rebuild of `from` makes a new copy.
+    let mut stamp = String::from("strip-libllama v1\n");
+    let mut sources: Vec<PathBuf> = fs::read_dir(src)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_shared_library(p) && p.is_file())
+        .collect();
+    sources.sort();
+    for source in &sources {
+        stamp.push_str(&format!("from={}\n", fingerprint(source)?));
+    }
+    fs::create_dir_all(&root)?;
+    derived_dir(&lib, &stamp, |scratch| {
+        let mut stripped = 0;
+        for entry in fs::read_dir(src)? {
+            let entry = entry?;
+            let file_name = entry.file_name();
+            let file = file_name.to_string_lossy();
+            if !is_shared_library(&entry.path()) {
+                continue;
+            }
+            let to = scratch.join(&file_name);
+            let meta = fs::symlink_metadata(entry.path())?;
+            if meta.file_type().is_symlink() {
+                symlink(fs::read_link(entry.path())?, &to)?;
+            } else {
+                fs::copy(entry.path(), &to)?;
+                if file.starts_with("libllama.so") {
+                    strip_all(&to)?;
+                    stripped += 1;
+                }
+            }
+        }
+        if stripped == 0 {
+            bail!("no libllama.so* file in {}", src.display());
+        }
+        Ok(())
+    })?;
+
+    let libllama_copy = lib.join(libllama.file_name().context("libllama has no file name")?);
+    if has_symtab(&libllama_copy)? {
+        bail!("{} still has a .symtab", libllama_copy.display());
+    }
+    let server = from.server.clone();
+    if let Some(server) = &server {
+        check_library_path(server, &lib)?;
+    }
+    Ok(Built {
+        server,
+        cli: from.cli.clone(),
+        simple: from.simple.clone(),
+        driver: None,
+        libllama: Some(libllama_copy),
+        lib_dir: Some(lib.clone()),
+        env: vec![("LD_LIBRARY_PATH", lib)],
+        symbols_from: None,
+    })
+}
+
+/// `libX.so` or `libX.so.N…` (a file or a symlink).
+fn is_shared_library(path: &Path) -> bool {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    name.starts_with("lib") && (name.ends_with(".so") || name.contains(".so."))
+}
+
+/// Checks with `ldd` that `exe` run with `LD_LIBRARY_PATH=lib` loads libllama from `lib`.
+fn check_library_path(exe: &Path, lib: &Path) -> Result<()> {
+    let out = util::output(Command::new("ldd").arg(exe).env("LD_LIBRARY_PATH", lib))?;
+    let line = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("libllama.so"))
+        .with_context(|| format!("ldd {} lists no libllama.so:\n{out}", exe.display()))?;
+    let resolved = line
+        .split("=>")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default();
+    if !Path::new(resolved).starts_with(lib) {
+        bail!(
+            "with LD_LIBRARY_PATH={} {} still loads {line}",
+            lib.display(),
+            exe.display()
+        );
+    }
+    Ok(())
+}
+
+/// `cache/build/<name>/llama-server`: a `strip --strip-all` copy of `from`'s llama-server.
+fn strip_server(cache: &Path, name: &str, from: &Built) -> Result<Built> {
+    let server = from.server.as_ref().context("no llama-server to strip")?;
+    let dir = cache.join("build").join(name);
+    let stamp = format!("strip-server v1\nfrom={}\n", fingerprint(server)?);
+    derived_dir(&dir, &stamp, |scratch| {
+        let to = scratch.join("llama-server");
+        fs::copy(server, &to)?;
+        strip_all(&to)
+    })?;
+    let stripped = dir.join("llama-server");
+    if has_symtab(&stripped)? {
+        bail!("{} still has a .symtab", stripped.display());
+    }
+    Ok(Built {
+        server: Some(stripped),
+        symbols_from: Some(server.clone()),
+        ..Built::default()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// npm prebuilt libllama and our driver
+
+fn npm_name(npm: &NpmPrebuilt) -> String {
+    // "@node-llama-cpp/linux-x64" 3.22.1 → "node-llama-cpp-linux-x64-3.22.1" (npm pack's name).
+    format!(
+        "{}-{}",
+        npm.package.trim_start_matches('@').replace('/', "-"),
+        npm.version
+    )
+}
+
+/// `cache/npm/<name>.tgz` with the right sha256 (`npm pack`, else curl from the registry).
+fn download_npm(cache: &Path, npm: &NpmPrebuilt) -> Result<PathBuf> {
+    let dir = cache.join("npm");
+    let tarball = dir.join(format!("{}.tgz", npm_name(npm)));
+    if tarball.is_file() && sha256_of(&tarball)? == npm.sha256 {
+        return Ok(tarball);
+    }
+    fs::create_dir_all(&dir)?;
+    let spec = format!("{}@{}", npm.package, npm.version);
+    progress!("downloading npm {spec} (about 11 MB)");
+    let packed = if util::command_exists("npm") {
+        util::run(
+            Command::new("npm")
+                .args(["pack", "--silent", &spec])
+                .current_dir(&dir),
+        )
+    } else {
+        Err(anyhow::anyhow!("npm is not installed"))
+    };
+    if let Err(err) = packed {
+        // The registry's own tarball URL, what `npm pack` downloads.
+        let base = npm.package.rsplit('/').next().unwrap_or(npm.package);
+        let url = format!(
+            "https://registry.npmjs.org/{}/-/{base}-{}.tgz",
+            npm.package, npm.version
+        );
+        progress!("npm pack did not work ({err:#}); fetching {url}");
+        download(&url, &tarball)?;
+    }
+    let sha = sha256_of(&tarball)?;
+    if sha != npm.sha256 {
+        fs::remove_file(&tarball)?;
+        bail!(
+            "{} has sha256 {sha}, expected {}: removed it; run the command again",
+            tarball.display(),
+            npm.sha256
+        );
+    }
+    Ok(tarball)
+}
+
+/// The npm package extracted to `cache/npm/<name>/`, our driver built against its libllama
+/// into `cache/build/npm/driver` and checked on the tiny model.
+fn prepare_npm(cache: &Path, npm: &NpmPrebuilt, model: &Path) -> Result<Built> {
+    let extracted = cache.join("npm").join(npm_name(npm));
+    let lib_dir = extracted.join(npm.lib_dir.trim_start_matches("package/"));
+    let libllama = lib_dir.join(npm.libllama);
+    let stamp_file = extracted.join(".llamaprobe-stamp");
+    let stamp = format!(
+        "npm {}@{} sha256={}\n",
+        npm.package, npm.version, npm.sha256
+    );
+    if !(libllama.is_file() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(&stamp)) {
+        let tarball = download_npm(cache, npm)?;
+        extract_tarball(&tarball, "package", &extracted)?;
+        if !libllama.is_file() {
+            bail!(
+                "{} has no {}/{}",
+                tarball.display(),
+                npm.lib_dir,
+                npm.libllama
+            );
+        }
+        fs::write(&stamp_file, &stamp)?;
+    }
+
+    let source_path = util::workspace_root().join(npm.driver_source);
+    let source = fs::read(&source_path)
+        .with_context(|| format!("reading the driver source {}", source_path.display()))?;
+    let out_dir = cache.join("build/npm");
+    let driver = out_dir.join("driver");
+    let cc_args = [
+        "-O1".to_string(),
+        "-g".into(),
+        "-Wall".into(),
+        "-Wextra".into(),
+        "-Werror".into(),
+        format!("-L{}", lib_dir.display()),
+        format!("-l:{}", npm.libllama),
+        "-ldl".into(),
+        format!("-Wl,-rpath,{}", lib_dir.display()),
+    ];
+    let driver_stamp = format!(
+        "source={:016x}\nlib={}\ncc=gcc {}\nmodel={}\n",
+        util::fnv1a(&source),
+        fingerprint(&libllama)?,
+        cc_args.join(" "),
+        fingerprint(model)?,
+    );
+    let driver_stamp_file = out_dir.join(".llamaprobe-stamp");
+    if driver.is_file()
+        && fs::read_to_string(&driver_stamp_file).ok().as_deref() == Some(&driver_stamp)
+    {
+        progress!("  {} is built (stamp matches)", driver.display());
+    } else {
+        let _ = fs::remove_file(&driver_stamp_file);
+        fs::create_dir_all(&out_dir)?;
+        progress!(
+            "compiling {} against {}",
+            source_path.display(),
+            libllama.display()
+        );
+        let partial = out_dir.join("driver.part");
+        util::run(
+            Command::new("gcc")
+                .arg("-o")
+                .arg(&partial)
+                .arg(&source_path)
+                .args(&cc_args),
+        )
+        .context("compiling the driver failed")?;
+        fs::rename(&partial, &driver)?;
+        check_driver(&driver, model)?;
+        fs::write(&driver_stamp_file, driver_stamp)?;
+    }
+    Ok(Built {
+        driver: Some(driver),
+        libllama: Some(libllama),
+        lib_dir: Some(lib_dir),
+        ..Built::default()
+    })
+}
+
+/// Runs the driver on the model and checks its report.
+fn check_driver(driver: &Path, model: &Path) -> Result<()> {
+    progress!("running {} {}", driver.display(), model.display());
+    let out = Command::new(driver)
+        .arg(model)
+        .env_remove("DRIVER_WAIT_STDIN")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("could not start {}", driver.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || stdout.trim_end() != DRIVER_EXPECTED {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        bail!(
+            "the driver ({}) printed {:?}, expected {DRIVER_EXPECTED:?}; its stderr ends with:\n{}",
+            out.status,
+            stdout.trim_end(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compatibility table (README.md, `cargo xtask compat`)
+
+/// The markdown compatibility table generated from [`FIXTURES`].
+pub fn compat_table() -> String {
+    let mut s = String::from(
+        "| llama.cpp versions / fixture's build | API generation | measured | tested by fixture |\n\
+         |---|---|---|---|\n",
+    );
+    for f in FIXTURES {
+        let matrix = if f.in_default_matrix {
+            "default"
+        } else {
+            "full"
+        };
+        s.push_str(&format!(
+            "| {} / {}, {} | {} | {} | `{}` ({matrix} matrix): {} |\n",
+            f.covers,
+            f.llama_cpp,
+            f.date,
+            f.generation.as_str(),
+            f.measured,
+            f.name,
+            f.source_text(),
+        ));
+    }
+    s
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,4 +1482,157 @@ fn make_model(cache: &Path, python: &PythonEnv, output: &Path, args: &[&str]) ->
     fs::rename(&partial, output)?;
     fs::write(&stamp_file, stamp)?;
     Ok(output.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_derived_fixtures_come_after_their_source() {
+        for (i, f) in FIXTURES.iter().enumerate() {
+            assert!(
+                FIXTURES[..i].iter().all(|e| e.name != f.name),
+                "{} twice",
+                f.name
+            );
+            if let Source::StripLibllama { from } | Source::StripServer { from } = f.source {
+                let source = FIXTURES[..i]
+                    .iter()
+                    .find(|e| e.name == from)
+                    .unwrap_or_else(|| panic!("{}: {from} must come earlier", f.name));
+                assert!(
+                    !f.in_default_matrix || source.in_default_matrix,
+                    "{}: {from} must be in every matrix {} is in",
+                    f.name,
+                    f.name
+                );
+            }
+        }
+        assert_eq!(
+            FIXTURES[0].name, "newest",
+            "the unsuffixed keys are newest's"
+        );
+    }
+
+    #[test]
+    fn rows_are_consistent() {
+        for f in FIXTURES {
+            assert!(
+                f.llama_cpp.starts_with('b') || f.llama_cpp.starts_with('v'),
+                "{}",
+                f.name
+            );
+            assert_eq!(f.date.len(), 7, "{}: date is YYYY-MM", f.name);
+            assert_eq!(f.server_code.is_some(), f.common_sampler_symbol.is_some());
+            if let Source::Build(b) = &f.source {
+                let shared = b.cmake_flags.contains(&"-DBUILD_SHARED_LIBS=ON");
+                assert_eq!(shared, f.linkage == Linkage::Shared, "{}", f.name);
+                let dwarf = b.cmake_flags.contains(&"-DCMAKE_BUILD_TYPE=RelWithDebInfo");
+                assert_eq!(dwarf, f.dwarf, "{}", f.name);
+                assert_eq!(
+                    b.targets.contains(&"llama-server"),
+                    f.server_code.is_some(),
+                    "{}",
+                    f.name
+                );
+            }
+            if f.dwarf {
+                assert!(!f.stripped);
+            }
+        }
+    }
+
+    #[test]
+    fn default_matrix_is_a_subset_with_newest() {
+        let default: Vec<&str> = FIXTURES
+            .iter()
+            .filter(|f| f.in_matrix(Matrix::Default))
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(default, ["newest", "newest-stripped", "mid2025", "npm"]);
+        assert_eq!(
+            FIXTURES
+                .iter()
+                .filter(|f| f.in_matrix(Matrix::Full))
+                .count(),
+            FIXTURES.len()
+        );
+    }
+
+    #[test]
+    fn fixtures_json_has_every_field_in_order() {
+        let newest = fixture("newest").unwrap();
+        let stripped = fixture("newest-stripped").unwrap();
+        let built = vec![
+            (
+                newest,
+                Built {
+                    server: Some("/c/build/newest/bin/llama-server".into()),
+                    libllama: Some("/c/build/newest/bin/libllama.so.0.5.0".into()),
+                    ..Built::default()
+                },
+            ),
+            (
+                stripped,
+                Built {
+                    env: vec![("LD_LIBRARY_PATH", "/c/build/newest-stripped/lib".into())],
+                    ..Built::default()
+                },
+            ),
+        ];
+        let text = fixtures_json(&built);
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        let first = &parsed[0];
+        assert_eq!(first["name"], "newest");
+        assert_eq!(first["generation"], "batch_ext");
+        assert_eq!(first["server"], "/c/build/newest/bin/llama-server");
+        assert_eq!(first["cli"], Value::Null);
+        assert_eq!(first["env"], json!({}));
+        assert_eq!(first["ctx_params"]["n_threads"], 28);
+        assert_eq!(
+            parsed[1]["env"]["LD_LIBRARY_PATH"],
+            "/c/build/newest-stripped/lib"
+        );
+        let keys = [
+            "name",
+            "source",
+            "llama_cpp",
+            "date",
+            "generation",
+            "linkage",
+            "stripped",
+            "dwarf",
+            "server",
+            "cli",
+            "driver",
+            "libllama",
+            "env",
+            "symbols_from",
+            "server_code",
+            "common_sampler_symbol",
+            "ctx_params",
+        ];
+        let mut at = 0;
+        for key in keys {
+            let found = text[at..]
+                .find(&format!("\"{key}\":"))
+                .unwrap_or_else(|| panic!("{key} missing or out of order"));
+            at += found;
+        }
+        assert_eq!(first.as_object().unwrap().len(), keys.len());
+    }
+
+    /// README.md's compatibility section is generated: it must equal the table.
+    #[test]
+    fn readme_compat_table_is_current() {
+        let readme = fs::read_to_string(util::workspace_root().join("README.md")).unwrap();
+        let current = crate::compat::between_markers(&readme)
+            .expect("README.md has the compat:start / compat:end markers");
+        assert_eq!(
+            current.trim(),
+            compat_table().trim(),
+            "README.md's compatibility table is out of date: run `cargo xtask compat --write`"
+        );
+    }
 }

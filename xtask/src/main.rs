@@ -1,7 +1,8 @@
-//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo>`.
+//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo|compat>`.
 //!
 //! Everything is idempotent and cached under `~/.cache/llamaprobe` (or `$LLAMAPROBE_CACHE`).
 
+mod compat;
 mod demo;
 mod fixtures;
 mod setup;
@@ -29,7 +30,8 @@ struct Cli {
 enum Task {
     /// Install what is missing: Debian packages (cmake, compilers), nightly rust-src, bpf-linker.
     Setup,
-    /// Build real llama.cpp binaries and a tiny GGUF model; print them as KEY=VALUE lines.
+    /// Build the matrix of real llama.cpp binaries and a tiny GGUF model; print KEY=VALUE lines
+    /// (LLAMAPROBE_FIXTURES names a JSON description of every fixture).
     Fixtures {
         #[arg(long, value_enum, default_value = "default")]
         matrix: Matrix,
@@ -47,6 +49,12 @@ enum Task {
     },
     /// End to end: llama-server on the tiny model, llamaprobe attached, a dozen requests (as root).
     Demo,
+    /// Print the compatibility table generated from the fixture table (markdown).
+    Compat {
+        /// Write it into README.md between `<!-- compat:start -->` and `<!-- compat:end -->`.
+        #[arg(long)]
+        write: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +74,7 @@ fn run(task: Task) -> Result<()> {
         Task::Fixtures { matrix, large } => fixtures::run(matrix, large),
         Task::Test { matrix, cargo_args } => test::run(matrix, &cargo_args),
         Task::Demo => demo::run(),
+        Task::Compat { write } => compat::run(write),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs what building and testing need, skipping what is there.
 //!
-//! - Debian packages for missing commands (cmake, a C/C++ compiler, make, curl, python3);
+//! - Debian packages for missing commands (cmake, a C/C++ compiler, binutils, make, curl,
+//!   python3);
 //! - the nightly toolchain's `rust-src` component (`-Z build-std=core` for the BPF target);
 //! - `bpf-linker`, linked against the nightly toolchain's own libLLVM, under the cache's `tools/`.
 
@@ -21,6 +22,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("make", "make"),
     ("gcc", "gcc"),
     ("g++", "g++"),
+    // strip and readelf, for the stripped fixtures.
+    ("strip", "binutils"),
+    ("readelf", "binutils"),
     ("curl", "curl"),
     ("python3", "python3"),
 ];
@@ -34,11 +38,12 @@ pub fn run() -> Result<()> {
 }
 
 fn install_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let mut missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .filter(|(command, _)| !util::command_exists(command))
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup(); // binutils provides two of the commands
     if missing.is_empty() {
         return Ok(());
     }

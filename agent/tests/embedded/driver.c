@@ -5,7 +5,7 @@
 // exactly:
 //
 //   llama_model_load_from_file(argv[1])         1 model load
-//   llama_init_from_model(n_ctx 512, n_batch 64) 1 context
+//   llama_init_from_model(n_ctx 512, n_batch 64, 1 thread) 1 context
 //   llama_decode(llama_batch_get_one(9 tokens))   1 prompt step (BOS, 300..307)
 //   12 x { llama_sampler_sample(greedy chain, ctx, -1); feed the token back with
 //          llama_decode(llama_batch_get_one(1)) except after the last sample }
@@ -20,7 +20,7 @@
 // parameter structs are passed by value, so their sizes must be right: 80 and 160 bytes in
 // this llama.cpp (v0.5.0; the same layout as the llama.cpp of llama-cpp-python 0.3.36, and
 // what the library's own llama_{model,context}_default_params write). Only the leading
-// fields we set are named.
+// context fields, up to the ones we set, are named.
 //
 // Build: gcc -O1 -o driver driver.c -L<libdir> -l:libllama.v0.5.0.so -ldl -Wl,-rpath,<libdir>
 
@@ -28,6 +28,7 @@
 #include <dlfcn.h>
 #include <libgen.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,15 +48,21 @@ struct llama_model_params {
 };
 
 struct llama_context_params {
-    uint32_t n_ctx;     // offset 0
-    uint32_t n_batch;   // offset 4
-    uint32_t n_ubatch;  // offset 8
-    uint32_t n_seq_max; // offset 12
-    _Alignas(8) unsigned char rest[144];
+    uint32_t n_ctx;                 // offset 0
+    uint32_t n_batch;               // 4
+    uint32_t n_ubatch;              // 8
+    uint32_t n_seq_max;             // 12
+    uint32_t n_rs_seq;              // 16
+    uint32_t n_outputs_max;         // 20
+    uint32_t n_outputs_max_per_seq; // 24
+    int32_t n_threads;              // 28
+    int32_t n_threads_batch;        // 32
+    _Alignas(8) unsigned char rest[120]; // from offset 40
 };
 
 _Static_assert(sizeof(struct llama_model_params) == 80, "llama_model_params is 80 bytes");
 _Static_assert(sizeof(struct llama_context_params) == 160, "llama_context_params is 160 bytes");
+_Static_assert(offsetof(struct llama_context_params, n_threads) == 28, "n_threads at 28");
 
 // The classic 56-byte batch (b3943+).
 struct llama_batch {
@@ -84,6 +91,9 @@ void llama_model_free(struct llama_model *model);
 struct llama_context *llama_init_from_model(struct llama_model *model,
                                             struct llama_context_params params);
 void llama_free(struct llama_context *ctx);
+uint32_t llama_n_ctx(const struct llama_context *ctx);
+uint32_t llama_n_batch(const struct llama_context *ctx);
+int32_t llama_n_threads(struct llama_context *ctx);
 struct llama_batch llama_batch_get_one(llama_token *tokens, int32_t n_tokens);
 int32_t llama_decode(struct llama_context *ctx, struct llama_batch batch);
 struct llama_sampler *llama_sampler_chain_init(struct llama_sampler_chain_params params);
@@ -139,9 +149,19 @@ int main(int argc, char **argv) {
     struct llama_context_params cparams = llama_context_default_params();
     cparams.n_ctx = 512;
     cparams.n_batch = 64;
+    // One thread: ggml's worker threads spin at every graph node, and the default 4 of them on a
+    // small (or busy) machine make each step of this tiny model take milliseconds.
+    cparams.n_threads = 1;
+    cparams.n_threads_batch = 1;
     struct llama_context *ctx = llama_init_from_model(model, cparams);
     if (ctx == NULL) {
         fprintf(stderr, "driver: could not create a context\n");
+        return 1;
+    }
+    // The context read our parameters where we wrote them: the struct layout above is right.
+    if (llama_n_ctx(ctx) != 512 || llama_n_batch(ctx) != 64 || llama_n_threads(ctx) != 1) {
+        fprintf(stderr, "driver: context has n_ctx %u, n_batch %u, n_threads %d: wrong layout\n",
+                llama_n_ctx(ctx), llama_n_batch(ctx), llama_n_threads(ctx));
         return 1;
     }
     struct llama_sampler *smpl = llama_sampler_chain_init(llama_sampler_chain_default_params());
