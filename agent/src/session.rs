@@ -154,9 +154,19 @@ async fn event_loop(
                 let label = found.label();
                 pipe.assembler.set_model(pid, &label);
                 pipe.resources.set_model(pid, &label, &info);
+                pipe.stats.note(format!(
+                    "model: recovered from the process ({:?}; loaded before llamaprobe attached): {}",
+                    found.source,
+                    describe_model(&info)
+                ));
             }
-            Ok(None) => tracing::info!("pid {pid}: no model file found in the process"),
-            Err(e) => tracing::info!("pid {pid}: model not recovered: {e}"),
+            Ok(None) => pipe.stats.note(
+                "model: not seen (loaded before llamaprobe attached) and not found in the process"
+                    .into(),
+            ),
+            Err(e) => pipe.stats.note(format!(
+                "model: not seen (loaded before llamaprobe attached); recovery failed: {e}"
+            )),
         }
     }
     let mut self_stats = SelfStats {
@@ -319,9 +329,14 @@ impl Pipeline {
             return;
         };
         match resources::model_from_load(m.origin.pid, std::path::Path::new(path)) {
-            Ok(info) => self
-                .resources
-                .set_model(m.origin.pid, &m.origin.model, &info),
+            Ok(info) => {
+                self.resources
+                    .set_model(m.origin.pid, &m.origin.model, &info);
+                self.stats.note(format!(
+                    "model: observed at load: {}",
+                    describe_model(&info)
+                ));
+            }
             Err(e) => tracing::info!("pid {}: {e}", m.origin.pid),
         }
     }
@@ -379,4 +394,18 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid timespec pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One line about a model file's metadata.
+fn describe_model(info: &resources::ModelInfo) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+    format!(
+        "{} — {}, {} parameters, {}, trained context {}, {} bytes",
+        info.path.display(),
+        opt(info.architecture.clone()),
+        info.parameters,
+        opt(info.file_type.map(|f| f.to_string())),
+        opt(info.context_length.map(|c| c.to_string())),
+        info.size_bytes
+    )
 }

@@ -140,6 +140,9 @@ pub struct Summary {
     /// Mean time per output token after the first, per request.
     pub time_per_output_token: LatencySummary,
     pub request_duration: LatencySummary,
+    /// How the process's facts were learnt: observed by the probes, or recovered from the
+    /// process when llamaprobe attached after they happened.
+    pub facts: Vec<String>,
 }
 
 /// Aggregates observations for the summary.
@@ -163,12 +166,18 @@ pub struct Stats {
     context_used: BTreeMap<(u32, i32), u32>,
     memory_changes: u64,
     requests: u64,
+    facts: Vec<String>,
     ttft: Latency,
     tpot: Latency,
     request_duration: Latency,
 }
 
 impl Stats {
+    /// Records how a fact about the process was learnt (shown in the summary).
+    pub fn note(&mut self, fact: String) {
+        self.facts.push(fact);
+    }
+
     pub fn observe(&mut self, obs: &Observation) {
         if let Some(origin) = obs.origin() {
             for s in obs.context_used() {
@@ -277,6 +286,7 @@ impl Stats {
             time_to_first_token: self.ttft.summary(),
             time_per_output_token: self.tpot.summary(),
             request_duration: self.request_duration.summary(),
+            facts: self.facts.clone(),
             span_s: self
                 .first_ns
                 .map(|f| self.last_ns.saturating_sub(f) as f64 / 1e9)
@@ -401,6 +411,9 @@ impl Summary {
                 if l.ok { "ok" } else { "FAILED" },
                 l.duration_ms
             );
+        }
+        for f in &self.facts {
+            let _ = writeln!(s, "{f}");
         }
         let opt = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
         for c in &self.contexts {

@@ -159,6 +159,33 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
         delta("tokens_predicted_total") - responses.len() as f64
     );
     assert_eq!(s["ended_by"], "interrupted");
+    // Attached after the load: the model was recovered from the process, and said so.
+    let facts: Vec<&str> = s["facts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        facts
+            .iter()
+            .any(|f| f.starts_with("model: recovered from the process")
+                && f.contains(&*model.to_string_lossy())),
+        "{facts:?}"
+    );
+    let stem = model.file_stem().unwrap().to_string_lossy().into_owned();
+    assert!(
+        sum_of(
+            &ours,
+            "llamacpp_decode_calls_total",
+            &format!("model=\"{stem}\"")
+        ) > 0.0,
+        "series carry the recovered model label"
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_model_info", "architecture=\"llama\""),
+        1.0
+    );
     // The process keeps serving after llamaprobe detached.
     let r = completion(server.port, "after detach", 3);
     assert_eq!(r["tokens_predicted"], 3);
