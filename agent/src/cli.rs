@@ -97,8 +97,13 @@ pub struct ProfileOpts {
     /// Without one, GPU metrics are off (said once).
     #[arg(long, value_name = "PATH", env = "LLAMAPROBE_NVML_LIB")]
     pub nvml_lib: Option<PathBuf>,
-    /// Do not probe llama_synchronize (two fewer probe hits per decode step; no compute time).
-    #[arg(long)]
+    /// Probe llama_synchronize (where a GPU step completes): `auto` does when a GPU backend of
+    /// ggml is mapped or installed beside it; on the CPU a decode step is synchronous and the
+    /// probe would only add hits (two per call, several calls per step).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub sync: SyncMode,
+    /// Same as --sync off.
+    #[arg(long, hide = true)]
     pub no_sync: bool,
     /// No live view or periodic lines; only the final summary.
     #[arg(long, short)]
@@ -107,6 +112,14 @@ pub struct ProfileOpts {
     /// or its separate debug file (matched by GNU build id, else by file name).
     #[arg(long, value_name = "FILE")]
     pub symbols_from: Option<PathBuf>,
+}
+
+/// When to probe llama_synchronize.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    Auto,
+    On,
+    Off,
 }
 
 /// Where to serve Prometheus metrics.

@@ -12,7 +12,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     assemble::{Assembler, Observation},
     attach::Probes,
-    cli::{MetricsAddr, ProfileOpts},
+    cli::{MetricsAddr, ProfileOpts, SyncMode},
     discover, events,
     launch::Held,
     requests::Requests,
@@ -87,8 +87,28 @@ fn announce(
         );
     }
     eprintln!("llamaprobe: {gpu_status}");
+    eprintln!(
+        "llamaprobe: llama_synchronize {}",
+        match (sync_probed(plan, opts), &plan.gpu_backend) {
+            (true, Some(b)) => format!("probed (GPU backend {b}): compute time measured"),
+            (true, None) => "probed (--sync on)".to_string(),
+            (false, Some(_)) => "not probed (--sync off)".to_string(),
+            (false, None) =>
+                "not probed: no GPU backend, decode steps are synchronous (--sync on to probe it)"
+                    .to_string(),
+        }
+    );
     if let MetricsAddr::On(addr) = opts.metrics_addr {
         eprintln!("llamaprobe: Prometheus metrics at http://{addr}/metrics");
+    }
+}
+
+/// Whether llama_synchronize is probed (see `--sync`).
+fn sync_probed(plan: &Plan, opts: &ProfileOpts) -> bool {
+    match (opts.no_sync, opts.sync) {
+        (true, _) | (_, SyncMode::Off) => false,
+        (_, SyncMode::On) => true,
+        (_, SyncMode::Auto) => plan.gpu_backend.is_some(),
     }
 }
 
@@ -97,10 +117,10 @@ pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32>
     let pid = target.pid();
     let mut probes = Probes::load()?;
     probes.set_layout(pid, &targets::layout_for(plan.generation).layout)?;
-    let skip: &[Family] = if opts.no_sync {
-        &[Family::Synchronize]
-    } else {
+    let skip: &[Family] = if sync_probed(&plan, &opts) {
         &[]
+    } else {
+        &[Family::Synchronize]
     };
     probes.attach(&plan.probes, Some(pid), skip)?;
     let ring = probes.ring_buffer()?;

@@ -236,6 +236,61 @@ pub struct Plan {
     pub missing: Vec<&'static ProbePoint>,
     /// Files that define at least one catalog function.
     pub files: Vec<FileSymbols>,
+    /// A GPU backend the process maps or may load (see [`gpu_backend`]).
+    pub gpu_backend: Option<String>,
+}
+
+/// A ggml GPU backend among `files` (by library name or init symbol), or among the libraries
+/// beside them that a release build loads at run time (`libggml-cuda.so` next to libggml.so).
+pub fn gpu_backend(files: &[MappedFile]) -> Option<String> {
+    use crate::targets::GPU_BACKENDS;
+    let is_backend = |p: &Path| {
+        let name = p.file_name()?.to_string_lossy().into_owned();
+        GPU_BACKENDS
+            .iter()
+            .any(|(lib, _)| {
+                name.starts_with(&format!("{lib}.")) || name.starts_with(&format!("{lib}-"))
+            })
+            .then_some(name)
+    };
+    if let Some(n) = files.iter().find_map(|f| is_backend(&f.path)) {
+        return Some(n);
+    }
+    // Beside a ggml library: backends loaded later with dlopen.
+    let dirs: std::collections::BTreeSet<PathBuf> = files
+        .iter()
+        .filter(|f| {
+            f.path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libggml"))
+        })
+        .filter_map(|f| f.host_path.parent().map(Path::to_path_buf))
+        .collect();
+    for d in dirs {
+        if let Some(n) = fs::read_dir(&d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| is_backend(&e.path()))
+        {
+            return Some(n);
+        }
+    }
+    // Statically linked: the backend's init function.
+    files.iter().find_map(|f| {
+        let data = fs::read(&f.host_path).ok()?;
+        let obj = object::File::parse(&*data).ok()?;
+        let names: Vec<String> = obj
+            .symbols()
+            .chain(obj.dynamic_symbols())
+            .filter(|s| s.is_definition())
+            .filter_map(|s| s.name().ok().map(str::to_string))
+            .collect();
+        GPU_BACKENDS
+            .iter()
+            .find(|(_, init)| names.iter().any(|n| n == init))
+            .map(|(_, init)| format!("{init} in {}", f.path.display()))
+    })
 }
 
 impl Plan {
@@ -336,6 +391,7 @@ impl Plan {
             probes,
             missing,
             files: resolved,
+            gpu_backend: gpu_backend(files),
         })
     }
 }
@@ -408,6 +464,58 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mapped(path: &Path) -> MappedFile {
+        MappedFile {
+            path: path.to_path_buf(),
+            host_path: path.to_path_buf(),
+            inode: 0,
+        }
+    }
+
+    #[test]
+    fn gpu_backends_are_found_mapped_beside_ggml_or_linked_in() {
+        let dir = std::env::temp_dir().join(format!("llamaprobe-gpu-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        // Mapped by name.
+        let cuda = dir.join("libggml-cuda.so");
+        fs::write(&cuda, b"").unwrap();
+        assert_eq!(
+            gpu_backend(&[mapped(&cuda)]).as_deref(),
+            Some("libggml-cuda.so")
+        );
+        // Not mapped, but installed beside the mapped libggml (loaded later with dlopen).
+        fs::remove_file(&cuda).unwrap();
+        let ggml = dir.join("libggml.so.0");
+        fs::write(&ggml, b"").unwrap();
+        assert_eq!(gpu_backend(&[mapped(&ggml)]), None);
+        fs::write(dir.join("libggml-vulkan.so"), b"").unwrap();
+        assert_eq!(
+            gpu_backend(&[mapped(&ggml)]).as_deref(),
+            Some("libggml-vulkan.so")
+        );
+        // Linked in: the backend's init function in a binary.
+        let src = dir.join("static.c");
+        fs::write(&src, "int ggml_backend_cuda_init(void) { return 1; }\nint main(void) { return ggml_backend_cuda_init(); }\n").unwrap();
+        let exe = dir.join("static");
+        let st = std::process::Command::new("gcc")
+            .arg("-o")
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let found = gpu_backend(&[mapped(&exe)]).unwrap();
+        assert!(found.starts_with("ggml_backend_cuda_init in "), "{found}");
+        // A CPU-only process has none.
+        let sh = crate::discover::which("sh").unwrap();
+        assert_eq!(
+            gpu_backend(&crate::discover::planned_files(&sh).unwrap()),
+            None
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn an_ordinary_program_is_not_llama() {

@@ -252,6 +252,20 @@ impl ProbePoint {
     }
 }
 
+/// ggml GPU backends, by the library file a shared build loads (`libggml-<name>.so`) and the
+/// init function a static build contains. With one of them the decode step only queues work
+/// and `llama_synchronize` is where it completes; without, decode is synchronous on the CPU.
+pub const GPU_BACKENDS: &[(&str, &str)] = &[
+    ("libggml-cuda", "ggml_backend_cuda_init"),
+    ("libggml-hip", "ggml_backend_cuda_init"),
+    ("libggml-musa", "ggml_backend_cuda_init"),
+    ("libggml-vulkan", "ggml_backend_vk_init"),
+    ("libggml-sycl", "ggml_backend_sycl_init"),
+    ("libggml-metal", "ggml_backend_metal_init"),
+    ("libggml-opencl", "ggml_backend_opencl_init"),
+    ("libggml-cann", "ggml_backend_cann_init"),
+];
+
 /// Every symbol llamaprobe looks for.
 pub fn wanted_symbols() -> impl Iterator<Item = &'static str> {
     PROBES.iter().map(|p| p.symbol)

@@ -16,6 +16,8 @@ fn profile(driver: &str, test: &str) -> (Value, Vec<Value>) {
         .arg(&sum)
         .arg("--events-out")
         .arg(&ev)
+        // The fake has no GPU backend: --sync auto would leave llama_synchronize alone.
+        .args(["--sync", "on"])
         .arg("--")
         .arg(fakes().join(driver))
         .arg("/models/tiny-model.gguf")

@@ -221,6 +221,7 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     f.apply(&mut cmd);
     let mut probe = Probe::spawn(&mut cmd);
     probe.wait_for("probes attached");
+    let sync_line = probe.wait_for("llama_synchronize");
     // Wait for the server (a child of llamaprobe) to answer, then make one request.
     let t0 = std::time::Instant::now();
     while get(&format!("http://127.0.0.1:{port}/health")).is_none_or(|b| !b.contains("ok")) {
@@ -287,6 +288,12 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     assert_eq!(c["n_threads_batch"], 2);
     // From the start, the warm-up decode and the request are all seen; 6 tokens sampled.
     assert_eq!(s["sampled_tokens"], 6);
+    // A CPU build has no GPU backend: llama_synchronize is left alone (--sync auto).
+    assert_eq!(s["synchronize"]["count"], 0);
+    assert!(
+        sync_line.contains("not probed: no GPU backend"),
+        "{sync_line}"
+    );
     // Context use: the warm-up was cleared; the request's slot holds its prompt and the five
     // generated tokens fed back (the sixth was sampled, never decoded); the others hold none.
     let used = s["context_used"].as_object().unwrap();
