@@ -113,7 +113,9 @@ pub fn planned_files(exe: &Path) -> Result<Vec<MappedFile>, DiscoverError> {
         path: exe.to_path_buf(),
         reason,
     };
-    let data = fs::read(exe).map_err(|e| loader_err(e.to_string()))?;
+    let data = crate::symbols::map_elf(exe)
+        .map_err(|e| loader_err(e.to_string()))?
+        .ok_or_else(|| loader_err("not an ELF executable".into()))?;
     let interp = crate::symbols::interpreter(&data).map_err(|e| loader_err(e.to_string()))?;
     let mut files = vec![exe.to_path_buf()];
     if let Some(interp) = interp {

@@ -23,6 +23,8 @@ pub enum DwarfError {
         source: std::io::Error,
     },
     #[error("{path} is not an ELF file")]
+    NotElf { path: String },
+    #[error("{path} is not an ELF file llamaprobe can read")]
     Parse {
         path: String,
         #[source]
@@ -204,10 +206,12 @@ fn attr_u64(v: AttributeValue<EndianSlice<RunTimeEndian>>) -> Option<u64> {
 /// Reads the layouts of llama.cpp's structs from a file's DWARF.
 pub fn read(path: &Path) -> Result<DwarfLayouts, DwarfError> {
     let p = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| DwarfError::Read {
-        path: p.clone(),
-        source,
-    })?;
+    let data = crate::symbols::map_elf(path)
+        .map_err(|source| DwarfError::Read {
+            path: p.clone(),
+            source,
+        })?
+        .ok_or_else(|| DwarfError::NotElf { path: p.clone() })?;
     let obj = object::File::parse(&*data).map_err(|source| DwarfError::Parse {
         path: p.clone(),
         source,

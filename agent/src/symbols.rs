@@ -23,6 +23,8 @@ pub enum SymbolError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is not an ELF file")]
+    NotElf { path: PathBuf },
     #[error("{path} is not an ELF file llamaprobe can read")]
     Parse {
         path: PathBuf,
@@ -50,16 +52,20 @@ pub enum SymbolError {
 /// to file offsets with the stripped file's own program headers.
 pub struct SymbolsFrom {
     pub path: PathBuf,
-    data: Vec<u8>,
+    data: memmap2::Mmap,
     build_id: Option<Vec<u8>>,
 }
 
 impl SymbolsFrom {
     pub fn load(path: &Path) -> Result<Self, SymbolError> {
-        let data = fs::read(path).map_err(|source| SymbolError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let data = map_elf(path)
+            .map_err(|source| SymbolError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .ok_or_else(|| SymbolError::NotElf {
+                path: path.to_path_buf(),
+            })?;
         let obj = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
             path: path.to_path_buf(),
             source,
@@ -113,6 +119,21 @@ pub struct FileSymbols {
     pub looks_like_llama: bool,
 }
 
+/// Maps a file if it is an ELF file; `None` for anything else (a mapped model, a font, a
+/// locale archive). Files are mapped, never read whole: a process maps multi-GiB models.
+pub fn map_elf(path: &Path) -> std::io::Result<Option<memmap2::Mmap>> {
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut magic = [0u8; 4];
+    if f.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
+        return Ok(None);
+    }
+    // SAFETY: read-only mapping; a file truncated under us can fault, as with any mapped
+    // binary; llamaprobe only reads program images and libraries.
+    let map = unsafe { memmap2::Mmap::map(&f)? };
+    Ok(Some(map))
+}
+
 /// ELF interpreter (`PT_INTERP`) of an executable image, if dynamically linked.
 pub fn interpreter(data: &[u8]) -> Result<Option<String>, object::Error> {
     use object::read::elf::{ElfFile64, ProgramHeader};
@@ -142,10 +163,14 @@ pub fn resolve_file(
     file: &MappedFile,
     from: Option<&SymbolsFrom>,
 ) -> Result<FileSymbols, SymbolError> {
-    let data = fs::read(&file.host_path).map_err(|source| SymbolError::Read {
-        path: file.host_path.clone(),
-        source,
-    })?;
+    let data = map_elf(&file.host_path)
+        .map_err(|source| SymbolError::Read {
+            path: file.host_path.clone(),
+            source,
+        })?
+        .ok_or_else(|| SymbolError::NotElf {
+            path: file.host_path.clone(),
+        })?;
     resolve_bytes(file.clone(), &data, from)
 }
 
@@ -278,7 +303,7 @@ pub fn gpu_backend(files: &[MappedFile]) -> Option<String> {
     }
     // Statically linked: the backend's init function.
     files.iter().find_map(|f| {
-        let data = fs::read(&f.host_path).ok()?;
+        let data = map_elf(&f.host_path).ok()??;
         let obj = object::File::parse(&*data).ok()?;
         let names: Vec<String> = obj
             .symbols()
