@@ -112,6 +112,9 @@ fn sync_probed(plan: &Plan, opts: &ProfileOpts) -> bool {
     }
 }
 
+/// How often the ring buffer is drained when the probes did not wake the agent.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Runs a session to its end; returns the process exit code for llamaprobe.
 pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32> {
     let pid = target.pid();
@@ -217,6 +220,9 @@ async fn event_loop(
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    // The probes wake the agent only once a batch of events has piled up (see
+    // probe-ebpf/src/probes/mod.rs); the rest is drained on this timer.
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     let deadline = async {
         match opts.duration {
             Some(s) => tokio::time::sleep(Duration::from_secs_f64(s)).await,
@@ -250,6 +256,12 @@ async fn event_loop(
                     pipe.handle(&item, &mut self_stats);
                 }
                 guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    pipe.handle(&item, &mut self_stats);
+                }
             }
             _ = ticker.tick() => {
                 (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();

@@ -15,6 +15,7 @@ pub mod sampler;
 pub mod sync;
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     maps::HashMap,
     programs::ProbeContext,
@@ -22,6 +23,9 @@ use aya_ebpf::{
 use probe_common::{EventHeader, EventKind, ProcessLayout, LOST_ENTRY, LOST_RINGBUF};
 
 use crate::maps::{count_lost, EVENTS, LAYOUTS};
+
+/// Unread bytes in the ring buffer at which a new event wakes the agent (see [`leave`]).
+const WAKEUP_BYTES: u64 = 256 << 10;
 
 /// An event type with a header.
 pub trait Event: Copy + 'static {
@@ -103,7 +107,15 @@ pub fn leave<T: Event>(map: &HashMap<u32, T>, fill: impl FnOnce(&mut T)) {
     }
     ev.header().end_ns = unsafe { bpf_ktime_get_ns() };
     fill(ev);
-    if EVENTS.output(ev, 0).is_err() {
+    // Waking the agent for every event costs the traced thread an interrupt (and the agent a
+    // wake-up) per call: wake it only once a batch has piled up; the agent also drains on a
+    // short timer.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output(ev, flags as u64).is_err() {
         count_lost(LOST_RINGBUF);
     }
     let _ = map.remove(&tid);
