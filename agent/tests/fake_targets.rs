@@ -129,6 +129,7 @@ fn classic_api_every_call_measured_exactly() {
     if !root_or_skip("classic_api_every_call_measured_exactly") {
         return;
     }
+    let _serial = serial();
     let (sum, events) = profile("classic/driver_classic", "classic");
     assert_eq!(sum["generation"], "classic");
     assert_eq!(
@@ -218,6 +219,7 @@ fn batch_ext_api_every_call_measured_exactly() {
     if !root_or_skip("batch_ext_api_every_call_measured_exactly") {
         return;
     }
+    let _serial = serial();
     let (sum, events) = profile("ext/driver_ext", "ext");
     assert_eq!(sum["generation"], "batch_ext");
     // 15 steps through llama_process and one through the compatibility llama_decode: the
@@ -301,6 +303,7 @@ fn stripped_static_binary_is_explained_and_symbols_from_restores_it() {
     if !root_or_skip("stripped_static_binary_is_explained_and_symbols_from_restores_it") {
         return;
     }
+    let _serial = serial();
     // Profiling the stripped binary with the debug file measures exactly what the shared
     // build does.
     let scratch = scratch("static-stripped");

@@ -46,6 +46,7 @@ fn attach_counts_equal_llama_servers_own_counters() {
     if !root_or_skip(test) {
         return;
     }
+    let _serial = serial();
     for (f, model) in servers(test) {
         eprintln!("== fixture {}", f.name);
         attach_agrees(&f, &model);
@@ -96,8 +97,13 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
     assert_eq!(predicted, delta("tokens_predicted_total"));
     assert!(delta("n_decode_total") > 7.0);
 
-    let ours = parse_metrics(&get(&format!("http://127.0.0.1:{metrics_port}/metrics")).unwrap());
     let pid = format!("pid=\"{}\"", server.child.id());
+    // llamaprobe drains its ring buffer on a short timer: wait until it has caught up.
+    let ours = wait_metrics(metrics_port, |m| {
+        sum_of(m, "llamacpp_decode_calls_total", "") >= delta("n_decode_total")
+            && sum_of(m, "llamacpp_sample_duration_seconds_count", "")
+                >= delta("tokens_predicted_total")
+    });
     assert_eq!(
         sum_of(&ours, "llamacpp_decode_calls_total", &pid),
         delta("n_decode_total"),
@@ -197,6 +203,7 @@ fn run_sees_model_load_and_context_from_the_start() {
     if !root_or_skip(test) {
         return;
     }
+    let _serial = serial();
     for (f, model) in servers(test) {
         eprintln!("== fixture {}", f.name);
         run_sees_load(&f, &model);
@@ -231,7 +238,12 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     let r = completion(port, "hello from the run test", 6);
     assert_eq!(r["tokens_predicted"], 6);
     let prompt_n = r["tokens_evaluated"].as_u64().unwrap();
-    let ours = parse_metrics(&get(&format!("http://127.0.0.1:{metrics_port}/metrics")).unwrap());
+    // The request's slot holds prompt + 5 tokens (the sixth was sampled, never decoded).
+    let held = (prompt_n + 5) as f64;
+    let ours = wait_metrics(metrics_port, |m| {
+        m.iter()
+            .any(|(k, v)| k.starts_with("llamacpp_context_used_tokens{") && *v == held)
+    });
     let model_stem = model.file_stem().unwrap().to_string_lossy().into_owned();
     let label = format!("model=\"{model_stem}\"");
     // The context's parameters as llama-server set them (-c 2048 -np 4 -t 2, n_ubatch 512).
@@ -242,8 +254,7 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     assert_eq!(sum_of(&ours, "llamacpp_sequences_max", &label), 4.0);
     assert_eq!(sum_of(&ours, "llamacpp_ubatch_size_tokens", &label), 512.0);
     assert_eq!(sum_of(&ours, "llamacpp_threads", &label), 2.0);
-    // The request's slot holds prompt + 5 tokens of its 512-token share (2048 / 4 sequences).
-    let held = (prompt_n + 5) as f64;
+    // That is the slot's use of its 512-token share (2048 / 4 sequences); the others hold none.
     let used: Vec<f64> = ours
         .iter()
         .filter(|(k, v)| k.starts_with("llamacpp_context_used_tokens{") && **v > 0.0)
@@ -316,6 +327,7 @@ fn concurrent_streaming_requests_are_each_reconstructed() {
     if !root_or_skip(test) {
         return;
     }
+    let _serial = serial();
     for (f, model) in servers(test) {
         eprintln!("== fixture {}", f.name);
         requests_reconstructed(&f, &model);

@@ -69,6 +69,7 @@ fn embedded_driver_on_the_prebuilt_library_is_measured_exactly() {
     if !root_or_skip(test) {
         return;
     }
+    let _serial = serial();
     let Some(model) = fixtures::model(test) else {
         return;
     };
@@ -114,6 +115,7 @@ fn llama_simple_is_measured_exactly() {
     if !root_or_skip(test) {
         return;
     }
+    let _serial = serial();
     let (Some(simple), Some(model)) = (
         fixture_or_skip(test, "LLAMAPROBE_LLAMA_SIMPLE"),
         fixtures::model(test),

@@ -103,3 +103,10 @@ pub fn dur_ms(e: &Value) -> f64 {
 }
 pub mod fixtures;
 pub mod server;
+
+/// Serialises the tests that attach probes: several llamaprobe sessions attaching and
+/// detaching at once on 2 CPUs make the kernel's uprobe teardown (RCU grace periods) slow.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -55,6 +55,10 @@ pub fn server_args(bin: &Path, model: &Path, port: u16) -> Vec<String> {
     if help.contains("--fit ") {
         args.extend(["--fit".into(), "off".into()]);
     }
+    if help.contains("--threads-http") {
+        // Enough HTTP threads that 16 concurrent streams are all served at once.
+        args.extend(["--threads-http".into(), "24".into()]);
+    }
     if help.contains("--no-webui") {
         args.push("--no-webui".into());
     }
@@ -279,4 +283,20 @@ pub fn completion_stream(port: u16, prompt: &str, n_predict: u32) -> Value {
         }
     }
     last
+}
+
+/// llamaprobe's metrics once `ready` holds (it drains events on a short timer), at most 10 s.
+pub fn wait_metrics(
+    port: u16,
+    ready: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let t0 = Instant::now();
+    loop {
+        let m =
+            parse_metrics(&get(&format!("http://127.0.0.1:{port}/metrics")).unwrap_or_default());
+        if ready(&m) || t0.elapsed() > Duration::from_secs(10) {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
