@@ -112,6 +112,22 @@ pub struct ProfileOpts {
     /// or its separate debug file (matched by GNU build id, else by file name).
     #[arg(long, value_name = "FILE")]
     pub symbols_from: Option<PathBuf>,
+    /// Export OpenTelemetry traces and metrics over OTLP to this endpoint (e.g.
+    /// http://127.0.0.1:4317 for gRPC, http://127.0.0.1:4318 for HTTP). Without it, export is on
+    /// only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc or http (HTTP/protobuf) [default: OTEL_EXPORTER_OTLP_PROTOCOL, else
+    /// grpc].
+    #[arg(long, value_name = "PROTO", value_parser = crate::sinks::otlp::parse_protocol)]
+    pub otlp_protocol: Option<crate::sinks::otlp::Protocol>,
+    /// Export one span per decode step as a child of the request spans it carried tokens of.
+    #[arg(long)]
+    pub otlp_step_spans: bool,
+    /// Head sampling: the fraction of requests whose spans are exported (0 to 1) [default:
+    /// OTEL_TRACES_SAMPLER(_ARG), else 1.0]. Metrics count every request.
+    #[arg(long, value_name = "R")]
+    pub otlp_sample_ratio: Option<f64>,
 }
 
 /// When to probe llama_synchronize.

@@ -157,6 +157,14 @@ async fn event_loop(
     if let Some(p) = &opts.trace_out {
         files.push(Box::new(TraceFile::create(p)?));
     }
+    if let Some(otlp) = sinks::otlp::Settings::resolve(&opts)? {
+        let interval = Duration::from_secs_f64(opts.interval.max(1.0));
+        files.push(Box::new(sinks::otlp::Otlp::start(
+            otlp,
+            &metrics.registry,
+            interval,
+        )?));
+    }
     let mut terminal = Terminal::new(
         format!("llamaprobe — pid {pid} ({})", target.name()),
         Duration::from_secs_f64(opts.interval.max(0.1)),

@@ -1,6 +1,7 @@
 //! Sinks: where observations go. Each sink is one module behind [`Sink`].
 
 pub mod events_out;
+pub mod otlp;
 pub mod prometheus;
 pub mod terminal;
 pub mod trace_file;

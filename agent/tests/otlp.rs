@@ -1,0 +1,616 @@
+//! OpenTelemetry export end to end: a real OTLP receiver (gRPC on the official protobuf
+//! definitions, and a small HTTP/protobuf one) receives what llamaprobe exports while attached
+//! to a real llama-server, and the spans agree with the server's own responses.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use common::{
+    fixtures::{self, Fixture},
+    server::*,
+    *,
+};
+use opentelemetry_proto::tonic::{
+    collector::{
+        metrics::v1::{
+            metrics_service_server::{MetricsService, MetricsServiceServer},
+            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        },
+        trace::v1::{
+            trace_service_server::{TraceService, TraceServiceServer},
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        },
+    },
+    common::v1::{any_value::Value as Any, KeyValue},
+    metrics::v1::metric::Data,
+    trace::v1::Span,
+};
+
+/// What a receiver got.
+#[derive(Clone, Default)]
+struct Received {
+    traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+impl Received {
+    fn spans(&self) -> Vec<Span> {
+        self.traces
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| s.spans.clone())
+            .collect()
+    }
+
+    /// Histogram name → (unit, explicit bounds, total count) from the latest export (cumulative).
+    fn histograms(&self) -> std::collections::HashMap<String, (String, Vec<f64>, u64)> {
+        let mut out = std::collections::HashMap::new();
+        for req in self.metrics.lock().unwrap().iter() {
+            for m in req
+                .resource_metrics
+                .iter()
+                .flat_map(|r| &r.scope_metrics)
+                .flat_map(|s| &s.metrics)
+            {
+                if let Some(Data::Histogram(h)) = &m.data {
+                    let bounds = h
+                        .data_points
+                        .first()
+                        .map(|p| p.explicit_bounds.clone())
+                        .unwrap_or_default();
+                    let count = h.data_points.iter().map(|p| p.count).sum();
+                    out.insert(m.name.clone(), (m.unit.clone(), bounds, count));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Collector(Received);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.traces.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.metrics.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+/// An OTLP receiver listening on 127.0.0.1:port, on its own runtime.
+struct Receiver {
+    got: Received,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The gRPC receiver (TraceService and MetricsService of the OTLP protos).
+fn grpc_receiver(port: u16) -> Receiver {
+    let rt = runtime();
+    let got = Received::default();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .expect("bind the receiver");
+    let c = Collector(got.clone());
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(c.clone()))
+            .add_service(MetricsServiceServer::new(c))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    Receiver { got, _rt: rt }
+}
+
+/// A small OTLP/HTTP (protobuf) receiver: POST /v1/traces and /v1/metrics.
+fn http_receiver(port: u16) -> Receiver {
+    use http_body_util::{BodyExt, Full};
+    use hyper::{body::Bytes, service::service_fn, Response};
+    use prost::Message;
+    let rt = runtime();
+    let got = Received::default();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .expect("bind the receiver");
+    let g = got.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let g = g.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let g = g.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let reply = match path.as_str() {
+                            "/v1/traces" => {
+                                let r = ExportTraceServiceRequest::decode(body).expect("protobuf");
+                                g.traces.lock().unwrap().push(r);
+                                ExportTraceServiceResponse::default().encode_to_vec()
+                            }
+                            "/v1/metrics" => {
+                                let r =
+                                    ExportMetricsServiceRequest::decode(body).expect("protobuf");
+                                g.metrics.lock().unwrap().push(r);
+                                ExportMetricsServiceResponse::default().encode_to_vec()
+                            }
+                            other => panic!("unexpected OTLP path {other}"),
+                        };
+                        Ok::<_, hyper::Error>(
+                            Response::builder()
+                                .header("content-type", "application/x-protobuf")
+                                .body(Full::new(Bytes::from(reply)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Receiver { got, _rt: rt }
+}
+
+fn attr<'a>(s: &'a Span, key: &str) -> Option<&'a Any> {
+    s.attributes
+        .iter()
+        .find(|a: &&KeyValue| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn int(s: &Span, key: &str) -> i64 {
+    match attr(s, key) {
+        Some(Any::IntValue(v)) => *v,
+        other => panic!("{}: {key} = {other:?}", s.name),
+    }
+}
+
+fn double(s: &Span, key: &str) -> f64 {
+    match attr(s, key) {
+        Some(Any::DoubleValue(v)) => *v,
+        other => panic!("{}: {key} = {other:?}", s.name),
+    }
+}
+
+fn string(s: &Span, key: &str) -> Option<String> {
+    match attr(s, key) {
+        Some(Any::StringValue(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn request_spans(spans: &[Span]) -> Vec<&Span> {
+    spans
+        .iter()
+        .filter(|s| s.name.starts_with("text_completion"))
+        .collect()
+}
+
+/// The server-bearing fixtures and the model, or nothing (skipped).
+fn servers(test: &str) -> Vec<(Fixture, std::path::PathBuf)> {
+    let Some(model) = fixtures::model(test) else {
+        return vec![];
+    };
+    let list: Vec<_> = fixtures::all(test)
+        .into_iter()
+        .filter(|f| f.server.is_some())
+        .map(|f| (f, model.clone()))
+        .collect();
+    if list.is_empty() && std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
+        panic!("{test}: no llama-server fixture");
+    }
+    list
+}
+
+fn attach(f: &Fixture, server: &Server, extra: &[&str]) -> Probe {
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
+        .args(f.symbols_args())
+        .args(extra);
+    f.apply(&mut cmd);
+    let mut probe = Probe::spawn(&mut cmd);
+    probe.wait_for("probes attached");
+    probe
+}
+
+fn prompt(i: usize) -> String {
+    let words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf"];
+    (0..4 + 3 * i)
+        .map(|k| words[(i * 5 + k * 3) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+        + &format!(" question {i}")
+}
+
+/// Waits until `pred` holds on what the receiver got.
+fn wait_until(got: &Received, what: &str, pred: impl Fn(&Received) -> bool) {
+    let t0 = Instant::now();
+    while !pred(got) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "receiver never got {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn grpc_export_agrees_with_llama_server() {
+    let test = "grpc_export_agrees_with_llama_server";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    for (f, model) in servers(test) {
+        eprintln!("== fixture {}", f.name);
+        grpc_agrees(&f, &model);
+    }
+}
+
+fn grpc_agrees(f: &Fixture, model: &std::path::Path) {
+    let port = free_port();
+    let receiver = grpc_receiver(port);
+    let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let probe = attach(
+        f,
+        &server,
+        &["--metrics-addr", "off", "--otlp-endpoint", &endpoint],
+    );
+    let sp = server.port;
+    // Distinct output lengths identify the requests; the same prompt twice hits the cache.
+    let mut responses = vec![
+        completion(sp, &prompt(1), 8),
+        completion(sp, &prompt(1), 11),
+        completion_stream(sp, &prompt(2), 5),
+    ];
+    let handles: Vec<_> = [(3, 6u32), (4, 16), (5, 9), (6, 20)]
+        .into_iter()
+        .map(|(i, n)| std::thread::spawn(move || completion_stream(sp, &prompt(i), n)))
+        .collect();
+    responses.extend(handles.into_iter().map(|h| h.join().unwrap()));
+    let (code, _) = probe.interrupt();
+    assert_eq!(code, 0);
+
+    let spans = receiver.got.spans();
+    let requests = request_spans(&spans);
+    assert_eq!(
+        requests.len(),
+        responses.len(),
+        "{:#?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let mut cache_hits = 0;
+    for resp in &responses {
+        let predicted = resp["tokens_predicted"].as_i64().unwrap();
+        let matching: Vec<&&Span> = requests
+            .iter()
+            .filter(|s| int(s, "gen_ai.usage.output_tokens") == predicted)
+            .collect();
+        assert_eq!(matching.len(), 1, "{resp}: {matching:#?}");
+        let r = matching[0];
+        assert_eq!(r.kind, 2, "SERVER");
+        assert!(r.parent_span_id.is_empty());
+        assert_eq!(
+            int(r, "gen_ai.usage.input_tokens"),
+            resp["tokens_evaluated"].as_i64().unwrap(),
+            "{resp}"
+        );
+        let timings = &resp["timings"];
+        if let Some(cache_n) = timings.get("cache_n").and_then(|c| c.as_i64()) {
+            assert_eq!(int(r, "gen_ai.usage.cache_read.input_tokens"), cache_n);
+            if cache_n > 0 {
+                cache_hits += 1;
+            }
+        }
+        assert_eq!(
+            string(r, "gen_ai.operation.name").unwrap(),
+            "text_completion"
+        );
+        assert_eq!(string(r, "gen_ai.provider.name").unwrap(), "llama.cpp");
+        match string(r, "gen_ai.request.model") {
+            Some(m) => assert_eq!(r.name, format!("text_completion {m}")),
+            None => assert_eq!(r.name, "text_completion"),
+        }
+        assert_eq!(int(r, "process.pid"), server.child.id() as i64);
+        int(r, "llama.seq_id");
+        let ttft_ms = double(r, "gen_ai.server.time_to_first_token") * 1e3;
+        let prompt_ms = timings["prompt_ms"].as_f64().unwrap();
+        assert!(
+            ttft_ms > 0.0 && ttft_ms <= prompt_ms + 5.0,
+            "ttft {ttft_ms} ms, server prompt {prompt_ms} ms"
+        );
+        // Children: prompt then generation, in the same trace, inside the request.
+        let children: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == r.span_id)
+            .collect();
+        let names: Vec<&str> = children.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"prompt") && names.contains(&"generation"));
+        for c in &children {
+            assert_eq!(c.trace_id, r.trace_id);
+            assert!(c.start_time_unix_nano >= r.start_time_unix_nano);
+            assert!(c.end_time_unix_nano <= r.end_time_unix_nano);
+        }
+        // Wall-clock timestamps: within the last few minutes.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(r.end_time_unix_nano <= now && r.start_time_unix_nano > now - 600_000_000_000);
+    }
+    if responses[1]["timings"].get("cache_n").is_some() {
+        assert!(cache_hits >= 1, "the repeated prompt did not hit the cache");
+    }
+
+    let h = receiver.got.histograms();
+    let doubling: Vec<f64> = (0..14).map(|k| 0.01 * f64::powi(2.0, k)).collect();
+    let expect: [(&str, &str, Vec<f64>); 3] = [
+        ("gen_ai.server.request.duration", "s", doubling),
+        (
+            "gen_ai.server.time_to_first_token",
+            "s",
+            vec![
+                0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0,
+            ],
+        ),
+        (
+            "gen_ai.server.time_per_output_token",
+            "s",
+            vec![
+                0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+            ],
+        ),
+    ];
+    for (name, unit, bounds) in expect {
+        let (u, b, count) = h
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing: {:?}", h.keys()));
+        assert_eq!(u, unit, "{name}");
+        assert_eq!(b.len(), bounds.len(), "{name}: {b:?}");
+        for (x, y) in b.iter().zip(&bounds) {
+            assert!((x - y).abs() < 1e-9, "{name}: {b:?}");
+        }
+        assert_eq!(*count, responses.len() as u64, "{name}");
+    }
+    let (_, _, usage) = &h["gen_ai.client.token.usage"];
+    assert_eq!(
+        *usage,
+        2 * responses.len() as u64,
+        "input and output per request"
+    );
+}
+
+#[test]
+fn http_protobuf_export() {
+    let test = "http_protobuf_export";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    let Some((f, model)) = servers(test).into_iter().next() else {
+        return;
+    };
+    let port = free_port();
+    let receiver = http_receiver(port);
+    let server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let probe = attach(
+        &f,
+        &server,
+        &[
+            "--metrics-addr",
+            "off",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "http",
+            "--otlp-step-spans",
+        ],
+    );
+    let responses = [
+        completion(server.port, &prompt(1), 7),
+        completion(server.port, &prompt(2), 10),
+    ];
+    let (code, _) = probe.interrupt();
+    assert_eq!(code, 0);
+    let spans = receiver.got.spans();
+    let requests = request_spans(&spans);
+    assert_eq!(requests.len(), 2);
+    for resp in &responses {
+        let predicted = resp["tokens_predicted"].as_i64().unwrap();
+        let r = requests
+            .iter()
+            .find(|s| int(s, "gen_ai.usage.output_tokens") == predicted)
+            .unwrap_or_else(|| panic!("no span for {resp}"));
+        // Per-step spans: one per decode step carrying its tokens (the prompt chunk(s) and
+        // each generated token fed back but the last).
+        let steps: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == r.span_id && s.name == "llama.decode")
+            .collect();
+        assert_eq!(
+            steps.len() as i64,
+            int(r, "llama.request.decode_steps"),
+            "{:?}",
+            steps
+        );
+        let tokens: i64 = steps
+            .iter()
+            .map(|s| int(s, "llama.decode.seq_tokens"))
+            .sum();
+        assert_eq!(
+            tokens,
+            int(r, "llama.request.prompt_tokens") + predicted - 1,
+            "prompt tokens and the generated tokens fed back"
+        );
+    }
+    assert!(receiver
+        .got
+        .histograms()
+        .contains_key("gen_ai.server.request.duration"));
+}
+
+#[test]
+fn receiver_absent_then_started() {
+    let test = "receiver_absent_then_started";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    let Some((f, model)) = servers(test).into_iter().next() else {
+        return;
+    };
+    let port = free_port();
+    let metrics_port = free_port();
+    let server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut probe = attach(
+        &f,
+        &server,
+        &[
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--interval",
+            "1",
+            "--otlp-endpoint",
+            &endpoint,
+        ],
+    );
+    // Nothing listens: the requests are profiled, their export fails, counted and logged.
+    for (i, n) in [(1, 6), (2, 9)] {
+        completion(server.port, &prompt(i), n);
+    }
+    probe.wait_for("OTLP export to");
+    let m = parse_metrics(
+        &get(&format!("http://127.0.0.1:{metrics_port}/metrics")).expect("llamaprobe /metrics"),
+    );
+    assert!(sum_of(&m, "llamaprobe_otlp_export_failures_total", "traces") >= 1.0);
+
+    // The receiver comes up: export resumes.
+    let receiver = grpc_receiver(port);
+    let later = [
+        completion(server.port, &prompt(3), 13),
+        completion(server.port, &prompt(4), 17),
+    ];
+    // Exported while running (2 s idle close + 5 s batch delay), not only at the end.
+    wait_until(&receiver.got, "the later requests", |g| {
+        request_spans(&g.spans()).len() >= 2
+    });
+    let (code, _) = probe.interrupt();
+    assert_eq!(code, 0);
+    let spans = receiver.got.spans();
+    for resp in &later {
+        let predicted = resp["tokens_predicted"].as_i64().unwrap();
+        assert_eq!(
+            request_spans(&spans)
+                .iter()
+                .filter(|s| int(s, "gen_ai.usage.output_tokens") == predicted)
+                .count(),
+            1,
+            "{resp}"
+        );
+    }
+}
+
+/// CPU time (user + system) of a process so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line (11 and 12 after the command name).
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The README's cost figures: spans per generated token and llamaprobe's CPU with OTLP off,
+/// on, and on with per-step spans, over the same short run. `cargo test --test otlp --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn measure_otlp_cost() {
+    let test = "measure_otlp_cost";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    let Some((f, model)) = servers(test).into_iter().next() else {
+        return;
+    };
+    let server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);
+    for mode in ["off", "on", "steps"] {
+        let port = free_port();
+        let receiver = grpc_receiver(port);
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut args = vec!["--metrics-addr", "off"];
+        if mode != "off" {
+            args.extend(["--otlp-endpoint", &endpoint]);
+        }
+        if mode == "steps" {
+            args.push("--otlp-step-spans");
+        }
+        let probe = attach(&f, &server, &args);
+        let pid = probe.child.id();
+        let cpu0 = cpu_seconds(pid);
+        let t0 = Instant::now();
+        let mut generated = 0;
+        for i in 0..16 {
+            let r = completion(server.port, &prompt(i), 128);
+            generated += r["tokens_predicted"].as_u64().unwrap();
+        }
+        let cpu = cpu_seconds(pid) - cpu0;
+        let wall = t0.elapsed().as_secs_f64();
+        let (code, _) = probe.interrupt();
+        assert_eq!(code, 0);
+        let all = receiver.got.spans();
+        let spans = all.len();
+        eprintln!(
+            "MEASURE otlp={mode}: {} requests, {generated} generated tokens in {wall:.2} s; {spans} spans ({:.3} per generated token); llamaprobe CPU {:.3} s ({:.2}% of one core, {:.1} µs per generated token)",
+            request_spans(&all).len(),
+            spans as f64 / generated as f64,
+            cpu,
+            cpu / wall * 100.0,
+            cpu / generated as f64 * 1e6
+        );
+    }
+}
