@@ -2,6 +2,7 @@
 //!
 //! Everything is idempotent and cached under `~/.cache/llamaprobe` (or `$LLAMAPROBE_CACHE`).
 
+mod bench;
 mod compat;
 mod demo;
 mod fixtures;
@@ -49,6 +50,9 @@ enum Task {
     },
     /// End to end: llama-server on the tiny model, llamaprobe attached, a dozen requests (as root).
     Demo,
+    /// Measure what llamaprobe costs (per-call cost, llama-server throughput and latency, probe
+    /// hits per token, event capacity, footprint) and write docs/BENCHMARKS.md (as root).
+    Bench(bench::BenchArgs),
     /// Print the compatibility table generated from the fixture table (markdown).
     Compat {
         /// Write it into README.md between `<!-- compat:start -->` and `<!-- compat:end -->`.
@@ -74,6 +78,7 @@ fn run(task: Task) -> Result<()> {
         Task::Fixtures { matrix, large } => fixtures::run(matrix, large),
         Task::Test { matrix, cargo_args } => test::run(matrix, &cargo_args),
         Task::Demo => demo::run(),
+        Task::Bench(args) => bench::run(args),
         Task::Compat { write } => compat::run(write),
     }
 }
