@@ -194,6 +194,7 @@ pub enum Observation {
     Sample(Sample),
     Synchronize(Synchronize),
     Memory(MemoryChange),
+    TaskPost(TaskPost),
     /// A request reconstructed by [`crate::requests`], when it closed.
     Request(crate::requests::Request),
 }
@@ -208,6 +209,7 @@ impl Observation {
             Observation::Sample(s) => &s.origin,
             Observation::Synchronize(s) => &s.origin,
             Observation::Memory(m) => &m.origin,
+            Observation::TaskPost(p) => &p.origin,
             Observation::Request(_) => return None,
         })
     }
@@ -220,6 +222,16 @@ impl Observation {
             _ => &[],
         }
     }
+}
+
+/// Work handed to llama-server's task queue (`server_queue::post`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TaskPost {
+    pub origin: Origin,
+    /// Pushed to the front (llama-server does so for cancel tasks only).
+    pub front: bool,
+    /// Size of the posted task vector in bytes (a multiple of `sizeof(server_task)`).
+    pub tasks_bytes: u64,
 }
 
 /// A change of the KV memory (`seq_rm`, `seq_cp`, `clear`).
@@ -318,6 +330,11 @@ impl Assembler {
                 context_used: self.context_use.apply(m.header.tgid, m),
             }),
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
+            Event::TaskPost(p) => Observation::TaskPost(TaskPost {
+                origin: self.origin(&p.header),
+                front: p.front != 0,
+                tasks_bytes: p.tasks_bytes,
+            }),
             Event::Sample(s) => {
                 let pending = self.sampled.entry((s.header.tgid, s.ctx)).or_default();
                 if pending.len() < MAX_PENDING_SAMPLES {

@@ -4,7 +4,7 @@ use std::mem::size_of;
 
 use probe_common::{
     ContextEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent, ModelLoadEvent, SampleEvent,
-    SyncEvent,
+    SyncEvent, TaskPostEvent,
 };
 
 /// A decoded event.
@@ -16,6 +16,7 @@ pub enum Event {
     Sample(SampleEvent),
     Sync(SyncEvent),
     Memory(MemoryEvent),
+    TaskPost(TaskPostEvent),
 }
 
 /// A record that could not be decoded (a build mismatch between agent and probes).
@@ -60,6 +61,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Sample => Event::Sample(read(bytes, kind)?),
         EventKind::Synchronize => Event::Sync(read(bytes, kind)?),
         EventKind::Memory => Event::Memory(read(bytes, kind)?),
+        EventKind::TaskPost => Event::TaskPost(read(bytes, kind)?),
     })
 }
 

@@ -3,6 +3,14 @@
 //! sample on the sequence one more generated token; a new prompt on the sequence, a change of
 //! its KV memory, a long silence or the end of the session closes it.
 //!
+//! With llama-server's task queue probed (`server_queue::post`, see [`Mode`]), each request
+//! also gets the time the server accepted it: posts are queued per process and the oldest
+//! is taken by the next request whose prompt starts, as the server launches tasks in the
+//! order they were posted. The wait in between is the request's queue wait, and time to first
+//! token and duration count from the post. Cancel posts (pushed to the front) are ignored; a
+//! post still unclaimed when the process has no request in progress for [`STALE_POST_NS`] was
+//! work that never reached a slot (rejected, cancelled before its start) and is dropped.
+//!
 //! Samples are tied to sequences by their output index: `common_sampler_sample(…, idx)` names
 //! the batch index of the token whose logits it samples (`-1`: the last output), and the
 //! decode step's parts say which sequence holds each index. Prompt tokens reused from the
@@ -10,7 +18,36 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::assemble::{DecodeResult, DecodeStep, MemoryChange, Observation, PartKind, Sample};
+use std::collections::VecDeque;
+
+use crate::assemble::{
+    DecodeResult, DecodeStep, MemoryChange, Observation, PartKind, Sample, TaskPost,
+};
+
+/// Where requests come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The decode batches and samples only (any llama.cpp program): no queue wait.
+    BatchView,
+    /// The batch view plus llama-server's task queue: queue wait, time from acceptance.
+    ServerQueue,
+}
+
+impl Mode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Mode::BatchView => {
+                "batch view (decode batches and samples; llama-server's task queue not found, \
+                 so no queue wait)"
+            }
+            Mode::ServerQueue => {
+                "server queue + batch view (accepted at server_queue::post, then decode \
+                 batches and samples): queue wait measured"
+            }
+        }
+    }
+}
 
 /// A finished request.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -21,6 +58,8 @@ pub struct Request {
     pub model: Arc<str>,
     pub ctx: u64,
     pub seq_id: i32,
+    /// When llama-server accepted it (`server_queue::post`), in [`Mode::ServerQueue`].
+    pub queued_ns: Option<u64>,
     /// Start of its first prompt chunk (monotonic ns).
     pub start_ns: u64,
     /// End of its final prompt chunk.
@@ -46,9 +85,19 @@ impl Request {
     pub fn input_tokens(&self) -> u32 {
         self.cached_tokens + self.prompt_tokens
     }
+    /// When it arrived: accepted by the server if known, else its first prompt chunk.
+    pub fn arrival_ns(&self) -> u64 {
+        self.queued_ns.unwrap_or(self.start_ns)
+    }
+    /// From acceptance to the start of its first prompt chunk.
+    pub fn queue_s(&self) -> Option<f64> {
+        self.queued_ns
+            .map(|q| self.start_ns.saturating_sub(q) as f64 / 1e9)
+    }
+    /// From arrival to the end of its first token's sampling.
     pub fn ttft_s(&self) -> Option<f64> {
         self.first_token_ns
-            .map(|t| t.saturating_sub(self.start_ns) as f64 / 1e9)
+            .map(|t| t.saturating_sub(self.arrival_ns()) as f64 / 1e9)
     }
     /// Mean time between generated tokens after the first.
     pub fn tpot_s(&self) -> Option<f64> {
@@ -58,7 +107,7 @@ impl Request {
         })
     }
     pub fn duration_s(&self) -> f64 {
-        self.end_ns.saturating_sub(self.start_ns) as f64 / 1e9
+        self.end_ns.saturating_sub(self.arrival_ns()) as f64 / 1e9
     }
 }
 
@@ -95,12 +144,22 @@ impl BatchMap {
 /// A request silent for this long is closed (its last token was sampled long ago).
 const IDLE_CLOSE_NS: u64 = 2_000_000_000;
 
+/// A post unclaimed this long while its process has no request in progress is dropped.
+pub const STALE_POST_NS: u64 = 1_000_000_000;
+
+/// Posts kept per process (a server flooded with work it never starts must not grow us).
+const MAX_PENDING_POSTS: usize = 4096;
+
 /// The reconstruction state.
 #[derive(Default)]
 pub struct Requests {
     open: HashMap<(u32, u64, i32), Open>,
     batches: HashMap<(u32, u64), BatchMap>,
+    /// Accepted, not yet started: post times per process, oldest first.
+    posts: HashMap<u32, VecDeque<u64>>,
     next_id: u64,
+    /// Posts dropped unclaimed (see [`STALE_POST_NS`]).
+    pub posts_unclaimed: u64,
 }
 
 impl Requests {
@@ -113,7 +172,33 @@ impl Requests {
                 vec![]
             }
             Observation::Memory(m) => self.memory(m),
+            Observation::TaskPost(p) => {
+                self.post(p);
+                vec![]
+            }
             _ => vec![],
+        }
+    }
+
+    fn post(&mut self, p: &TaskPost) {
+        if p.front {
+            return; // a cancel, not a request
+        }
+        let q = self.posts.entry(p.origin.pid).or_default();
+        if q.len() >= MAX_PENDING_POSTS {
+            q.pop_front();
+            self.posts_unclaimed += 1;
+        }
+        q.push_back(p.origin.start_ns);
+    }
+
+    /// The oldest post of `pid` made before `start_ns`.
+    fn claim_post(posts: &mut HashMap<u32, VecDeque<u64>>, pid: u32, start_ns: u64) -> Option<u64> {
+        let q = posts.get_mut(&pid)?;
+        if *q.front()? <= start_ns {
+            q.pop_front()
+        } else {
+            None
         }
     }
 
@@ -142,7 +227,7 @@ impl Requests {
                 if self.open.get(&key).is_some_and(|o| o.generating) {
                     closed.extend(self.close(key, "next_request"));
                 }
-                let id = &mut self.next_id;
+                let (id, posts) = (&mut self.next_id, &mut self.posts);
                 let o = self.open.entry(key).or_insert_with(|| {
                     *id += 1;
                     Open {
@@ -152,6 +237,7 @@ impl Requests {
                             model: d.origin.model.clone(),
                             ctx: d.ctx,
                             seq_id: p.seq_id,
+                            queued_ns: Self::claim_post(posts, pid, d.origin.start_ns),
                             start_ns: d.origin.start_ns,
                             prompt_end_ns: None,
                             first_token_ns: None,
@@ -231,7 +317,8 @@ impl Requests {
             .collect()
     }
 
-    /// Closes requests silent since `now_ns - IDLE_CLOSE_NS`.
+    /// Closes requests silent since `now_ns - IDLE_CLOSE_NS`, and drops posts no request
+    /// claimed while their process was idle (see [`STALE_POST_NS`]).
     pub fn expire(&mut self, now_ns: u64) -> Vec<Request> {
         let keys: Vec<_> = self
             .open
@@ -239,9 +326,21 @@ impl Requests {
             .filter(|(_, o)| o.generating && o.last_activity_ns + IDLE_CLOSE_NS < now_ns)
             .map(|(k, _)| *k)
             .collect();
-        keys.into_iter()
+        let closed: Vec<Request> = keys
+            .into_iter()
             .filter_map(|k| self.close(k, "idle"))
-            .collect()
+            .collect();
+        let open = &self.open;
+        for (pid, q) in self.posts.iter_mut() {
+            if open.keys().any(|k| k.0 == *pid) {
+                continue;
+            }
+            while q.front().is_some_and(|t| t + STALE_POST_NS < now_ns) {
+                q.pop_front();
+                self.posts_unclaimed += 1;
+            }
+        }
+        closed
     }
 
     /// Closes everything (end of the session).
@@ -302,6 +401,14 @@ mod tests {
             n_outputs: 1,
             kind,
         }
+    }
+
+    fn post(at: u64, front: bool) -> Observation {
+        Observation::TaskPost(TaskPost {
+            origin: origin(at, at + 1),
+            front,
+            tasks_bytes: 0,
+        })
     }
 
     fn sample(at: u64, idx: i32) -> Observation {
@@ -384,5 +491,67 @@ mod tests {
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].generated_tokens, 1);
         assert_eq!(closed[0].closed_by, "idle");
+    }
+
+    #[test]
+    fn posts_are_claimed_in_order_by_the_requests_that_start() {
+        let mut r = Requests::default();
+        r.observe(&post(10, false));
+        r.observe(&post(20, false));
+        r.observe(&post(25, true)); // a cancel: not a request
+        r.observe(&post(30, false));
+        r.observe(&step(100, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        r.observe(&sample(115, -1));
+        r.observe(&step(
+            200,
+            vec![
+                part(0, 3, 1, PartKind::Generated),
+                part(1, 0, 2, PartKind::FinalPromptChunk),
+            ],
+        ));
+        // A request starting before the third post cannot be its own.
+        let mut all = r.finish();
+        all.sort_by_key(|q| q.id);
+        assert_eq!(
+            all.iter().map(|q| q.queued_ns).collect::<Vec<_>>(),
+            [Some(10), Some(20)]
+        );
+        let a = &all[0];
+        assert_eq!(a.queue_s(), Some(90e-9));
+        assert_eq!(a.arrival_ns(), 10);
+        assert_eq!(a.ttft_s(), Some((116 - 10) as f64 / 1e9));
+        assert_eq!(a.duration_s(), (116 - 10) as f64 / 1e9);
+        // The third post waits for the next request.
+        r.observe(&step(300, vec![part(2, 0, 2, PartKind::FinalPromptChunk)]));
+        assert_eq!(r.finish()[0].queued_ns, Some(30));
+    }
+
+    #[test]
+    fn without_posts_a_request_has_no_queue_wait() {
+        let mut r = Requests::default();
+        r.observe(&step(100, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        let q = r.finish().remove(0);
+        assert_eq!(
+            (q.queued_ns, q.queue_s(), q.arrival_ns()),
+            (None, None, 100)
+        );
+    }
+
+    #[test]
+    fn a_post_no_request_claims_while_idle_is_dropped() {
+        let mut r = Requests::default();
+        r.observe(&post(10, false));
+        // Busy: a request is open, so the post may still be waiting for a slot.
+        r.observe(&step(5, vec![part(0, 0, 3, PartKind::PromptChunk)]));
+        r.expire(10 + STALE_POST_NS + 1);
+        assert_eq!(r.posts_unclaimed, 0);
+        r.finish();
+        r.expire(10 + STALE_POST_NS + 1);
+        assert_eq!(r.posts_unclaimed, 1);
+        r.observe(&step(
+            2 * STALE_POST_NS,
+            vec![part(0, 0, 3, PartKind::FinalPromptChunk)],
+        ));
+        assert_eq!(r.finish()[0].queued_ns, None);
     }
 }

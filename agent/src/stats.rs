@@ -140,6 +140,12 @@ pub struct Summary {
     /// Mean time per output token after the first, per request.
     pub time_per_output_token: LatencySummary,
     pub request_duration: LatencySummary,
+    /// Queue wait of the requests (llama-server's task queue; empty in batch-view mode).
+    pub request_queue: LatencySummary,
+    /// How requests were reconstructed.
+    pub request_mode: Option<crate::requests::Mode>,
+    /// Tasks handed to llama-server's queue (`server_queue::post`, cancels excluded).
+    pub task_posts: u64,
     /// How the process's facts were learnt: observed by the probes, or recovered from the
     /// process when llamaprobe attached after they happened.
     pub facts: Vec<String>,
@@ -170,12 +176,20 @@ pub struct Stats {
     ttft: Latency,
     tpot: Latency,
     request_duration: Latency,
+    request_queue: Latency,
+    request_mode: Option<crate::requests::Mode>,
+    task_posts: u64,
 }
 
 impl Stats {
     /// Records how a fact about the process was learnt (shown in the summary).
     pub fn note(&mut self, fact: String) {
         self.facts.push(fact);
+    }
+
+    /// Records how requests are reconstructed (shown in the summary).
+    pub fn set_request_mode(&mut self, mode: crate::requests::Mode) {
+        self.request_mode = Some(mode);
     }
 
     pub fn observe(&mut self, obs: &Observation) {
@@ -216,6 +230,7 @@ impl Stats {
                 }
             }
             Observation::Memory(_) => self.memory_changes += 1,
+            Observation::TaskPost(p) => self.task_posts += u64::from(!p.front),
             Observation::Request(r) => {
                 self.requests += 1;
                 if let Some(t) = r.ttft_s() {
@@ -225,6 +240,9 @@ impl Stats {
                     self.tpot.record((t * 1e9) as u64);
                 }
                 self.request_duration.record((r.duration_s() * 1e9) as u64);
+                if let Some(t) = r.queue_s() {
+                    self.request_queue.record((t * 1e9) as u64);
+                }
             }
             Observation::ModelLoad(m) => self.loads.push(LoadSummary {
                 pid: m.origin.pid,
@@ -286,6 +304,9 @@ impl Stats {
             time_to_first_token: self.ttft.summary(),
             time_per_output_token: self.tpot.summary(),
             request_duration: self.request_duration.summary(),
+            request_queue: self.request_queue.summary(),
+            request_mode: self.request_mode,
+            task_posts: self.task_posts,
             facts: self.facts.clone(),
             span_s: self
                 .first_ns
@@ -378,6 +399,20 @@ impl Summary {
                 self.request_duration.p50_ms,
                 self.request_duration.p99_ms
             );
+            if self.request_queue.count > 0 {
+                let _ = writeln!(
+                    s,
+                    "queue wait: {} of {} requests — p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                    self.request_queue.count,
+                    self.requests,
+                    self.request_queue.p50_ms,
+                    self.request_queue.p99_ms,
+                    self.request_queue.max_ms
+                );
+            }
+        }
+        if let Some(m) = self.request_mode {
+            let _ = writeln!(s, "requests from: {}", m.describe());
         }
         for (name, l) in [
             ("sampling", &self.sample),

@@ -42,6 +42,8 @@ pub enum Family {
     Synchronize,
     /// KV memory changes (sequence removal, copy, clear): context use.
     Memory,
+    /// llama-server's task queue: when a request was accepted, for its queue wait.
+    Server,
 }
 
 impl Family {
@@ -53,6 +55,7 @@ impl Family {
             Family::Sample => "sample",
             Family::Synchronize => "synchronize",
             Family::Memory => "memory",
+            Family::Server => "server",
         }
     }
 }
@@ -233,6 +236,43 @@ pub const PROBES: &[ProbePoint] = &[
         prototype: "void llama_kv_cache_clear(struct llama_context * ctx) [2024]",
         entry: "memory_clear",
         ret: "memory_return",
+        generations: ALL,
+    },
+    // llama-server's queue. Completions, embeddings, reranks and infills are posted through
+    // the vector overload (metrics and slot actions through the single-task one, not probed).
+    // Argument order is the same in every variant below, `.isra.0` clones included (GCC's
+    // clone only drops the unused return value: disassembly of the mid2025 and late2024
+    // fixtures, `rdi` this, `rsi` the vector, `edx` front).
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN12server_queue4postEOSt6vectorI11server_taskSaIS1_EEb",
+        prototype: "int server_queue::post(std::vector<server_task> && tasks, bool front)",
+        entry: "task_post",
+        ret: "task_post_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN12server_queue4postEOSt6vectorI11server_taskSaIS1_EEb.isra.0",
+        prototype: "int server_queue::post(std::vector<server_task> && tasks, bool front) [clone .isra.0, 2025]",
+        entry: "task_post",
+        ret: "task_post_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN12server_queue4postERSt6vectorI11server_taskSaIS1_EEb",
+        prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [2024]",
+        entry: "task_post",
+        ret: "task_post_return",
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN12server_queue4postERSt6vectorI11server_taskSaIS1_EEb.isra.0",
+        prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [clone .isra.0, 2024]",
+        entry: "task_post",
+        ret: "task_post_return",
         generations: ALL,
     },
 ];

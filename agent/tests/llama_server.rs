@@ -165,6 +165,9 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
         delta("tokens_predicted_total") - responses.len() as f64
     );
     assert_eq!(s["ended_by"], "interrupted");
+    // Every completion went through llama-server's task queue, once.
+    assert_eq!(s["request_mode"], "server_queue");
+    assert_eq!(s["task_posts"].as_u64().unwrap(), responses.len() as u64);
     // Attached after the load: the model was recovered from the process, and said so.
     let facts: Vec<&str> = s["facts"]
         .as_array()
@@ -440,4 +443,118 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
         );
     }
     assert!(tracks.iter().any(|n| n.starts_with("thread ")));
+}
+
+/// CLOCK_MONOTONIC in ns: the probes' clock.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Queue wait from llama-server's own task queue: six completions at once on four slots.
+/// Each request's acceptance, start and end lie within the client's own send and receive
+/// times of that request, and at least two waited for a slot as long as the shortest request
+/// the server ran.
+#[test]
+fn queue_wait_from_llama_servers_task_queue() {
+    let test = "queue_wait_from_llama_servers_task_queue";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    for (f, model) in servers(test) {
+        eprintln!("== fixture {}", f.name);
+        queue_wait(&f, &model);
+    }
+}
+
+fn queue_wait(f: &Fixture, model: &std::path::Path) {
+    let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
+    let dir = scratch(&format!("queue-{}", f.name));
+    let (summary, events) = (dir.join("summary.json"), dir.join("events.jsonl"));
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
+        .args(["--metrics-addr", "off"])
+        .args(f.symbols_args())
+        .arg("--summary-json")
+        .arg(&summary)
+        .arg("--events-out")
+        .arg(&events);
+    f.apply(&mut cmd);
+    let mut probe = Probe::spawn(&mut cmd);
+    probe.wait_for("probes attached");
+    let line = probe.wait_for("llamaprobe: requests:");
+    assert!(line.contains("queue wait measured"), "{line}");
+
+    let port = server.port;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                b.wait();
+                let sent = monotonic_ns();
+                let r = completion(port, &prompt(10 + i), 48);
+                (sent, r, monotonic_ns())
+            })
+        })
+        .collect();
+    let responses: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let shortest_ms = responses
+        .iter()
+        .map(|(_, r, _)| {
+            r["timings"]["prompt_ms"].as_f64().unwrap()
+                + r["timings"]["predicted_ms"].as_f64().unwrap()
+        })
+        .fold(f64::INFINITY, f64::min);
+
+    // Requests close after 2 s of silence (checked every second).
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let (code, stdout) = probe.interrupt();
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("queue wait: 6 of 6 requests"), "{stdout}");
+    let s = json(&summary);
+    assert_eq!(s["request_mode"], "server_queue");
+    assert_eq!(s["task_posts"], 6);
+    assert_eq!(s["request_queue"]["count"], 6);
+
+    let all = json_lines(&events);
+    let requests = of_kind(&all, "request");
+    assert_eq!(requests.len(), 6);
+    // Prompts of different sizes tie each reconstructed request to its client call.
+    let mut waits_ms = Vec::new();
+    for (sent, resp, received) in &responses {
+        let n = resp["tokens_evaluated"].as_u64().unwrap();
+        let ours: Vec<_> = requests
+            .iter()
+            .filter(|r| {
+                r["cached_tokens"].as_u64().unwrap() + r["prompt_tokens"].as_u64().unwrap() == n
+            })
+            .collect();
+        assert_eq!(ours.len(), 1, "one request of {n} prompt tokens: {ours:?}");
+        let r = ours[0];
+        let (q, start, end) = (
+            r["queued_ns"].as_u64().unwrap(),
+            r["start_ns"].as_u64().unwrap(),
+            r["end_ns"].as_u64().unwrap(),
+        );
+        assert!(
+            *sent <= q && q <= start && start <= end && end <= *received,
+            "client sent {sent}, accepted {q}, started {start}, ended {end}, client received {received}"
+        );
+        assert_eq!(r["generated_tokens"], resp["tokens_predicted"]);
+        waits_ms.push((start - q) as f64 / 1e6);
+    }
+    waits_ms.sort_by(f64::total_cmp);
+    // Two of six found every slot taken: they waited until one request was done, i.e. about
+    // the shortest request the server ran (less the few ms their posts may lag the first).
+    assert!(
+        waits_ms[4] >= 0.5 * shortest_ms,
+        "waits {waits_ms:?} ms, shortest request {shortest_ms} ms"
+    );
 }

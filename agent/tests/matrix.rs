@@ -60,6 +60,13 @@ fn symbols_names_the_generation_of_every_fixture() {
                 f.name
             );
         }
+        // llama-server's task queue is found in every llama-server build (queue wait).
+        assert_eq!(
+            shown.lines().any(|l| l.trim_start().starts_with("server ")),
+            f.server.is_some(),
+            "{}: server probe expected iff a llama-server:\n{shown}",
+            f.name
+        );
     }
 }
 
@@ -101,6 +108,10 @@ fn embedded_driver_on_the_prebuilt_library_is_measured_exactly() {
         assert_eq!(s["prompt_tokens"], 9);
         assert_eq!(s["generation_tokens_decoded"], 11);
         assert_eq!(s["sampled_tokens"], 12);
+        // Not llama-server: requests come from the batch view alone.
+        assert_eq!(s["request_mode"], "batch_view");
+        assert_eq!(s["requests"], 1);
+        assert_eq!(s["request_queue"]["count"], 0);
         let loads = s["model_loads"].as_array().unwrap();
         assert_eq!(loads.len(), 1);
         assert_eq!(loads[0]["path"], model.to_string_lossy().as_ref());

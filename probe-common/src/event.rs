@@ -22,6 +22,8 @@ pub enum EventKind {
     Synchronize = 40,
     /// One change of the KV memory's sequences ([`MemoryEvent`]).
     Memory = 50,
+    /// One task handed to llama-server's queue ([`TaskPostEvent`]).
+    TaskPost = 60,
 }
 
 impl EventKind {
@@ -34,6 +36,7 @@ impl EventKind {
             30 => Self::Sample,
             40 => Self::Synchronize,
             50 => Self::Memory,
+            60 => Self::TaskPost,
             _ => return None,
         })
     }
@@ -242,6 +245,21 @@ pub struct MemoryEvent {
     pub ret: u32,
 }
 
+/// One `server_queue::post(std::vector<server_task> && tasks, bool front)` call: llama-server
+/// accepted work from an HTTP handler (completion, embedding, …; `front` is set for cancels).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TaskPostEvent {
+    pub header: EventHeader,
+    /// The `server_queue *`.
+    pub queue: u64,
+    /// Bytes of the task vector (`end - begin`): a multiple of `sizeof(server_task)`.
+    pub tasks_bytes: u64,
+    /// The `front` argument (1: pushed to the front, as llama-server does for cancel tasks).
+    pub front: u32,
+    pub _pad: u32,
+}
+
 /// Index of the counter of events the ring buffer had no room for.
 pub const LOST_RINGBUF: u32 = 0;
 /// Index of the counter of calls whose entry could not be recorded (per-thread map full).
@@ -258,3 +276,4 @@ const _: () = assert!(size_of::<ContextEvent>() == 32 + 16 + 24);
 const _: () = assert!(size_of::<SampleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);
 const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 24);
+const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 8 + 8);

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use probe_common::{
     ContextEvent, DecodeEvent, MemoryEvent, ModelLoadEvent, ProcessLayout, SampleEvent, SyncEvent,
-    LOST_COUNTERS,
+    TaskPostEvent, LOST_COUNTERS,
 };
 
 /// Finished events, read by the agent.
@@ -34,6 +34,8 @@ pub static SAMPLE_ENTRY: HashMap<u32, SampleEvent> = HashMap::with_max_entries(4
 pub static SYNC_ENTRY: HashMap<u32, SyncEvent> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static MEMORY_ENTRY: HashMap<u32, MemoryEvent> = HashMap::with_max_entries(1024, 0);
+#[map]
+pub static TASK_POST_ENTRY: HashMap<u32, TaskPostEvent> = HashMap::with_max_entries(1024, 0);
 
 /// The batch walk's cursor (see `probes::decode::scan`), kept in map memory on purpose.
 #[repr(C)]

@@ -20,6 +20,8 @@ pub struct SelfStats {
     pub undecodable: u64,
     /// Requests in progress.
     pub requests_active: u64,
+    /// Posts to llama-server's task queue no request claimed (dropped while idle).
+    pub posts_unclaimed: u64,
 }
 
 /// A consumer of observations.

@@ -4,18 +4,18 @@
 //! Every `llamacpp_` series carries `pid` and `model` (the model file's stem once a load was
 //! seen, else empty).
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    core::Collector, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    core::Collector, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 use super::{SelfStats, Sink};
-use crate::assemble::{DecodeResult, Observation};
+use crate::assemble::{DecodeResult, Observation, Phase};
 
 /// Decode and sampling latency buckets, seconds: resolve the sub-millisecond steps of small
 /// models and reach the tens of seconds of large prompts on CPUs.
@@ -51,6 +51,43 @@ pub const LOAD_BUCKETS: &[f64] = &[
 /// Reads one parameter of a context.
 type ParamField = fn(&crate::assemble::ContextParams) -> Option<u32>;
 
+/// The series every event of one process touches, resolved once: a label lookup hashes the
+/// labels and `pid` must be formatted, while an event should only add to a number. Filled on
+/// first use, so a series exists only once it has a value.
+#[derive(Default)]
+struct Hot {
+    model: Arc<str>,
+    /// By [`phase_slot`].
+    decode_duration: [Option<Histogram>; 4],
+    batch_tokens: [Option<Histogram>; 4],
+    decode_ok: Option<IntCounter>,
+    prompt_tokens: Option<IntCounter>,
+    generated_tokens: Option<IntCounter>,
+    sample_duration: Option<Histogram>,
+    sync_duration: Option<Histogram>,
+    compute_duration: Option<Histogram>,
+}
+
+/// Index of a decode step's phase label in [`Hot`]'s arrays (3: unknown).
+fn phase_slot(p: Option<Phase>) -> (usize, &'static str) {
+    match p {
+        Some(p) => (p as usize, p.label()),
+        None => (3, "unknown"),
+    }
+}
+
+/// The handles of process `pid`, (re)built when its model label changes.
+fn hot_for<'a>(hot: &'a mut HashMap<u32, Hot>, pid: u32, model: &Arc<str>) -> &'a mut Hot {
+    let h = hot.entry(pid).or_default();
+    if !Arc::ptr_eq(&h.model, model) {
+        if *h.model != **model {
+            *h = Hot::default();
+        }
+        h.model = model.clone();
+    }
+    h
+}
+
 /// The metric families.
 pub struct Metrics {
     pub registry: Registry,
@@ -73,8 +110,12 @@ pub struct Metrics {
     request_duration: HistogramVec,
     request_prompt_tokens: HistogramVec,
     request_generated_tokens: HistogramVec,
+    request_queue: HistogramVec,
+    posts_unclaimed: IntCounter,
     requests_active: IntGauge,
     probes_attached: IntGauge,
+    /// Per-process handles of the per-event series.
+    hot: HashMap<u32, Hot>,
     events_lost: IntCounterVec,
 }
 
@@ -189,7 +230,7 @@ impl Metrics {
             seq_capacity: Default::default(),
             ttft: hist(
                 "llamacpp_time_to_first_token_seconds",
-                "Request start (its first prompt chunk) to the sampling of its first token.",
+                "Request arrival (accepted by llama-server's task queue where probed, else its first prompt chunk) to the sampling of its first token.",
                 TTFT_BUCKETS,
                 &["pid", "model"],
             ),
@@ -201,7 +242,7 @@ impl Metrics {
             ),
             request_duration: hist(
                 "llamacpp_request_duration_seconds",
-                "Request start to the sampling of its last token.",
+                "Request arrival (as for time to first token) to the sampling of its last token.",
                 REQUEST_BUCKETS,
                 &["pid", "model"],
             ),
@@ -217,6 +258,18 @@ impl Metrics {
                 TOKEN_BUCKETS,
                 &["pid", "model"],
             ),
+            request_queue: hist(
+                "llamacpp_request_queue_seconds",
+                "Queue wait of a llama-server request: accepted (server_queue::post) to the start of its first prompt chunk.",
+                LATENCY_BUCKETS,
+                &["pid", "model"],
+            ),
+            hot: HashMap::new(),
+            posts_unclaimed: IntCounter::new(
+                "llamaprobe_task_posts_unclaimed_total",
+                "Tasks posted to llama-server's queue that no reconstructed request claimed (rejected or cancelled before a slot took them); dropped once the server was idle.",
+            )
+            .expect("valid counter"),
             requests_active: IntGauge::new(
                 "llamacpp_requests_active",
                 "Requests in progress (reconstructed from the decode batches).",
@@ -239,6 +292,8 @@ impl Metrics {
             Box::new(m.request_duration.clone()),
             Box::new(m.request_prompt_tokens.clone()),
             Box::new(m.request_generated_tokens.clone()),
+            Box::new(m.request_queue.clone()),
+            Box::new(m.posts_unclaimed.clone()),
             Box::new(m.requests_active.clone()),
             Box::new(m.context_used.clone()),
             Box::new(m.context_utilization.clone()),
@@ -313,7 +368,7 @@ impl Sink for Metrics {
             }
         }
         match obs {
-            Observation::Memory(_) => {}
+            Observation::Memory(_) | Observation::TaskPost(_) => {}
             Observation::Request(r) => {
                 let pid = r.pid.to_string();
                 let labels = [pid.as_str(), &*r.model];
@@ -322,6 +377,9 @@ impl Sink for Metrics {
                 }
                 if let Some(t) = r.tpot_s() {
                     self.tpot.with_label_values(&labels).observe(t);
+                }
+                if let Some(t) = r.queue_s() {
+                    self.request_queue.with_label_values(&labels).observe(t);
                 }
                 self.request_duration
                     .with_label_values(&labels)
@@ -334,45 +392,76 @@ impl Sink for Metrics {
                     .observe(r.generated_tokens as f64);
             }
             Observation::Decode(d) => {
-                let pid = d.origin.pid.to_string();
-                let model = &*d.origin.model;
-                self.decode_calls
-                    .with_label_values(&[pid.as_str(), model, d.result.label()])
-                    .inc();
-                let phase = d.phase.map_or("unknown", |p| p.label());
-                self.decode_duration
-                    .with_label_values(&[pid.as_str(), model, phase])
-                    .observe(d.origin.seconds());
+                let o = &d.origin;
+                let h = hot_for(&mut self.hot, o.pid, &o.model);
+                let pid = || o.pid.to_string();
+                let model = &*o.model;
+                if d.result == DecodeResult::Ok {
+                    h.decode_ok
+                        .get_or_insert_with(|| {
+                            self.decode_calls.with_label_values(&[&pid(), model, "ok"])
+                        })
+                        .inc();
+                } else {
+                    self.decode_calls
+                        .with_label_values(&[&pid(), model, d.result.label()])
+                        .inc();
+                }
+                let (slot, phase) = phase_slot(d.phase);
+                h.decode_duration[slot]
+                    .get_or_insert_with(|| {
+                        self.decode_duration
+                            .with_label_values(&[&pid(), model, phase])
+                    })
+                    .observe(o.seconds());
                 if let Some(n) = d.n_tokens {
-                    self.batch_tokens
-                        .with_label_values(&[pid.as_str(), model, phase])
+                    h.batch_tokens[slot]
+                        .get_or_insert_with(|| {
+                            self.batch_tokens.with_label_values(&[&pid(), model, phase])
+                        })
                         .observe(n as f64);
                 }
                 if d.result == DecodeResult::Ok && d.prompt_tokens > 0 {
-                    self.tokens
-                        .with_label_values(&[pid.as_str(), model, "prompt"])
+                    h.prompt_tokens
+                        .get_or_insert_with(|| {
+                            self.tokens.with_label_values(&[&pid(), model, "prompt"])
+                        })
                         .inc_by(d.prompt_tokens as u64);
                 }
             }
             Observation::Sample(s) => {
-                let pid = s.origin.pid.to_string();
-                let model = &*s.origin.model;
-                self.sample_duration
-                    .with_label_values(&[pid.as_str(), model])
-                    .observe(s.origin.seconds());
-                self.tokens
-                    .with_label_values(&[pid.as_str(), model, "generated"])
+                let o = &s.origin;
+                let h = hot_for(&mut self.hot, o.pid, &o.model);
+                let labels = || [o.pid.to_string(), o.model.to_string()];
+                h.sample_duration
+                    .get_or_insert_with(|| {
+                        let [p, m] = labels();
+                        self.sample_duration.with_label_values(&[&p, &m])
+                    })
+                    .observe(o.seconds());
+                h.generated_tokens
+                    .get_or_insert_with(|| {
+                        let [p, m] = labels();
+                        self.tokens.with_label_values(&[&p, &m, "generated"])
+                    })
                     .inc();
             }
             Observation::Synchronize(s) => {
-                let pid = s.origin.pid.to_string();
-                let model = &*s.origin.model;
-                self.sync_duration
-                    .with_label_values(&[pid.as_str(), model])
-                    .observe(s.origin.seconds());
+                let o = &s.origin;
+                let h = hot_for(&mut self.hot, o.pid, &o.model);
+                let labels = || [o.pid.to_string(), o.model.to_string()];
+                h.sync_duration
+                    .get_or_insert_with(|| {
+                        let [p, m] = labels();
+                        self.sync_duration.with_label_values(&[&p, &m])
+                    })
+                    .observe(o.seconds());
                 if let Some(c) = s.compute_ns {
-                    self.compute_duration
-                        .with_label_values(&[pid.as_str(), model])
+                    h.compute_duration
+                        .get_or_insert_with(|| {
+                            let [p, m] = labels();
+                            self.compute_duration.with_label_values(&[&p, &m])
+                        })
                         .observe(c as f64 / 1e9);
                 }
             }
@@ -410,6 +499,7 @@ impl Sink for Metrics {
     fn tick(&mut self, s: &SelfStats) {
         self.probes_attached.set(s.probes_attached as i64);
         self.requests_active.set(s.requests_active as i64);
+        set_counter(&self.posts_unclaimed, s.posts_unclaimed);
         set_counter(
             &self.events_lost.with_label_values(&["ringbuf_full"]),
             s.lost_ringbuf,

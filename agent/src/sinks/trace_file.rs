@@ -152,6 +152,13 @@ impl Sink for TraceFile {
                         "seq_id": m.seq_id, "seq_dst": m.seq_dst, "p0": m.p0, "p1": m.p1,
                     }),
                 ),
+                Observation::TaskPost(p) => self.span(
+                    (pid, tid),
+                    "task posted",
+                    "server",
+                    (start, end),
+                    json!({"front": p.front, "tasks_bytes": p.tasks_bytes}),
+                ),
                 Observation::Request(_) => {}
             }
             return;
@@ -163,14 +170,18 @@ impl Sink for TraceFile {
                 "request": r.id, "input_tokens": r.input_tokens(), "cached_tokens": r.cached_tokens,
                 "prompt_tokens": r.prompt_tokens, "generated_tokens": r.generated_tokens,
                 "ttft_ms": r.ttft_s().map(|s| s * 1e3), "tpot_ms": r.tpot_s().map(|s| s * 1e3),
+                "queue_ms": r.queue_s().map(|s| s * 1e3),
             });
             self.span(
                 (r.pid, tid),
                 &format!("request {}", r.id),
                 "request",
-                (r.start_ns, r.end_ns),
+                (r.arrival_ns(), r.end_ns),
                 args,
             );
+            if let Some(q) = r.queued_ns {
+                self.span((r.pid, tid), "queue", "request", (q, r.start_ns), json!({}));
+            }
             let prompt_end = r.first_token_ns.or(r.prompt_end_ns).unwrap_or(r.end_ns);
             self.span(
                 (r.pid, tid),

@@ -12,6 +12,7 @@ pub mod decode;
 pub mod memory;
 pub mod model;
 pub mod sampler;
+pub mod server;
 pub mod sync;
 
 use aya_ebpf::{
@@ -50,6 +51,7 @@ impl_event!(probe_common::ContextEvent, EventKind::ContextCreate);
 impl_event!(probe_common::SampleEvent, EventKind::Sample);
 impl_event!(probe_common::SyncEvent, EventKind::Synchronize);
 impl_event!(probe_common::MemoryEvent, EventKind::Memory);
+impl_event!(probe_common::TaskPostEvent, EventKind::TaskPost);
 
 /// The calling thread: (tgid, tid).
 #[inline(always)]

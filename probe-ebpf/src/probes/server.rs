@@ -1,0 +1,39 @@
+//! llama-server's own flow: `int server_queue::post(std::vector<server_task> && tasks, bool
+//! front)` is where an HTTP handler hands a request's tasks to the server loop, so its entry
+//! time is when the request was accepted and the wait until the request's first decode step is
+//! its queue wait.
+//!
+//! Arguments: `this` (rdi/x0), the vector (rsi/x1: `{begin, end, capacity}`), `front`
+//! (edx/w2). Builds that clone it (`.isra.0`, older `std::vector &` overload) keep this order
+//! (checked on every fixture's disassembly; see agent/src/targets.rs).
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_user,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use probe_common::TaskPostEvent;
+
+use super::{enter, leave};
+use crate::maps::TASK_POST_ENTRY;
+
+#[uprobe]
+pub fn task_post(ctx: ProbeContext) -> u32 {
+    let vec = ctx.arg::<u64>(1).unwrap_or(0);
+    // SAFETY: reads of user memory through the helper, which fails cleanly.
+    let begin = unsafe { bpf_probe_read_user(vec as *const u64) }.unwrap_or(0);
+    let end = unsafe { bpf_probe_read_user((vec + 8) as *const u64) }.unwrap_or(0);
+    let mut ev = TaskPostEvent::default();
+    enter(&TASK_POST_ENTRY, &mut ev, |ev| {
+        ev.queue = ctx.arg::<u64>(0).unwrap_or(0);
+        ev.tasks_bytes = end.wrapping_sub(begin);
+        ev.front = ctx.arg::<u64>(2).unwrap_or(0) as u8 as u32;
+    });
+    0
+}
+
+#[uretprobe]
+pub fn task_post_return(_ctx: RetProbeContext) -> u32 {
+    leave(&TASK_POST_ENTRY, |_| {});
+    0
+}
