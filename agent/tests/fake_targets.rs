@@ -326,3 +326,45 @@ fn stripped_static_binary_is_explained_and_symbols_from_restores_it() {
     assert_eq!(s["model_loads"].as_array().unwrap().len(), 2);
     assert_eq!(s["contexts"][0]["n_ctx"], 4096);
 }
+
+/// SIGTERM (systemd, Kubernetes) ends a session like Ctrl-C: probes detached, summary written,
+/// exit 0, and the traced program carries on untouched.
+#[test]
+fn sigterm_ends_the_session_with_its_summary() {
+    let test = "sigterm_ends_the_session_with_its_summary";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    use std::io::{BufRead, Read, Write};
+    let mut driver = std::process::Command::new(fakes().join("ext/driver_ext"))
+        .arg("/models/tiny-model.gguf")
+        .env("FAKE_WAIT_STDIN", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(driver.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    assert!(ready.starts_with("ready pid="), "{ready}");
+
+    let sum = scratch(test).join("summary.json");
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &driver.id().to_string(), "--quiet"])
+        .args(["--metrics-addr", "off", "--summary-json"])
+        .arg(&sum);
+    let mut probe = common::server::Probe::spawn(&mut cmd);
+    probe.wait_for("probes attached");
+    let (code, stdout) = probe.terminate();
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("llamaprobe summary"), "{stdout}");
+    assert_eq!(json(&sum)["ended_by"], "terminated");
+
+    // The program runs its whole sequence afterwards, every return value as expected.
+    driver.stdin.take().unwrap().write_all(b"g").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(driver.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("done decodes="), "{rest}");
+}

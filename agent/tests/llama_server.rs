@@ -403,8 +403,13 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
         if let Some(cache_n) = timings.get("cache_n") {
             assert_eq!(&r["cached_tokens"], cache_n, "request {i}");
         }
-        // Time to first token runs from the request's first prompt step to its first sample;
-        // the server's prompt_ms runs from when the slot started on the prompt (at or before
+        // Every request was accepted by the server's queue before its prompt started.
+        assert!(
+            r["queued_ns"].as_u64().unwrap() <= r["start_ns"].as_u64().unwrap(),
+            "request {i}: {r}"
+        );
+        // Time to first token less the queue wait runs from the request's first prompt step to
+        // its first sample; the server's prompt_ms runs from when the slot started on the prompt (at or before
         // that step, earlier when other slots' work came first) to the same first token.
         let ttft_ms =
             (r["first_token_ns"].as_u64().unwrap() - r["start_ns"].as_u64().unwrap()) as f64 / 1e6;

@@ -246,6 +246,13 @@ impl Probe {
         self.finish()
     }
 
+    /// Sends SIGTERM (what systemd and Kubernetes send) and waits; returns (exit code, stdout).
+    pub fn terminate(self) -> (i32, String) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.finish()
+    }
+
     /// Waits for the end; returns (exit code, stdout).
     pub fn finish(mut self) -> (i32, String) {
         let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
