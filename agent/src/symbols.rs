@@ -117,6 +117,8 @@ pub struct FileSymbols {
     /// A stripped file containing llama.cpp's or ggml's strings: llama.cpp code without
     /// symbols.
     pub looks_like_llama: bool,
+    /// A ggml GPU backend's init function defined here (linked in statically).
+    pub gpu_init: Option<&'static str>,
 }
 
 /// Maps a file if it is an ELF file; `None` for anything else (a mapped model, a font, a
@@ -201,12 +203,19 @@ fn resolve_bytes(
     if let Some(f) = &from {
         tables.push((Table::SymbolsFrom, f.symbols().collect()));
     }
+    let mut gpu_init = None;
     for (table, syms) in tables {
         for sym in syms {
             if !sym.is_definition() || sym.kind() != SymbolKind::Text || sym.address() == 0 {
                 continue;
             }
             let Ok(name) = sym.name() else { continue };
+            if gpu_init.is_none() {
+                gpu_init = targets::GPU_BACKENDS
+                    .iter()
+                    .find(|(_, init)| *init == name)
+                    .map(|(_, init)| *init);
+            }
             let Some(&w) = wanted.iter().find(|w| **w == name) else {
                 continue;
             };
@@ -238,6 +247,7 @@ fn resolve_bytes(
         has_symtab,
         symbols_from: from.is_some(),
         looks_like_llama,
+        gpu_init,
     })
 }
 
@@ -265,9 +275,10 @@ pub struct Plan {
     pub gpu_backend: Option<String>,
 }
 
-/// A ggml GPU backend among `files` (by library name or init symbol), or among the libraries
-/// beside them that a release build loads at run time (`libggml-cuda.so` next to libggml.so).
-pub fn gpu_backend(files: &[MappedFile]) -> Option<String> {
+/// A ggml GPU backend among `files` (by library name), among the libraries beside them that a
+/// release build loads at run time (`libggml-cuda.so` next to libggml.so), or `linked`: a
+/// backend init function found while resolving the files' symbols (a static build).
+pub fn gpu_backend(files: &[MappedFile], linked: Option<String>) -> Option<String> {
     use crate::targets::GPU_BACKENDS;
     let is_backend = |p: &Path| {
         let name = p.file_name()?.to_string_lossy().into_owned();
@@ -301,21 +312,7 @@ pub fn gpu_backend(files: &[MappedFile]) -> Option<String> {
             return Some(n);
         }
     }
-    // Statically linked: the backend's init function.
-    files.iter().find_map(|f| {
-        let data = map_elf(&f.host_path).ok()??;
-        let obj = object::File::parse(&*data).ok()?;
-        let names: Vec<String> = obj
-            .symbols()
-            .chain(obj.dynamic_symbols())
-            .filter(|s| s.is_definition())
-            .filter_map(|s| s.name().ok().map(str::to_string))
-            .collect();
-        GPU_BACKENDS
-            .iter()
-            .find(|(_, init)| names.iter().any(|n| n == init))
-            .map(|(_, init)| format!("{init} in {}", f.path.display()))
-    })
+    linked
 }
 
 impl Plan {
@@ -342,10 +339,14 @@ impl Plan {
         let mut resolved = Vec::new();
         let mut stripped = Vec::new();
         let mut from_applied = false;
+        let mut linked_gpu = None;
         for f in files {
             match resolve_file(f, from) {
                 Ok(r) => {
                     from_applied |= r.symbols_from;
+                    if let (None, Some(init)) = (&linked_gpu, r.gpu_init) {
+                        linked_gpu = Some(format!("{init} in {}", r.file.path.display()));
+                    }
                     if !r.hits.is_empty() {
                         resolved.push(r);
                     } else if !r.has_symtab && r.looks_like_llama {
@@ -416,7 +417,7 @@ impl Plan {
             probes,
             missing,
             files: resolved,
-            gpu_backend: gpu_backend(files),
+            gpu_backend: gpu_backend(files, linked_gpu),
         })
     }
 }
@@ -507,17 +508,17 @@ mod tests {
         let cuda = dir.join("libggml-cuda.so");
         fs::write(&cuda, b"").unwrap();
         assert_eq!(
-            gpu_backend(&[mapped(&cuda)]).as_deref(),
+            gpu_backend(&[mapped(&cuda)], None).as_deref(),
             Some("libggml-cuda.so")
         );
         // Not mapped, but installed beside the mapped libggml (loaded later with dlopen).
         fs::remove_file(&cuda).unwrap();
         let ggml = dir.join("libggml.so.0");
         fs::write(&ggml, b"").unwrap();
-        assert_eq!(gpu_backend(&[mapped(&ggml)]), None);
+        assert_eq!(gpu_backend(&[mapped(&ggml)], None), None);
         fs::write(dir.join("libggml-vulkan.so"), b"").unwrap();
         assert_eq!(
-            gpu_backend(&[mapped(&ggml)]).as_deref(),
+            gpu_backend(&[mapped(&ggml)], None).as_deref(),
             Some("libggml-vulkan.so")
         );
         // Linked in: the backend's init function in a binary.
@@ -531,14 +532,16 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        let found = gpu_backend(&[mapped(&exe)]).unwrap();
-        assert!(found.starts_with("ggml_backend_cuda_init in "), "{found}");
+        let r = resolve_file(&mapped(&exe), None).unwrap();
+        assert_eq!(r.gpu_init, Some("ggml_backend_cuda_init"));
         // A CPU-only process has none.
         let sh = crate::discover::which("sh").unwrap();
-        assert_eq!(
-            gpu_backend(&crate::discover::planned_files(&sh).unwrap()),
-            None
-        );
+        let files = crate::discover::planned_files(&sh).unwrap();
+        assert!(files
+            .iter()
+            .filter_map(|f| resolve_file(f, None).ok())
+            .all(|r| r.gpu_init.is_none()));
+        assert_eq!(gpu_backend(&files, None), None);
         let _ = fs::remove_dir_all(&dir);
     }
 
