@@ -23,13 +23,9 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        mpsc::{self, Receiver, RecvTimeoutError, Sender},
-        Arc, Mutex,
-    },
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -39,7 +35,10 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 
 use crate::{
-    fixtures, setup,
+    fixtures,
+    proc::{Proc, Stream},
+    server::{self, Server},
+    setup,
     util::{self, progress},
 };
 
@@ -200,14 +199,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let bpftrace = ensure_bpftrace();
 
-    progress!("building llamaprobe (release)");
-    util::run_inherit(
-        util::cargo()
-            .args(["build", "--release", "-p", "llamaprobe"])
-            .current_dir(util::workspace_root())
-            .env("PATH", util::path_with_tools()?),
-    )?;
-    let probe_bin = util::target_dir().join("release/llamaprobe");
+    let probe_bin = util::build_llamaprobe()?;
     let work = util::target_dir().join("bench");
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let (lib, loop_bin) = build_synthetic(&work)?;
@@ -386,225 +378,6 @@ fn build_synthetic(work: &Path) -> Result<(PathBuf, PathBuf)> {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Out,
-    Err,
-}
-
-/// A child process, stopped (its stop signal, then SIGKILL) when dropped. Its piped stdout and
-/// stderr are read by threads into a channel of lines (and a tail kept for messages).
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Option<Receiver<(Stream, String)>>,
-    tail: Arc<Mutex<Vec<String>>>,
-    stop_signal: libc::c_int,
-}
-
-const TAIL_LINES: usize = 40;
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, stop_signal: libc::c_int) -> Result<Proc> {
-        // If the bench itself is killed (no Drop runs), the kernel kills the child too.
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("could not start {name} (`{}`)", util::display(cmd)))?;
-        let tail = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let mut captured = false;
-        if let Some(out) = child.stdout.take() {
-            read_lines(out, Stream::Out, tx.clone(), tail.clone());
-            captured = true;
-        }
-        if let Some(err) = child.stderr.take() {
-            read_lines(err, Stream::Err, tx.clone(), tail.clone());
-            captured = true;
-        }
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            lines: captured.then_some(rx),
-            tail,
-            stop_signal,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn tail(&self) -> String {
-        self.tail.lock().map(|t| t.join("\n")).unwrap_or_default()
-    }
-
-    /// Waits for an output line matching `pred`; fails on timeout or if the process ends first.
-    fn wait_line(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(Stream, &str) -> bool,
-    ) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        let Some(rx) = self.lines.as_ref() else {
-            bail!("{}'s output is not captured", self.name);
-        };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((stream, line)) if pred(stream, &line) => return Ok(line),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => bail!(
-                    "{} did not print {what} within {} s; its last output:\n{}",
-                    self.name,
-                    timeout.as_secs(),
-                    self.tail()
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.wait_exit(Duration::from_secs(5));
-                    bail!(
-                        "{} ended ({}) before printing {what}; its last output:\n{}",
-                        self.name,
-                        status.map_or_else(|e| format!("{e:#}"), |s| s.to_string()),
-                        self.tail()
-                    )
-                }
-            }
-        }
-    }
-
-    /// Where the process waits in the kernel (wchan and stack), for a message.
-    fn kernel_wait(&self) -> String {
-        let pid = self.pid();
-        let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-        let stack: Vec<String> = fs::read_to_string(format!("/proc/{pid}/stack"))
-            .unwrap_or_default()
-            .lines()
-            .take(6)
-            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
-            .collect();
-        format!("wchan {wchan}; stack {}", stack.join(" < "))
-    }
-
-    fn send_byte(&mut self) -> Result<()> {
-        let stdin = self.child.stdin.as_mut().context("stdin is not piped")?;
-        stdin.write_all(b"g")?;
-        stdin.flush()?;
-        Ok(())
-    }
-
-    fn close_stdin(&mut self) {
-        drop(self.child.stdin.take());
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits for the process to end by itself; after `timeout`, stops it and fails.
-    fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                let where_ = self.kernel_wait();
-                self.stop();
-                bail!(
-                    "{} did not exit within {} s: stopped it (it was waiting in: {where_})",
-                    self.name,
-                    timeout.as_secs()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Sends the stop signal and waits for the process to end (SIGKILL after `timeout`).
-    /// The stop signal is sent again every 3 s while the process runs: a program can miss one
-    /// (llamaprobe's event loop re-creates its Ctrl-C listener on every turn).
-    fn finish(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let mut sent = 0;
-        while self.running() && (sent == 0 || Instant::now() + Duration::from_secs(3) < deadline) {
-            util::signal(self.pid(), self.stop_signal);
-            sent += 1;
-            let until = Instant::now() + Duration::from_secs(3);
-            while self.running() && Instant::now() < until {
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-        if sent > 1 {
-            progress!("  {} needed the stop signal {sent} times", self.name);
-        }
-        self.wait_exit(deadline.saturating_duration_since(Instant::now()))
-    }
-
-    /// The stop signal, up to 5 s of grace, then SIGKILL.
-    fn stop(&mut self) {
-        if !self.running() {
-            return;
-        }
-        util::signal(self.pid(), self.stop_signal);
-        // In case it was paused (the capacity section stops llamaprobe on purpose).
-        util::signal(self.pid(), libc::SIGCONT);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !self.running() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        progress!("{} did not stop: killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn read_lines(
-    pipe: impl Read + Send + 'static,
-    stream: Stream,
-    tx: Sender<(Stream, String)>,
-    tail: Arc<Mutex<Vec<String>>>,
-) {
-    thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                    if let Ok(mut t) = tail.lock() {
-                        t.push(line.clone());
-                        if t.len() > TAIL_LINES {
-                            t.remove(0);
-                        }
-                    }
-                    let _ = tx.send((stream, line));
-                }
-            }
-        }
-    });
-}
-
 /// (VmRSS, VmHWM) in KiB.
 fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -646,12 +419,6 @@ fn settle_cpu(pid: u32, max: Duration) -> Option<f64> {
         }
         last = now;
     }
-}
-
-/// A port that was free a moment ago, on 127.0.0.1.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a local port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -824,23 +591,12 @@ fn run_loop(env: &Env, spec: &LoopSpec) -> Result<LoopRun> {
             )?;
             Some(p)
         }
-        Tracer::Llamaprobe { cpus } => {
-            let mut p = Proc::spawn(
-                "llamaprobe",
-                taskset(cpus.as_deref(), &env.probe_bin)
-                    .args(["attach", "--pid", &lp.pid().to_string()])
-                    .args(["--quiet", "--metrics-addr", "off", "--summary-json"])
-                    .arg(&summary)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped()),
-                libc::SIGINT,
-            )?;
-            p.wait_line("`probes attached`", Duration::from_secs(60), |s, l| {
-                s == Stream::Err && l.contains("probes attached")
-            })?;
-            Some(p)
-        }
+        Tracer::Llamaprobe { cpus } => Some(spawn_attached(
+            taskset(cpus.as_deref(), &env.probe_bin)
+                .args(["attach", "--pid", &lp.pid().to_string()])
+                .args(["--quiet", "--metrics-addr", "off", "--summary-json"])
+                .arg(&summary),
+        )?),
     };
     let agent_pid = match spec.tracer {
         Tracer::Llamaprobe { .. } => tracer.as_ref().map(Proc::pid),
@@ -1224,11 +980,7 @@ fn var(vars: &BTreeMap<String, String>, key: &str) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // llama-server
 
-struct Server {
-    proc: Proc,
-    addr: String,
-}
-
+/// llama-server with the bench's options (SERVER_ARGS), its log in `cache/logs/bench-NAME.log`.
 fn start_server(
     env: &Env,
     server_bin: &Path,
@@ -1236,74 +988,8 @@ fn start_server(
     extra_env: &[(String, String)],
     log_name: &str,
 ) -> Result<Server> {
-    let port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    let log_path = env.cache.join("logs").join(format!("bench-{log_name}.log"));
-    if let Some(dir) = log_path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let log =
-        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = Command::new(server_bin);
-    cmd.arg("-m")
-        .arg(model)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(SERVER_ARGS)
-        .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    // Newer builds load the model twice at start with the default `--fit on`.
-    let help = Command::new(server_bin)
-        .arg("--help")
-        .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .output()?;
-    if String::from_utf8_lossy(&help.stdout).contains("--fit ") {
-        cmd.args(["--fit", "off"]);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut proc = Proc::spawn("llama-server", &mut cmd, libc::SIGTERM)?;
-    let started = Instant::now();
-    loop {
-        if !proc.running() {
-            bail!(
-                "llama-server exited while starting; see {}",
-                log_path.display()
-            );
-        }
-        if let Ok((200, body)) = http_get(&addr, "/health") {
-            if body.contains("ok") {
-                break;
-            }
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "llama-server was not ready after 120 s; see {}",
-                log_path.display()
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(Server { proc, addr })
-}
-
-fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
+    let log = env.cache.join("logs").join(format!("bench-{log_name}.log"));
+    server::start(server_bin, model, SERVER_ARGS, extra_env, &log)
 }
 
 /// One streamed completion.
@@ -1373,11 +1059,8 @@ fn completion(addr: &str) -> Result<Completion> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)
+    let body = if server::is_chunked(head) {
+        server::dechunk(rest)
     } else {
         rest.to_string()
     };
@@ -1412,33 +1095,25 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Decodes a `Transfer-Encoding: chunked` body.
-fn dechunk(mut rest: &str) -> String {
-    let mut body = String::new();
-    while let Some((size_line, after)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-            .unwrap_or(0);
-        if size == 0 || after.len() < size {
-            break;
-        }
-        body.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    body
-}
-
 /// `llamaprobe attach` to a server; returns once its probes are attached.
 fn attach(env: &Env, pid: u32, extra: &[&str], summary: &Path) -> Result<Proc> {
     let _ = fs::remove_file(summary);
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    let mut p = Proc::spawn(
-        "llamaprobe",
+    let metrics = format!("127.0.0.1:{}", server::free_port()?);
+    spawn_attached(
         Command::new(&env.probe_bin)
             .args(["attach", "--pid", &pid.to_string(), "--quiet"])
             .args(["--metrics-addr", &metrics, "--summary-json"])
             .arg(summary)
-            .args(extra)
-            .stdin(Stdio::null())
+            .args(extra),
+    )
+}
+
+/// Starts a `llamaprobe attach` command line (output captured, SIGINT to stop it); returns once
+/// it prints `probes attached`.
+fn spawn_attached(cmd: &mut Command) -> Result<Proc> {
+    let mut p = Proc::spawn(
+        "llamaprobe",
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
         libc::SIGINT,
@@ -2651,19 +2326,57 @@ fn ok<T>(section: &Option<Result<T, String>>) -> Option<&T> {
     section.as_ref().and_then(|r| r.as_ref().ok())
 }
 
-/// "not run" / the error, for a section without results.
-fn missing<T>(out: &mut String, section: &Option<Result<T, String>>) -> bool {
+/// Writes a section's heading and returns its results; for a section without results, writes
+/// "not run" or the error instead.
+fn section<'a, T>(
+    o: &mut String,
+    heading: &str,
+    section: &'a Option<Result<T, String>>,
+) -> Option<&'a T> {
+    let _ = writeln!(o, "## {heading}\n");
     match section {
         None => {
-            let _ = writeln!(out, "Not measured in this run (left out with `--only`).\n");
-            true
+            let _ = writeln!(o, "Not measured in this run (left out with `--only`).\n");
+            None
         }
         Some(Err(e)) => {
-            let _ = writeln!(out, "**Failed:** `{}`\n", e.replace('`', "'"));
-            true
+            let _ = writeln!(o, "**Failed:** `{}`\n", e.replace('`', "'"));
+            None
         }
-        Some(Ok(_)) => false,
+        Some(Ok(results)) => Some(results),
     }
+}
+
+/// A section's problems as a list (and the blank line after it), if there are any.
+fn problems(o: &mut String, problems: &[String]) {
+    for problem in problems {
+        let _ = writeln!(o, "- **Problem:** {problem}");
+    }
+    if !problems.is_empty() {
+        let _ = writeln!(o);
+    }
+}
+
+/// A markdown table: the header, the `|---|` rule, the rows, then a blank line. A row shorter
+/// than the header ends in empty cells; `|` in a cell is escaped, a line break becomes a space.
+fn table(o: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let line = |o: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        o.push('|');
+        for cell in cells.chain(std::iter::repeat("")).take(header.len()) {
+            if cell.is_empty() {
+                o.push_str(" |");
+            } else {
+                let _ = write!(o, " {} |", cell.replace('|', "\\|").replace('\n', " "));
+            }
+        }
+        o.push('\n');
+    };
+    line(o, &mut header.iter().copied());
+    let _ = writeln!(o, "|{}", "---|".repeat(header.len()));
+    for row in rows {
+        line(o, &mut row.iter().map(String::as_str));
+    }
+    o.push('\n');
 }
 
 fn render(r: &Report) -> String {
@@ -2686,27 +2399,35 @@ fn render(r: &Report) -> String {
             ""
         }
     );
-    let _ = writeln!(o, "| | |\n|---|---|");
-    let _ = writeln!(
-        o,
-        "| machine | `nproc` {}, {}, {} RAM |",
-        m.ncpu, m.cpu_model, m.mem
+    table(
+        &mut o,
+        &["", ""],
+        &[
+            vec![
+                "machine".into(),
+                format!("`nproc` {}, {}, {} RAM", m.ncpu, m.cpu_model, m.mem),
+            ],
+            vec!["kernel (`uname -r`)".into(), m.kernel.clone()],
+            vec![
+                "load average (1/5/15 min)".into(),
+                format!("{} at the start, {} at the end", m.load_start, r.load_end),
+            ],
+            vec![
+                "llamaprobe".into(),
+                format!("commit {} (release build)", m.commit),
+            ],
+            vec!["bpftrace".into(), m.bpftrace.clone()],
+            vec![
+                "runs".into(),
+                format!(
+                    "{} interleaved runs per case (the order rotates each run); medians, with \
+                     the [min–max] of the runs",
+                    r.runs
+                ),
+            ],
+            vec!["took".into(), util::format_duration(r.took)],
+        ],
     );
-    let _ = writeln!(o, "| kernel (`uname -r`) | {} |", m.kernel);
-    let _ = writeln!(
-        o,
-        "| load average (1/5/15 min) | {} at the start, {} at the end |",
-        m.load_start, r.load_end
-    );
-    let _ = writeln!(o, "| llamaprobe | commit {} (release build) |", m.commit);
-    let _ = writeln!(o, "| bpftrace | {} |", m.bpftrace);
-    let _ = writeln!(
-        o,
-        "| runs | {} interleaved runs per case (the order rotates each run); medians, with the \
-         [min–max] of the runs |",
-        r.runs
-    );
-    let _ = writeln!(o, "| took | {} |\n", util::format_duration(r.took));
     let _ = writeln!(
         o,
         "Everything ran on this one machine, with whatever else it was running (see the load \
@@ -2747,7 +2468,7 @@ fn render(r: &Report) -> String {
 
 fn render_goals(o: &mut String, r: &Report) {
     let _ = writeln!(o, "## Goals\n");
-    let _ = writeln!(o, "| goal | measured | |\n|---|---|---|");
+    let mut rows: Vec<Vec<String>> = Vec::new();
     // Throughput on the ≥ 10 ms model.
     match ok(&r.server).and_then(|s| s.models.get(1)) {
         Some(large) => {
@@ -2773,90 +2494,85 @@ fn render_goals(o: &mut String, r: &Report) {
             } else {
                 ""
             };
-            let _ = writeln!(
-                o,
-                "| generation throughput with llamaprobe ≥ {} of without, on a model with a ≥ {STEP_TARGET_MS:.0} ms decode step | {} [{}–{}] of without (medians {with:.1} vs {base:.1} tok/s; step {step:.1} ms{step_note}); {} | {} |",
-                pct(GOAL_THROUGHPUT),
-                pct(ratio),
-                pct(lo),
-                pct(hi),
-                others.join("; "),
+            rows.push(vec![
+                format!(
+                    "generation throughput with llamaprobe ≥ {} of without, on a model with a \
+                     ≥ {STEP_TARGET_MS:.0} ms decode step",
+                    pct(GOAL_THROUGHPUT)
+                ),
+                format!(
+                    "{} [{}–{}] of without (medians {with:.1} vs {base:.1} tok/s; step \
+                     {step:.1} ms{step_note}); {}",
+                    pct(ratio),
+                    pct(lo),
+                    pct(hi),
+                    others.join("; ")
+                ),
                 if lo < GOAL_THROUGHPUT && hi >= GOAL_THROUGHPUT {
                     format!(
-                        "{} by the median; within this machine's noise (the paired runs straddle {})",
+                        "{} by the median; within this machine's noise (the paired runs \
+                         straddle {})",
                         verdict(ratio >= GOAL_THROUGHPUT),
                         pct(GOAL_THROUGHPUT)
                     )
                 } else {
                     verdict(ratio >= GOAL_THROUGHPUT).to_string()
-                }
-            );
+                },
+            ]);
         }
-        None => {
-            let _ = writeln!(
-                o,
-                "| generation throughput ≥ {} of without | not measured | |",
+        None => rows.push(vec![
+            format!(
+                "generation throughput ≥ {} of without",
                 pct(GOAL_THROUGHPUT)
-            );
-        }
+            ),
+            "not measured".into(),
+        ]),
     }
     match ok(&r.per_call) {
         Some(p) => {
             match p.ratio(Case::Llamaprobe) {
-                Some(ratio) => {
-                    let _ = writeln!(
-                        o,
-                        "| per-call cost ≤ {GOAL_PER_CALL:.2} × the empty uprobe + uretprobe pair | {ratio:.2} × ({} vs {} ns) | {} |",
+                Some(ratio) => rows.push(vec![
+                    format!(
+                        "per-call cost ≤ {GOAL_PER_CALL:.2} × the empty uprobe + uretprobe pair"
+                    ),
+                    format!(
+                        "{ratio:.2} × ({} vs {} ns)",
                         ns(p.overhead(Case::Llamaprobe).unwrap_or(f64::NAN)),
-                        ns(p.overhead(Case::Empty).unwrap_or(f64::NAN)),
-                        verdict(ratio <= GOAL_PER_CALL)
-                    );
-                }
-                None => {
-                    let _ = writeln!(o, "| per-call cost ≤ {GOAL_PER_CALL:.2} × the empty pair | not measured (no bpftrace) | |");
-                }
+                        ns(p.overhead(Case::Empty).unwrap_or(f64::NAN))
+                    ),
+                    verdict(ratio <= GOAL_PER_CALL).into(),
+                ]),
+                None => rows.push(vec![
+                    format!("per-call cost ≤ {GOAL_PER_CALL:.2} × the empty pair"),
+                    "not measured (no bpftrace)".into(),
+                ]),
             }
             if let (Some(c), Some(d)) = (p.median(Case::Llamaprobe), p.median(Case::Hist)) {
-                let _ = writeln!(
-                    o,
-                    "| per-call cost below bpftrace's latency histogram | {} vs {} ns/call | {} |",
-                    ns(c),
-                    ns(d),
-                    verdict(c < d)
-                );
+                rows.push(vec![
+                    "per-call cost below bpftrace's latency histogram".into(),
+                    format!("{} vs {} ns/call", ns(c), ns(d)),
+                    verdict(c < d).into(),
+                ]);
             }
         }
-        None => {
-            let _ = writeln!(o, "| per-call cost | not measured | |");
-        }
+        None => rows.push(vec!["per-call cost".into(), "not measured".into()]),
     }
-    match ok(&r.server) {
-        Some(s) => {
-            let hwm = s
-                .models
-                .iter()
-                .flat_map(|m| m.agents())
-                .map(|(_, a)| a.hwm_kib)
-                .max();
-            match hwm {
-                Some(hwm) => {
-                    let _ = writeln!(
-                        o,
-                        "| llamaprobe RSS ≤ {GOAL_RSS_MIB:.0} MiB under load | peak (VmHWM) {:.1} MiB | {} |",
-                        mib(hwm),
-                        verdict(mib(hwm) <= GOAL_RSS_MIB)
-                    );
-                }
-                None => {
-                    let _ = writeln!(o, "| RSS under load | not measured | |");
-                }
-            }
-        }
-        None => {
-            let _ = writeln!(o, "| RSS under load | not measured | |");
-        }
+    let hwm = ok(&r.server).and_then(|s| {
+        s.models
+            .iter()
+            .flat_map(|m| m.agents())
+            .map(|(_, a)| a.hwm_kib)
+            .max()
+    });
+    match hwm {
+        Some(hwm) => rows.push(vec![
+            format!("llamaprobe RSS ≤ {GOAL_RSS_MIB:.0} MiB under load"),
+            format!("peak (VmHWM) {:.1} MiB", mib(hwm)),
+            verdict(mib(hwm) <= GOAL_RSS_MIB).into(),
+        ]),
+        None => rows.push(vec!["RSS under load".into(), "not measured".into()]),
     }
-    let _ = writeln!(o);
+    table(o, &["goal", "measured", ""], &rows);
     render_reasons(o, r);
 }
 
@@ -3029,11 +2745,13 @@ fn render_reasons(o: &mut String, r: &Report) {
 }
 
 fn render_per_call(o: &mut String, r: &Report) {
-    let _ = writeln!(o, "## 1. Cost of one probed call (synthetic target)\n");
-    if missing(o, &r.per_call) {
+    let Some(p) = section(
+        o,
+        "1. Cost of one probed call (synthetic target)",
+        &r.per_call,
+    ) else {
         return;
-    }
-    let Some(p) = ok(&r.per_call) else { return };
+    };
     let root = util::workspace_root();
     let lib = p.lib.strip_prefix(&root).unwrap_or(&p.lib).display();
     let _ = writeln!(
@@ -3047,7 +2765,7 @@ fn render_per_call(o: &mut String, r: &Report) {
          return).\n",
         p.iterations
     );
-    let _ = writeln!(o, "| case | what runs | ns/call (median) | [min–max] | probe cost (− a) | ÷ empty pair (b) |\n|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
     for case in CASES {
         let what = match case {
             Case::NoProbe => "nothing".to_string(),
@@ -3060,7 +2778,7 @@ fn render_per_call(o: &mut String, r: &Report) {
                 bpftrace_program(case, Path::new("LIB")).unwrap_or_default()
             ),
         };
-        match (p.median(case), p.spread(case)) {
+        rows.push(match (p.median(case), p.spread(case)) {
             (Some(med), Some((lo, hi))) => {
                 let (cost, ratio) = if case == Case::NoProbe {
                     ("–".to_string(), "–".to_string())
@@ -3070,27 +2788,33 @@ fn render_per_call(o: &mut String, r: &Report) {
                         p.ratio(case).map_or("–".to_string(), |x| format!("{x:.2}")),
                     )
                 };
-                let _ = writeln!(
-                    o,
-                    "| {} | {what} | **{}** | {}–{} | {cost} | {ratio} |",
-                    case.label(),
-                    ns(med),
-                    ns(lo),
-                    ns(hi)
-                );
+                vec![
+                    case.label().into(),
+                    what,
+                    format!("**{}**", ns(med)),
+                    format!("{}–{}", ns(lo), ns(hi)),
+                    cost,
+                    ratio,
+                ]
             }
-            _ => {
-                let _ = writeln!(
-                    o,
-                    "| {} | {what} | not run (no bpftrace) | | | |",
-                    case.label()
-                );
-            }
-        }
+            _ => vec![case.label().into(), what, "not run (no bpftrace)".into()],
+        });
     }
+    table(
+        o,
+        &[
+            "case",
+            "what runs",
+            "ns/call (median)",
+            "[min–max]",
+            "probe cost (− a)",
+            "÷ empty pair (b)",
+        ],
+        &rows,
+    );
     let _ = writeln!(
         o,
-        "\n`LIB` = `{lib}`. The bpftrace programs also have `BEGIN {{ printf(\"ready\\n\"); }}`, \
+        "`LIB` = `{lib}`. The bpftrace programs also have `BEGIN {{ printf(\"ready\\n\"); }}`, \
          which fires once their probes are attached: the signal to start the loop. bpftrace \
          attaches system-wide to the file, llamaprobe to the loop's pid only.\n"
     );
@@ -3121,20 +2845,17 @@ fn render_per_call(o: &mut String, r: &Report) {
                 .unwrap_or_default()
         );
     }
-    for problem in &p.problems {
-        let _ = writeln!(o, "- **Problem:** {problem}");
-    }
-    if !p.problems.is_empty() {
-        let _ = writeln!(o);
-    }
+    problems(o, &p.problems);
 }
 
 fn render_server(o: &mut String, r: &Report) {
-    let _ = writeln!(o, "## 2. llama-server throughput and time to first token\n");
-    if missing(o, &r.server) {
+    let Some(s) = section(
+        o,
+        "2. llama-server throughput and time to first token",
+        &r.server,
+    ) else {
         return;
-    }
-    let Some(s) = ok(&r.server) else { return };
+    };
     let _ = writeln!(
         o,
         "The newest fixture's llama-server (`{}`), started as `llama-server -m MODEL --host \
@@ -3215,7 +2936,7 @@ fn render_server(o: &mut String, r: &Report) {
                 }
             );
         }
-        let _ = writeln!(o, "| condition | tok/s (server) | ratio | tok/s (wall) | ratio | TTFT ms | prompt ms |\n|---|---|---|---|---|---|---|");
+        let mut rows = Vec::new();
         for &cond in &m.conds {
             let cell = |f: fn(&Completion) -> f64, digits: usize| {
                 let med = m.stat(cond, f);
@@ -3229,19 +2950,29 @@ fn render_server(o: &mut String, r: &Report) {
                 let (med, lo, hi) = m.paired(cond, f);
                 format!("**{}** [{}–{}]", pct(med), pct(lo), pct(hi))
             };
-            let _ = writeln!(
-                o,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                cond.label(),
+            rows.push(vec![
+                cond.label().into(),
                 cell(|c| c.predicted_per_second, 1),
                 ratio(|c| c.predicted_per_second),
                 cell(Completion::wall_tps, 1),
                 ratio(Completion::wall_tps),
                 cell(|c| c.ttft_ms, 1),
                 cell(|c| c.prompt_ms, 1),
-            );
+            ]);
         }
-        let _ = writeln!(o);
+        table(
+            o,
+            &[
+                "condition",
+                "tok/s (server)",
+                "ratio",
+                "tok/s (wall)",
+                "ratio",
+                "TTFT ms",
+                "prompt ms",
+            ],
+            &rows,
+        );
     }
     let otlp: Vec<&AgentServer> = s
         .models
@@ -3271,20 +3002,13 @@ fn render_server(o: &mut String, r: &Report) {
             bytes as f64 / generated.max(1) as f64
         );
     }
-    for problem in &s.problems {
-        let _ = writeln!(o, "- **Problem:** {problem}");
-    }
-    if !s.problems.is_empty() {
-        let _ = writeln!(o);
-    }
+    problems(o, &s.problems);
 }
 
 fn render_hits(o: &mut String, r: &Report) {
-    let _ = writeln!(o, "## 3. Probe hits per generated token\n");
-    if missing(o, &r.hits) {
+    let Some(h) = section(o, "3. Probe hits per generated token", &r.hits) else {
         return;
-    }
-    let Some(h) = ok(&r.hits) else { return };
+    };
     let _ = writeln!(
         o,
         "Every fixture of `{}` that is built here, on the tiny model: a llama-server (same \
@@ -3296,60 +3020,49 @@ fn render_hits(o: &mut String, r: &Report) {
          context creation.\n",
         h.fixtures_json.display()
     );
-    let _ = write!(o, "| fixture | llama.cpp | via | generated tokens |");
-    for kind in HIT_COLUMNS {
-        let _ = write!(o, " {kind} |");
-    }
+    let mut header = vec!["fixture", "llama.cpp", "via", "generated tokens"];
+    header.extend(HIT_COLUMNS);
+    header.extend(["other", "probed calls / token", "**probe hits / token**"]);
+    let rows: Vec<Vec<String>> = h
+        .rows
+        .iter()
+        .map(|row| {
+            let mut cells = vec![row.fixture.clone()];
+            if let Some(why) = &row.skipped {
+                cells.extend([row.llama_cpp.clone(), format!("skipped: {why}")]);
+                return cells;
+            }
+            let per = |k: &str| row.count(k) as f64 / row.generated.max(1) as f64;
+            cells.extend([
+                format!("{} ({})", row.llama_cpp, row.generation),
+                row.via.clone(),
+                row.generated.to_string(),
+            ]);
+            for kind in HIT_COLUMNS {
+                cells.push(format!("{} ({:.2}/tok)", row.count(kind), per(kind)));
+            }
+            let other: Vec<String> = row
+                .events
+                .iter()
+                .filter(|(k, _)| !HIT_COLUMNS.contains(&k.as_str()))
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            cells.extend([
+                if other.is_empty() {
+                    "–".to_string()
+                } else {
+                    other.join(", ")
+                },
+                format!("{:.2}", row.events_per_token()),
+                format!("**{:.2}**", 2.0 * row.events_per_token()),
+            ]);
+            cells
+        })
+        .collect();
+    table(o, &header, &rows);
     let _ = writeln!(
         o,
-        " other | probed calls / token | **probe hits / token** |\n|---|---|---|---|{}---|---|---|",
-        "---|".repeat(HIT_COLUMNS.len())
-    );
-    for row in &h.rows {
-        match &row.skipped {
-            Some(why) => {
-                let _ = writeln!(
-                    o,
-                    "| {} | {} | skipped: {} |{}",
-                    row.fixture,
-                    row.llama_cpp,
-                    why.replace('|', "\\|").replace('\n', " "),
-                    " |".repeat(HIT_COLUMNS.len() + 4)
-                );
-            }
-            None => {
-                let per = |k: &str| row.count(k) as f64 / row.generated.max(1) as f64;
-                let _ = write!(
-                    o,
-                    "| {} | {} ({}) | {} | {} |",
-                    row.fixture, row.llama_cpp, row.generation, row.via, row.generated
-                );
-                for kind in HIT_COLUMNS {
-                    let _ = write!(o, " {} ({:.2}/tok) |", row.count(kind), per(kind));
-                }
-                let other: Vec<String> = row
-                    .events
-                    .iter()
-                    .filter(|(k, _)| !HIT_COLUMNS.contains(&k.as_str()))
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect();
-                let _ = writeln!(
-                    o,
-                    " {} | {:.2} | **{:.2}** |",
-                    if other.is_empty() {
-                        "–".to_string()
-                    } else {
-                        other.join(", ")
-                    },
-                    row.events_per_token(),
-                    2.0 * row.events_per_token()
-                );
-            }
-        }
-    }
-    let _ = writeln!(
-        o,
-        "\nWhat each hit is for:\n\n\
+        "What each hit is for:\n\n\
          - **decode**: one decode step (one batch): `llama_context::decode(llama_batch_ext \
          const&)` on the newest API, `llama_decode` on the classic one. During generation one \
          step feeds back one sampled token per busy slot; the prompt is one step per `n_batch` \
@@ -3371,11 +3084,9 @@ fn render_hits(o: &mut String, r: &Report) {
 }
 
 fn render_capacity(o: &mut String, r: &Report) {
-    let _ = writeln!(o, "## 4. Event capacity\n");
-    if missing(o, &r.capacity) {
+    let Some(c) = section(o, "4. Event capacity", &r.capacity) else {
         return;
-    }
-    let Some(c) = ok(&r.capacity) else { return };
+    };
     let base = ok(&r.per_call).and_then(|p| p.median(Case::Llamaprobe));
     let _ = writeln!(
         o,
@@ -3385,34 +3096,54 @@ fn render_capacity(o: &mut String, r: &Report) {
          `llamaprobe_events_lost_total` (its `--summary-json` `events_lost` and summary line). \
          One run per row.\n"
     );
-    let _ = writeln!(o, "| loop | N per thread | calls/s | loop ns/call | vs case (c) | counted / made | events lost | llamaprobe CPU per event |\n|---|---|---|---|---|---|---|---|");
-    for row in &c.rows {
-        let a = row.run.agent.as_ref();
-        let vs = base.map_or("–".to_string(), |b| {
-            format!("{:.2} ×", row.run.out.ns_per_call / b)
-        });
-        let _ = writeln!(
-            o,
-            "| {} | {} | {:.0} | {} | {vs} | {} / {} | {} | {} |",
-            row.level.label,
-            row.iterations,
-            row.run.calls_per_s(row.iterations, row.level.threads),
-            ns(row.run.out.ns_per_call),
-            a.map_or(0, |a| a.decode_calls),
-            row.run.out.calls,
-            a.map_or("–".to_string(), |a| {
-                if a.events_lost == 0 {
-                    "0".to_string()
-                } else {
-                    a.lost_line.trim_start_matches("events lost: ").to_string()
-                }
-            }),
-            a.map_or("–".to_string(), |a| us_per_event(
-                a.cpu_ms,
-                a.decode_calls
-            )),
-        );
-    }
+    let rows: Vec<Vec<String>> = c
+        .rows
+        .iter()
+        .map(|row| {
+            let a = row.run.agent.as_ref();
+            vec![
+                row.level.label.clone(),
+                row.iterations.to_string(),
+                format!(
+                    "{:.0}",
+                    row.run.calls_per_s(row.iterations, row.level.threads)
+                ),
+                ns(row.run.out.ns_per_call),
+                base.map_or("–".to_string(), |b| {
+                    format!("{:.2} ×", row.run.out.ns_per_call / b)
+                }),
+                format!(
+                    "{} / {}",
+                    a.map_or(0, |a| a.decode_calls),
+                    row.run.out.calls
+                ),
+                a.map_or("–".to_string(), |a| {
+                    if a.events_lost == 0 {
+                        "0".to_string()
+                    } else {
+                        a.lost_line.trim_start_matches("events lost: ").to_string()
+                    }
+                }),
+                a.map_or("–".to_string(), |a| {
+                    us_per_event(a.cpu_ms, a.decode_calls)
+                }),
+            ]
+        })
+        .collect();
+    table(
+        o,
+        &[
+            "loop",
+            "N per thread",
+            "calls/s",
+            "loop ns/call",
+            "vs case (c)",
+            "counted / made",
+            "events lost",
+            "llamaprobe CPU per event",
+        ],
+        &rows,
+    );
     let per_event = |row: &CapacityRow| {
         row.run
             .agent
@@ -3428,7 +3159,6 @@ fn render_capacity(o: &mut String, r: &Report) {
                 .calls_per_s(a.iterations, a.level.threads)
                 .total_cmp(&b.run.calls_per_s(b.iterations, b.level.threads))
         });
-    let _ = writeln!(o);
     if let Some(row) = best_clean {
         let _ = writeln!(
             o,
@@ -3485,28 +3215,21 @@ fn render_capacity(o: &mut String, r: &Report) {
 }
 
 fn render_footprint(o: &mut String, r: &Report) {
-    let _ = writeln!(o, "## 5. llamaprobe's footprint\n");
-    if missing(o, &r.server) {
+    let Some(s) = section(o, "5. llamaprobe's footprint", &r.server) else {
         return;
-    }
-    let Some(s) = ok(&r.server) else { return };
+    };
     let _ = writeln!(
         o,
         "VmRSS and VmHWM (peak) from `/proc/PID/status`, CPU = utime + stime from \
          `/proc/PID/stat` (10 ms ticks), of the llamaprobe process attached to the llama-server \
          of section 2 (Prometheus endpoint on).\n"
     );
-    let _ = writeln!(
-        o,
-        "| when | RSS MiB | peak RSS MiB | CPU | CPU per generated token | attach took |\n|---|---|---|---|---|---|"
-    );
+    let mut rows = Vec::new();
     if let Some(i) = &s.idle {
-        let _ = writeln!(
-            o,
-            "| idle: attached, no requests, {:.0} s | {:.1} | {:.1} | {} | – | – |",
-            i.secs,
-            mib(i.rss_kib),
-            mib(i.hwm_kib),
+        rows.push(vec![
+            format!("idle: attached, no requests, {:.0} s", i.secs),
+            format!("{:.1}", mib(i.rss_kib)),
+            format!("{:.1}", mib(i.hwm_kib)),
             if i.cpu_ms < 10.0 {
                 "< 10 ms (below one clock tick)".to_string()
             } else {
@@ -3515,8 +3238,10 @@ fn render_footprint(o: &mut String, r: &Report) {
                     i.cpu_ms,
                     pct(i.cpu_ms / 1000.0 / i.secs)
                 )
-            }
-        );
+            },
+            "–".into(),
+            "–".into(),
+        ]);
     }
     for m in &s.models {
         for &cond in m.conds.iter().filter(|c| **c != Cond::Without) {
@@ -3550,18 +3275,35 @@ fn render_footprint(o: &mut String, r: &Report) {
                     format!("{:.0} µs", cpu * 1000.0 / generated.max(1) as f64),
                 )
             };
-            let _ = writeln!(
-                o,
-                "| under load: {} model, {} | {rss:.1} | {:.1} | {cpu_text} | {per_token} | {attach_s:.2} s |",
-                m.label,
-                cond.label().trim_start_matches("llamaprobe "),
-                mib(hwm),
-            );
+            rows.push(vec![
+                format!(
+                    "under load: {} model, {}",
+                    m.label,
+                    cond.label().trim_start_matches("llamaprobe ")
+                ),
+                format!("{rss:.1}"),
+                format!("{:.1}", mib(hwm)),
+                cpu_text,
+                per_token,
+                format!("{attach_s:.2} s"),
+            ]);
         }
     }
+    table(
+        o,
+        &[
+            "when",
+            "RSS MiB",
+            "peak RSS MiB",
+            "CPU",
+            "CPU per generated token",
+            "attach took",
+        ],
+        &rows,
+    );
     let _ = writeln!(
         o,
-        "\nRSS: median at the end of the runs; peak: the highest VmHWM of any run; CPU: summed \
+        "RSS: median at the end of the runs; peak: the highest VmHWM of any run; CPU: summed \
          over the runs' request windows (attach and detach excluded); attach took: `llamaprobe \
          attach` started → `probes attached` printed (median).\n"
     );
@@ -3620,13 +3362,5 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
     }
 }

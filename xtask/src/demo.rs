@@ -2,19 +2,19 @@
 //! attaches llamaprobe to it, sends a dozen completions and prints what both report.
 
 use std::{
-    fs::{self, File},
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
-    path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
+    net::TcpListener,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::{
-    fixtures, setup,
+    fixtures,
+    proc::Proc,
+    server::{self, http},
+    setup,
     util::{self, progress},
 };
 
@@ -57,43 +57,43 @@ pub fn run() -> Result<()> {
     setup::run()?;
     let (server_bin, model) = fixtures::prepare_demo()?;
 
-    progress!("building llamaprobe (release)");
-    util::run_inherit(
-        util::cargo()
-            .args(["build", "--release", "-p", "llamaprobe"])
-            .current_dir(util::workspace_root())
-            .env("PATH", util::path_with_tools()?),
-    )?;
-    let probe_bin = util::target_dir().join("release/llamaprobe");
+    let probe_bin = util::build_llamaprobe()?;
 
     if TcpListener::bind(PROBE_METRICS_ADDR).is_err() {
         bail!("{PROBE_METRICS_ADDR} is in use: stop whatever listens there (an earlier llamaprobe?) and retry");
     }
-    let port = free_port()?;
-    let server_addr = format!("127.0.0.1:{port}");
     let log_path = util::cache_dir()?.join("logs/demo-llama-server.log");
-    let mut server = start_server(&server_bin, &model, port, &log_path)?;
+    let started = Instant::now();
+    let server = server::start(
+        &server_bin,
+        &model,
+        &["--metrics", "-c", "2048", "-np", "4"],
+        &[],
+        &log_path,
+    )?;
+    let server_addr = server.addr.clone();
     progress!(
-        "llama-server pid {} on http://{server_addr} (log: {})",
-        server.pid(),
+        "llama-server pid {} is ready on http://{server_addr} ({:.1} s; log: {})",
+        server.proc.pid(),
+        started.elapsed().as_secs_f64(),
         log_path.display()
     );
-    wait_until_healthy(&mut server, &server_addr, &log_path)?;
 
     progress!(
         "starting llamaprobe attach --pid {} --duration {PROBE_DURATION_SECS}",
-        server.pid()
+        server.proc.pid()
     );
-    let mut probe = Guard::spawn(
+    let mut probe = Proc::spawn(
         "llamaprobe",
         Command::new(&probe_bin)
             .arg("attach")
             .arg("--pid")
-            .arg(server.pid().to_string())
+            .arg(server.proc.pid().to_string())
             .arg("--duration")
             .arg(PROBE_DURATION_SECS.to_string())
             .arg("--metrics-addr")
             .arg(PROBE_METRICS_ADDR),
+        libc::SIGTERM,
     )?;
     wait_for_probe(&mut probe)?;
 
@@ -121,16 +121,13 @@ pub fn run() -> Result<()> {
     }
 
     progress!("waiting for llamaprobe to finish its {PROBE_DURATION_SECS} s");
-    let status = probe.wait_timeout(Duration::from_secs(PROBE_DURATION_SECS + 15))?;
-    server.stop();
-    match status {
-        Some(status) if status.success() => {
-            progress!("demo done");
-            Ok(())
-        }
-        Some(status) => bail!("llamaprobe exited with {status}"),
-        None => bail!("llamaprobe did not exit after its {PROBE_DURATION_SECS} s: stopped it"),
+    let status = probe.wait_exit(Duration::from_secs(PROBE_DURATION_SECS + 15))?;
+    drop(server);
+    if !status.success() {
+        bail!("llamaprobe exited with {status}");
     }
+    progress!("demo done");
+    Ok(())
 }
 
 fn print_lines(body: &str, keep: impl Fn(&str) -> bool) {
@@ -144,69 +141,8 @@ fn print_lines(body: &str, keep: impl Fn(&str) -> bool) {
     }
 }
 
-/// A port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a local port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-fn start_server(server_bin: &Path, model: &Path, port: u16, log_path: &Path) -> Result<Guard> {
-    if let Some(dir) = log_path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = Command::new(server_bin);
-    cmd.arg("-m")
-        .arg(model)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--metrics", "-c", "2048", "-np", "4"]);
-    // Newer builds load the model twice at start with the default `--fit on`.
-    let help = Command::new(server_bin).arg("--help").output()?;
-    if String::from_utf8_lossy(&help.stdout).contains("--fit ") {
-        cmd.args(["--fit", "off"]);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    Guard::spawn("llama-server", &mut cmd)
-}
-
-fn wait_until_healthy(server: &mut Guard, addr: &str, log_path: &Path) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = server.try_wait()? {
-            bail!(
-                "llama-server exited ({status}) while starting:\n{}",
-                log_tail(log_path)
-            );
-        }
-        if let Ok((200, body)) = http(addr, "GET", "/health", None) {
-            if body.contains("\"ok\"") {
-                progress!(
-                    "llama-server is ready ({:.1} s)",
-                    started.elapsed().as_secs_f64()
-                );
-                return Ok(());
-            }
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "llama-server was not ready after 60 s:\n{}",
-                log_tail(log_path)
-            );
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 /// Waits until llamaprobe serves its metrics (it has attached), for at most 15 s.
-fn wait_for_probe(probe: &mut Guard) -> Result<()> {
+fn wait_for_probe(probe: &mut Proc) -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(15) {
         if let Some(status) = probe.try_wait()? {
@@ -263,114 +199,4 @@ fn describe_completion(answer: &str) -> String {
         "{} prompt tokens, {} generated",
         json["tokens_evaluated"], json["tokens_predicted"]
     )
-}
-
-/// A minimal HTTP/1.1 client: one request per connection; returns (status, body).
-fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let body = body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed HTTP answer from {addr}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("malformed HTTP status line from {addr}"))?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Ok((status, body))
-}
-
-/// Decodes a `Transfer-Encoding: chunked` body.
-fn dechunk(mut rest: &str) -> String {
-    let mut body = String::new();
-    while let Some((size_line, after)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-            .unwrap_or(0);
-        if size == 0 || after.len() < size {
-            break;
-        }
-        body.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    body
-}
-
-/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped, so an error anywhere
-/// leaves nothing running.
-struct Guard {
-    name: &'static str,
-    child: Child,
-}
-
-impl Guard {
-    fn spawn(name: &'static str, cmd: &mut Command) -> Result<Guard> {
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("could not start {name} (`{}`)", util::display(cmd)))?;
-        Ok(Guard { name, child })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        Ok(self.child.try_wait()?)
-    }
-
-    /// Waits for the child to exit by itself; after `timeout`, stops it and returns None.
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
-        let started = Instant::now();
-        while started.elapsed() < timeout {
-            if let Some(status) = self.try_wait()? {
-                return Ok(Some(status));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        self.stop();
-        Ok(None)
-    }
-
-    /// SIGTERM, up to 5 s of grace, then SIGKILL.
-    fn stop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        util::signal(self.pid(), libc::SIGTERM);
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(5) {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        progress!("{} did not stop on SIGTERM: killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }

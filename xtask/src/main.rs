@@ -6,6 +6,8 @@ mod bench;
 mod compat;
 mod demo;
 mod fixtures;
+mod proc;
+mod server;
 mod setup;
 mod test;
 mod util;

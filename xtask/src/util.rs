@@ -79,6 +79,18 @@ pub fn display(cmd: &Command) -> String {
     text
 }
 
+/// Builds llamaprobe (release, the cache's tools on PATH for bpf-linker); returns the binary.
+pub fn build_llamaprobe() -> Result<PathBuf> {
+    progress!("building llamaprobe (release)");
+    run_inherit(
+        cargo()
+            .args(["build", "--release", "-p", "llamaprobe"])
+            .current_dir(workspace_root())
+            .env("PATH", path_with_tools()?),
+    )?;
+    Ok(target_dir().join("release/llamaprobe"))
+}
+
 /// Runs a command with its output on stderr (stdout stays clean) and fails if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
