@@ -86,39 +86,6 @@ impl Linkage {
     }
 }
 
-/// Byte offsets of `struct llama_context_params` fields (x86-64), from that version's llama.h,
-/// checked with offsetof.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtxParams {
-    pub n_ctx: u32,
-    pub n_batch: u32,
-    pub n_ubatch: u32,
-    pub n_seq_max: u32,
-    pub n_threads: u32,
-    pub n_threads_batch: u32,
-}
-
-/// llama.h up to b4463 … llama-cpp-python 0.3.16 at least (b4295 and b5904 checked).
-const CTX_PARAMS_CLASSIC: CtxParams = CtxParams {
-    n_ctx: 0,
-    n_batch: 4,
-    n_ubatch: 8,
-    n_seq_max: 12,
-    n_threads: 16,
-    n_threads_batch: 20,
-};
-
-/// 2026 llama.h (b11312; the npm v0.5.0 library writes the same 160-byte struct): `n_rs_seq`,
-/// `n_outputs_max`, `n_outputs_max_per_seq` come before the thread counts.
-const CTX_PARAMS_2026: CtxParams = CtxParams {
-    n_ctx: 0,
-    n_batch: 4,
-    n_ubatch: 8,
-    n_seq_max: 12,
-    n_threads: 28,
-    n_threads_batch: 32,
-};
-
 /// A `llama-cpp-python` sdist on PyPI.
 pub struct Sdist {
     pub version: &'static str,
@@ -178,13 +145,14 @@ pub struct Fixture {
     pub linkage: Linkage,
     /// No `.symtab` left in the files that matter (libllama, or the static executable).
     pub stripped: bool,
-    /// The executables carry DWARF (`-g`).
+    /// The executables carry DWARF (`-g`). Struct layouts are agent/src/targets.rs's alone: the
+    /// test `dwarf_of_the_debug_fixture_matches_the_layout_table` (agent/tests/matrix.rs) checks
+    /// them against such a fixture's DWARF with `llamaprobe layout`.
     pub dwarf: bool,
     /// Where llama-server's own code is: `"executable"` or the library's file name.
     pub server_code: Option<&'static str>,
     /// Mangled name of `common_sampler_sample` in the server (None: no server).
     pub common_sampler_symbol: Option<&'static str>,
-    pub ctx_params: CtxParams,
     /// Compatibility table: the llama.cpp versions or builds this fixture stands for.
     pub covers: &'static str,
     /// Compatibility table: what llamaprobe measures on it.
@@ -263,7 +231,6 @@ pub const FIXTURES: &[Fixture] = &[
         // llama-server → libllama-server-impl.so → libllama-common.so (common_sampler_sample).
         server_code: Some("libllama-server-impl.so"),
         common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
-        ctx_params: CTX_PARAMS_2026,
         covers: "2026+ (`llama_process`), shared libraries",
         measured: "all: decode steps, sampling (`common_sampler_sample` in libllama-common.so), \
                    synchronize, model load, context",
@@ -280,7 +247,6 @@ pub const FIXTURES: &[Fixture] = &[
         dwarf: false,
         server_code: Some("libllama-server-impl.so"),
         common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
-        ctx_params: CTX_PARAMS_2026,
         covers: "2026+, shared libraries, libllama stripped",
         measured: "all, from `.dynsym` alone",
     },
@@ -310,7 +276,6 @@ pub const FIXTURES: &[Fixture] = &[
         dwarf: false,
         server_code: Some("executable"),
         common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
-        ctx_params: CTX_PARAMS_CLASSIC,
         covers: "b4463 … 2026 classic (`llama_model_load_from_file`, `llama_init_from_model`), \
                  shared libraries",
         measured: "all; `common_sampler_sample` from the executable's `.symtab`",
@@ -340,7 +305,6 @@ pub const FIXTURES: &[Fixture] = &[
         dwarf: false,
         server_code: None,
         common_sampler_symbol: None,
-        ctx_params: CTX_PARAMS_2026,
         covers: "prebuilt libllama embedded in another program (classic, 2026)",
         measured: "all (sampling through `llama_sampler_sample`), in our driver: 12 decode steps, \
                    9 prompt tokens, 12 samples",
@@ -371,7 +335,6 @@ pub const FIXTURES: &[Fixture] = &[
         dwarf: false,
         server_code: Some("executable"),
         common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
-        ctx_params: CTX_PARAMS_CLASSIC,
         covers: "b3943 … b4423 classic (only `llama_load_model_from_file`, \
                  `llama_new_context_with_model`), shared libraries",
         measured: "all; model load and context through those two entry points",
@@ -393,7 +356,6 @@ pub const FIXTURES: &[Fixture] = &[
         dwarf: true,
         server_code: Some("executable"),
         common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
-        ctx_params: CTX_PARAMS_2026,
         covers: "statically linked builds with DWARF (`-g`), here 2026+",
         measured: "all, from the executable's `.symtab`; struct layouts checkable from its DWARF",
     },
@@ -409,7 +371,6 @@ pub const FIXTURES: &[Fixture] = &[
         dwarf: false,
         server_code: Some("executable"),
         common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
-        ctx_params: CTX_PARAMS_2026,
         covers: "statically linked and stripped builds, here 2026+",
         measured: "nothing from the file alone (no symbols); all with `--symbols-from` the \
                    unstripped `static` executable",
@@ -670,19 +631,6 @@ fn fixtures_json(built: &[(&Fixture, Built)]) -> String {
                 .iter()
                 .map(|(k, v)| (k.to_string(), json!(path_string(v))))
                 .collect();
-            let c = f.ctx_params;
-            let ctx_params = [
-                ("n_ctx", c.n_ctx),
-                ("n_batch", c.n_batch),
-                ("n_ubatch", c.n_ubatch),
-                ("n_seq_max", c.n_seq_max),
-                ("n_threads", c.n_threads),
-                ("n_threads_batch", c.n_threads_batch),
-            ]
-            .iter()
-            .map(|(k, v)| format!("{}: {v}", json!(k)))
-            .collect::<Vec<_>>()
-            .join(", ");
             let fields: Vec<(&str, String)> = vec![
                 ("name", json!(f.name).to_string()),
                 ("source", json!(f.source_text()).to_string()),
@@ -703,7 +651,6 @@ fn fixtures_json(built: &[(&Fixture, Built)]) -> String {
                     "common_sampler_symbol",
                     json!(f.common_sampler_symbol).to_string(),
                 ),
-                ("ctx_params", format!("{{{ctx_params}}}")),
             ];
             format!("  {}", ordered_object(&fields, "  "))
         })
@@ -752,16 +699,22 @@ fn download_sdist(cache: &Path, sdist: &Sdist) -> Result<PathBuf> {
     let url = sdist_url(sdist)?;
     download(&url, &tarball)?;
 
-    let sha = sha256_of(&tarball)?;
-    if sha != sdist.sha256 {
-        fs::remove_file(&tarball)?;
+    check_sha256(&tarball, sdist.sha256)?;
+    Ok(tarball)
+}
+
+/// Fails unless a downloaded file has the sha256 `expected`; a wrong file is removed, so that
+/// the next run downloads it again.
+fn check_sha256(file: &Path, expected: &str) -> Result<()> {
+    let sha = sha256_of(file)?;
+    if sha != expected {
+        fs::remove_file(file)?;
         bail!(
-            "{} has sha256 {sha}, expected {}: removed it; run the command again",
-            tarball.display(),
-            sdist.sha256
+            "{} has sha256 {sha}, expected {expected}: removed it; run the command again",
+            file.display()
         );
     }
-    Ok(tarball)
+    Ok(())
 }
 
 /// curl to `<dest>.part`, then a rename.
@@ -1214,15 +1167,7 @@ fn download_npm(cache: &Path, npm: &NpmPrebuilt) -> Result<PathBuf> {
         progress!("npm pack did not work ({err:#}); fetching {url}");
         download(&url, &tarball)?;
     }
-    let sha = sha256_of(&tarball)?;
-    if sha != npm.sha256 {
-        fs::remove_file(&tarball)?;
-        bail!(
-            "{} has sha256 {sha}, expected {}: removed it; run the command again",
-            tarball.display(),
-            npm.sha256
-        );
-    }
+    check_sha256(&tarball, npm.sha256)?;
     Ok(tarball)
 }
 
@@ -1589,7 +1534,6 @@ mod tests {
         assert_eq!(first["server"], "/c/build/newest/bin/llama-server");
         assert_eq!(first["cli"], Value::Null);
         assert_eq!(first["env"], json!({}));
-        assert_eq!(first["ctx_params"]["n_threads"], 28);
         assert_eq!(
             parsed[1]["env"]["LD_LIBRARY_PATH"],
             "/c/build/newest-stripped/lib"
@@ -1611,7 +1555,6 @@ mod tests {
             "symbols_from",
             "server_code",
             "common_sampler_symbol",
-            "ctx_params",
         ];
         let mut at = 0;
         for key in keys {
