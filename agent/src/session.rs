@@ -163,6 +163,7 @@ async fn event_loop(
             otlp,
             &metrics.registry,
             interval,
+            resources.gpu_feed(),
         )?));
     }
     let mut terminal = Terminal::new(

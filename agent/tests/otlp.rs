@@ -3,12 +3,10 @@
 //! to a real llama-server, and the spans agree with the server's own responses.
 
 mod common;
+#[path = "common/otlp_receiver.rs"]
+mod otlp_receiver;
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::{
     fixtures::{self, Fixture},
@@ -16,176 +14,10 @@ use common::{
     *,
 };
 use opentelemetry_proto::tonic::{
-    collector::{
-        metrics::v1::{
-            metrics_service_server::{MetricsService, MetricsServiceServer},
-            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-        },
-        trace::v1::{
-            trace_service_server::{TraceService, TraceServiceServer},
-            ExportTraceServiceRequest, ExportTraceServiceResponse,
-        },
-    },
     common::v1::{any_value::Value as Any, KeyValue},
-    metrics::v1::metric::Data,
     trace::v1::Span,
 };
-
-/// What a receiver got.
-#[derive(Clone, Default)]
-struct Received {
-    traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-    metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
-}
-
-impl Received {
-    fn spans(&self) -> Vec<Span> {
-        self.traces
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .flat_map(|r| &r.scope_spans)
-            .flat_map(|s| s.spans.clone())
-            .collect()
-    }
-
-    /// Histogram name → (unit, explicit bounds, total count) from the latest export (cumulative).
-    fn histograms(&self) -> std::collections::HashMap<String, (String, Vec<f64>, u64)> {
-        let mut out = std::collections::HashMap::new();
-        for req in self.metrics.lock().unwrap().iter() {
-            for m in req
-                .resource_metrics
-                .iter()
-                .flat_map(|r| &r.scope_metrics)
-                .flat_map(|s| &s.metrics)
-            {
-                if let Some(Data::Histogram(h)) = &m.data {
-                    let bounds = h
-                        .data_points
-                        .first()
-                        .map(|p| p.explicit_bounds.clone())
-                        .unwrap_or_default();
-                    let count = h.data_points.iter().map(|p| p.count).sum();
-                    out.insert(m.name.clone(), (m.unit.clone(), bounds, count));
-                }
-            }
-        }
-        out
-    }
-}
-
-#[derive(Clone)]
-struct Collector(Received);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.traces.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-#[tonic::async_trait]
-impl MetricsService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.metrics.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
-    }
-}
-
-/// An OTLP receiver listening on 127.0.0.1:port, on its own runtime.
-struct Receiver {
-    got: Received,
-    _rt: tokio::runtime::Runtime,
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// The gRPC receiver (TraceService and MetricsService of the OTLP protos).
-fn grpc_receiver(port: u16) -> Receiver {
-    let rt = runtime();
-    let got = Received::default();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(addr))
-        .expect("bind the receiver");
-    let c = Collector(got.clone());
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(c.clone()))
-            .add_service(MetricsServiceServer::new(c))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    Receiver { got, _rt: rt }
-}
-
-/// A small OTLP/HTTP (protobuf) receiver: POST /v1/traces and /v1/metrics.
-fn http_receiver(port: u16) -> Receiver {
-    use http_body_util::{BodyExt, Full};
-    use hyper::{body::Bytes, service::service_fn, Response};
-    use prost::Message;
-    let rt = runtime();
-    let got = Received::default();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(addr))
-        .expect("bind the receiver");
-    let g = got.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let g = g.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let g = g.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let reply = match path.as_str() {
-                            "/v1/traces" => {
-                                let r = ExportTraceServiceRequest::decode(body).expect("protobuf");
-                                g.traces.lock().unwrap().push(r);
-                                ExportTraceServiceResponse::default().encode_to_vec()
-                            }
-                            "/v1/metrics" => {
-                                let r =
-                                    ExportMetricsServiceRequest::decode(body).expect("protobuf");
-                                g.metrics.lock().unwrap().push(r);
-                                ExportMetricsServiceResponse::default().encode_to_vec()
-                            }
-                            other => panic!("unexpected OTLP path {other}"),
-                        };
-                        Ok::<_, hyper::Error>(
-                            Response::builder()
-                                .header("content-type", "application/x-protobuf")
-                                .body(Full::new(Bytes::from(reply)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Receiver { got, _rt: rt }
-}
+use otlp_receiver::{grpc_receiver, http_receiver, Received};
 
 fn attr<'a>(s: &'a Span, key: &str) -> Option<&'a Any> {
     s.attributes

@@ -14,7 +14,12 @@
 #[path = "../src/resources/mod.rs"]
 mod resources;
 
+mod common;
+#[path = "common/otlp_receiver.rs"]
+mod otlp_receiver;
+
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -22,6 +27,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{
+    fakes, fixture_or_skip, llamaprobe, root_or_skip, serial,
+    server::{free_port, Probe},
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use otlp_receiver::{grpc_receiver, number_points, Point, PointValue};
 use prometheus::{Encoder, Registry, TextEncoder};
 use resources::{
     gguf::{self, tests::Writer, FileType, ModelInfo},
@@ -32,29 +43,9 @@ use resources::{
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-/// A fresh scratch directory for one test.
+/// A fresh scratch directory for one test, under `resources/`.
 fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("resources")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A fixture path from the environment `cargo xtask test` sets, or a printed skip (a failure
-/// when LLAMAPROBE_REQUIRE_FIXTURES is set).
-fn fixture_or_skip(test: &str, key: &str) -> Option<PathBuf> {
-    match std::env::var_os(key) {
-        Some(v) if Path::new(&v).exists() => Some(PathBuf::from(v)),
-        _ => {
-            if std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
-                panic!("{test}: fixture {key} is not set or missing; run `cargo xtask fixtures`");
-            }
-            eprintln!("SKIPPED {test}: fixture {key} not set; run through `cargo xtask test`");
-            None
-        }
-    }
+    common::scratch(&format!("resources/{name}"))
 }
 
 fn render(r: &Registry) -> String {
@@ -627,6 +618,18 @@ fn fake_gpu_child() {
     let ours = lines.iter().filter(|l| l.starts_with("llamacpp_")).count();
     assert_eq!(ours, expected.len() + 3, "{text}");
 
+    // The same round, handed to the other exporters: the traced process alone.
+    let latest = sampler.gpu_feed().expect("GPUs: a feed").latest();
+    assert_eq!(latest.len(), 2);
+    assert_eq!(
+        latest[0].processes,
+        (!fails("processes")).then(|| vec![nvml::GpuProcess {
+            pid: traced,
+            used_memory_bytes: 512 << 20,
+        }])
+    );
+    assert_eq!(latest[1].power_watts, (!fails("power")).then_some(35.0));
+
     // Untraced: the per-process GPU series goes, the GPU series stay.
     sampler.sample(&[], |_| String::new());
     let text = render(&registry);
@@ -687,6 +690,263 @@ fn fake_gpu_every_field_degrades_alone() {
     ));
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same fake GPUs over OTLP, from the real llamaprobe binary
+
+/// A child process (killed on drop) and its pid.
+type Driver = (Kid, u32);
+
+/// A fake llama.cpp driver (tests/fake) held before its first call: it waits for a byte on its
+/// stdin, which is never sent. A traced process whose pid is known before llamaprobe starts
+/// (the fake NVML lists $FAKE_NVML_PID on GPU 0).
+fn held_driver() -> Driver {
+    let mut kid = Kid(Command::new(fakes().join("classic/driver_classic"))
+        .arg("/models/tiny-model.gguf")
+        .env("FAKE_WAIT_STDIN", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let mut line = String::new();
+    BufReader::new(kid.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = line
+        .trim()
+        .strip_prefix("ready pid=")
+        .unwrap_or_else(|| panic!("driver said {line:?}"))
+        .parse()
+        .unwrap();
+    (kid, pid)
+}
+
+/// `llamaprobe attach` on a held driver for 3 s with the fake NVML and `FAKE_NVML_FAIL` =
+/// `fail`, exporting to a gRPC OTLP receiver every second; the GPU metrics (`hw.*` and
+/// `llamacpp.gpu.*`) of every export that had any, and the traced pid.
+fn otlp_gpu_exports(fail: &str) -> (Vec<HashMap<String, Vec<Point>>>, u32) {
+    let (_driver, pid) = held_driver();
+    let port = free_port();
+    let receiver = grpc_receiver(port);
+    let lib = fake_nvml_lib();
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &pid.to_string(), "--quiet"])
+        .args(["--metrics-addr", "off", "--duration", "3", "--nvml-lib"])
+        .arg(lib)
+        .args(["--otlp-endpoint", &format!("http://127.0.0.1:{port}")])
+        .env("FAKE_NVML_PID", pid.to_string())
+        .env("FAKE_NVML_FAIL", fail)
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "1000")
+        .env_remove("LLAMAPROBE_NVML_LIB");
+    let mut probe = Probe::spawn(&mut cmd);
+    let status = probe.wait_for("GPU metrics");
+    assert!(
+        status.ends_with(&format!(
+            "GPU metrics from NVML ({}): 2 NVIDIA GPUs: 0 Fake GPU 0, 1 Fake GPU 1",
+            lib.display()
+        )),
+        "{status}"
+    );
+    let (code, _) = probe.finish();
+    assert_eq!(code, 0, "llamaprobe failed (its stderr is above)");
+    let exports = receiver
+        .got
+        .metric_exports()
+        .iter()
+        .map(|metrics| {
+            let mut points = number_points(metrics);
+            points.retain(|name, _| name.starts_with("hw.") || name.starts_with("llamacpp.gpu."));
+            for list in points.values_mut() {
+                normalise(list);
+            }
+            points
+        })
+        .filter(|points| !points.is_empty())
+        .collect();
+    (exports, pid)
+}
+
+/// Attributes by key and points by attributes: an order to compare in.
+fn normalise(points: &mut [Point]) {
+    for p in points.iter_mut() {
+        p.attributes.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    points.sort_by_key(|p| format!("{:?}", p.attributes));
+}
+
+fn string(v: &str) -> Any {
+    Any::StringValue(v.to_string())
+}
+
+/// What llamaprobe must export for the fake GPUs (FAKE_GPUS, as fake_nvml.c reports them), the
+/// traced process `pid`, minus the fields in `fail`: metric name → points.
+fn expected_otlp(pid: u32, fail: &str) -> HashMap<String, Vec<Point>> {
+    let fails = |f: &str| fail.split(',').any(|x| x == f);
+    let mut out: HashMap<String, Vec<Point>> = HashMap::new();
+    let mut put = |field: &str, name: &str, kind, unit: &str, value, attributes| {
+        if !fails(field) {
+            out.entry(name.to_string()).or_default().push(Point {
+                kind,
+                unit: unit.to_string(),
+                value,
+                attributes,
+            });
+        }
+    };
+    for (i, g) in FAKE_GPUS.iter().enumerate() {
+        let gpu = vec![
+            ("gpu".to_string(), Any::IntValue(i as i64)),
+            ("hw.id".to_string(), string(g.uuid)),
+            ("hw.model".to_string(), string(g.name)),
+            ("hw.name".to_string(), string(g.name)),
+            ("hw.type".to_string(), string("gpu")),
+            ("hw.vendor".to_string(), string("NVIDIA")),
+        ];
+        let with = |extra: &[(&str, Any)]| {
+            let mut a = gpu.clone();
+            a.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+            a
+        };
+        let double = |text: &str| PointValue::Double(text.parse().unwrap());
+        let bytes = |b: u64| PointValue::Int(b as i64);
+        put(
+            "utilization",
+            "hw.gpu.utilization",
+            "gauge",
+            "1",
+            double(g.utilization),
+            with(&[("hw.gpu.task", string("general"))]),
+        );
+        put(
+            "memory",
+            "hw.gpu.memory.usage",
+            "updown",
+            "By",
+            bytes(g.memory_used),
+            gpu.clone(),
+        );
+        put(
+            "memory",
+            "hw.gpu.memory.limit",
+            "updown",
+            "By",
+            bytes(g.memory_total),
+            gpu.clone(),
+        );
+        put(
+            "memory",
+            "hw.gpu.memory.utilization",
+            "gauge",
+            "1",
+            PointValue::Double(g.memory_used as f64 / g.memory_total as f64),
+            gpu.clone(),
+        );
+        put(
+            "power",
+            "hw.power",
+            "gauge",
+            "W",
+            double(g.power),
+            gpu.clone(),
+        );
+        put(
+            "temperature",
+            "hw.temperature",
+            "gauge",
+            "Cel",
+            double(g.temperature),
+            vec![
+                ("gpu".to_string(), Any::IntValue(i as i64)),
+                (
+                    "hw.id".to_string(),
+                    string(&format!("{}_temperature", g.uuid)),
+                ),
+                ("hw.parent".to_string(), string(g.uuid)),
+                (
+                    "hw.temperature.sensor_location".to_string(),
+                    string("GPU_DIE"),
+                ),
+                ("hw.type".to_string(), string("temperature")),
+            ],
+        );
+        put(
+            "clock",
+            "llamacpp.gpu.sm_clock",
+            "gauge",
+            "Hz",
+            double(g.sm_clock),
+            gpu.clone(),
+        );
+        put(
+            "throttle",
+            "llamacpp.gpu.throttle_reasons",
+            "gauge",
+            "",
+            PointValue::Int(g.throttle.parse().unwrap()),
+            gpu.clone(),
+        );
+        if i == 0 {
+            // The traced process, in both of GPU 0's lists (counted once); the other process
+            // on GPU 0 is not traced.
+            put(
+                "processes",
+                "llamacpp.gpu.process.memory.usage",
+                "updown",
+                "By",
+                bytes(512 << 20),
+                with(&[("process.pid", Any::IntValue(pid.into()))]),
+            );
+        }
+    }
+    for list in out.values_mut() {
+        normalise(list);
+    }
+    out
+}
+
+fn check_otlp_gpu_run(fail: &str) {
+    let (exports, pid) = otlp_gpu_exports(fail);
+    // Exported while running (every second), not only by the final flush.
+    assert!(
+        exports.len() >= 2,
+        "{} exports with GPU metrics in 3 s",
+        exports.len()
+    );
+    let want = expected_otlp(pid, fail);
+    // Every export (each about a second apart, and the final one) holds exactly the fake's
+    // values: no point missing, none added, none zeroed.
+    for (n, got) in exports.iter().enumerate() {
+        let mut names: Vec<&String> = got.keys().collect();
+        names.sort();
+        let mut want_names: Vec<&String> = want.keys().collect();
+        want_names.sort();
+        assert_eq!(names, want_names, "metrics of export {n}");
+        for (name, points) in &want {
+            assert_eq!(&got[name], points, "{name} in export {n}");
+        }
+        for (field, name) in [("power", "hw.power"), ("temperature", "hw.temperature")] {
+            if fail.split(',').any(|f| f == field) {
+                assert!(
+                    !got.contains_key(name),
+                    "{field} not supported: {name} must be absent"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fake_gpu_otlp_metrics_equal_the_fake() {
+    let test = "fake_gpu_otlp_metrics_equal_the_fake";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    check_otlp_gpu_run("");
+    // Power and temperature not supported: their metrics are absent, the rest unchanged.
+    check_otlp_gpu_run("power,temperature");
+}
+
 const DRIVERLESS_CHILD: &str = "LLAMAPROBE_TEST_FAKE_DRIVERLESS_CHILD";
 
 /// Child: the fake library fails nvmlInit with NVML_ERROR_DRIVER_NOT_LOADED.
@@ -742,6 +1002,7 @@ fn no_nvidia_library_is_one_line_and_no_gpu_series() {
     let text = render(&registry);
     assert!(!text.contains("llamacpp_gpu_"), "{text}");
     assert!(text.contains("llamacpp_process_threads{"), "{text}");
+    assert!(sampler.gpu_feed().is_none(), "no GPU, nothing to hand on");
 
     // The default library on this machine: on one without NVIDIA's driver, the same line.
     match nvml::Gpus::init(std::ffi::OsStr::new(nvml::DEFAULT_LIB)) {

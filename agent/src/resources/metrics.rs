@@ -17,7 +17,8 @@ use prometheus::{
 
 use super::{
     gguf::ModelInfo,
-    nvml::{self, Gpus},
+    gpu_feed::GpuFeed,
+    nvml::{self, GpuSample, Gpus},
     procfs::{self, ProcError},
 };
 
@@ -228,6 +229,41 @@ impl Families {
         })
     }
 
+    /// The GPU series of one round (`processes` already restricted to the traced pids).
+    fn set_gpus(&mut self, samples: &[GpuSample]) {
+        for s in samples {
+            let index = s.id.index.to_string();
+            let labels = [index.as_str(), s.id.uuid.as_str(), s.id.name.as_str()];
+            let gauges = [
+                (&mut self.gpu_utilization, s.utilization),
+                (
+                    &mut self.gpu_memory_used,
+                    s.memory_used_bytes.map(|v| v as f64),
+                ),
+                (
+                    &mut self.gpu_memory_total,
+                    s.memory_total_bytes.map(|v| v as f64),
+                ),
+                (&mut self.gpu_temperature, s.temperature_celsius),
+                (&mut self.gpu_power, s.power_watts),
+                (&mut self.gpu_sm_clock, s.sm_clock_hertz),
+                (&mut self.gpu_throttle, s.throttle_reasons.map(|v| v as f64)),
+            ];
+            for (g, v) in gauges {
+                if let Some(v) = v {
+                    g.set(&labels, v);
+                }
+            }
+            for p in s.processes.as_deref().unwrap_or_default() {
+                let pid = p.pid.to_string();
+                self.gpu_process_memory.set(
+                    &[labels[0], labels[1], labels[2], pid.as_str()],
+                    p.used_memory_bytes as f64,
+                );
+            }
+        }
+    }
+
     fn sweep(&mut self) {
         for g in [
             &mut self.gpu_utilization,
@@ -257,6 +293,8 @@ struct ModelSeries {
 pub struct ResourceSampler {
     gpus: Option<Gpus>,
     gpu_status: String,
+    /// Where each round's GPU readings are published for the other exporters.
+    gpu_feed: GpuFeed,
     families: Option<Families>,
     models: HashMap<u32, ModelSeries>,
     /// (pid, what) whose failure was logged already.
@@ -287,6 +325,7 @@ impl ResourceSampler {
         Self {
             gpus,
             gpu_status,
+            gpu_feed: GpuFeed::default(),
             families,
             models: HashMap::new(),
             logged: HashSet::new(),
@@ -297,6 +336,12 @@ impl ResourceSampler {
     /// ("no NVIDIA driver (libnvidia-ml.so.1 not found): GPU metrics off").
     pub fn gpu_status(&self) -> &str {
         &self.gpu_status
+    }
+
+    /// The feed this sampler publishes each round's GPU readings to (see [`GpuFeed`]), or
+    /// `None` when GPU metrics are off (no NVML, no GPU): then there is nothing to export.
+    pub fn gpu_feed(&self) -> Option<GpuFeed> {
+        self.gpus.as_ref().map(|_| self.gpu_feed.clone())
     }
 
     /// Declares the model of `pid` (replacing an earlier one).
@@ -338,66 +383,46 @@ impl ResourceSampler {
     }
 
     /// Samples the processes `pids` (procfs) and the GPUs (NVML); only GPU processes in `pids`
-    /// get a per-process series. Reads a few small /proc files and makes a dozen NVML calls
-    /// per GPU: well under a millisecond per process, a few per GPU.
+    /// get a per-process series. The GPU readings, with their process lists restricted to
+    /// `pids` likewise, are then published to [`Self::gpu_feed`]. Reads a few small /proc files
+    /// and makes a dozen NVML calls per GPU: well under a millisecond per process, a few per
+    /// GPU.
     pub fn sample(&mut self, pids: &[u32], model_label: impl Fn(u32) -> String) {
-        let Some(f) = self.families.as_mut() else {
-            return;
-        };
-        for &pid in pids {
-            let model = model_label(pid);
-            let pid_s = pid.to_string();
-            let labels = [pid_s.as_str(), model.as_str()];
-            match procfs::sample(pid) {
-                Ok(s) => {
-                    f.process_rss.set(&labels, s.rss_bytes as f64);
-                    f.process_threads.set(&labels, s.threads as f64);
-                    set_counter(&f.process_cpu.get(&labels), s.cpu_seconds);
-                }
-                Err(ProcError::NoSuchProcess { .. }) => {}
-                Err(e) => {
-                    if self.logged.insert((pid, "procfs")) {
-                        tracing::debug!("process metrics of pid {pid}: {e}");
+        if let Some(f) = self.families.as_mut() {
+            for &pid in pids {
+                let model = model_label(pid);
+                let pid_s = pid.to_string();
+                let labels = [pid_s.as_str(), model.as_str()];
+                match procfs::sample(pid) {
+                    Ok(s) => {
+                        f.process_rss.set(&labels, s.rss_bytes as f64);
+                        f.process_threads.set(&labels, s.threads as f64);
+                        set_counter(&f.process_cpu.get(&labels), s.cpu_seconds);
+                    }
+                    Err(ProcError::NoSuchProcess { .. }) => {}
+                    Err(e) => {
+                        if self.logged.insert((pid, "procfs")) {
+                            tracing::debug!("process metrics of pid {pid}: {e}");
+                        }
                     }
                 }
             }
         }
         if let Some(gpus) = self.gpus.as_mut() {
-            for s in gpus.sample() {
-                let index = s.id.index.to_string();
-                let labels = [index.as_str(), s.id.uuid.as_str(), s.id.name.as_str()];
-                let gauges = [
-                    (&mut f.gpu_utilization, s.utilization),
-                    (
-                        &mut f.gpu_memory_used,
-                        s.memory_used_bytes.map(|v| v as f64),
-                    ),
-                    (
-                        &mut f.gpu_memory_total,
-                        s.memory_total_bytes.map(|v| v as f64),
-                    ),
-                    (&mut f.gpu_temperature, s.temperature_celsius),
-                    (&mut f.gpu_power, s.power_watts),
-                    (&mut f.gpu_sm_clock, s.sm_clock_hertz),
-                    (&mut f.gpu_throttle, s.throttle_reasons.map(|v| v as f64)),
-                ];
-                for (g, v) in gauges {
-                    if let Some(v) = v {
-                        g.set(&labels, v);
-                    }
-                }
-                for p in s.processes.unwrap_or_default() {
-                    if pids.contains(&p.pid) {
-                        let pid = p.pid.to_string();
-                        f.gpu_process_memory.set(
-                            &[labels[0], labels[1], labels[2], pid.as_str()],
-                            p.used_memory_bytes as f64,
-                        );
-                    }
+            let mut samples = gpus.sample();
+            for s in &mut samples {
+                if let Some(list) = s.processes.as_mut() {
+                    list.retain(|p| pids.contains(&p.pid));
                 }
             }
+            if let Some(f) = self.families.as_mut() {
+                f.set_gpus(&samples);
+            }
+            self.gpu_feed.publish(samples);
         }
-        f.sweep();
+        if let Some(f) = self.families.as_mut() {
+            f.sweep();
+        }
     }
 }
 

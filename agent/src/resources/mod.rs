@@ -1,16 +1,20 @@
 //! Resources of the traced llama.cpp processes, outside the eBPF path: GPU metrics (NVML),
 //! process memory, CPU time and threads (procfs), and the model each one runs (its file found
-//! in the process, its GGUF metadata read), exposed as Prometheus series.
+//! in the process, its GGUF metadata read), exposed as Prometheus series; the GPU readings are
+//! also handed to the OTLP sink through a [`GpuFeed`].
 //!
 //! - [`gguf`]: GGUF metadata (architecture, parameters, quantization, trained context).
 //! - [`procfs`]: resident memory, CPU seconds and threads of a pid.
 //! - [`model_path`]: the model file of a process that loaded it before llamaprobe attached.
 //! - [`nvml`]: per-GPU and per-process GPU metrics through `nvml-wrapper`.
 //! - [`metrics`]: [`ResourceSampler`], which samples all of it into a `prometheus::Registry`.
+//! - [`gpu_feed`]: [`GpuFeed`], the latest GPU readings handed from the sampler to other
+//!   exporters (the OTLP sink).
 //!
 //! Nothing here refers to the rest of the agent, so the integration tests compile it on its own.
 
 pub mod gguf;
+pub mod gpu_feed;
 pub mod metrics;
 pub mod model_path;
 pub mod nvml;
@@ -19,6 +23,7 @@ pub mod procfs;
 use std::path::Path;
 
 pub use gguf::ModelInfo;
+pub use gpu_feed::GpuFeed;
 pub use metrics::ResourceSampler;
 pub use model_path::ModelPath;
 

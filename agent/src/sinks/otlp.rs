@@ -4,7 +4,9 @@
 //! Spans: `llama.model_load`, `llama.context_create`, one `text_completion <model>` span per
 //! reconstructed request (kind SERVER) with children `prompt` and `generation`, and with
 //! `--otlp-step-spans` one `llama.decode` child per decode step that carried the request's tokens.
-//! Metrics: the `gen_ai.server.*` histograms and `gen_ai.client.token.usage`.
+//! Metrics: the `gen_ai.server.*` histograms and `gen_ai.client.token.usage`, and with a GPU the
+//! hardware conventions' `hw.gpu.*`, `hw.power` and `hw.temperature` ([`gpu`]), read from the
+//! resource sampler's [`GpuFeed`].
 //!
 //! Nothing here blocks the event loop: spans go to the SDK's batch processor (a bounded queue,
 //! exported from its own thread; a full queue drops spans) and metrics to a periodic reader
@@ -44,7 +46,10 @@ use crate::{
     assemble::{DecodeStep, Observation},
     cli::ProfileOpts,
     requests::Request,
+    resources::GpuFeed,
 };
+
+pub mod gpu;
 
 /// Decode steps kept per open request for `--otlp-step-spans`; later steps are not exported.
 pub const MAX_STEPS_PER_REQUEST: usize = 4096;
@@ -280,11 +285,14 @@ fn service_name_from_env() -> bool {
 }
 
 impl Otlp {
-    /// Builds the exporters and providers; nothing is sent until spans end.
+    /// Builds the exporters and providers; nothing is sent until spans end. With `gpus` (the
+    /// resource sampler's feed; `None` when GPU metrics are off), the GPU instruments observe
+    /// its latest readings each time metrics are collected.
     pub fn start(
         settings: Settings,
         registry: &Registry,
         log_interval: Duration,
+        gpus: Option<GpuFeed>,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -366,6 +374,9 @@ impl Otlp {
                 .with_boundaries(TOKEN_BOUNDS.to_vec())
                 .build(),
         };
+        if let Some(feed) = &gpus {
+            gpu::register(&meter, feed);
+        }
 
         let prom_failures = IntCounterVec::new(
             Opts::new(
