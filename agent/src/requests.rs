@@ -144,6 +144,12 @@ impl BatchMap {
 /// A request silent for this long is closed (its last token was sampled long ago).
 const IDLE_CLOSE_NS: u64 = 2_000_000_000;
 
+/// An open request's key: (pid, context, sequence).
+type Key = (u32, u64, i32);
+
+/// An open request without a post yet: (its start, its key, its id).
+type Waiting = (u64, Key, u64);
+
 /// A post unclaimed this long while its process has no request in progress is dropped.
 pub const STALE_POST_NS: u64 = 1_000_000_000;
 
@@ -157,6 +163,10 @@ pub struct Requests {
     batches: HashMap<(u32, u64), BatchMap>,
     /// Accepted, not yet started: post times per process, oldest first.
     posts: HashMap<u32, VecDeque<u64>>,
+    /// Open requests that found no post when they started, per process, oldest first: the
+    /// post's event can arrive after the step that started the request (the server loop can
+    /// launch the task before the posting thread returns from `post`).
+    unclaimed: HashMap<u32, VecDeque<Waiting>>,
     next_id: u64,
     /// Posts dropped unclaimed (see [`STALE_POST_NS`]).
     pub posts_unclaimed: u64,
@@ -184,12 +194,25 @@ impl Requests {
         if p.front {
             return; // a cancel, not a request
         }
-        let q = self.posts.entry(p.origin.pid).or_default();
+        let (pid, at) = (p.origin.pid, p.origin.start_ns);
+        // A request that started after this post, still without one, is its own.
+        if let Some(waiting) = self.unclaimed.get_mut(&pid) {
+            if let Some(i) = waiting.iter().position(|w| w.0 >= at) {
+                let (_, key, id) = waiting.remove(i).expect("position is in range");
+                if let Some(o) = self.open.get_mut(&key).filter(|o| o.req.id == id) {
+                    o.req.queued_ns = Some(at);
+                    return;
+                }
+            }
+        }
+        let q = self.posts.entry(pid).or_default();
         if q.len() >= MAX_PENDING_POSTS {
             q.pop_front();
             self.posts_unclaimed += 1;
         }
-        q.push_back(p.origin.start_ns);
+        // Posts of several threads may arrive out of order: keep them sorted by time.
+        let i = q.partition_point(|t| *t <= at);
+        q.insert(i, at);
     }
 
     /// The oldest post of `pid` made before `start_ns`.
@@ -204,6 +227,9 @@ impl Requests {
 
     fn close(&mut self, key: (u32, u64, i32), why: &'static str) -> Option<Request> {
         let mut o = self.open.remove(&key)?;
+        if let Some(w) = self.unclaimed.get_mut(&key.0) {
+            w.retain(|e| e.2 != o.req.id);
+        }
         o.req.closed_by = why;
         // A request whose prompt was never completed has no end of its own.
         if o.req.end_ns == 0 {
@@ -252,6 +278,13 @@ impl Requests {
                         last_activity_ns: d.origin.end_ns,
                     }
                 });
+                if o.req.queued_ns.is_none() && o.req.prompt_tokens == 0 {
+                    self.unclaimed.entry(pid).or_default().push_back((
+                        o.req.start_ns,
+                        key,
+                        o.req.id,
+                    ));
+                }
                 o.req.prompt_tokens += p.n_tokens;
                 if matches!(p.kind, PartKind::FinalPromptChunk | PartKind::MultiOutput) {
                     o.generating = true;
@@ -553,5 +586,24 @@ mod tests {
             vec![part(0, 0, 3, PartKind::FinalPromptChunk)],
         ));
         assert_eq!(r.finish()[0].queued_ns, None);
+    }
+
+    #[test]
+    fn a_post_seen_after_its_request_started_is_still_its_own() {
+        let mut r = Requests::default();
+        // The loop launched the task before the posting thread's return was recorded.
+        r.observe(&step(100, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        r.observe(&post(90, false));
+        // A later post made after this request started is not its own: it waits.
+        r.observe(&step(200, vec![part(1, 0, 3, PartKind::FinalPromptChunk)]));
+        r.observe(&post(250, false));
+        r.observe(&post(190, false));
+        r.observe(&step(300, vec![part(2, 0, 3, PartKind::FinalPromptChunk)]));
+        let mut all = r.finish();
+        all.sort_by_key(|q| q.id);
+        assert_eq!(
+            all.iter().map(|q| q.queued_ns).collect::<Vec<_>>(),
+            [Some(90), Some(190), Some(250)]
+        );
     }
 }

@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::io::unix::AsyncFd;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
 
 use crate::{
     assemble::{Assembler, Observation},
@@ -15,7 +18,7 @@ use crate::{
     cli::{MetricsAddr, ProfileOpts, SyncMode},
     discover, events,
     launch::Held,
-    requests::Requests,
+    requests::{Mode, Requests},
     resources::{self, ResourceSampler},
     sinks::{
         self, events_out::EventsOut, terminal::Terminal, trace_file::TraceFile, SelfStats, Sink,
@@ -75,6 +78,9 @@ fn announce(
         attached
     );
     for family in plan.unmeasured_families() {
+        if family == Family::Server {
+            continue; // said by the requests line below
+        }
         eprintln!(
             "llamaprobe: {} is not measured: none of its functions was found ({})",
             family.name(),
@@ -86,6 +92,7 @@ fn announce(
                 .join(", ")
         );
     }
+    eprintln!("llamaprobe: requests: {}", request_mode(plan).describe());
     eprintln!("llamaprobe: {gpu_status}");
     eprintln!(
         "llamaprobe: llama_synchronize {}",
@@ -100,6 +107,15 @@ fn announce(
     );
     if let MetricsAddr::On(addr) = opts.metrics_addr {
         eprintln!("llamaprobe: Prometheus metrics at http://{addr}/metrics");
+    }
+}
+
+/// How requests are reconstructed: with llama-server's task queue if it is probed.
+fn request_mode(plan: &Plan) -> Mode {
+    if plan.probes.iter().any(|p| p.point.family == Family::Server) {
+        Mode::ServerQueue
+    } else {
+        Mode::BatchView
     }
 }
 
@@ -179,6 +195,7 @@ async fn event_loop(
         files,
         resources,
     };
+    pipe.stats.set_request_mode(request_mode(&plan));
     if let Target::Pid(_) = target {
         // Attached after the load: the model is found in the process.
         match resources::recover_model(pid) {
@@ -255,6 +272,10 @@ async fn event_loop(
     tokio::pin!(exited);
     let launched = matches!(target, Target::Launched(_));
     let mut interrupted = false;
+    // Created once, before the loop: a signal that arrives while no listener exists is lost,
+    // so a listener re-created on every turn would miss a Ctrl-C landing between turns.
+    let mut sigint = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
 
     let ended_by = loop {
         tokio::select! {
@@ -282,8 +303,8 @@ async fn event_loop(
             }
             _ = &mut exited => break "the process exited",
             _ = &mut deadline => break "--duration elapsed",
-            r = tokio::signal::ctrl_c() => {
-                r.context("waiting for Ctrl-C")?;
+            _ = sigterm.recv() => break "terminated",
+            _ = sigint.recv() => {
                 if launched && !interrupted {
                     // The program got the same SIGINT: let it shut down and report its end.
                     interrupted = true;
@@ -396,6 +417,7 @@ impl Pipeline {
             self.emit(&Observation::Request(r));
         }
         self_stats.requests_active = self.requests.active() as u64;
+        self_stats.posts_unclaimed = self.requests.posts_unclaimed;
     }
 
     /// Closes every request (end of the session).

@@ -183,20 +183,34 @@ fn grpc_agrees(f: &Fixture, model: &std::path::Path) {
         }
         assert_eq!(int(r, "process.pid"), server.child.id() as i64);
         int(r, "llama.seq_id");
+        // Time to first token counts from acceptance by the server's task queue; less the
+        // queue wait, it is the prompt's processing, which the server times too.
         let ttft_ms = double(r, "gen_ai.server.time_to_first_token") * 1e3;
+        let queue_ms = double(r, "llama.request.queue_seconds") * 1e3;
         let prompt_ms = timings["prompt_ms"].as_f64().unwrap();
         assert!(
-            ttft_ms > 0.0 && ttft_ms <= prompt_ms + 5.0,
-            "ttft {ttft_ms} ms, server prompt {prompt_ms} ms"
+            queue_ms >= 0.0 && ttft_ms > queue_ms && ttft_ms - queue_ms <= prompt_ms + 5.0,
+            "ttft {ttft_ms} ms, queue {queue_ms} ms, server prompt {prompt_ms} ms"
         );
-        // Children: prompt then generation, in the same trace, inside the request.
+        // Children: queue, prompt then generation, in the same trace, inside the request.
         let children: Vec<&Span> = spans
             .iter()
             .filter(|s| s.parent_span_id == r.span_id)
             .collect();
         let names: Vec<&str> = children.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names.len(), 2, "{names:?}");
-        assert!(names.contains(&"prompt") && names.contains(&"generation"));
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(
+            names.contains(&"queue") && names.contains(&"prompt") && names.contains(&"generation")
+        );
+        let child = |n: &str| *children.iter().find(|c| c.name == n).unwrap();
+        let (queue, prompt_span) = (child("queue"), child("prompt"));
+        assert_eq!(queue.start_time_unix_nano, r.start_time_unix_nano);
+        assert_eq!(queue.end_time_unix_nano, prompt_span.start_time_unix_nano);
+        let queue_span_ms = (queue.end_time_unix_nano - queue.start_time_unix_nano) as f64 / 1e6;
+        assert!(
+            (queue_span_ms - queue_ms).abs() < 0.01,
+            "{queue_span_ms} vs {queue_ms}"
+        );
         for c in &children {
             assert_eq!(c.trace_id, r.trace_id);
             assert!(c.start_time_unix_nano >= r.start_time_unix_nano);

@@ -576,12 +576,26 @@ impl Otlp {
         if let Some(t) = r.ttft_s() {
             attrs.push(KeyValue::new("gen_ai.server.time_to_first_token", t));
         }
-        let span = self.start_span(name, SpanKind::Server, r.start_ns, attrs, &Context::new());
+        if let Some(t) = r.queue_s() {
+            attrs.push(KeyValue::new("llama.request.queue_seconds", t));
+        }
+        let span = self.start_span(
+            name,
+            SpanKind::Server,
+            r.arrival_ns(),
+            attrs,
+            &Context::new(),
+        );
         if !span.span_context().is_sampled() {
             // Head sampling said no: no children either.
             return;
         }
         let cx = Context::new().with_span(span);
+        if let Some(q) = r.queued_ns {
+            // Accepted by llama-server's task queue, waiting for a slot.
+            let mut queue = self.start_span("queue", SpanKind::Internal, q, vec![], &cx);
+            self.end_span(&mut queue, r.start_ns);
+        }
         let prompt_end = r.first_token_ns.or(r.prompt_end_ns).unwrap_or(r.end_ns);
         let mut prompt = self.start_span(
             "prompt",
