@@ -858,6 +858,37 @@ struct CapacityRow {
 
 struct Capacity {
     rows: Vec<CapacityRow>,
+    /// The agent's in-process measurement of its Prometheus hot path (see [`HOT_PATH_TEST`]).
+    hot_path: Result<String, String>,
+}
+
+/// The agent's ignored test that times its Prometheus sink per decode step, per-event label
+/// lookup (the former code) against resolved handles.
+const HOT_PATH_TEST: &str = "sinks::prometheus::tests::measure_hot_path";
+
+/// Runs [`HOT_PATH_TEST`] (release build) and returns the line it prints.
+fn hot_path() -> Result<String> {
+    let out = util::cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "llamaprobe",
+            "--bin",
+            "llamaprobe",
+            "--",
+        ])
+        .args(["--ignored", "--exact", HOT_PATH_TEST, "--nocapture"])
+        .current_dir(util::workspace_root())
+        .env("PATH", util::path_with_tools()?)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the agent's hot-path measurement")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().find(|l| l.starts_with("hot path:")) {
+        Some(l) if out.status.success() => Ok(l.trim_start_matches("hot path:").trim().to_string()),
+        _ => bail!("{HOT_PATH_TEST} printed no result ({}): {text}", out.status),
+    }
 }
 
 fn capacity(env: &Env) -> Result<Capacity> {
@@ -925,7 +956,8 @@ fn capacity(env: &Env) -> Result<Capacity> {
             iterations: env.cfg.capacity_iterations,
         });
     }
-    Ok(Capacity { rows })
+    let hot_path = hot_path().map_err(|e| format!("{e:#}"));
+    Ok(Capacity { rows, hot_path })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3211,6 +3243,16 @@ fn render_capacity(o: &mut String, r: &Report) {
             );
         }
     }
+    let _ = match &c.hot_path {
+        Ok(line) => writeln!(
+            o,
+            "- The agent's own hot path, in process (`cargo test --release -p llamaprobe --bin \
+             llamaprobe -- --ignored --exact {HOT_PATH_TEST} --nocapture`): {line}. Before, \
+             every event formatted its `pid` and looked each series up by its labels; each \
+             process's series handles are now resolved once."
+        ),
+        Err(e) => writeln!(o, "- The agent's hot-path measurement failed: {e}"),
+    };
     let _ = writeln!(o);
 }
 

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    core::Collector, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    core::Collector, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
@@ -66,6 +66,9 @@ struct Hot {
     sample_duration: Option<Histogram>,
     sync_duration: Option<Histogram>,
     compute_duration: Option<Histogram>,
+    /// Context use and utilization, by sequence.
+    /// (utilization is created once the sequence's capacity is known).
+    context: HashMap<i32, (Gauge, Option<Gauge>)>,
 }
 
 /// Index of a decode step's phase label in [`Hot`]'s arrays (3: unknown).
@@ -352,17 +355,21 @@ impl Sink for Metrics {
     fn observe(&mut self, obs: &Observation) {
         let used = obs.context_used();
         if let (false, Some(o)) = (used.is_empty(), obs.origin()) {
-            let pid = o.pid.to_string();
             let capacity = self.seq_capacity.get(&o.pid).copied();
+            let h = hot_for(&mut self.hot, o.pid, &o.model);
+            let labels = |seq: i32| [o.pid.to_string(), o.model.to_string(), seq.to_string()];
             for s in used {
-                let seq = s.seq_id.to_string();
-                let labels = [pid.as_str(), &*o.model, seq.as_str()];
-                self.context_used
-                    .with_label_values(&labels)
-                    .set(s.used as f64);
+                let (used_g, ratio_g) = h.context.entry(s.seq_id).or_insert_with(|| {
+                    let [p, m, q] = labels(s.seq_id);
+                    (self.context_used.with_label_values(&[&p, &m, &q]), None)
+                });
+                used_g.set(s.used as f64);
                 if let Some(c) = capacity {
-                    self.context_utilization
-                        .with_label_values(&labels)
+                    ratio_g
+                        .get_or_insert_with(|| {
+                            let [p, m, q] = labels(s.seq_id);
+                            self.context_utilization.with_label_values(&[&p, &m, &q])
+                        })
                         .set(s.used as f64 / c as f64);
                 }
             }
@@ -602,5 +609,87 @@ mod tests {
             text.contains(r#"llamacpp_batch_tokens_count{model="tiny",phase="prompt",pid="7"} 2"#)
         );
         assert!(text.contains(r#"llamacpp_decode_duration_seconds_bucket{model="tiny",phase="prompt",pid="7",le="0.00005"} 2"#));
+    }
+
+    /// What the decode path did before the handles: format `pid` and look every series up by
+    /// its labels, per event (kept here as the baseline of `measure_hot_path`).
+    fn observe_by_lookup(m: &Metrics, d: &crate::assemble::DecodeStep) {
+        let pid = d.origin.pid.to_string();
+        let model = &*d.origin.model;
+        for s in &d.context_used {
+            let seq = s.seq_id.to_string();
+            m.context_used
+                .with_label_values(&[pid.as_str(), model, seq.as_str()])
+                .set(s.used as f64);
+        }
+        m.decode_calls
+            .with_label_values(&[pid.as_str(), model, d.result.label()])
+            .inc();
+        let phase = d.phase.map_or("unknown", |p| p.label());
+        m.decode_duration
+            .with_label_values(&[pid.as_str(), model, phase])
+            .observe(d.origin.seconds());
+        if let Some(n) = d.n_tokens {
+            m.batch_tokens
+                .with_label_values(&[pid.as_str(), model, phase])
+                .observe(n as f64);
+        }
+        if d.prompt_tokens > 0 {
+            m.tokens
+                .with_label_values(&[pid.as_str(), model, "prompt"])
+                .inc_by(d.prompt_tokens as u64);
+        }
+    }
+
+    /// The agent's cost per decode step in this sink, per-event label lookup vs resolved
+    /// handles: `cargo test --release -p llamaprobe --bin llamaprobe -- --ignored --exact
+    /// sinks::prometheus::tests::measure_hot_path --nocapture` (run by `cargo xtask bench`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_hot_path() {
+        let mut a = Assembler::new();
+        a.set_model(4242, "bench-model");
+        // A step of 4 slots generating one token each, as llama-server's is.
+        let runs: Vec<SeqRun> = (0..4)
+            .map(|seq| SeqRun {
+                seq_id: seq,
+                pos0: 100,
+                tok0: 7,
+                n_tokens: 1,
+                n_outputs: 1,
+                last_output: 1,
+            })
+            .collect();
+        let mut ev = decode_event(4, &runs, 0);
+        ev.header.tgid = 4242;
+        let obs = a.process(&Event::Decode(Box::new(ev)));
+        let Observation::Decode(d) = &obs else {
+            panic!("not a decode step")
+        };
+        assert_eq!(d.context_used.len(), 4);
+        const N: u32 = 200_000;
+        let time = |f: &mut dyn FnMut()| {
+            let t = std::time::Instant::now();
+            for _ in 0..N {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / N as f64
+        };
+        let (mut lookup, mut handles) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            let m = Metrics::new();
+            lookup.push(time(&mut || observe_by_lookup(&m, d)));
+            let mut m = Metrics::new();
+            handles.push(time(&mut || m.observe(&obs)));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (l, h) = (median(&mut lookup), median(&mut handles));
+        println!(
+            "hot path: decode step of 4 sequences in the Prometheus sink: label lookup per event {l:.0} ns, resolved handles {h:.0} ns ({:.1}x), median of 7 x {N}",
+            l / h
+        );
     }
 }
