@@ -6,27 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{
-    fixtures::{self, Fixture},
-    server::*,
-    *,
-};
-
-/// The server-bearing fixtures and the model, or nothing (skipped).
-fn servers(test: &str) -> Vec<(Fixture, std::path::PathBuf)> {
-    let Some(model) = fixtures::model(test) else {
-        return vec![];
-    };
-    let list: Vec<_> = fixtures::all(test)
-        .into_iter()
-        .filter(|f| f.server.is_some())
-        .map(|f| (f, model.clone()))
-        .collect();
-    if list.is_empty() && std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
-        panic!("{test}: no llama-server fixture");
-    }
-    list
-}
+use common::{fixtures::Fixture, server::*, *};
 
 /// Distinct prompts (so no request is served from another's cache) of different lengths.
 fn prompt(i: usize) -> String {
@@ -42,15 +22,10 @@ fn prompt(i: usize) -> String {
 
 #[test]
 fn attach_counts_equal_llama_servers_own_counters() {
-    let test = "attach_counts_equal_llama_servers_own_counters";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    for (f, model) in servers(test) {
-        eprintln!("== fixture {}", f.name);
-        attach_agrees(&f, &model);
-    }
+    on_every_server(
+        "attach_counts_equal_llama_servers_own_counters",
+        attach_agrees,
+    );
 }
 
 fn attach_agrees(f: &Fixture, model: &std::path::Path) {
@@ -58,15 +33,17 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
     let metrics_port = free_port();
     let dir = scratch(&format!("attach-{}", f.name));
     let summary = dir.join("summary.json");
-    let mut cmd = llamaprobe();
-    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .args(f.symbols_args())
-        .arg("--summary-json")
-        .arg(&summary);
-    f.apply(&mut cmd);
-    let mut probe = Probe::spawn(&mut cmd);
-    probe.wait_for("probes attached");
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let probe = attach(
+        f,
+        &server,
+        &[
+            "--metrics-addr",
+            &metrics_addr,
+            "--summary-json",
+            path(&summary),
+        ],
+    );
     // Warm-up decodes happened at start, before the probes: the baseline is taken now.
     let before = server.settled_metrics();
 
@@ -202,15 +179,10 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
 
 #[test]
 fn run_sees_model_load_and_context_from_the_start() {
-    let test = "run_sees_model_load_and_context_from_the_start";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    for (f, model) in servers(test) {
-        eprintln!("== fixture {}", f.name);
-        run_sees_load(&f, &model);
-    }
+    on_every_server(
+        "run_sees_model_load_and_context_from_the_start",
+        run_sees_load,
+    );
 }
 
 fn run_sees_load(f: &Fixture, model: &std::path::Path) {
@@ -326,15 +298,10 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
 /// counts and a time to first token consistent with its timings.
 #[test]
 fn concurrent_streaming_requests_are_each_reconstructed() {
-    let test = "concurrent_streaming_requests_are_each_reconstructed";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    for (f, model) in servers(test) {
-        eprintln!("== fixture {}", f.name);
-        requests_reconstructed(&f, &model);
-    }
+    on_every_server(
+        "concurrent_streaming_requests_are_each_reconstructed",
+        requests_reconstructed,
+    );
 }
 
 fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
@@ -342,17 +309,18 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
     let dir = scratch(&format!("requests-{}", f.name));
     let events = dir.join("events.jsonl");
     let trace = dir.join("trace.json");
-    let mut cmd = llamaprobe();
-    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
-        .args(["--metrics-addr", "off"])
-        .args(f.symbols_args())
-        .arg("--events-out")
-        .arg(&events)
-        .arg("--trace-out")
-        .arg(&trace);
-    f.apply(&mut cmd);
-    let mut probe = Probe::spawn(&mut cmd);
-    probe.wait_for("probes attached");
+    let probe = attach(
+        f,
+        &server,
+        &[
+            "--metrics-addr",
+            "off",
+            "--events-out",
+            path(&events),
+            "--trace-out",
+            path(&trace),
+        ],
+    );
     let port = server.port;
     // Distinct lengths (3 + i tokens generated) identify each request.
     let handles: Vec<_> = (0..16u32)
@@ -467,32 +435,25 @@ fn monotonic_ns() -> u64 {
 /// the server ran.
 #[test]
 fn queue_wait_from_llama_servers_task_queue() {
-    let test = "queue_wait_from_llama_servers_task_queue";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    for (f, model) in servers(test) {
-        eprintln!("== fixture {}", f.name);
-        queue_wait(&f, &model);
-    }
+    on_every_server("queue_wait_from_llama_servers_task_queue", queue_wait);
 }
 
 fn queue_wait(f: &Fixture, model: &std::path::Path) {
     let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
     let dir = scratch(&format!("queue-{}", f.name));
     let (summary, events) = (dir.join("summary.json"), dir.join("events.jsonl"));
-    let mut cmd = llamaprobe();
-    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
-        .args(["--metrics-addr", "off"])
-        .args(f.symbols_args())
-        .arg("--summary-json")
-        .arg(&summary)
-        .arg("--events-out")
-        .arg(&events);
-    f.apply(&mut cmd);
-    let mut probe = Probe::spawn(&mut cmd);
-    probe.wait_for("probes attached");
+    let mut probe = attach(
+        f,
+        &server,
+        &[
+            "--metrics-addr",
+            "off",
+            "--summary-json",
+            path(&summary),
+            "--events-out",
+            path(&events),
+        ],
+    );
     let line = probe.wait_for("llamaprobe: requests:");
     assert!(line.contains("queue wait measured"), "{line}");
 

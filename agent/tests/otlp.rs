@@ -8,11 +8,7 @@ mod otlp_receiver;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    fixtures::{self, Fixture},
-    server::*,
-    *,
-};
+use common::{fixtures::Fixture, server::*, *};
 use opentelemetry_proto::tonic::{
     common::v1::{any_value::Value as Any, KeyValue},
     trace::v1::Span,
@@ -55,33 +51,6 @@ fn request_spans(spans: &[Span]) -> Vec<&Span> {
         .collect()
 }
 
-/// The server-bearing fixtures and the model, or nothing (skipped).
-fn servers(test: &str) -> Vec<(Fixture, std::path::PathBuf)> {
-    let Some(model) = fixtures::model(test) else {
-        return vec![];
-    };
-    let list: Vec<_> = fixtures::all(test)
-        .into_iter()
-        .filter(|f| f.server.is_some())
-        .map(|f| (f, model.clone()))
-        .collect();
-    if list.is_empty() && std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
-        panic!("{test}: no llama-server fixture");
-    }
-    list
-}
-
-fn attach(f: &Fixture, server: &Server, extra: &[&str]) -> Probe {
-    let mut cmd = llamaprobe();
-    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
-        .args(f.symbols_args())
-        .args(extra);
-    f.apply(&mut cmd);
-    let mut probe = Probe::spawn(&mut cmd);
-    probe.wait_for("probes attached");
-    probe
-}
-
 fn prompt(i: usize) -> String {
     let words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf"];
     (0..4 + 3 * i)
@@ -105,15 +74,7 @@ fn wait_until(got: &Received, what: &str, pred: impl Fn(&Received) -> bool) {
 
 #[test]
 fn grpc_export_agrees_with_llama_server() {
-    let test = "grpc_export_agrees_with_llama_server";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    for (f, model) in servers(test) {
-        eprintln!("== fixture {}", f.name);
-        grpc_agrees(&f, &model);
-    }
+    on_every_server("grpc_export_agrees_with_llama_server", grpc_agrees);
 }
 
 fn grpc_agrees(f: &Fixture, model: &std::path::Path) {

@@ -99,6 +99,23 @@ pub struct GpuSample {
     pub processes: Option<Vec<GpuProcess>>,
 }
 
+impl GpuSample {
+    /// A reading of GPU `id` with no field read yet.
+    pub fn unread(id: GpuIdentity) -> Self {
+        Self {
+            id,
+            utilization: None,
+            memory_used_bytes: None,
+            memory_total_bytes: None,
+            temperature_celsius: None,
+            power_watts: None,
+            sm_clock_hertz: None,
+            throttle_reasons: None,
+            processes: None,
+        }
+    }
+}
+
 /// Initialised NVML and the GPUs it sees.
 pub struct Gpus {
     nvml: Nvml,
@@ -190,17 +207,7 @@ impl Gpus {
             .iter()
             .map(|id| {
                 let i = id.index;
-                let mut s = GpuSample {
-                    id: id.clone(),
-                    utilization: None,
-                    memory_used_bytes: None,
-                    memory_total_bytes: None,
-                    temperature_celsius: None,
-                    power_watts: None,
-                    sm_clock_hertz: None,
-                    throttle_reasons: None,
-                    processes: None,
-                };
+                let mut s = GpuSample::unread(id.clone());
                 let d = match self.nvml.device_by_index(i) {
                     Ok(d) => d,
                     Err(e) => {

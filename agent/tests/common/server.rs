@@ -12,6 +12,59 @@ use std::{
 
 use serde_json::{json, Value};
 
+use super::{
+    fixtures::{self, Fixture},
+    llamaprobe, root_or_skip, serial,
+};
+
+/// The server-bearing fixtures and the model, or nothing (skipped; a failure when fixtures
+/// are required).
+pub fn servers(test: &str) -> Vec<(Fixture, std::path::PathBuf)> {
+    let Some(model) = fixtures::model(test) else {
+        return vec![];
+    };
+    let list: Vec<_> = fixtures::all(test)
+        .into_iter()
+        .filter(|f| f.server.is_some())
+        .map(|f| (f, model.clone()))
+        .collect();
+    if list.is_empty() && std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
+        panic!("{test}: no llama-server fixture");
+    }
+    list
+}
+
+/// Runs `check` on every server-bearing fixture, one probe session at a time (skipped
+/// without root or fixtures, unless they are required).
+pub fn on_every_server(test: &str, check: impl Fn(&Fixture, &Path)) {
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    for (f, model) in servers(test) {
+        eprintln!("== fixture {}", f.name);
+        check(&f, &model);
+    }
+}
+
+/// `llamaprobe attach --quiet` to `server`, with the fixture's symbols and environment and
+/// `extra` options; returns once the probes are attached.
+pub fn attach(f: &Fixture, server: &Server, extra: &[&str]) -> Probe {
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &server.child.id().to_string(), "--quiet"])
+        .args(f.symbols_args())
+        .args(extra);
+    f.apply(&mut cmd);
+    let mut probe = Probe::spawn(&mut cmd);
+    probe.wait_for("probes attached");
+    probe
+}
+
+/// A scratch path as an argument.
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("scratch paths are UTF-8")
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

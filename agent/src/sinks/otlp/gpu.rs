@@ -216,21 +216,11 @@ mod tests {
     use crate::resources::nvml::{GpuIdentity, GpuProcess};
 
     fn sample(index: u32, uuid: &str, name: &str) -> GpuSample {
-        GpuSample {
-            id: GpuIdentity {
-                index,
-                uuid: uuid.into(),
-                name: name.into(),
-            },
-            utilization: None,
-            memory_used_bytes: None,
-            memory_total_bytes: None,
-            temperature_celsius: None,
-            power_watts: None,
-            sm_clock_hertz: None,
-            throttle_reasons: None,
-            processes: None,
-        }
+        GpuSample::unread(GpuIdentity {
+            index,
+            uuid: uuid.into(),
+            name: name.into(),
+        })
     }
 
     fn keys(a: &[KeyValue]) -> Vec<(String, String)> {
