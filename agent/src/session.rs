@@ -158,6 +158,11 @@ async fn event_loop(
     probes: Probes,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
 ) -> anyhow::Result<i32> {
+    // Created once, first: a signal that arrives while no listener exists is lost (or, before
+    // any, ends llamaprobe without its summary), so they exist before 'probes attached' is
+    // announced and are never re-created between turns of the loop.
+    let mut sigint = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let pid = target.pid();
     let metrics = sinks::prometheus::Metrics::new();
     let resources = ResourceSampler::new(&metrics.registry, opts.nvml_lib.clone());
@@ -272,10 +277,6 @@ async fn event_loop(
     tokio::pin!(exited);
     let launched = matches!(target, Target::Launched(_));
     let mut interrupted = false;
-    // Created once, before the loop: a signal that arrives while no listener exists is lost,
-    // so a listener re-created on every turn would miss a Ctrl-C landing between turns.
-    let mut sigint = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
 
     let ended_by = loop {
         tokio::select! {
