@@ -25,7 +25,7 @@ use crate::{
     },
     stats::Stats,
     symbols::Plan,
-    targets::{self, Family},
+    targets::Family,
 };
 
 /// What to profile.
@@ -135,7 +135,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32> {
     let pid = target.pid();
     let mut probes = Probes::load()?;
-    probes.set_layout(pid, &targets::layout_for(plan.generation).layout)?;
+    probes.set_layout(pid, &plan.layout.layout)?;
     let skip: &[Family] = if sync_probed(&plan, &opts) {
         &[]
     } else {

@@ -273,6 +273,8 @@ pub struct Plan {
     pub files: Vec<FileSymbols>,
     /// A GPU backend the process maps or may load (see [`gpu_backend`]).
     pub gpu_backend: Option<String>,
+    /// The struct layouts of this generation and build (see `targets::layout_for`).
+    pub layout: &'static crate::targets::LayoutRow,
 }
 
 /// A ggml GPU backend among `files` (by library name), among the libraries beside them that a
@@ -412,12 +414,14 @@ impl Plan {
                 missing.push(point);
             }
         }
+        let layout = targets::layout_for(generation, has);
         Ok(Plan {
             generation,
             probes,
             missing,
             files: resolved,
             gpu_backend: gpu_backend(files, linked_gpu),
+            layout,
         })
     }
 }
@@ -428,11 +432,7 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{what}");
     let _ = writeln!(s, "generation: {}", plan.generation.describe());
-    let _ = writeln!(
-        s,
-        "struct layouts: {}",
-        crate::targets::layout_for(plan.generation).source
-    );
+    let _ = writeln!(s, "struct layouts: {}", plan.layout.source);
     let _ = writeln!(s, "files with llama.cpp functions:");
     for f in &plan.files {
         let _ = writeln!(

@@ -306,9 +306,12 @@ pub const GPU_BACKENDS: &[(&str, &str)] = &[
     ("libggml-cann", "ggml_backend_cann_init"),
 ];
 
-/// Every symbol llamaprobe looks for.
+/// Every symbol llamaprobe looks for: the probed functions and the layout markers.
 pub fn wanted_symbols() -> impl Iterator<Item = &'static str> {
-    PROBES.iter().map(|p| p.symbol)
+    PROBES
+        .iter()
+        .map(|p| p.symbol)
+        .chain(LAYOUTS.iter().filter_map(|r| r.marker))
 }
 
 /// The generation implied by the symbols a process has.
@@ -332,9 +335,38 @@ const CLASSIC_BATCH: ClassicBatchLayout = ClassicBatchLayout {
     logits: 48,
 };
 
+/// The 2026 `llama_context_params`: `n_rs_seq`, `n_outputs_max` and `n_outputs_max_per_seq`
+/// came before `n_threads` (llama.h of llama-cpp-python 0.3.36).
+const CTX_PARAMS_2026: ContextParamsLayout = ContextParamsLayout {
+    n_ctx: 0,
+    n_batch: 4,
+    n_ubatch: 8,
+    n_seq_max: 12,
+    n_threads: 28,
+    n_threads_batch: 32,
+};
+
+/// Symbol whose presence marks the 2026 context parameters in a classic-API build (the getter
+/// of the field that came with them).
+pub const CTX_PARAMS_2026_MARKER: &str = "llama_n_rs_seq";
+
+/// The classic API has no batch_ext.
+const NO_BATCH_EXT: BatchExtLayout = BatchExtLayout {
+    tokens_vec: ABSENT,
+    token_size: 0,
+    token_id: ABSENT,
+    token_output: ABSENT,
+    token_seq_first_node: ABSENT,
+    seq_node_value: ABSENT,
+    token_pos: ABSENT,
+};
+
 /// Struct layouts per generation (x86-64 / aarch64 LP64, libstdc++).
+#[derive(Debug)]
 pub struct LayoutRow {
     pub generation: Generation,
+    /// A symbol that selects this row over the generation's row without one.
+    pub marker: Option<&'static str>,
     /// Where the numbers come from.
     pub source: &'static str,
     pub layout: ProcessLayout,
@@ -343,6 +375,7 @@ pub struct LayoutRow {
 pub const LAYOUTS: &[LayoutRow] = &[
     LayoutRow {
         generation: Generation::BatchExt,
+        marker: None,
         source: "llama.cpp vendored in llama-cpp-python 0.3.36 (src/llama-batch.h, include/llama.h)",
         layout: ProcessLayout {
             classic: CLASSIC_BATCH,
@@ -363,32 +396,26 @@ pub const LAYOUTS: &[LayoutRow] = &[
                 seq_node_value: 8,
                 token_pos: 80,
             },
-            // n_ctx, n_batch, n_ubatch, n_seq_max, n_rs_seq, n_outputs_max,
-            // n_outputs_max_per_seq, n_threads, n_threads_batch
-            ctx_params: ContextParamsLayout {
-                n_ctx: 0,
-                n_batch: 4,
-                n_ubatch: 8,
-                n_seq_max: 12,
-                n_threads: 28,
-                n_threads_batch: 32,
-            },
+            ctx_params: CTX_PARAMS_2026,
         },
     },
     LayoutRow {
         generation: Generation::Classic,
+        marker: Some(CTX_PARAMS_2026_MARKER),
+        source: "classic API with the 2026 context parameters (n_rs_seq, n_outputs_max, n_outputs_max_per_seq before n_threads; e.g. node-llama-cpp 3.22.1's libllama v0.5.0)",
+        layout: ProcessLayout {
+            classic: CLASSIC_BATCH,
+            ext: NO_BATCH_EXT,
+            ctx_params: CTX_PARAMS_2026,
+        },
+    },
+    LayoutRow {
+        generation: Generation::Classic,
+        marker: None,
         source: "llama.h b4463 … 2026 classic (n_ctx, n_batch, n_ubatch, n_seq_max, n_threads, n_threads_batch)",
         layout: ProcessLayout {
             classic: CLASSIC_BATCH,
-            ext: BatchExtLayout {
-                tokens_vec: ABSENT,
-                token_size: 0,
-                token_id: ABSENT,
-                token_output: ABSENT,
-                token_seq_first_node: ABSENT,
-                seq_node_value: ABSENT,
-                token_pos: ABSENT,
-            },
+            ext: NO_BATCH_EXT,
             ctx_params: ContextParamsLayout {
                 n_ctx: 0,
                 n_batch: 4,
@@ -402,11 +429,14 @@ pub const LAYOUTS: &[LayoutRow] = &[
 ];
 
 /// The layout row for a generation.
-pub fn layout_for(g: Generation) -> &'static LayoutRow {
-    LAYOUTS
-        .iter()
-        .find(|r| r.generation == g)
-        .expect("every generation has a layout row")
+/// The layout row of generation `g` in a process that `has` the given symbols: the first row
+/// whose marker it has, else the generation's row without a marker.
+pub fn layout_for(g: Generation, has: impl Fn(&str) -> bool) -> &'static LayoutRow {
+    let rows = || LAYOUTS.iter().filter(move |r| r.generation == g);
+    rows()
+        .find(|r| r.marker.is_some_and(&has))
+        .or_else(|| rows().find(|r| r.marker.is_none()))
+        .expect("every generation has a layout row without a marker")
 }
 
 /// A report of DWARF-derived layouts against the table (`llamaprobe layout`).
@@ -476,8 +506,26 @@ mod tests {
                 .filter(|p| p.family == Family::Decode && p.applies_to(g))
                 .count();
             assert_eq!(decodes, 1, "{g:?} must probe exactly one decode function");
-            assert_eq!(layout_for(g).generation, g);
+            assert_eq!(layout_for(g, |_| false).generation, g);
+            assert_eq!(layout_for(g, |_| false).marker, None);
         }
+    }
+
+    #[test]
+    fn a_classic_build_with_the_2026_context_parameters_gets_their_layout() {
+        let row = layout_for(Generation::Classic, |s| s == CTX_PARAMS_2026_MARKER);
+        assert_eq!(row.marker, Some(CTX_PARAMS_2026_MARKER));
+        assert_eq!(row.layout.ctx_params.n_threads, 28);
+        assert_eq!(row.layout.classic, CLASSIC_BATCH);
+        assert_eq!(
+            layout_for(Generation::Classic, |_| false)
+                .layout
+                .ctx_params
+                .n_threads,
+            16
+        );
+        // The marker is looked for like the probed functions.
+        assert!(wanted_symbols().any(|s| s == CTX_PARAMS_2026_MARKER));
     }
 
     #[test]
@@ -516,7 +564,7 @@ mod tests {
                 .parse()
                 .unwrap()
         };
-        let l = layout_for(Generation::BatchExt).layout.ext;
+        let l = layout_for(Generation::BatchExt, |_| false).layout.ext;
         assert_eq!(l.tokens_vec, get("tokens") + get("vec_begin"));
         assert_eq!(l.token_size, get("token_size"));
         assert_eq!(l.token_id, get("id"));
@@ -533,9 +581,12 @@ mod tests {
     fn layouts_derived_from_dwarf_match_the_table() {
         let dir = crate::test_support::fakes();
         let ext = crate::dwarf::read(&dir.join("ext/layout_ext_g")).unwrap();
-        assert_eq!(ext.ext, Some(layout_for(Generation::BatchExt).layout.ext));
+        assert_eq!(
+            ext.ext,
+            Some(layout_for(Generation::BatchExt, |_| false).layout.ext)
+        );
         let classic = crate::dwarf::read(&dir.join("classic/libllama_g.so")).unwrap();
-        let row = layout_for(Generation::Classic).layout;
+        let row = layout_for(Generation::Classic, |_| false).layout;
         assert_eq!(classic.classic, Some(row.classic));
         assert_eq!(classic.ctx_params, Some(row.ctx_params));
         let report = compare_with_table("fake", &classic);

@@ -123,6 +123,9 @@ fn embedded_driver_on_the_prebuilt_library_is_measured_exactly() {
         assert_eq!(loads[0]["path"], model.to_string_lossy().as_ref());
         assert_eq!(s["contexts"][0]["n_ctx"], 512);
         assert_eq!(s["contexts"][0]["n_batch"], 64);
+        // The driver asks for 1 thread (its libllama: the 2026 context parameters).
+        assert_eq!(s["contexts"][0]["n_threads"], 1);
+        assert_eq!(s["contexts"][0]["n_threads_batch"], 1);
     }
 }
 
