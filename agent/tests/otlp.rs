@@ -8,7 +8,7 @@ mod otlp_receiver;
 
 use std::time::{Duration, Instant};
 
-use common::{fixtures::Fixture, server::*, *};
+use common::{fixtures::Fixture, server::*};
 use opentelemetry_proto::tonic::{
     common::v1::{any_value::Value as Any, KeyValue},
     trace::v1::Span,
@@ -229,12 +229,7 @@ fn grpc_agrees(f: &Fixture, model: &std::path::Path) {
 
 #[test]
 fn http_protobuf_export() {
-    let test = "http_protobuf_export";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    let Some((f, model)) = servers(test).into_iter().next() else {
+    let Some((f, model, _serial)) = first_server("http_protobuf_export") else {
         return;
     };
     let port = free_port();
@@ -299,12 +294,7 @@ fn http_protobuf_export() {
 
 #[test]
 fn receiver_absent_then_started() {
-    let test = "receiver_absent_then_started";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    let Some((f, model)) = servers(test).into_iter().next() else {
+    let Some((f, model, _serial)) = first_server("receiver_absent_then_started") else {
         return;
     };
     let port = free_port();
@@ -376,12 +366,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn measure_otlp_cost() {
-    let test = "measure_otlp_cost";
-    if !root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
-    let Some((f, model)) = servers(test).into_iter().next() else {
+    let Some((f, model, _serial)) = first_server("measure_otlp_cost") else {
         return;
     };
     let server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);

@@ -47,6 +47,23 @@ pub fn on_every_server(test: &str, check: impl Fn(&Fixture, &Path)) {
     }
 }
 
+/// The first server-bearing fixture and the model, with the probe-session lock held; `None`:
+/// skipped (no root, or no fixtures unless they are required).
+pub fn first_server(
+    test: &str,
+) -> Option<(
+    Fixture,
+    std::path::PathBuf,
+    std::sync::MutexGuard<'static, ()>,
+)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let guard = serial();
+    let (f, model) = servers(test).into_iter().next()?;
+    Some((f, model, guard))
+}
+
 /// `llamaprobe attach --quiet` to `server`, with the fixture's symbols and environment and
 /// `extra` options; returns once the probes are attached.
 pub fn attach(f: &Fixture, server: &Server, extra: &[&str]) -> Probe {
