@@ -195,6 +195,7 @@ pub enum Observation {
     Synchronize(Synchronize),
     Memory(MemoryChange),
     TaskPost(TaskPost),
+    SlotRelease(SlotRelease),
     /// A request reconstructed by [`crate::requests`], when it closed.
     Request(crate::requests::Request),
 }
@@ -210,6 +211,7 @@ impl Observation {
             Observation::Synchronize(s) => &s.origin,
             Observation::Memory(m) => &m.origin,
             Observation::TaskPost(p) => &p.origin,
+            Observation::SlotRelease(r) => &r.origin,
             Observation::Request(_) => return None,
         })
     }
@@ -232,6 +234,14 @@ pub struct TaskPost {
     pub front: bool,
     /// Size of the posted task vector in bytes (a multiple of `sizeof(server_task)`).
     pub tasks_bytes: u64,
+}
+
+/// A llama-server slot let its task go (`server_slot::release`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SlotRelease {
+    pub origin: Origin,
+    /// The slot's id: the sequence id of its batches (-1 if unreadable).
+    pub slot_id: i32,
 }
 
 /// A change of the KV memory (`seq_rm`, `seq_cp`, `clear`).
@@ -330,6 +340,10 @@ impl Assembler {
                 context_used: self.context_use.apply(m.header.tgid, m),
             }),
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
+            Event::SlotRelease(r) => Observation::SlotRelease(SlotRelease {
+                origin: self.origin(&r.header),
+                slot_id: r.slot_id,
+            }),
             Event::TaskPost(p) => Observation::TaskPost(TaskPost {
                 origin: self.origin(&p.header),
                 front: p.front != 0,

@@ -4,7 +4,7 @@ use std::mem::size_of;
 
 use probe_common::{
     ContextEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent, ModelLoadEvent, SampleEvent,
-    SyncEvent, TaskPostEvent,
+    SlotReleaseEvent, SyncEvent, TaskPostEvent,
 };
 
 /// A decoded event.
@@ -17,6 +17,7 @@ pub enum Event {
     Sync(SyncEvent),
     Memory(MemoryEvent),
     TaskPost(TaskPostEvent),
+    SlotRelease(SlotReleaseEvent),
 }
 
 /// A record that could not be decoded (a build mismatch between agent and probes).
@@ -62,6 +63,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Synchronize => Event::Sync(read(bytes, kind)?),
         EventKind::Memory => Event::Memory(read(bytes, kind)?),
         EventKind::TaskPost => Event::TaskPost(read(bytes, kind)?),
+        EventKind::SlotRelease => Event::SlotRelease(read(bytes, kind)?),
     })
 }
 

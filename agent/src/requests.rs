@@ -3,6 +3,9 @@
 //! sample on the sequence one more generated token; a new prompt on the sequence, a change of
 //! its KV memory, a long silence or the end of the session closes it.
 //!
+//! In llama-server, `server_slot::release` ends the request on the slot's sequence at once
+//! (the slot's id is the sequence id); elsewhere the closing rules below apply.
+//!
 //! With llama-server's task queue probed (`server_queue::post`, see [`Mode`]), each request
 //! also gets the time the server accepted it: posts are queued per process and the oldest
 //! is taken by the next request whose prompt starts, as the server launches tasks in the
@@ -21,7 +24,7 @@ use std::{collections::HashMap, sync::Arc};
 use std::collections::VecDeque;
 
 use crate::assemble::{
-    DecodeResult, DecodeStep, MemoryChange, Observation, PartKind, Sample, TaskPost,
+    DecodeResult, DecodeStep, MemoryChange, Observation, PartKind, Sample, SlotRelease, TaskPost,
 };
 
 /// Where requests come from.
@@ -42,8 +45,8 @@ impl Mode {
                  so no queue wait)"
             }
             Mode::ServerQueue => {
-                "server queue + batch view (accepted at server_queue::post, then decode \
-                 batches and samples): queue wait measured"
+                "server queue + batch view (accepted at server_queue::post, decode batches and \
+                 samples, ended at server_slot::release): queue wait measured"
             }
         }
     }
@@ -186,6 +189,7 @@ impl Requests {
                 self.post(p);
                 vec![]
             }
+            Observation::SlotRelease(r) => self.released(r),
             _ => vec![],
         }
     }
@@ -213,6 +217,21 @@ impl Requests {
         // Posts of several threads may arrive out of order: keep them sorted by time.
         let i = q.partition_point(|t| *t <= at);
         q.insert(i, at);
+    }
+
+    /// llama-server's slot `slot_id` let its task go: the request on that sequence is over
+    /// (whichever context: llama-server's slots are its sequences).
+    fn released(&mut self, r: &SlotRelease) -> Vec<Request> {
+        let pid = r.origin.pid;
+        let keys: Vec<Key> = self
+            .open
+            .keys()
+            .filter(|k| k.0 == pid && k.2 == r.slot_id)
+            .copied()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.close(k, "slot_released"))
+            .collect()
     }
 
     /// The oldest post of `pid` made before `start_ns`.
@@ -605,5 +624,29 @@ mod tests {
             all.iter().map(|q| q.queued_ns).collect::<Vec<_>>(),
             [Some(90), Some(190), Some(250)]
         );
+    }
+
+    #[test]
+    fn a_released_slot_ends_its_request_at_once() {
+        let mut r = Requests::default();
+        r.observe(&step(100, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        r.observe(&sample(115, -1));
+        r.observe(&step(200, vec![part(1, 0, 2, PartKind::FinalPromptChunk)]));
+        let release = |slot_id| {
+            Observation::SlotRelease(SlotRelease {
+                origin: origin(300, 301),
+                slot_id,
+            })
+        };
+        let closed = r.observe(&release(0));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(
+            (closed[0].seq_id, closed[0].closed_by),
+            (0, "slot_released")
+        );
+        // Its end is its last sample, not the release.
+        assert_eq!(closed[0].end_ns, 116);
+        assert_eq!(r.active(), 1);
+        assert!(r.observe(&release(2)).is_empty());
     }
 }

@@ -146,6 +146,8 @@ pub struct Summary {
     pub request_mode: Option<crate::requests::Mode>,
     /// Tasks handed to llama-server's queue (`server_queue::post`, cancels excluded).
     pub task_posts: u64,
+    /// llama-server slots released (`server_slot::release`).
+    pub slot_releases: u64,
     /// How the process's facts were learnt: observed by the probes, or recovered from the
     /// process when llamaprobe attached after they happened.
     pub facts: Vec<String>,
@@ -179,6 +181,7 @@ pub struct Stats {
     request_queue: Latency,
     request_mode: Option<crate::requests::Mode>,
     task_posts: u64,
+    slot_releases: u64,
 }
 
 impl Stats {
@@ -231,6 +234,7 @@ impl Stats {
             }
             Observation::Memory(_) => self.memory_changes += 1,
             Observation::TaskPost(p) => self.task_posts += u64::from(!p.front),
+            Observation::SlotRelease(_) => self.slot_releases += 1,
             Observation::Request(r) => {
                 self.requests += 1;
                 if let Some(t) = r.ttft_s() {
@@ -307,6 +311,7 @@ impl Stats {
             request_queue: self.request_queue.summary(),
             request_mode: self.request_mode,
             task_posts: self.task_posts,
+            slot_releases: self.slot_releases,
             facts: self.facts.clone(),
             span_s: self
                 .first_ns

@@ -42,7 +42,8 @@ pub enum Family {
     Synchronize,
     /// KV memory changes (sequence removal, copy, clear): context use.
     Memory,
-    /// llama-server's task queue: when a request was accepted, for its queue wait.
+    /// llama-server's task queue and slots: when a request was accepted (queue wait) and when
+    /// its slot let it go.
     Server,
 }
 
@@ -273,6 +274,16 @@ pub const PROBES: &[ProbePoint] = &[
         prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [clone .isra.0, 2024]",
         entry: "task_post",
         ret: "task_post_return",
+        generations: ALL,
+    },
+    // The end of a request's task in every llama-server version (an inline member, emitted
+    // out of line and called there: 10-13 call sites in each fixture).
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN11server_slot7releaseEv",
+        prototype: "void server_slot::release()",
+        entry: "slot_release",
+        ret: "slot_release_return",
         generations: ALL,
     },
 ];

@@ -145,6 +145,7 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
     // Every completion went through llama-server's task queue, once.
     assert_eq!(s["request_mode"], "server_queue");
     assert_eq!(s["task_posts"].as_u64().unwrap(), responses.len() as u64);
+    assert_eq!(s["slot_releases"].as_u64().unwrap(), responses.len() as u64);
     // Attached after the load: the model was recovered from the process, and said so.
     let facts: Vec<&str> = s["facts"]
         .as_array()
@@ -336,6 +337,8 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
         })
         .collect();
     let responses: Vec<(u32, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // The server releases each slot just after its response.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let (code, _) = probe.interrupt();
     assert_eq!(code, 0);
     let requests: Vec<Value> = json_lines(&events)
@@ -357,6 +360,7 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
             .collect();
         assert_eq!(matching.len(), 1, "request {i}: {matching:?}");
         let r = matching[0];
+        assert_eq!(r["closed_by"], "slot_released", "request {i}");
         let input = r["prompt_tokens"].as_u64().unwrap() + r["cached_tokens"].as_u64().unwrap();
         assert_eq!(
             input,
@@ -479,14 +483,16 @@ fn queue_wait(f: &Fixture, model: &std::path::Path) {
         })
         .fold(f64::INFINITY, f64::min);
 
-    // Requests close after 2 s of silence (checked every second).
-    std::thread::sleep(std::time::Duration::from_millis(3500));
+    // Each request closes when the server releases its slot (checked below), just after it
+    // sent the response.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let (code, stdout) = probe.interrupt();
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("queue wait: 6 of 6 requests"), "{stdout}");
     let s = json(&summary);
     assert_eq!(s["request_mode"], "server_queue");
     assert_eq!(s["task_posts"], 6);
+    assert_eq!(s["slot_releases"], 6);
     assert_eq!(s["request_queue"]["count"], 6);
 
     let all = json_lines(&events);
@@ -514,6 +520,8 @@ fn queue_wait(f: &Fixture, model: &std::path::Path) {
             "client sent {sent}, accepted {q}, started {start}, ended {end}, client received {received}"
         );
         assert_eq!(r["generated_tokens"], resp["tokens_predicted"]);
+        // Ended by the server releasing its slot, not by a guess.
+        assert_eq!(r["closed_by"], "slot_released");
         waits_ms.push((start - q) as f64 / 1e6);
     }
     waits_ms.sort_by(f64::total_cmp);

@@ -24,6 +24,8 @@ pub enum EventKind {
     Memory = 50,
     /// One task handed to llama-server's queue ([`TaskPostEvent`]).
     TaskPost = 60,
+    /// One llama-server slot released ([`SlotReleaseEvent`]).
+    SlotRelease = 61,
 }
 
 impl EventKind {
@@ -37,6 +39,7 @@ impl EventKind {
             40 => Self::Synchronize,
             50 => Self::Memory,
             60 => Self::TaskPost,
+            61 => Self::SlotRelease,
             _ => return None,
         })
     }
@@ -260,6 +263,20 @@ pub struct TaskPostEvent {
     pub _pad: u32,
 }
 
+/// One `void server_slot::release()` call: llama-server's slot stopped processing its task
+/// (after the final response, a cancel or an error). The slot's `id`, its first member in every
+/// version, is the sequence id of its batches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlotReleaseEvent {
+    pub header: EventHeader,
+    /// The `server_slot *`.
+    pub slot: u64,
+    /// `server_slot::id` (-1 if unreadable).
+    pub slot_id: i32,
+    pub _pad: u32,
+}
+
 /// Index of the counter of events the ring buffer had no room for.
 pub const LOST_RINGBUF: u32 = 0;
 /// Index of the counter of calls whose entry could not be recorded (per-thread map full).
@@ -277,3 +294,4 @@ const _: () = assert!(size_of::<SampleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);
 const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 24);
 const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 8 + 8);
+const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8 + 8);

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    ContextEvent, DecodeEvent, MemoryEvent, ModelLoadEvent, ProcessLayout, SampleEvent, SyncEvent,
-    TaskPostEvent, LOST_COUNTERS,
+    ContextEvent, DecodeEvent, MemoryEvent, ModelLoadEvent, ProcessLayout, SampleEvent,
+    SlotReleaseEvent, SyncEvent, TaskPostEvent, LOST_COUNTERS,
 };
 
 /// Finished events, read by the agent.
@@ -36,6 +36,8 @@ pub static SYNC_ENTRY: HashMap<u32, SyncEvent> = HashMap::with_max_entries(4096,
 pub static MEMORY_ENTRY: HashMap<u32, MemoryEvent> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static TASK_POST_ENTRY: HashMap<u32, TaskPostEvent> = HashMap::with_max_entries(1024, 0);
+#[map]
+pub static SLOT_RELEASE_ENTRY: HashMap<u32, SlotReleaseEvent> = HashMap::with_max_entries(256, 0);
 
 /// The batch walk's cursor (see `probes::decode::scan`), kept in map memory on purpose.
 #[repr(C)]

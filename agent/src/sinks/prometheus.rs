@@ -375,7 +375,7 @@ impl Sink for Metrics {
             }
         }
         match obs {
-            Observation::Memory(_) | Observation::TaskPost(_) => {}
+            Observation::Memory(_) | Observation::TaskPost(_) | Observation::SlotRelease(_) => {}
             Observation::Request(r) => {
                 let pid = r.pid.to_string();
                 let labels = [pid.as_str(), &*r.model];

@@ -159,6 +159,13 @@ impl Sink for TraceFile {
                     (start, end),
                     json!({"front": p.front, "tasks_bytes": p.tasks_bytes}),
                 ),
+                Observation::SlotRelease(r) => self.span(
+                    (pid, tid),
+                    &format!("slot {} released", r.slot_id),
+                    "server",
+                    (start, end),
+                    json!({"slot_id": r.slot_id}),
+                ),
                 Observation::Request(_) => {}
             }
             return;

@@ -52,6 +52,7 @@ impl_event!(probe_common::SampleEvent, EventKind::Sample);
 impl_event!(probe_common::SyncEvent, EventKind::Synchronize);
 impl_event!(probe_common::MemoryEvent, EventKind::Memory);
 impl_event!(probe_common::TaskPostEvent, EventKind::TaskPost);
+impl_event!(probe_common::SlotReleaseEvent, EventKind::SlotRelease);
 
 /// The calling thread: (tgid, tid).
 #[inline(always)]

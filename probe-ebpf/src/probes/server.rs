@@ -3,6 +3,9 @@
 //! time is when the request was accepted and the wait until the request's first decode step is
 //! its queue wait.
 //!
+//! `void server_slot::release()` ends a slot's task: its request is over. `server_slot::id`,
+//! the slot's (and its batches' sequence) id, is the struct's first member in every version.
+//!
 //! Arguments: `this` (rdi/x0), the vector (rsi/x1: `{begin, end, capacity}`), `front`
 //! (edx/w2). Builds that clone it (`.isra.0`, older `std::vector &` overload) keep this order
 //! (checked on every fixture's disassembly; see agent/src/targets.rs).
@@ -12,10 +15,10 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use probe_common::TaskPostEvent;
+use probe_common::{SlotReleaseEvent, TaskPostEvent};
 
 use super::{enter, leave};
-use crate::maps::TASK_POST_ENTRY;
+use crate::maps::{SLOT_RELEASE_ENTRY, TASK_POST_ENTRY};
 
 #[uprobe]
 pub fn task_post(ctx: ProbeContext) -> u32 {
@@ -35,5 +38,24 @@ pub fn task_post(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn task_post_return(_ctx: RetProbeContext) -> u32 {
     leave(&TASK_POST_ENTRY, |_| {});
+    0
+}
+
+#[uprobe]
+pub fn slot_release(ctx: ProbeContext) -> u32 {
+    let slot = ctx.arg::<u64>(0).unwrap_or(0);
+    // SAFETY: a read of user memory through the helper, which fails cleanly.
+    let slot_id = unsafe { bpf_probe_read_user(slot as *const i32) }.unwrap_or(-1);
+    let mut ev = SlotReleaseEvent::default();
+    enter(&SLOT_RELEASE_ENTRY, &mut ev, |ev| {
+        ev.slot = slot;
+        ev.slot_id = slot_id;
+    });
+    0
+}
+
+#[uretprobe]
+pub fn slot_release_return(_ctx: RetProbeContext) -> u32 {
+    leave(&SLOT_RELEASE_ENTRY, |_| {});
     0
 }
