@@ -275,7 +275,7 @@ impl Metrics {
             .expect("valid counter"),
             requests_active: IntGauge::new(
                 "llamacpp_requests_active",
-                "Requests in progress (reconstructed from the decode batches).",
+                "Requests in progress (reconstructed from the decode batches; in llama-server each ends when its slot is released).",
             )
             .expect("valid gauge"),
             probes_attached: IntGauge::new(
