@@ -233,9 +233,15 @@ fn write_model(path: &Path) -> u64 {
 
 /// Waits (at most 5 s) until `pid` runs `comm`: before its exec a child is a copy of this
 /// process, with its open files.
+/// Waits until `pid` runs `comm` with its arguments in place: the kernel renames the task
+/// before it sets up the new program's argument area, so a `cmdline` read in between is empty.
 fn wait_exec(pid: u32, comm: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != comm) {
+    let ready = || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+            && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+    };
+    while !ready() {
         assert!(Instant::now() < deadline, "pid {pid} did not exec {comm}");
         std::thread::sleep(Duration::from_millis(5));
     }
