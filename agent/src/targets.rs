@@ -6,7 +6,7 @@
 //! on (see the eBPF modules for the argument handling).
 
 use probe_common::{
-    BatchExtLayout, ClassicBatchLayout, ContextParamsLayout, ProcessLayout, ABSENT,
+    BatchExtLayout, ClassicBatchLayout, ContextParamsLayout, ProcessLayout, ServerLayout, ABSENT,
 };
 
 /// An API generation of llama.cpp: how a decode step enters libllama.
@@ -361,6 +361,10 @@ const CTX_PARAMS_2026: ContextParamsLayout = ContextParamsLayout {
 /// of the field that came with them).
 pub const CTX_PARAMS_2026_MARKER: &str = "llama_n_rs_seq";
 
+/// llama-server's `struct server_slot { int id; …` (first member in the 2024, 2025 and 2026
+/// sources of the fixtures).
+const SERVER: ServerLayout = ServerLayout { slot_id: 0 };
+
 /// The classic API has no batch_ext.
 const NO_BATCH_EXT: BatchExtLayout = BatchExtLayout {
     tokens_vec: ABSENT,
@@ -408,6 +412,7 @@ pub const LAYOUTS: &[LayoutRow] = &[
                 token_pos: 80,
             },
             ctx_params: CTX_PARAMS_2026,
+            server: SERVER,
         },
     },
     LayoutRow {
@@ -418,6 +423,7 @@ pub const LAYOUTS: &[LayoutRow] = &[
             classic: CLASSIC_BATCH,
             ext: NO_BATCH_EXT,
             ctx_params: CTX_PARAMS_2026,
+            server: SERVER,
         },
     },
     LayoutRow {
@@ -435,6 +441,7 @@ pub const LAYOUTS: &[LayoutRow] = &[
                 n_threads: 16,
                 n_threads_batch: 20,
             },
+            server: SERVER,
         },
     },
 ];

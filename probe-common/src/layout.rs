@@ -55,6 +55,14 @@ pub struct ContextParamsLayout {
     pub n_threads_batch: u32,
 }
 
+/// The llama-server structs the server probes read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLayout {
+    /// Offset of `int id` in `struct server_slot` ([`ABSENT`]: not read).
+    pub slot_id: u32,
+}
+
 /// Everything the probes need to read one process's structs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +70,7 @@ pub struct ProcessLayout {
     pub classic: ClassicBatchLayout,
     pub ext: BatchExtLayout,
     pub ctx_params: ContextParamsLayout,
+    pub server: ServerLayout,
 }
 
 #[cfg(feature = "user")]
@@ -71,4 +80,5 @@ unsafe impl aya::Pod for ProcessLayout {}
 const _: () = assert!(size_of::<ClassicBatchLayout>() == 20);
 const _: () = assert!(size_of::<BatchExtLayout>() == 28);
 const _: () = assert!(size_of::<ContextParamsLayout>() == 24);
-const _: () = assert!(size_of::<ProcessLayout>() == 72);
+const _: () = assert!(size_of::<ServerLayout>() == 4);
+const _: () = assert!(size_of::<ProcessLayout>() == 76);

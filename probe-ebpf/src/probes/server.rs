@@ -4,7 +4,7 @@
 //! its queue wait.
 //!
 //! `void server_slot::release()` ends a slot's task: its request is over. `server_slot::id`,
-//! the slot's (and its batches' sequence) id, is the struct's first member in every version.
+//! the slot's (and its batches' sequence) id, is read at the process layout's offset.
 //!
 //! Arguments: `this` (rdi/x0), the vector (rsi/x1: `{begin, end, capacity}`), `front`
 //! (edx/w2). Builds that clone it (`.isra.0`, older `std::vector &` overload) keep this order
@@ -17,7 +17,9 @@ use aya_ebpf::{
 };
 use probe_common::{SlotReleaseEvent, TaskPostEvent};
 
-use super::{enter, leave};
+use probe_common::ABSENT;
+
+use super::{enter, layout, leave};
 use crate::maps::{SLOT_RELEASE_ENTRY, TASK_POST_ENTRY};
 
 #[uprobe]
@@ -44,8 +46,14 @@ pub fn task_post_return(_ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn slot_release(ctx: ProbeContext) -> u32 {
     let slot = ctx.arg::<u64>(0).unwrap_or(0);
-    // SAFETY: a read of user memory through the helper, which fails cleanly.
-    let slot_id = unsafe { bpf_probe_read_user(slot as *const i32) }.unwrap_or(-1);
+    let (tgid, _) = super::current();
+    let slot_id = match layout(tgid).map(|l| l.server.slot_id) {
+        Some(off) if off != ABSENT => {
+            // SAFETY: a read of user memory through the helper, which fails cleanly.
+            unsafe { bpf_probe_read_user((slot + off as u64) as *const i32) }.unwrap_or(-1)
+        }
+        _ => -1,
+    };
     let mut ev = SlotReleaseEvent::default();
     enter(&SLOT_RELEASE_ENTRY, &mut ev, |ev| {
         ev.slot = slot;
