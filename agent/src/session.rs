@@ -25,7 +25,7 @@ use crate::{
     },
     stats::Stats,
     symbols::Plan,
-    targets::Family,
+    targets::{self, Family},
 };
 
 /// What to profile.
@@ -110,9 +110,14 @@ fn announce(
     }
 }
 
-/// How requests are reconstructed: with llama-server's task queue if it is probed.
+/// How requests are reconstructed: with llama-server's task queue if `server_queue::post` is
+/// probed.
 fn request_mode(plan: &Plan) -> Mode {
-    if plan.probes.iter().any(|p| p.point.family == Family::Server) {
+    if plan
+        .probes
+        .iter()
+        .any(|p| p.point.entry == targets::TASK_POST)
+    {
         Mode::ServerQueue
     } else {
         Mode::BatchView

@@ -84,6 +84,9 @@ pub const BATCH_EXT_DECODE: &str = "_ZN13llama_context6decodeERK15llama_batch_ex
 /// Symbol that marks the classic generation (when the batch_ext one is absent).
 pub const CLASSIC_DECODE: &str = "llama_decode";
 
+/// The entry program of llama-server's `server_queue::post`: where requests are accepted.
+pub const TASK_POST: &str = "task_post";
+
 /// The probe catalog. Wrappers of one family on one thread nest (the probes count the outer
 /// call once), so listing both a deprecated function and its replacement is safe.
 pub const PROBES: &[ProbePoint] = &[
@@ -248,7 +251,7 @@ pub const PROBES: &[ProbePoint] = &[
         family: Family::Server,
         symbol: "_ZN12server_queue4postEOSt6vectorI11server_taskSaIS1_EEb",
         prototype: "int server_queue::post(std::vector<server_task> && tasks, bool front)",
-        entry: "task_post",
+        entry: TASK_POST,
         ret: "task_post_return",
         generations: ALL,
     },
@@ -256,7 +259,7 @@ pub const PROBES: &[ProbePoint] = &[
         family: Family::Server,
         symbol: "_ZN12server_queue4postEOSt6vectorI11server_taskSaIS1_EEb.isra.0",
         prototype: "int server_queue::post(std::vector<server_task> && tasks, bool front) [clone .isra.0, 2025]",
-        entry: "task_post",
+        entry: TASK_POST,
         ret: "task_post_return",
         generations: ALL,
     },
@@ -264,7 +267,7 @@ pub const PROBES: &[ProbePoint] = &[
         family: Family::Server,
         symbol: "_ZN12server_queue4postERSt6vectorI11server_taskSaIS1_EEb",
         prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [2024]",
-        entry: "task_post",
+        entry: TASK_POST,
         ret: "task_post_return",
         generations: ALL,
     },
@@ -272,7 +275,7 @@ pub const PROBES: &[ProbePoint] = &[
         family: Family::Server,
         symbol: "_ZN12server_queue4postERSt6vectorI11server_taskSaIS1_EEb.isra.0",
         prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [clone .isra.0, 2024]",
-        entry: "task_post",
+        entry: TASK_POST,
         ret: "task_post_return",
         generations: ALL,
     },
