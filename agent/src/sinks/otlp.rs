@@ -525,6 +525,28 @@ impl Otlp {
         mine
     }
 
+    /// A root span for one probed call (model load, context creation), in error if it failed.
+    fn call_span(
+        &mut self,
+        name: &'static str,
+        origin: &crate::assemble::Origin,
+        attrs: Vec<KeyValue>,
+        ok: bool,
+        error: &'static str,
+    ) {
+        let mut span = self.start_span(
+            name,
+            SpanKind::Internal,
+            origin.start_ns,
+            attrs,
+            &Context::new(),
+        );
+        if !ok {
+            span.set_status(Status::error(error));
+        }
+        self.end_span(&mut span, origin.end_ns);
+    }
+
     fn request(&mut self, r: &Request) {
         let model = r.model.to_string();
         let name = if model.is_empty() {
@@ -738,17 +760,13 @@ impl Sink for Otlp {
                 if let Some(p) = &m.path {
                     attrs.push(KeyValue::new("llama.model_load.path", p.clone()));
                 }
-                let mut span = self.start_span(
+                self.call_span(
                     "llama.model_load",
-                    SpanKind::Internal,
-                    m.origin.start_ns,
+                    &m.origin,
                     attrs,
-                    &Context::new(),
+                    m.ok,
+                    "model load failed",
                 );
-                if !m.ok {
-                    span.set_status(Status::error("model load failed"));
-                }
-                self.end_span(&mut span, m.origin.end_ns);
             }
             Observation::ContextCreate(c) => {
                 let mut attrs = vec![
@@ -770,17 +788,8 @@ impl Sink for Otlp {
                         attrs.push(KeyValue::new(k, v as i64));
                     }
                 }
-                let mut span = self.start_span(
-                    "llama.context_create",
-                    SpanKind::Internal,
-                    c.origin.start_ns,
-                    attrs,
-                    &Context::new(),
-                );
-                if !c.ok {
-                    span.set_status(Status::error("context creation failed"));
-                }
-                self.end_span(&mut span, c.origin.end_ns);
+                let failed = "context creation failed";
+                self.call_span("llama.context_create", &c.origin, attrs, c.ok, failed);
             }
             Observation::Request(r) => self.request(r),
             _ => {}
