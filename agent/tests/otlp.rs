@@ -406,3 +406,71 @@ fn measure_otlp_cost() {
         );
     }
 }
+
+/// `llamaprobe run` sees llama-server load its model and create its context: both become
+/// spans with the file and the parameters the server was started with (-c 2048 -np 4).
+#[test]
+fn run_exports_model_load_and_context_spans() {
+    let Some((f, model, _serial)) = first_server("run_exports_model_load_and_context_spans") else {
+        return;
+    };
+    let port = free_port();
+    let receiver = grpc_receiver(port);
+    let server_bin = f.server.clone().unwrap();
+    let server_port = free_port();
+    let mut cmd = common::llamaprobe();
+    cmd.args(["run", "--quiet", "--metrics-addr", "off"])
+        .args(["--otlp-endpoint", &format!("http://127.0.0.1:{port}")])
+        .args(f.symbols_args())
+        .arg("--")
+        .arg(&server_bin)
+        .args(server_args(&server_bin, &model, server_port));
+    f.apply(&mut cmd);
+    let mut probe = Probe::spawn(&mut cmd);
+    probe.wait_for("probes attached");
+    let t0 = Instant::now();
+    while get(&format!("http://127.0.0.1:{server_port}/health")).is_none_or(|b| !b.contains("ok")) {
+        assert!(t0.elapsed().as_secs() < 120, "server never became healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stop the server: llamaprobe ends with it and flushes its export.
+    let st = std::process::Command::new("pkill")
+        .args(["-TERM", "-P", &probe.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (_, stdout) = probe.finish();
+    assert!(stdout.contains("the process exited"), "{stdout}");
+
+    let spans = receiver.got.spans();
+    let named = |n: &str| spans.iter().filter(|s| s.name == n).collect::<Vec<_>>();
+    let loads = named("llama.model_load");
+    assert_eq!(
+        loads.len(),
+        1,
+        "one load (its deprecated wrapper counted once)"
+    );
+    let load = loads[0];
+    assert_eq!(
+        string(load, "llama.model_load.path").as_deref(),
+        Some(model.to_str().unwrap())
+    );
+    assert_eq!(
+        string(load, "llama.model_load.result").as_deref(),
+        Some("ok")
+    );
+    assert!(load.end_time_unix_nano > load.start_time_unix_nano);
+    let contexts = named("llama.context_create");
+    assert!(!contexts.is_empty());
+    let c = contexts.last().unwrap();
+    assert_eq!(int(c, "llama.context.n_ctx"), 2048);
+    assert_eq!(int(c, "llama.context.n_seq_max"), 4);
+    assert_eq!(int(c, "llama.context.n_ubatch"), 512);
+    assert_eq!(
+        string(c, "llama.context_create.result").as_deref(),
+        Some("ok")
+    );
+    // The context is created after the load, in the same process.
+    assert!(c.start_time_unix_nano >= load.end_time_unix_nano);
+    assert_eq!(int(c, "process.pid"), int(load, "process.pid"));
+}
