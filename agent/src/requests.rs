@@ -272,9 +272,19 @@ impl Requests {
                 if self.open.get(&key).is_some_and(|o| o.generating) {
                     closed.extend(self.close(key, "next_request"));
                 }
-                let (id, posts) = (&mut self.next_id, &mut self.posts);
+                let (id, posts, unclaimed) =
+                    (&mut self.next_id, &mut self.posts, &mut self.unclaimed);
                 let o = self.open.entry(key).or_insert_with(|| {
                     *id += 1;
+                    let start = d.origin.start_ns;
+                    let queued_ns = Self::claim_post(posts, pid, start);
+                    if queued_ns.is_none() {
+                        // Its post may still be on its way (see `post`).
+                        unclaimed
+                            .entry(pid)
+                            .or_default()
+                            .push_back((start, key, *id));
+                    }
                     Open {
                         req: Request {
                             id: *id,
@@ -282,8 +292,8 @@ impl Requests {
                             model: d.origin.model.clone(),
                             ctx: d.ctx,
                             seq_id: p.seq_id,
-                            queued_ns: Self::claim_post(posts, pid, d.origin.start_ns),
-                            start_ns: d.origin.start_ns,
+                            queued_ns,
+                            start_ns: start,
                             prompt_end_ns: None,
                             first_token_ns: None,
                             end_ns: 0,
@@ -297,13 +307,6 @@ impl Requests {
                         last_activity_ns: d.origin.end_ns,
                     }
                 });
-                if o.req.queued_ns.is_none() && o.req.prompt_tokens == 0 {
-                    self.unclaimed.entry(pid).or_default().push_back((
-                        o.req.start_ns,
-                        key,
-                        o.req.id,
-                    ));
-                }
                 o.req.prompt_tokens += p.n_tokens;
                 if matches!(p.kind, PartKind::FinalPromptChunk | PartKind::MultiOutput) {
                     o.generating = true;
