@@ -21,8 +21,8 @@ use std::{
     env,
     fmt::Write as _,
     fs,
-    io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    io::{self, Read, Write},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
@@ -1413,39 +1413,45 @@ fn server_section(env: &mut Env) -> Result<ServerResult> {
     Ok(result)
 }
 
-/// A stand-in OTLP/HTTP collector on 127.0.0.1: answers every request with `200 OK` and an
-/// empty body (an empty protobuf Export*ServiceResponse), and counts requests and body bytes.
+/// A stand-in OTLP/HTTP collector on 127.0.0.1 (tiny_http): answers every request with `200
+/// OK` and an empty body (an empty protobuf Export*ServiceResponse), and counts requests and
+/// body bytes.
 struct OtlpReceiver {
     addr: std::net::SocketAddr,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    server: Arc<tiny_http::Server>,
     counts: Arc<Mutex<(u64, u64)>>,
-    accept: Option<thread::JoinHandle<()>>,
+    serve: Option<thread::JoinHandle<()>>,
 }
 
 impl OtlpReceiver {
     fn start() -> Result<OtlpReceiver> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the OTLP receiver")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = tiny_http::Server::http("127.0.0.1:0")
+            .map_err(|e| anyhow::anyhow!("binding the OTLP receiver: {e}"))?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .context("the OTLP receiver has no IP address")?;
+        let server = Arc::new(server);
         let counts = Arc::new(Mutex::new((0, 0)));
-        let (stop2, counts2) = (stop.clone(), counts.clone());
-        let accept = thread::spawn(move || {
-            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let (stop3, counts3) = (stop2.clone(), counts2.clone());
-                        thread::spawn(move || serve_otlp(conn, &stop3, &counts3));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(20)),
+        let (server2, counts2) = (server.clone(), counts.clone());
+        let serve = thread::spawn(move || {
+            for mut req in server2.incoming_requests() {
+                let body = io::copy(req.as_reader(), &mut io::sink()).unwrap_or(0);
+                if let Ok(mut c) = counts2.lock() {
+                    c.0 += 1;
+                    c.1 += body;
                 }
+                let protobuf =
+                    tiny_http::Header::from_bytes("Content-Type", "application/x-protobuf")
+                        .expect("a valid header");
+                let _ = req.respond(tiny_http::Response::empty(200).with_header(protobuf));
             }
         });
         Ok(OtlpReceiver {
             addr,
-            stop,
+            server,
             counts,
-            accept: Some(accept),
+            serve: Some(serve),
         })
     }
 
@@ -1457,130 +1463,10 @@ impl OtlpReceiver {
 
 impl Drop for OtlpReceiver {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = self.accept.take() {
+        self.server.unblock();
+        if let Some(h) = self.serve.take() {
             let _ = h.join();
         }
-    }
-}
-
-/// One keep-alive connection of the OTLP receiver: requests with Content-Length or chunked
-/// bodies, each answered `200 OK`.
-fn serve_otlp(conn: TcpStream, stop: &std::sync::atomic::AtomicBool, counts: &Mutex<(u64, u64)>) {
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(conn);
-    let mut line = String::new();
-    loop {
-        // Request line and headers.
-        let mut content_length = 0usize;
-        let mut chunked = false;
-        let mut close = false;
-        let mut started = false;
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        return;
-                    }
-                    continue;
-                }
-                Err(_) => return,
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                if started {
-                    break;
-                }
-                continue;
-            }
-            started = true;
-            let lower = l.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                content_length = v.trim().parse().unwrap_or(0);
-            } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
-                chunked = true;
-            } else if lower.starts_with("connection:") && lower.contains("close") {
-                close = true;
-            }
-        }
-        let body = if chunked {
-            read_chunked(&mut reader)
-        } else {
-            read_exact_patiently(&mut reader, content_length, stop)
-        };
-        let Some(body) = body else { return };
-        if let Ok(mut c) = counts.lock() {
-            c.0 += 1;
-            c.1 += body as u64;
-        }
-        let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n\
-                      Content-Length: 0\r\n\r\n";
-        if writer.write_all(answer.as_bytes()).is_err() || close {
-            return;
-        }
-    }
-}
-
-/// Reads `n` body bytes despite the short read timeout; returns how many were read.
-fn read_exact_patiently(
-    reader: &mut impl Read,
-    n: usize,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Option<usize> {
-    let mut left = n;
-    let mut buf = [0u8; 8192];
-    while left > 0 {
-        match reader.read(&mut buf[..left.min(8192)]) {
-            Ok(0) => return None,
-            Ok(k) => left -= k,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    return None;
-                }
-            }
-            Err(_) => return None,
-        }
-    }
-    Some(n)
-}
-
-/// Reads a chunked body; returns its length.
-fn read_chunked(reader: &mut impl BufRead) -> Option<usize> {
-    let mut total = 0;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).ok()?;
-        let size = usize::from_str_radix(line.trim().split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            // Trailers up to the empty line.
-            loop {
-                line.clear();
-                reader.read_line(&mut line).ok()?;
-                if line.trim_end().is_empty() {
-                    return Some(total);
-                }
-            }
-        }
-        let mut chunk = vec![0u8; size + 2];
-        reader.read_exact(&mut chunk).ok()?;
-        total += size;
     }
 }
 
