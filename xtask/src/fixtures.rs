@@ -151,17 +151,11 @@ pub struct Fixture {
     pub dwarf: bool,
     /// Where llama-server's own code is: `"executable"` or the library's file name.
     pub server_code: Option<&'static str>,
-    /// Mangled name of `common_sampler_sample` in the server (None: no server).
-    pub common_sampler_symbol: Option<&'static str>,
     /// Compatibility table: the llama.cpp versions or builds this fixture stands for.
     pub covers: &'static str,
     /// Compatibility table: what llamaprobe measures on it.
     pub measured: &'static str,
 }
-
-/// `common_sampler_sample(common_sampler *, llama_context *, int idx, bool grammar_first)`:
-/// the same signature, so the same mangled name, in b4295, b5904 and b11312.
-const COMMON_SAMPLER_SAMPLE: &str = "_Z21common_sampler_sampleP14common_samplerP13llama_contextib";
 
 /// llama-cpp-python 0.3.36: llama.cpp 0c1e57098bba (2026-10-01, "webgpu: fix SSM_SCAN binding
 /// aliasing (#29750)"), b11312. The sdist's CHANGELOG.md says "update llama.cpp to
@@ -230,7 +224,6 @@ pub const FIXTURES: &[Fixture] = &[
         dwarf: false,
         // llama-server → libllama-server-impl.so → libllama-common.so (common_sampler_sample).
         server_code: Some("libllama-server-impl.so"),
-        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
         covers: "2026+ (`llama_process`), shared libraries",
         measured: "all: decode steps, sampling (`common_sampler_sample` in libllama-common.so), \
                    synchronize, model load, context",
@@ -246,7 +239,6 @@ pub const FIXTURES: &[Fixture] = &[
         stripped: true,
         dwarf: false,
         server_code: Some("libllama-server-impl.so"),
-        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
         covers: "2026+, shared libraries, libllama stripped",
         measured: "all, from `.dynsym` alone",
     },
@@ -275,7 +267,6 @@ pub const FIXTURES: &[Fixture] = &[
         stripped: false,
         dwarf: false,
         server_code: Some("executable"),
-        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
         covers: "b4463 … 2026 classic (`llama_model_load_from_file`, `llama_init_from_model`), \
                  shared libraries",
         measured: "all; `common_sampler_sample` from the executable's `.symtab`",
@@ -304,7 +295,6 @@ pub const FIXTURES: &[Fixture] = &[
         stripped: false,
         dwarf: false,
         server_code: None,
-        common_sampler_symbol: None,
         covers: "prebuilt libllama embedded in another program (classic, 2026)",
         measured: "all (sampling through `llama_sampler_sample`), in our driver: 12 decode steps, \
                    9 prompt tokens, 12 samples",
@@ -334,7 +324,6 @@ pub const FIXTURES: &[Fixture] = &[
         stripped: false,
         dwarf: false,
         server_code: Some("executable"),
-        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
         covers: "b3943 … b4423 classic (only `llama_load_model_from_file`, \
                  `llama_new_context_with_model`), shared libraries",
         measured: "all; model load and context through those two entry points",
@@ -355,7 +344,6 @@ pub const FIXTURES: &[Fixture] = &[
         stripped: false,
         dwarf: true,
         server_code: Some("executable"),
-        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
         covers: "statically linked builds with DWARF (`-g`), here 2026+",
         measured: "all, from the executable's `.symtab`; struct layouts checkable from its DWARF",
     },
@@ -370,7 +358,6 @@ pub const FIXTURES: &[Fixture] = &[
         stripped: true,
         dwarf: false,
         server_code: Some("executable"),
-        common_sampler_symbol: Some(COMMON_SAMPLER_SAMPLE),
         covers: "statically linked and stripped builds, here 2026+",
         measured: "nothing from the file alone (no symbols); all with `--symbols-from` the \
                    unstripped `static` executable",
@@ -647,10 +634,6 @@ fn fixtures_json(built: &[(&Fixture, Built)]) -> String {
                 ("env", Value::Object(env).to_string()),
                 ("symbols_from", path(&b.symbols_from)),
                 ("server_code", json!(f.server_code).to_string()),
-                (
-                    "common_sampler_symbol",
-                    json!(f.common_sampler_symbol).to_string(),
-                ),
             ];
             format!("  {}", ordered_object(&fields, "  "))
         })
@@ -1469,7 +1452,6 @@ mod tests {
                 f.name
             );
             assert_eq!(f.date.len(), 7, "{}: date is YYYY-MM", f.name);
-            assert_eq!(f.server_code.is_some(), f.common_sampler_symbol.is_some());
             if let Source::Build(b) = &f.source {
                 let shared = b.cmake_flags.contains(&"-DBUILD_SHARED_LIBS=ON");
                 assert_eq!(shared, f.linkage == Linkage::Shared, "{}", f.name);
@@ -1554,7 +1536,6 @@ mod tests {
             "env",
             "symbols_from",
             "server_code",
-            "common_sampler_symbol",
         ];
         let mut at = 0;
         for key in keys {
