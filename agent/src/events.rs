@@ -184,6 +184,21 @@ pub(crate) mod tests {
         assert!(
             matches!(decode(&as_bytes(&m)).unwrap(), Event::Memory(e) if e.seq_id == 3 && e.p0 == 10)
         );
+        let p = TaskPostEvent {
+            header: header(EventKind::TaskPost, 0, 1),
+            tasks_bytes: 960,
+            front: 1,
+            ..Default::default()
+        };
+        assert!(
+            matches!(decode(&as_bytes(&p)).unwrap(), Event::TaskPost(e) if e.tasks_bytes == 960 && e.front == 1)
+        );
+        let r = SlotReleaseEvent {
+            header: header(EventKind::SlotRelease, 0, 1),
+            slot_id: 3,
+            ..Default::default()
+        };
+        assert!(matches!(decode(&as_bytes(&r)).unwrap(), Event::SlotRelease(e) if e.slot_id == 3));
     }
 
     #[test]

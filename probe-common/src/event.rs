@@ -254,8 +254,6 @@ pub struct MemoryEvent {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TaskPostEvent {
     pub header: EventHeader,
-    /// The `server_queue *`.
-    pub queue: u64,
     /// Bytes of the task vector (`end - begin`): a multiple of `sizeof(server_task)`.
     pub tasks_bytes: u64,
     /// The `front` argument (1: pushed to the front, as llama-server does for cancel tasks).
@@ -270,8 +268,6 @@ pub struct TaskPostEvent {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotReleaseEvent {
     pub header: EventHeader,
-    /// The `server_slot *`.
-    pub slot: u64,
     /// `server_slot::id` (-1 if unreadable).
     pub slot_id: i32,
     pub _pad: u32,
@@ -293,5 +289,5 @@ const _: () = assert!(size_of::<ContextEvent>() == 32 + 16 + 24);
 const _: () = assert!(size_of::<SampleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);
 const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 24);
-const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 8 + 8);
-const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8 + 8);
+const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 8);
+const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8);

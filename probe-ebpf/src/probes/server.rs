@@ -30,7 +30,6 @@ pub fn task_post(ctx: ProbeContext) -> u32 {
     let end = unsafe { bpf_probe_read_user((vec + 8) as *const u64) }.unwrap_or(0);
     let mut ev = TaskPostEvent::default();
     enter(&TASK_POST_ENTRY, &mut ev, |ev| {
-        ev.queue = ctx.arg::<u64>(0).unwrap_or(0);
         ev.tasks_bytes = end.wrapping_sub(begin);
         ev.front = ctx.arg::<u64>(2).unwrap_or(0) as u8 as u32;
     });
@@ -56,7 +55,6 @@ pub fn slot_release(ctx: ProbeContext) -> u32 {
     };
     let mut ev = SlotReleaseEvent::default();
     enter(&SLOT_RELEASE_ENTRY, &mut ev, |ev| {
-        ev.slot = slot;
         ev.slot_id = slot_id;
     });
     0
