@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{fixtures::Fixture, server::*, *};
 
 /// Distinct prompts (so no request is served from another's cache) of different lengths.
@@ -206,11 +204,7 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     probe.wait_for("probes attached");
     let sync_line = probe.wait_for("llama_synchronize");
     // Wait for the server (a child of llamaprobe) to answer, then make one request.
-    let t0 = std::time::Instant::now();
-    while get(&format!("http://127.0.0.1:{port}/health")).is_none_or(|b| !b.contains("ok")) {
-        assert!(t0.elapsed().as_secs() < 120, "server never became healthy");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_healthy(port, &mut probe.child);
     let r = completion(port, "hello from the run test", 6);
     assert_eq!(r["tokens_predicted"], 6);
     let prompt_n = r["tokens_evaluated"].as_u64().unwrap();
@@ -244,12 +238,7 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
         .collect();
     assert_eq!(ratio, [held / 512.0]);
     // Stop the server itself: llamaprobe reports its end and exits with its code.
-    let st = Command::new("pkill")
-        .args(["-TERM", "-P", &probe.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let (code, stdout) = probe.finish();
+    let (code, stdout) = probe.stop_program();
     assert!(stdout.contains("the process exited"), "{stdout}");
     // llamaprobe exits with the program's code: current llama-servers exit 0 on SIGTERM,
     // older ones die of it (128 + 15).

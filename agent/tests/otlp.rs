@@ -428,18 +428,9 @@ fn run_exports_model_load_and_context_spans() {
     f.apply(&mut cmd);
     let mut probe = Probe::spawn(&mut cmd);
     probe.wait_for("probes attached");
-    let t0 = Instant::now();
-    while get(&format!("http://127.0.0.1:{server_port}/health")).is_none_or(|b| !b.contains("ok")) {
-        assert!(t0.elapsed().as_secs() < 120, "server never became healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_healthy(server_port, &mut probe.child);
     // Stop the server: llamaprobe ends with it and flushes its export.
-    let st = std::process::Command::new("pkill")
-        .args(["-TERM", "-P", &probe.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let (_, stdout) = probe.finish();
+    let (_, stdout) = probe.stop_program();
     assert!(stdout.contains("the process exited"), "{stdout}");
 
     let spans = receiver.got.spans();

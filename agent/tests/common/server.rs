@@ -323,6 +323,17 @@ impl Probe {
         self.finish()
     }
 
+    /// Stops the program `llamaprobe run` started (SIGTERM to llamaprobe's children) and waits
+    /// for llamaprobe to end with it; returns (exit code, stdout).
+    pub fn stop_program(self) -> (i32, String) {
+        let st = Command::new("pkill")
+            .args(["-TERM", "-P", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "llamaprobe had no program to stop");
+        self.finish()
+    }
+
     /// Waits for the end; returns (exit code, stdout).
     pub fn finish(mut self) -> (i32, String) {
         let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
