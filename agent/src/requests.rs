@@ -10,9 +10,12 @@
 //! also gets the time the server accepted it: posts are queued per process and the oldest
 //! is taken by the next request whose prompt starts, as the server launches tasks in the
 //! order they were posted. The wait in between is the request's queue wait, and time to first
-//! token and duration count from the post. Cancel posts (pushed to the front) are ignored; a
-//! post still unclaimed when the process has no request in progress for [`STALE_POST_NS`] was
-//! work that never reached a slot (rejected, cancelled before its start) and is dropped.
+//! token and duration count from the post. Cancel posts (pushed to the front) are ignored. A
+//! post older than [`STALE_POST_NS`] that is still unclaimed while the process has no request
+//! in progress, although a decode step started after it has been seen, was work that never
+//! reached a slot (rejected, cancelled before its start) and is dropped. Age alone is not
+//! enough: a request's first decode step can take longer than that (a cold start), and it is
+//! only seen when it ends.
 //!
 //! Samples are tied to sequences by their output index: `common_sampler_sample(…, idx)` names
 //! the batch index of the token whose logits it samples (`-1`: the last output), and the
@@ -173,6 +176,8 @@ pub struct Requests {
     next_id: u64,
     /// Posts dropped unclaimed (see [`STALE_POST_NS`]).
     pub posts_unclaimed: u64,
+    /// Start of the latest decode step seen, per process.
+    last_step_ns: HashMap<u32, u64>,
 }
 
 impl Requests {
@@ -259,6 +264,8 @@ impl Requests {
 
     fn decode(&mut self, d: &DecodeStep) -> Vec<Request> {
         let pid = d.origin.pid;
+        let last = self.last_step_ns.entry(pid).or_default();
+        *last = (*last).max(d.origin.start_ns);
         let mut closed = Vec::new();
         let mut map = BatchMap::default();
         let mut index = 0u32;
@@ -373,7 +380,7 @@ impl Requests {
     }
 
     /// Closes requests silent since `now_ns - IDLE_CLOSE_NS`, and drops posts no request
-    /// claimed while their process was idle (see [`STALE_POST_NS`]).
+    /// claimed although their process went on and is idle (see the module's text).
     pub fn expire(&mut self, now_ns: u64) -> Vec<Request> {
         let keys: Vec<_> = self
             .open
@@ -385,12 +392,16 @@ impl Requests {
             .into_iter()
             .filter_map(|k| self.close(k, "idle"))
             .collect();
-        let open = &self.open;
+        let (open, last_step) = (&self.open, &self.last_step_ns);
         for (pid, q) in self.posts.iter_mut() {
             if open.keys().any(|k| k.0 == *pid) {
                 continue;
             }
-            while q.front().is_some_and(|t| t + STALE_POST_NS < now_ns) {
+            let stepped_after = |t: u64| last_step.get(pid).is_some_and(|s| *s > t);
+            while q
+                .front()
+                .is_some_and(|&t| t + STALE_POST_NS < now_ns && stepped_after(t))
+            {
                 q.pop_front();
                 self.posts_unclaimed += 1;
             }
@@ -595,11 +606,13 @@ mod tests {
     #[test]
     fn a_post_no_request_claims_while_idle_is_dropped() {
         let mut r = Requests::default();
+        r.observe(&step(5, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
         r.observe(&post(10, false));
         // Busy: a request is open, so the post may still be waiting for a slot.
-        r.observe(&step(5, vec![part(0, 0, 3, PartKind::PromptChunk)]));
+        r.observe(&step(20, vec![part(0, 3, 1, PartKind::Generated)]));
         r.expire(10 + STALE_POST_NS + 1);
         assert_eq!(r.posts_unclaimed, 0);
+        // Idle, and the loop went on after the post without starting its request: dropped.
         r.finish();
         r.expire(10 + STALE_POST_NS + 1);
         assert_eq!(r.posts_unclaimed, 1);
@@ -651,5 +664,17 @@ mod tests {
         assert_eq!(closed[0].end_ns, 116);
         assert_eq!(r.active(), 1);
         assert!(r.observe(&release(2)).is_empty());
+    }
+
+    /// A cold start: the request's first step takes longer than STALE_POST_NS and is only
+    /// seen when it ends; its post must still be there.
+    #[test]
+    fn a_post_outlives_a_slow_first_step() {
+        let mut r = Requests::default();
+        r.observe(&post(10, false));
+        r.expire(10 + 3 * STALE_POST_NS);
+        assert_eq!(r.posts_unclaimed, 0);
+        r.observe(&step(20, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        assert_eq!(r.finish()[0].queued_ns, Some(10));
     }
 }
