@@ -173,6 +173,8 @@ pub struct Sample {
     pub ctx: u64,
     /// Batch index of the output sampled from (-1: the last output).
     pub idx: i32,
+    /// The sequence that batch index belongs to in the context's latest successful step.
+    pub seq_id: Option<i32>,
     pub token: i32,
 }
 
@@ -195,7 +197,11 @@ pub enum Observation {
     Synchronize(Synchronize),
     Memory(MemoryChange),
     TaskPost(TaskPost),
+    SlotLaunch(SlotLaunch),
     SlotRelease(SlotRelease),
+    /// A context shift (see [`crate::requests`]): a generating request's sequence outgrew its
+    /// share of the context and llama.cpp discarded some of its tokens.
+    ContextShift(ContextShift),
     /// A request reconstructed by [`crate::requests`], when it closed.
     Request(crate::requests::Request),
 }
@@ -211,7 +217,9 @@ impl Observation {
             Observation::Synchronize(s) => &s.origin,
             Observation::Memory(m) => &m.origin,
             Observation::TaskPost(p) => &p.origin,
+            Observation::SlotLaunch(l) => &l.origin,
             Observation::SlotRelease(r) => &r.origin,
+            Observation::ContextShift(c) => &c.origin,
             Observation::Request(_) => return None,
         })
     }
@@ -234,6 +242,34 @@ pub struct TaskPost {
     pub front: bool,
     /// Size of the posted task vector in bytes (a multiple of `sizeof(server_task)`).
     pub tasks_bytes: u64,
+    /// Tasks posted, when the layout knows `sizeof(server_task)`.
+    pub n_tasks: Option<u32>,
+    /// The tasks read (all of them, up to `probe_common::MAX_POST_TASKS`; the first only when
+    /// `n_tasks` is unknown).
+    pub tasks: Vec<PostedTask>,
+}
+
+/// One task of a post.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PostedTask {
+    /// `server_task::id` (-1: unreadable).
+    pub id: i32,
+    /// Its type's label (`completion`, `embedding`, `rerank`, `infill`, `cancel`, or `unknown`).
+    #[serde(rename = "type")]
+    pub task_type: &'static str,
+    /// For a cancel: the task it cancels (-1 otherwise).
+    pub id_target: i32,
+}
+
+/// A llama-server slot took a task from the queue (`launch_slot_with_task`), or refused it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SlotLaunch {
+    pub origin: Origin,
+    /// The slot's id: the sequence id of its batches (-1 if unreadable).
+    pub slot_id: i32,
+    pub task_id: i32,
+    /// false: the task was refused (an invalid request, answered with an error).
+    pub ok: bool,
 }
 
 /// A llama-server slot let its task go (`server_slot::release`).
@@ -242,6 +278,8 @@ pub struct SlotRelease {
     pub origin: Origin,
     /// The slot's id: the sequence id of its batches (-1 if unreadable).
     pub slot_id: i32,
+    /// The task it held (-1: none, or unreadable with this build's layout).
+    pub task_id: i32,
 }
 
 /// A change of the KV memory (`seq_rm`, `seq_cp`, `clear`).
@@ -253,8 +291,21 @@ pub struct MemoryChange {
     pub seq_dst: i32,
     pub p0: i32,
     pub p1: i32,
+    /// `seq_add`'s shift of the positions `[p0, p1)` (0 for the other operations).
+    pub delta: i32,
     /// Tokens of each sequence the change touched, afterwards.
     pub context_used: Vec<SeqUsed>,
+}
+
+/// A context shift: `seq_add` moved a generating request's positions back by `discarded`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ContextShift {
+    pub origin: Origin,
+    pub seq_id: i32,
+    /// Tokens discarded (the shift's size).
+    pub discarded: u32,
+    /// The request it happened in.
+    pub request_id: u64,
 }
 
 /// Turns events into observations; keeps per-sequence positions and per-process models.
@@ -266,19 +317,67 @@ pub struct Assembler {
     pending_compute: HashMap<u32, (u64, u64)>,
     models: HashMap<u32, Arc<str>>,
     unknown: Arc<str>,
-    /// Token ids sampled since the last decode step, by (pid, ctx).
-    sampled: HashMap<(u32, u64), Vec<i32>>,
+    /// Token ids sampled since the last decode step, by (pid, ctx), with the sequence each
+    /// was sampled for (`None`: the batch index was not in the latest step).
+    sampled: HashMap<(u32, u64), Vec<Pending>>,
+    /// Which sequence holds each batch index of each context's latest successful step.
+    batches: HashMap<(u32, u64), BatchMap>,
+    /// Sequences a llama-server slot has just taken a new task on (pid, seq): their next
+    /// tokens are a prompt, whatever they look like (a prompt served from the cache but for
+    /// its last token is one token at a later position).
+    launched: std::collections::HashSet<(u32, i32)>,
     /// Processes whose sampling is probed and has been seen.
     sampler_seen: std::collections::HashSet<u32>,
     context_use: ContextUse,
 }
 
-/// Removes one `token` from the pending samples; true if it was there.
-fn take(pending: &mut Option<Vec<i32>>, token: i32) -> bool {
+/// A token sampled since the context's last successful step: (its sequence, if known; id).
+type Pending = (Option<i32>, i32);
+
+/// Which sequence holds each batch index of a context's latest decode step.
+#[derive(Clone, Debug, Default)]
+pub struct BatchMap {
+    /// (first index, tokens, sequence), in batch order.
+    spans: Vec<(u32, u32, i32)>,
+    n_tokens: u32,
+}
+
+impl BatchMap {
+    pub fn of(step: &DecodeStep) -> Self {
+        let mut map = BatchMap::default();
+        let mut index = 0;
+        for p in &step.parts {
+            map.spans.push((index, p.n_tokens, p.seq_id));
+            index += p.n_tokens;
+        }
+        map.n_tokens = step.n_tokens.unwrap_or(index);
+        map
+    }
+
+    /// The sequence at batch index `idx` (`-1`: the last token).
+    pub fn seq_at(&self, idx: i32) -> Option<i32> {
+        let i = if idx < 0 {
+            self.n_tokens.checked_sub(1)?
+        } else {
+            idx as u32
+        };
+        self.spans
+            .iter()
+            .find(|(first, n, _)| i >= *first && i < first + n)
+            .map(|s| s.2)
+    }
+}
+
+/// Removes one `token` sampled for sequence `seq` (or for an unknown one) from the pending
+/// samples; true if it was there.
+fn take(pending: &mut Option<Vec<Pending>>, seq: i32, token: i32) -> bool {
     let Some(v) = pending.as_mut() else {
         return false;
     };
-    match v.iter().position(|&t| t == token) {
+    match v
+        .iter()
+        .position(|&(s, t)| t == token && s.is_none_or(|s| s == seq))
+    {
         Some(i) => {
             v.swap_remove(i);
             true
@@ -331,33 +430,61 @@ impl Assembler {
                 op: match m.op {
                     x if x == probe_common::MemoryOp::SeqRm as u32 => "seq_rm",
                     x if x == probe_common::MemoryOp::SeqCp as u32 => "seq_cp",
+                    x if x == probe_common::MemoryOp::SeqAdd as u32 => "seq_add",
                     _ => "clear",
                 },
                 seq_id: m.seq_id,
                 seq_dst: m.seq_dst,
                 p0: m.p0,
                 p1: m.p1,
+                delta: m.delta,
                 context_used: self.context_use.apply(m.header.tgid, m),
             }),
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
             Event::SlotRelease(r) => Observation::SlotRelease(SlotRelease {
                 origin: self.origin(&r.header),
                 slot_id: r.slot_id,
+                task_id: r.task_id,
+            }),
+            Event::SlotLaunch(l) => Observation::SlotLaunch({
+                if l.ok != 0 {
+                    self.launched.insert((l.header.tgid, l.slot_id));
+                }
+                SlotLaunch {
+                    origin: self.origin(&l.header),
+                    slot_id: l.slot_id,
+                    task_id: l.task_id,
+                    ok: l.ok != 0,
+                }
             }),
             Event::TaskPost(p) => Observation::TaskPost(TaskPost {
                 origin: self.origin(&p.header),
                 front: p.front != 0,
                 tasks_bytes: p.tasks_bytes,
+                n_tasks: (p.n_tasks > 0).then_some(p.n_tasks),
+                tasks: p
+                    .tasks
+                    .iter()
+                    .take((p.n_read as usize).min(probe_common::MAX_POST_TASKS))
+                    .map(|t| PostedTask {
+                        id: t.id,
+                        task_type: crate::targets::task_type(t.task_type).0,
+                        id_target: t.id_target,
+                    })
+                    .collect(),
             }),
             Event::Sample(s) => {
-                let pending = self.sampled.entry((s.header.tgid, s.ctx)).or_default();
+                let key = (s.header.tgid, s.ctx);
+                let seq_id = self.batches.get(&key).and_then(|b| b.seq_at(s.idx));
+                let pending = self.sampled.entry(key).or_default();
                 if pending.len() < MAX_PENDING_SAMPLES {
-                    pending.push(s.token);
+                    pending.push((seq_id, s.token));
                 }
                 Observation::Sample(Sample {
                     origin: self.origin(&s.header),
                     ctx: s.ctx,
                     idx: s.idx,
+                    seq_id,
                     token: s.token,
                 })
             }
@@ -460,15 +587,23 @@ impl Assembler {
             });
         } else {
             let no_outputs = d.flags & F::NO_OUTPUT_INFO != 0;
-            // Samples taken since this context's previous step; None if no sampler is probed.
-            let mut sampled = self.sampled.remove(&(pid, d.ctx));
+            // Samples taken since this context's previous successful step; None if no sampler
+            // is probed. Only a step that succeeds consumes them: a failed call (no KV slot,
+            // aborted, …) is retried with the same tokens, and the retry must find its
+            // fed-back tokens still pending to be classified as the failed call was.
+            let mut sampled = if result == DecodeResult::Ok {
+                self.sampled.remove(&(pid, d.ctx))
+            } else {
+                self.sampled.get(&(pid, d.ctx)).cloned()
+            };
             let samplers_seen = sampled.is_some() || self.sampler_seen.contains(&pid);
             for run in d.runs.iter().take(d.n_runs as usize) {
                 let outputs = if no_outputs { 1 } else { run.n_outputs as u32 };
                 let single = run.n_tokens == 1 && outputs == 1;
                 let fed_back = single
+                    && !self.launched.contains(&(pid, run.seq_id))
                     && if samplers_seen {
-                        take(&mut sampled, run.tok0)
+                        take(&mut sampled, run.seq_id, run.tok0)
                     } else {
                         self.continues(pid, d.ctx, run.seq_id, run.pos0)
                     };
@@ -539,6 +674,10 @@ impl Assembler {
         if result == DecodeResult::Ok {
             self.advance_positions(pid, d, &step);
             step.context_used = self.context_use.after_decode(pid, &step.parts);
+            for p in &step.parts {
+                self.launched.remove(&(pid, p.seq_id));
+            }
+            self.batches.insert((pid, d.ctx), BatchMap::of(&step));
         }
         step
     }
@@ -667,6 +806,90 @@ mod tests {
         // The retry of the same token still continues the sequence.
         let s = step(&mut a, decode_event(1, &[run(0, 3, 1, 1, true)], 0));
         assert_eq!(s.phase, Some(Phase::Generation));
+    }
+
+    /// A slot that just took a task re-evaluates the last prompt token of a cached prompt: one
+    /// token with output at a later position, which would look fed back; it is a prompt. And
+    /// a sample counts as fed back only on the sequence it was sampled for.
+    #[test]
+    fn a_launched_slot_starts_with_a_prompt_and_samples_are_per_sequence() {
+        let mut a = Assembler::new();
+        let mut launch = probe_common::SlotLaunchEvent {
+            header: crate::events::tests::header(probe_common::EventKind::SlotLaunch, 0, 1),
+            slot_id: 2,
+            task_id: 9,
+            ok: 1,
+            ..Default::default()
+        };
+        launch.header.tgid = 7;
+        a.process(&Event::SlotLaunch(launch));
+        let mut ev = decode_event(1, &[run(2, 40, 1, 1, true)], 0);
+        ev.header.tgid = 7;
+        assert_eq!(step(&mut a, ev).phase, Some(Phase::Prompt));
+        // Two sequences generate; seq 0 samples 150, seq 1 samples 160.
+        let two = || {
+            let mut e = decode_event(2, &[run(0, 49, 1, 1, true), run(1, 59, 1, 1, true)], 0);
+            e.header.tgid = 7;
+            e
+        };
+        step(&mut a, two());
+        for (idx, token) in [(0, 150), (1, 160)] {
+            let mut ev = probe_common::SampleEvent {
+                header: crate::events::tests::header(probe_common::EventKind::Sample, 0, 1),
+                ctx: 0x1000,
+                token,
+                idx,
+            };
+            ev.header.tgid = 7;
+            match a.process(&Event::Sample(ev)) {
+                Observation::Sample(s) => assert_eq!(s.seq_id, Some(idx)),
+                o => panic!("{o:?}"),
+            }
+        }
+        // seq 0 feeds back 150; seq 1 gets a new one-token prompt whose id is 150: prompt.
+        let mut e = decode_event(2, &[run(0, 50, 1, 1, true), run(1, 60, 1, 1, true)], 0);
+        e.header.tgid = 7;
+        e.runs[0].tok0 = 150;
+        e.runs[1].tok0 = 150;
+        let s = step(&mut a, e);
+        assert_eq!(
+            s.parts.iter().map(|p| p.kind).collect::<Vec<_>>(),
+            [PartKind::Generated, PartKind::FinalPromptChunk]
+        );
+    }
+
+    /// A failed call retried with the same batch, as a server does after `no_kv_slot`: with a
+    /// sampler probed, the fed-back token stays pending until the step that succeeds, so the
+    /// failed call and its retry are classified alike, whatever the return code.
+    #[test]
+    fn a_retried_step_keeps_its_phase_with_a_sampler() {
+        for ret in [1, 2, -1, -3] {
+            let mut a = Assembler::new();
+            step(&mut a, decode_event(3, &[run(0, 0, 3, 1, true)], 0));
+            sample(&mut a, 103);
+            // Generation: the sampled 103 fed back at pos 3, failing once.
+            let failed = step(&mut a, decode_event(1, &[run(0, 3, 1, 1, true)], ret));
+            let retry = step(&mut a, decode_event(1, &[run(0, 3, 1, 1, true)], 0));
+            for s in [&failed, &retry] {
+                assert_eq!(s.phase, Some(Phase::Generation), "ret {ret}: {s:?}");
+                assert_eq!((s.prompt_tokens, s.generated_tokens), (0, 1));
+            }
+            assert_eq!(failed.result, DecodeResult::from_ret(ret));
+            // Mixed: seq 0 feeds back 104 while seq 1 starts a 5-token prompt.
+            sample(&mut a, 104);
+            let mixed = || decode_event(6, &[run(0, 4, 1, 1, true), run(1, 0, 5, 1, true)], 0);
+            let mut failing = mixed();
+            failing.ret = ret;
+            let failed = step(&mut a, failing);
+            let retry = step(&mut a, mixed());
+            for s in [&failed, &retry] {
+                assert_eq!(s.phase, Some(Phase::Mixed), "ret {ret}: {s:?}");
+                assert_eq!((s.prompt_tokens, s.generated_tokens), (5, 1));
+            }
+            // Consumed by the retry that succeeded: a third copy would be prompt.
+            let again = step(&mut a, decode_event(1, &[run(0, 4, 1, 1, true)], 0));
+            assert_eq!(again.phase, Some(Phase::Prompt), "ret {ret}");
+        }
     }
 
     #[test]

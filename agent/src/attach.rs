@@ -175,7 +175,7 @@ impl Probes {
         skip: &[Family],
     ) -> Result<(), AttachError> {
         for p in probes.iter().filter(|p| !skip.contains(&p.point.family)) {
-            for name in [p.point.entry, p.point.ret] {
+            for name in std::iter::once(p.point.entry).chain(p.point.ret) {
                 let prog = self.program(name)?;
                 prog.attach(None, p.hit.file_offset, &p.target, pid.map(|p| p as i32))
                     .map_err(|source| AttachError::Attach {

@@ -2,8 +2,9 @@
 //! decode steps (tokens added) and the memory calls (`seq_rm`, `seq_cp`, `clear`).
 //!
 //! A sequence first seen mid-way (attached after it started) is assumed to hold positions
-//! `0..pos0` already. Not seen: `seq_add`/`seq_div` position shifts (context shifting) and
-//! state restores (`llama_state_seq_set_data`), whose tokens count once decoding continues.
+//! `0..pos0` already. `seq_add` (a context shift moving positions back after a removal) moves
+//! the sequence's end. Not seen: `seq_div` and state restores (`llama_state_seq_set_data`),
+//! whose tokens count once decoding continues.
 //! Sequences are keyed by process, not by context: a process with a draft model's context
 //! counts both contexts' changes on the same sequence ids.
 
@@ -66,6 +67,7 @@ impl ContextUse {
         let op = match ev.op {
             x if x == MemoryOp::SeqRm as u32 => MemoryOp::SeqRm,
             x if x == MemoryOp::SeqCp as u32 => MemoryOp::SeqCp,
+            x if x == MemoryOp::SeqAdd as u32 => MemoryOp::SeqAdd,
             _ => MemoryOp::Clear,
         };
         let of_pid: Vec<i32> = self
@@ -76,8 +78,8 @@ impl ContextUse {
             .collect();
         let targets: Vec<i32> = match op {
             MemoryOp::Clear => of_pid,
-            MemoryOp::SeqRm if ev.seq_id < 0 => of_pid,
-            MemoryOp::SeqRm => vec![ev.seq_id],
+            MemoryOp::SeqRm | MemoryOp::SeqAdd if ev.seq_id < 0 => of_pid,
+            MemoryOp::SeqRm | MemoryOp::SeqAdd => vec![ev.seq_id],
             MemoryOp::SeqCp => vec![ev.seq_dst],
         };
         // A failed partial removal leaves the sequence as it was.
@@ -96,6 +98,12 @@ impl ContextUse {
                 match op {
                     MemoryOp::Clear => *s = SeqUse::default(),
                     MemoryOp::SeqRm => remove(s, ev.p0, ev.p1),
+                    // Positions move, tokens stay: the sequence ends `delta` earlier (later)
+                    // when the moved range ran to its end.
+                    MemoryOp::SeqAdd if ev.p1 < 0 || ev.p1 >= s.end => {
+                        s.end = (s.end + ev.delta).max(0);
+                    }
+                    MemoryOp::SeqAdd => {}
                     MemoryOp::SeqCp if ev.p0 <= 0 && ev.p1 < 0 => *s = src,
                     MemoryOp::SeqCp => {
                         let (a, b) = range(&src, ev.p0, ev.p1);
@@ -152,6 +160,27 @@ mod tests {
             ret: 1,
             ..Default::default()
         }
+    }
+
+    /// A context shift as llama-server makes it: keep 4, discard 6 of 20, shift the rest back.
+    #[test]
+    fn a_context_shift_moves_the_end_back() {
+        let mut c = ContextUse::default();
+        c.after_decode(1, &[part(0, 0, 20)]);
+        c.apply(1, &mem(MemoryOp::SeqRm, 0, -1, 4, 10));
+        let mut add = mem(MemoryOp::SeqAdd, 0, -1, 10, 20);
+        add.delta = -6;
+        assert_eq!(
+            c.apply(1, &add),
+            [SeqUsed {
+                seq_id: 0,
+                used: 14
+            }]
+        );
+        // Generation goes on at the shifted end.
+        let after = c.after_decode(1, &[part(0, 14, 1)]);
+        assert_eq!(after[0].used, 15);
+        assert_eq!(c.seqs[&(1, 0)].end, 15);
     }
 
     #[test]

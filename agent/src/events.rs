@@ -4,7 +4,7 @@ use std::mem::size_of;
 
 use probe_common::{
     ContextEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent, ModelLoadEvent, SampleEvent,
-    SlotReleaseEvent, SyncEvent, TaskPostEvent,
+    SlotLaunchEvent, SlotReleaseEvent, SyncEvent, TaskPostEvent,
 };
 
 /// A decoded event.
@@ -16,7 +16,8 @@ pub enum Event {
     Sample(SampleEvent),
     Sync(SyncEvent),
     Memory(MemoryEvent),
-    TaskPost(TaskPostEvent),
+    TaskPost(Box<TaskPostEvent>),
+    SlotLaunch(SlotLaunchEvent),
     SlotRelease(SlotReleaseEvent),
 }
 
@@ -62,7 +63,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Sample => Event::Sample(read(bytes, kind)?),
         EventKind::Synchronize => Event::Sync(read(bytes, kind)?),
         EventKind::Memory => Event::Memory(read(bytes, kind)?),
-        EventKind::TaskPost => Event::TaskPost(read(bytes, kind)?),
+        EventKind::TaskPost => Event::TaskPost(Box::new(read(bytes, kind)?)),
+        EventKind::SlotLaunch => Event::SlotLaunch(read(bytes, kind)?),
         EventKind::SlotRelease => Event::SlotRelease(read(bytes, kind)?),
     })
 }
@@ -184,21 +186,37 @@ pub(crate) mod tests {
         assert!(
             matches!(decode(&as_bytes(&m)).unwrap(), Event::Memory(e) if e.seq_id == 3 && e.p0 == 10)
         );
-        let p = TaskPostEvent {
+        let mut p = TaskPostEvent {
             header: header(EventKind::TaskPost, 0, 1),
             tasks_bytes: 960,
             front: 1,
+            n_read: 2,
+            ..Default::default()
+        };
+        p.tasks[1].id = 41;
+        p.tasks[1].task_type = 1;
+        assert!(
+            matches!(decode(&as_bytes(&p)).unwrap(), Event::TaskPost(e) if e.tasks_bytes == 960
+                && e.front == 1 && e.n_read == 2 && e.tasks[1].id == 41 && e.tasks[1].task_type == 1)
+        );
+        let l = SlotLaunchEvent {
+            header: header(EventKind::SlotLaunch, 0, 1),
+            slot_id: 2,
+            task_id: 41,
+            ok: 1,
             ..Default::default()
         };
         assert!(
-            matches!(decode(&as_bytes(&p)).unwrap(), Event::TaskPost(e) if e.tasks_bytes == 960 && e.front == 1)
+            matches!(decode(&as_bytes(&l)).unwrap(), Event::SlotLaunch(e) if e.slot_id == 2 && e.task_id == 41 && e.ok == 1)
         );
         let r = SlotReleaseEvent {
             header: header(EventKind::SlotRelease, 0, 1),
             slot_id: 3,
-            ..Default::default()
+            task_id: 41,
         };
-        assert!(matches!(decode(&as_bytes(&r)).unwrap(), Event::SlotRelease(e) if e.slot_id == 3));
+        assert!(
+            matches!(decode(&as_bytes(&r)).unwrap(), Event::SlotRelease(e) if e.slot_id == 3 && e.task_id == 41)
+        );
     }
 
     #[test]

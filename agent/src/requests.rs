@@ -3,31 +3,39 @@
 //! sample on the sequence one more generated token; a new prompt on the sequence, a change of
 //! its KV memory, a long silence or the end of the session closes it.
 //!
-//! In llama-server, `server_slot::release` ends the request on the slot's sequence at once
-//! (the slot's id is the sequence id); elsewhere the closing rules below apply.
+//! In llama-server, requests are its tasks, joined by task id ([`Mode::ServerTasks`]):
+//! `server_queue::post` gives each task's id, type and the time the server accepted it;
+//! `launch_slot_with_task` says which slot (the sequence id of its batches) took which task,
+//! so the request that opens next on that sequence is that task's, with the wait in between
+//! as its queue wait; `server_slot::release` ends it at once. The join holds whatever the
+//! threads' scheduling: a post is sent from the entry of `post`, before the server loop can see
+//! the task, and launch and decode run on the loop's thread, in order. A task cancelled before
+//! a slot took it (a cancel task naming it), or refused at launch, is counted by its id and
+//! never becomes a request.
 //!
-//! With llama-server's task queue probed (`server_queue::post`, see [`Mode`]), each request
-//! also gets the time the server accepted it: posts are queued per process and the oldest
-//! is taken by the next request whose prompt starts, as the server launches tasks in the
-//! order they were posted. The wait in between is the request's queue wait, and time to first
-//! token and duration count from the post. Cancel posts (pushed to the front) are ignored. A
-//! post older than [`STALE_POST_NS`] that is still unclaimed while the process has no request
-//! in progress, although a decode step started after it has been seen, was work that never
-//! reached a slot (rejected, cancelled before its start) and is dropped. Age alone is not
-//! enough: a request's first decode step can take longer than that (a cold start), and it is
-//! only seen when it ends.
+//! Where `launch_slot_with_task` is not found ([`Mode::ServerQueue`]), posts are matched by
+//! time instead: the next request whose prompt starts takes the oldest post, as the server
+//! launches tasks in the order they were posted (a guess when several requests start in the
+//! same step: the step lists them in slot order). A post older than [`STALE_POST_NS`] that is
+//! still unclaimed while the process has no request in progress, although a decode step
+//! started after it has been seen, was work that never reached a slot and is dropped.
 //!
 //! Samples are tied to sequences by their output index: `common_sampler_sample(…, idx)` names
 //! the batch index of the token whose logits it samples (`-1`: the last output), and the
 //! decode step's parts say which sequence holds each index. Prompt tokens reused from the
 //! cache are the positions before the request's first prompt chunk.
+//!
+//! A context shift (llama-server, llama-cli: the sequence outgrew its share of the context)
+//! is a `seq_add` with a negative shift on a sequence whose request is generating; it does not
+//! end the request.
 
 use std::{collections::HashMap, sync::Arc};
 
 use std::collections::VecDeque;
 
 use crate::assemble::{
-    DecodeResult, DecodeStep, MemoryChange, Observation, PartKind, Sample, SlotRelease, TaskPost,
+    ContextShift, DecodeResult, DecodeStep, MemoryChange, Observation, PartKind, Sample,
+    SlotLaunch, SlotRelease, TaskPost,
 };
 
 /// Where requests come from.
@@ -36,8 +44,11 @@ use crate::assemble::{
 pub enum Mode {
     /// The decode batches and samples only (any llama.cpp program): no queue wait.
     BatchView,
-    /// The batch view plus llama-server's task queue: queue wait, time from acceptance.
+    /// The batch view plus llama-server's task queue matched by time (no
+    /// `launch_slot_with_task` found): queue wait, time from acceptance.
     ServerQueue,
+    /// llama-server's tasks joined by id: post → launch → release.
+    ServerTasks,
 }
 
 impl Mode {
@@ -48,8 +59,14 @@ impl Mode {
                  so no queue wait)"
             }
             Mode::ServerQueue => {
-                "server queue + batch view (accepted at server_queue::post, decode batches and \
-                 samples, ended at server_slot::release): queue wait measured"
+                "server queue by timing + batch view (accepted at server_queue::post, matched to \
+                 requests by time: launch_slot_with_task not found; ended at \
+                 server_slot::release): queue wait measured"
+            }
+            Mode::ServerTasks => {
+                "server tasks by id (accepted at server_queue::post, taken by a slot at \
+                 launch_slot_with_task, ended at server_slot::release; decode batches and \
+                 samples): queue wait measured"
             }
         }
     }
@@ -64,7 +81,13 @@ pub struct Request {
     pub model: Arc<str>,
     pub ctx: u64,
     pub seq_id: i32,
-    /// When llama-server accepted it (`server_queue::post`), in [`Mode::ServerQueue`].
+    /// llama-server's task id ([`Mode::ServerTasks`]).
+    pub task_id: Option<i32>,
+    /// What it was: llama-server's task type (`completion`, `embedding`, `rerank`, `infill`);
+    /// elsewhere `completion` once a token was sampled for it, else `unknown`.
+    #[serde(rename = "type")]
+    pub task_type: &'static str,
+    /// When llama-server accepted it (`server_queue::post`).
     pub queued_ns: Option<u64>,
     /// Start of its first prompt chunk (monotonic ns).
     pub start_ns: u64,
@@ -82,6 +105,8 @@ pub struct Request {
     pub generated_tokens: u32,
     /// Decode steps that carried its tokens.
     pub decode_steps: u32,
+    /// Context shifts while it generated.
+    pub context_shifts: u32,
     /// Why it was closed.
     pub closed_by: &'static str,
 }
@@ -115,6 +140,13 @@ impl Request {
     pub fn duration_s(&self) -> f64 {
         self.end_ns.saturating_sub(self.arrival_ns()) as f64 / 1e9
     }
+    /// The GenAI `gen_ai.operation.name` of its type.
+    pub fn operation(&self) -> &'static str {
+        crate::targets::TASK_TYPES
+            .iter()
+            .find(|(label, _)| *label == self.task_type)
+            .map_or("text_completion", |(_, op)| *op)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -125,109 +157,195 @@ struct Open {
     last_activity_ns: u64,
 }
 
-/// Which sequence holds each batch index of a context's latest decode step.
-#[derive(Clone, Debug, Default)]
-struct BatchMap {
-    /// (first index, tokens, sequence), in batch order.
-    spans: Vec<(u32, u32, i32)>,
-    n_tokens: u32,
-}
-
-impl BatchMap {
-    fn seq_at(&self, idx: i32) -> Option<i32> {
-        let i = if idx < 0 {
-            self.n_tokens.checked_sub(1)?
-        } else {
-            idx as u32
-        };
-        self.spans
-            .iter()
-            .find(|(first, n, _)| i >= *first && i < first + n)
-            .map(|s| s.2)
-    }
-}
-
 /// A request silent for this long is closed (its last token was sampled long ago).
 const IDLE_CLOSE_NS: u64 = 2_000_000_000;
 
 /// An open request's key: (pid, context, sequence).
 type Key = (u32, u64, i32);
 
-/// An open request without a post yet: (its start, its key, its id).
-type Waiting = (u64, Key, u64);
-
-/// A post unclaimed this long while its process has no request in progress is dropped.
+/// A post unclaimed this long while its process has no request in progress is dropped
+/// ([`Mode::ServerQueue`]).
 pub const STALE_POST_NS: u64 = 1_000_000_000;
 
-/// Posts kept per process (a server flooded with work it never starts must not grow us).
+/// Posts (or posted tasks) kept per process: a server flooded with work it never starts must
+/// not grow us.
 const MAX_PENDING_POSTS: usize = 4096;
 
+/// A task llama-server accepted, by id, until a request takes it.
+#[derive(Clone, Copy, Debug)]
+struct Posted {
+    at_ns: u64,
+    task_type: &'static str,
+    /// A slot took it: it is in progress, a cancel no longer drops it.
+    launched: bool,
+}
+
+/// The task a slot took, for the request that opens next on its sequence.
+#[derive(Clone, Copy, Debug)]
+struct Launched {
+    task_id: i32,
+    posted: Option<Posted>,
+}
+
+/// Why accepted work never became a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Unserved {
+    /// Cancelled before a slot took it (the client went away).
+    pub cancelled: u64,
+    /// Refused by the slot that was to run it (an invalid request).
+    pub rejected: u64,
+    /// Matched by time ([`Mode::ServerQueue`]): no request claimed it (see [`STALE_POST_NS`]).
+    pub unclaimed: u64,
+}
+
+impl Unserved {
+    pub fn total(&self) -> u64 {
+        self.cancelled + self.rejected + self.unclaimed
+    }
+}
+
 /// The reconstruction state.
-#[derive(Default)]
 pub struct Requests {
-    open: HashMap<(u32, u64, i32), Open>,
-    batches: HashMap<(u32, u64), BatchMap>,
-    /// Accepted, not yet started: post times per process, oldest first.
+    mode: Mode,
+    open: HashMap<Key, Open>,
+    /// [`Mode::ServerTasks`]: accepted tasks by (pid, task id), until a request takes them.
+    posted: HashMap<(u32, i32), Posted>,
+    /// [`Mode::ServerTasks`]: the task each slot took, by (pid, slot id).
+    launched: HashMap<(u32, i32), Launched>,
+    /// [`Mode::ServerQueue`]: accepted, not yet started: post times per process, oldest first.
     posts: HashMap<u32, VecDeque<u64>>,
-    /// Open requests that found no post when they started, per process, oldest first: the
-    /// post's event can arrive after the step that started the request (the server loop can
-    /// launch the task before the posting thread returns from `post`).
-    unclaimed: HashMap<u32, VecDeque<Waiting>>,
     next_id: u64,
-    /// Posts dropped unclaimed (see [`STALE_POST_NS`]).
-    pub posts_unclaimed: u64,
+    /// Accepted work that never became a request.
+    pub unserved: Unserved,
+    /// Context shifts seen.
+    pub context_shifts: u64,
     /// Start of the latest decode step seen, per process.
     last_step_ns: HashMap<u32, u64>,
 }
 
 impl Requests {
-    /// Updates the state with one observation; returns the requests it closed.
-    pub fn observe(&mut self, obs: &Observation) -> Vec<Request> {
-        match obs {
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            open: HashMap::new(),
+            posted: HashMap::new(),
+            launched: HashMap::new(),
+            posts: HashMap::new(),
+            next_id: 0,
+            unserved: Unserved::default(),
+            context_shifts: 0,
+            last_step_ns: HashMap::new(),
+        }
+    }
+
+    /// Updates the state with one observation; returns what it made: the requests it closed
+    /// and the context shifts it recognised.
+    pub fn observe(&mut self, obs: &Observation) -> Vec<Observation> {
+        let closed = match obs {
             Observation::Decode(d) if d.result == DecodeResult::Ok => self.decode(d),
             Observation::Sample(s) => {
                 self.sample(s);
                 vec![]
             }
-            Observation::Memory(m) => self.memory(m),
+            Observation::Memory(m) => return self.memory(m),
             Observation::TaskPost(p) => {
                 self.post(p);
                 vec![]
             }
+            Observation::SlotLaunch(l) => {
+                self.launch(l);
+                vec![]
+            }
             Observation::SlotRelease(r) => self.released(r),
             _ => vec![],
-        }
+        };
+        closed.into_iter().map(Observation::Request).collect()
     }
 
     fn post(&mut self, p: &TaskPost) {
+        let pid = p.origin.pid;
         if p.front {
-            return; // a cancel, not a request
-        }
-        let (pid, at) = (p.origin.pid, p.origin.start_ns);
-        // A request that started after this post, still without one, is its own.
-        if let Some(waiting) = self.unclaimed.get_mut(&pid) {
-            if let Some(i) = waiting.iter().position(|w| w.0 >= at) {
-                let (_, key, id) = waiting.remove(i).expect("position is in range");
-                if let Some(o) = self.open.get_mut(&key).filter(|o| o.req.id == id) {
-                    o.req.queued_ns = Some(at);
-                    return;
+            // Cancels: a task still waiting for a slot is dropped; a running one ends at its
+            // slot's release.
+            for t in &p.tasks {
+                let key = (pid, t.id_target);
+                if self.posted.get(&key).is_some_and(|t| !t.launched) {
+                    self.posted.remove(&key);
+                    self.unserved.cancelled += 1;
                 }
             }
+            return;
+        }
+        let at = p.origin.start_ns;
+        if self.mode == Mode::ServerTasks {
+            // Requests only: other work (slot saves, LoRA changes, …) never reaches a slot.
+            let is_request = |t: &str| t == "unknown" || crate::targets::is_request_type(t);
+            for t in p
+                .tasks
+                .iter()
+                .filter(|t| t.id >= 0 && is_request(t.task_type))
+            {
+                if self.posted.len() >= MAX_PENDING_POSTS {
+                    // Bounded: the oldest task, never taken, loses its place.
+                    if let Some(oldest) = self.posted.iter().min_by_key(|(_, p)| p.at_ns) {
+                        let k = *oldest.0;
+                        self.posted.remove(&k);
+                        self.unserved.unclaimed += 1;
+                    }
+                }
+                self.posted.insert(
+                    (pid, t.id),
+                    Posted {
+                        at_ns: at,
+                        task_type: t.task_type,
+                        launched: false,
+                    },
+                );
+            }
+            return;
         }
         let q = self.posts.entry(pid).or_default();
         if q.len() >= MAX_PENDING_POSTS {
             q.pop_front();
-            self.posts_unclaimed += 1;
+            self.unserved.unclaimed += 1;
         }
         // Posts of several threads may arrive out of order: keep them sorted by time.
         let i = q.partition_point(|t| *t <= at);
         q.insert(i, at);
     }
 
+    fn launch(&mut self, l: &SlotLaunch) {
+        let pid = l.origin.pid;
+        if !l.ok {
+            if self.posted.remove(&(pid, l.task_id)).is_some() {
+                self.unserved.rejected += 1;
+            }
+            return;
+        }
+        let posted = self.posted.get_mut(&(pid, l.task_id)).map(|p| {
+            p.launched = true;
+            *p
+        });
+        self.launched.insert(
+            (pid, l.slot_id),
+            Launched {
+                task_id: l.task_id,
+                posted,
+            },
+        );
+    }
+
     /// llama-server's slot `slot_id` let its task go: the request on that sequence is over
     /// (whichever context: llama-server's slots are its sequences).
     fn released(&mut self, r: &SlotRelease) -> Vec<Request> {
         let pid = r.origin.pid;
+        let launched = self.launched.remove(&(pid, r.slot_id));
+        let task_id = launched
+            .map(|l| l.task_id)
+            .or((r.task_id >= 0).then_some(r.task_id));
+        if let Some(t) = task_id {
+            self.posted.remove(&(pid, t));
+        }
         let keys: Vec<Key> = self
             .open
             .keys()
@@ -239,9 +357,9 @@ impl Requests {
             .collect()
     }
 
-    /// The oldest post of `pid` made before `start_ns`.
-    fn claim_post(posts: &mut HashMap<u32, VecDeque<u64>>, pid: u32, start_ns: u64) -> Option<u64> {
-        let q = posts.get_mut(&pid)?;
+    /// The oldest post of `pid` made before `start_ns` ([`Mode::ServerQueue`]).
+    fn claim_post(&mut self, pid: u32, start_ns: u64) -> Option<u64> {
+        let q = self.posts.get_mut(&pid)?;
         if *q.front()? <= start_ns {
             q.pop_front()
         } else {
@@ -249,17 +367,66 @@ impl Requests {
         }
     }
 
-    fn close(&mut self, key: (u32, u64, i32), why: &'static str) -> Option<Request> {
+    fn close(&mut self, key: Key, why: &'static str) -> Option<Request> {
         let mut o = self.open.remove(&key)?;
-        if let Some(w) = self.unclaimed.get_mut(&key.0) {
-            w.retain(|e| e.2 != o.req.id);
-        }
         o.req.closed_by = why;
         // A request whose prompt was never completed has no end of its own.
         if o.req.end_ns == 0 {
             o.req.end_ns = o.last_activity_ns;
         }
+        if o.req.task_type.is_empty() {
+            o.req.task_type = if o.req.generated_tokens > 0 {
+                "completion"
+            } else {
+                "unknown"
+            };
+        }
         Some(o.req)
+    }
+
+    /// A new request on `key`, starting with step `d`: its task and acceptance time.
+    fn opened(&mut self, key: Key, d: &DecodeStep, pos0: i32) -> Open {
+        self.next_id += 1;
+        let (pid, start) = (key.0, d.origin.start_ns);
+        let (task_id, queued_ns, task_type) = match self.mode {
+            Mode::ServerTasks => match self.launched.remove(&(pid, key.2)) {
+                Some(l) => {
+                    self.posted.remove(&(pid, l.task_id));
+                    (
+                        Some(l.task_id),
+                        l.posted.map(|p| p.at_ns),
+                        l.posted.map_or("unknown", |p| p.task_type),
+                    )
+                }
+                None => (None, None, ""),
+            },
+            Mode::ServerQueue => (None, self.claim_post(pid, start), ""),
+            Mode::BatchView => (None, None, ""),
+        };
+        Open {
+            req: Request {
+                id: self.next_id,
+                pid,
+                model: d.origin.model.clone(),
+                ctx: d.ctx,
+                seq_id: key.2,
+                task_id,
+                task_type,
+                queued_ns,
+                start_ns: start,
+                prompt_end_ns: None,
+                first_token_ns: None,
+                end_ns: 0,
+                prompt_tokens: 0,
+                cached_tokens: pos0.max(0) as u32,
+                generated_tokens: 0,
+                decode_steps: 0,
+                context_shifts: 0,
+                closed_by: "",
+            },
+            generating: false,
+            last_activity_ns: d.origin.end_ns,
+        }
     }
 
     fn decode(&mut self, d: &DecodeStep) -> Vec<Request> {
@@ -267,53 +434,18 @@ impl Requests {
         let last = self.last_step_ns.entry(pid).or_default();
         *last = (*last).max(d.origin.start_ns);
         let mut closed = Vec::new();
-        let mut map = BatchMap::default();
-        let mut index = 0u32;
         for p in &d.parts {
-            map.spans.push((index, p.n_tokens, p.seq_id));
-            index += p.n_tokens;
             let key = (pid, d.ctx, p.seq_id);
-            let is_prompt = p.kind != PartKind::Generated;
-            if is_prompt {
+            if p.kind != PartKind::Generated {
                 // A prompt after generation is the next request on this sequence.
                 if self.open.get(&key).is_some_and(|o| o.generating) {
                     closed.extend(self.close(key, "next_request"));
                 }
-                let (id, posts, unclaimed) =
-                    (&mut self.next_id, &mut self.posts, &mut self.unclaimed);
-                let o = self.open.entry(key).or_insert_with(|| {
-                    *id += 1;
-                    let start = d.origin.start_ns;
-                    let queued_ns = Self::claim_post(posts, pid, start);
-                    if queued_ns.is_none() {
-                        // Its post may still be on its way (see `post`).
-                        unclaimed
-                            .entry(pid)
-                            .or_default()
-                            .push_back((start, key, *id));
-                    }
-                    Open {
-                        req: Request {
-                            id: *id,
-                            pid,
-                            model: d.origin.model.clone(),
-                            ctx: d.ctx,
-                            seq_id: p.seq_id,
-                            queued_ns,
-                            start_ns: start,
-                            prompt_end_ns: None,
-                            first_token_ns: None,
-                            end_ns: 0,
-                            prompt_tokens: 0,
-                            cached_tokens: p.pos0.max(0) as u32,
-                            generated_tokens: 0,
-                            decode_steps: 0,
-                            closed_by: "",
-                        },
-                        generating: false,
-                        last_activity_ns: d.origin.end_ns,
-                    }
-                });
+                if !self.open.contains_key(&key) {
+                    let o = self.opened(key, d, p.pos0);
+                    self.open.insert(key, o);
+                }
+                let o = self.open.get_mut(&key).expect("inserted above");
                 o.req.prompt_tokens += p.n_tokens;
                 if matches!(p.kind, PartKind::FinalPromptChunk | PartKind::MultiOutput) {
                     o.generating = true;
@@ -325,18 +457,12 @@ impl Requests {
                 o.last_activity_ns = d.origin.end_ns;
             }
         }
-        map.n_tokens = d.n_tokens.unwrap_or(index);
-        self.batches.insert((pid, d.ctx), map);
         closed
     }
 
     fn sample(&mut self, s: &Sample) {
         let pid = s.origin.pid;
-        let Some(seq) = self
-            .batches
-            .get(&(pid, s.ctx))
-            .and_then(|b| b.seq_at(s.idx))
-        else {
+        let Some(seq) = s.seq_id else {
             return;
         };
         let Some(o) = self.open.get_mut(&(pid, s.ctx, seq)) else {
@@ -351,17 +477,36 @@ impl Requests {
         o.last_activity_ns = s.origin.end_ns;
     }
 
-    fn memory(&mut self, m: &MemoryChange) -> Vec<Request> {
+    fn memory(&mut self, m: &MemoryChange) -> Vec<Observation> {
         let pid = m.origin.pid;
+        let generating = |o: &Open| o.generating && o.req.generated_tokens > 0;
+        if m.op == "seq_add" {
+            // A shift back while the sequence generates: its context was full.
+            if m.delta >= 0 {
+                return vec![];
+            }
+            return self
+                .open
+                .iter_mut()
+                .filter(|(k, o)| k.0 == pid && (m.seq_id < 0 || k.2 == m.seq_id) && generating(o))
+                .map(|(k, o)| {
+                    o.req.context_shifts += 1;
+                    self.context_shifts += 1;
+                    Observation::ContextShift(ContextShift {
+                        origin: m.origin.clone(),
+                        seq_id: k.2,
+                        discarded: m.delta.unsigned_abs(),
+                        request_id: o.req.id,
+                    })
+                })
+                .collect();
+        }
         let keys: Vec<_> = self
             .open
-            .keys()
-            .filter(|k| {
+            .iter()
+            .filter(|(k, o)| {
                 k.0 == pid
-                    && self
-                        .open
-                        .get(k)
-                        .is_some_and(|o| o.generating && o.req.generated_tokens > 0)
+                    && generating(o)
                     && match m.op {
                         "clear" => true,
                         // A removal to the end reuses the sequence; one in the middle is a
@@ -370,12 +515,13 @@ impl Requests {
                         _ => k.2 == m.seq_dst,
                     }
             })
-            .copied()
+            .map(|(k, _)| *k)
             .collect();
         // Only a generating request is closed by its memory being reused (filtered above); a
         // removal during the prompt (cache reuse at the request's start) belongs to it.
         keys.into_iter()
             .filter_map(|k| self.close(k, "memory_reused"))
+            .map(Observation::Request)
             .collect()
     }
 
@@ -403,7 +549,7 @@ impl Requests {
                 .is_some_and(|&t| t + STALE_POST_NS < now_ns && stepped_after(t))
             {
                 q.pop_front();
-                self.posts_unclaimed += 1;
+                self.unserved.unclaimed += 1;
             }
         }
         closed
@@ -424,12 +570,17 @@ impl Requests {
     pub fn active(&self) -> usize {
         self.open.len()
     }
+
+    /// Tasks accepted and not yet taken by a request ([`Mode::ServerTasks`]).
+    pub fn tasks_waiting(&self) -> usize {
+        self.posted.values().filter(|p| !p.launched).count()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assemble::{Origin, Part};
+    use crate::assemble::{Origin, Part, PostedTask};
 
     fn origin(start: u64, end: u64) -> Origin {
         Origin {
@@ -443,7 +594,7 @@ mod tests {
 
     fn step(start: u64, parts: Vec<Part>) -> Observation {
         let n: u32 = parts.iter().map(|p| p.n_tokens).sum();
-        Observation::Decode(DecodeStep {
+        let d = DecodeStep {
             origin: origin(start, start + 10),
             ctx: 7,
             api: "t",
@@ -456,7 +607,9 @@ mod tests {
             parts,
             unscanned_tokens: 0,
             context_used: vec![],
-        })
+        };
+        LAST.with(|m| *m.borrow_mut() = crate::assemble::BatchMap::of(&d));
+        Observation::Decode(d)
     }
 
     fn part(seq: i32, pos0: i32, n: u32, kind: PartKind) -> Part {
@@ -474,21 +627,90 @@ mod tests {
             origin: origin(at, at + 1),
             front,
             tasks_bytes: 0,
+            n_tasks: None,
+            tasks: vec![],
         })
     }
 
+    /// A post of tasks (id, type) at `at`.
+    fn post_tasks(at: u64, tasks: &[(i32, &'static str)]) -> Observation {
+        Observation::TaskPost(TaskPost {
+            origin: origin(at, at),
+            front: false,
+            tasks_bytes: 100 * tasks.len() as u64,
+            n_tasks: Some(tasks.len() as u32),
+            tasks: tasks
+                .iter()
+                .map(|&(id, task_type)| PostedTask {
+                    id,
+                    task_type,
+                    id_target: -1,
+                })
+                .collect(),
+        })
+    }
+
+    fn cancel(at: u64, target: i32) -> Observation {
+        Observation::TaskPost(TaskPost {
+            origin: origin(at, at),
+            front: true,
+            tasks_bytes: 100,
+            n_tasks: Some(1),
+            tasks: vec![PostedTask {
+                id: -1,
+                task_type: "cancel",
+                id_target: target,
+            }],
+        })
+    }
+
+    fn launch(at: u64, slot_id: i32, task_id: i32, ok: bool) -> Observation {
+        Observation::SlotLaunch(SlotLaunch {
+            origin: origin(at, at + 1),
+            slot_id,
+            task_id,
+            ok,
+        })
+    }
+
+    fn release(at: u64, slot_id: i32, task_id: i32) -> Observation {
+        Observation::SlotRelease(SlotRelease {
+            origin: origin(at, at),
+            slot_id,
+            task_id,
+        })
+    }
+
+    /// The requests among what `observe` made.
+    fn closed(made: Vec<Observation>) -> Vec<Request> {
+        made.into_iter()
+            .filter_map(|o| match o {
+                Observation::Request(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    thread_local! {
+        /// The latest step the tests made, as the assembler keeps it for samples.
+        static LAST: std::cell::RefCell<crate::assemble::BatchMap> = Default::default();
+    }
+
+    /// A sample of batch index `idx` of the latest step (its sequence as the assembler
+    /// resolves it).
     fn sample(at: u64, idx: i32) -> Observation {
         Observation::Sample(Sample {
             origin: origin(at, at + 1),
             ctx: 7,
             idx,
+            seq_id: LAST.with(|m| m.borrow().seq_at(idx)),
             token: 5,
         })
     }
 
     #[test]
     fn two_interleaved_requests_and_a_cached_prefix() {
-        let mut r = Requests::default();
+        let mut r = Requests::new(Mode::ServerQueue);
         // seq 0: 5-token prompt; its first token sampled at index 4.
         r.observe(&step(100, vec![part(0, 0, 5, PartKind::FinalPromptChunk)]));
         r.observe(&sample(120, 4));
@@ -512,7 +734,7 @@ mod tests {
         r.observe(&sample(320, 0));
         r.observe(&sample(330, 1));
         // A new prompt on seq 0 closes its first request.
-        let closed = r.observe(&step(400, vec![part(0, 0, 4, PartKind::FinalPromptChunk)]));
+        let closed = closed(r.observe(&step(400, vec![part(0, 0, 4, PartKind::FinalPromptChunk)])));
         assert_eq!(closed.len(), 1);
         let a = &closed[0];
         assert_eq!(
@@ -548,7 +770,7 @@ mod tests {
 
     #[test]
     fn silence_closes_a_finished_generation() {
-        let mut r = Requests::default();
+        let mut r = Requests::new(Mode::ServerQueue);
         r.observe(&step(0, vec![part(0, 0, 2, PartKind::FinalPromptChunk)]));
         r.observe(&sample(20, -1));
         assert_eq!(r.active(), 1);
@@ -561,7 +783,7 @@ mod tests {
 
     #[test]
     fn posts_are_claimed_in_order_by_the_requests_that_start() {
-        let mut r = Requests::default();
+        let mut r = Requests::new(Mode::ServerQueue);
         r.observe(&post(10, false));
         r.observe(&post(20, false));
         r.observe(&post(25, true)); // a cancel: not a request
@@ -594,7 +816,7 @@ mod tests {
 
     #[test]
     fn without_posts_a_request_has_no_queue_wait() {
-        let mut r = Requests::default();
+        let mut r = Requests::new(Mode::ServerQueue);
         r.observe(&step(100, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
         let q = r.finish().remove(0);
         assert_eq!(
@@ -605,17 +827,17 @@ mod tests {
 
     #[test]
     fn a_post_no_request_claims_while_idle_is_dropped() {
-        let mut r = Requests::default();
+        let mut r = Requests::new(Mode::ServerQueue);
         r.observe(&step(5, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
         r.observe(&post(10, false));
         // Busy: a request is open, so the post may still be waiting for a slot.
         r.observe(&step(20, vec![part(0, 3, 1, PartKind::Generated)]));
         r.expire(10 + STALE_POST_NS + 1);
-        assert_eq!(r.posts_unclaimed, 0);
+        assert_eq!(r.unserved.unclaimed, 0);
         // Idle, and the loop went on after the post without starting its request: dropped.
         r.finish();
         r.expire(10 + STALE_POST_NS + 1);
-        assert_eq!(r.posts_unclaimed, 1);
+        assert_eq!(r.unserved.unclaimed, 1);
         r.observe(&step(
             2 * STALE_POST_NS,
             vec![part(0, 0, 3, PartKind::FinalPromptChunk)],
@@ -624,37 +846,12 @@ mod tests {
     }
 
     #[test]
-    fn a_post_seen_after_its_request_started_is_still_its_own() {
-        let mut r = Requests::default();
-        // The loop launched the task before the posting thread's return was recorded.
-        r.observe(&step(100, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
-        r.observe(&post(90, false));
-        // A later post made after this request started is not its own: it waits.
-        r.observe(&step(200, vec![part(1, 0, 3, PartKind::FinalPromptChunk)]));
-        r.observe(&post(250, false));
-        r.observe(&post(190, false));
-        r.observe(&step(300, vec![part(2, 0, 3, PartKind::FinalPromptChunk)]));
-        let mut all = r.finish();
-        all.sort_by_key(|q| q.id);
-        assert_eq!(
-            all.iter().map(|q| q.queued_ns).collect::<Vec<_>>(),
-            [Some(90), Some(190), Some(250)]
-        );
-    }
-
-    #[test]
     fn a_released_slot_ends_its_request_at_once() {
-        let mut r = Requests::default();
+        let mut r = Requests::new(Mode::ServerQueue);
         r.observe(&step(100, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
         r.observe(&sample(115, -1));
         r.observe(&step(200, vec![part(1, 0, 2, PartKind::FinalPromptChunk)]));
-        let release = |slot_id| {
-            Observation::SlotRelease(SlotRelease {
-                origin: origin(300, 301),
-                slot_id,
-            })
-        };
-        let closed = r.observe(&release(0));
+        let closed = closed(r.observe(&release(300, 0, -1)));
         assert_eq!(closed.len(), 1);
         assert_eq!(
             (closed[0].seq_id, closed[0].closed_by),
@@ -663,18 +860,204 @@ mod tests {
         // Its end is its last sample, not the release.
         assert_eq!(closed[0].end_ns, 116);
         assert_eq!(r.active(), 1);
-        assert!(r.observe(&release(2)).is_empty());
+        assert!(r.observe(&release(300, 2, -1)).is_empty());
     }
 
     /// A cold start: the request's first step takes longer than STALE_POST_NS and is only
     /// seen when it ends; its post must still be there.
     #[test]
     fn a_post_outlives_a_slow_first_step() {
-        let mut r = Requests::default();
+        let mut r = Requests::new(Mode::ServerQueue);
         r.observe(&post(10, false));
         r.expire(10 + 3 * STALE_POST_NS);
-        assert_eq!(r.posts_unclaimed, 0);
+        assert_eq!(r.unserved.unclaimed, 0);
         r.observe(&step(20, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
         assert_eq!(r.finish()[0].queued_ns, Some(10));
+    }
+
+    /// Four slots take six tasks in an order that is neither the posts' nor the batch's:
+    /// every request still gets its own task's acceptance time.
+    #[test]
+    fn tasks_are_joined_by_id_whatever_the_order() {
+        let mut r = Requests::new(Mode::ServerTasks);
+        for (at, id) in [(10, 5), (11, 6), (12, 7), (13, 8), (14, 9), (15, 10)] {
+            r.observe(&post_tasks(at, &[(id, "completion")]));
+        }
+        // Slot 3 took task 5, slot 0 task 8, slot 2 task 6, slot 1 task 7.
+        for (slot, task) in [(3, 5), (0, 8), (2, 6), (1, 7)] {
+            r.observe(&launch(20, slot, task, true));
+        }
+        assert_eq!(r.tasks_waiting(), 2);
+        r.observe(&step(
+            30,
+            (0..4)
+                .map(|s| part(s, 0, 3, PartKind::FinalPromptChunk))
+                .collect(),
+        ));
+        let got: Vec<(i32, Option<i32>, Option<u64>)> = (0..4)
+            .map(|s| {
+                let q = closed(r.observe(&release(40, s, -1))).remove(0);
+                (q.seq_id, q.task_id, q.queued_ns)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, Some(8), Some(13)),
+                (1, Some(7), Some(12)),
+                (2, Some(6), Some(11)),
+                (3, Some(5), Some(10))
+            ]
+        );
+        // The two that waited start once slots are free again.
+        r.observe(&launch(50, 2, 10, true));
+        r.observe(&launch(50, 0, 9, true));
+        r.observe(&step(
+            60,
+            vec![
+                part(0, 0, 2, PartKind::FinalPromptChunk),
+                part(2, 0, 2, PartKind::FinalPromptChunk),
+            ],
+        ));
+        let rest = r.finish();
+        assert_eq!(
+            rest.iter()
+                .map(|q| (q.seq_id, q.task_id, q.queued_ns, q.queue_s()))
+                .collect::<Vec<_>>(),
+            [
+                (0, Some(9), Some(14), Some(46e-9)),
+                (2, Some(10), Some(15), Some(45e-9))
+            ]
+        );
+        assert_eq!(r.tasks_waiting(), 0);
+        assert_eq!(r.unserved, Unserved::default());
+    }
+
+    /// One post with several prompts (an array `/completion`): each gets its queue wait.
+    #[test]
+    fn every_task_of_a_post_gets_its_queue_wait() {
+        let mut r = Requests::new(Mode::ServerTasks);
+        r.observe(&post_tasks(
+            100,
+            &[(1, "completion"), (2, "completion"), (3, "completion")],
+        ));
+        for (slot, task) in [(0, 1), (1, 2), (2, 3)] {
+            r.observe(&launch(110, slot, task, true));
+        }
+        r.observe(&step(
+            120,
+            (0..3)
+                .map(|s| part(s, 0, 4, PartKind::FinalPromptChunk))
+                .collect(),
+        ));
+        let all = r.finish();
+        assert_eq!(all.len(), 3);
+        assert!(all
+            .iter()
+            .all(|q| q.queued_ns == Some(100) && q.queue_s() == Some(20e-9)));
+        assert_eq!(
+            all.iter().map(|q| q.task_id).collect::<Vec<_>>(),
+            [Some(1), Some(2), Some(3)]
+        );
+    }
+
+    /// Cancelled before a slot took it, or refused by the slot: counted by id, never a
+    /// request; a cancel of a running task leaves it to its slot's release.
+    #[test]
+    fn cancelled_and_rejected_tasks_are_counted_by_id() {
+        let mut r = Requests::new(Mode::ServerTasks);
+        r.observe(&post_tasks(10, &[(1, "completion")]));
+        r.observe(&post_tasks(11, &[(2, "completion")]));
+        r.observe(&post_tasks(12, &[(3, "embedding")]));
+        r.observe(&launch(20, 0, 1, true));
+        r.observe(&launch(21, 1, 3, false));
+        r.observe(&cancel(22, 2));
+        r.observe(&cancel(23, 1)); // running: its release ends it
+        r.observe(&cancel(24, 99)); // unknown: nothing
+        assert_eq!(
+            r.unserved,
+            Unserved {
+                cancelled: 1,
+                rejected: 1,
+                unclaimed: 0
+            }
+        );
+        r.observe(&step(30, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        let q = closed(r.observe(&release(40, 0, 1))).remove(0);
+        assert_eq!((q.task_id, q.queued_ns), (Some(1), Some(10)));
+        assert_eq!(r.tasks_waiting(), 0);
+        assert_eq!(r.active(), 0);
+    }
+
+    /// Task types label requests; work that is not a request (a slot save) is not kept.
+    #[test]
+    fn requests_carry_their_task_type() {
+        let mut r = Requests::new(Mode::ServerTasks);
+        r.observe(&post_tasks(10, &[(1, "embedding")]));
+        r.observe(&post_tasks(11, &[(2, "rerank")]));
+        r.observe(&post_tasks(12, &[(3, "unknown"), (4, "cancel")]));
+        assert_eq!(r.tasks_waiting(), 3);
+        r.observe(&launch(20, 0, 1, true));
+        r.observe(&launch(20, 1, 2, true));
+        r.observe(&step(
+            30,
+            vec![
+                part(0, 0, 3, PartKind::MultiOutput),
+                part(1, 0, 5, PartKind::FinalPromptChunk),
+            ],
+        ));
+        let all = r.finish();
+        assert_eq!(
+            all.iter()
+                .map(|q| (q.task_type, q.operation()))
+                .collect::<Vec<_>>(),
+            [("embedding", "embeddings"), ("rerank", "rerank")]
+        );
+        // In the batch view a request that sampled is a completion.
+        let mut b = Requests::new(Mode::BatchView);
+        b.observe(&step(0, vec![part(0, 0, 2, PartKind::FinalPromptChunk)]));
+        b.observe(&sample(20, -1));
+        b.observe(&step(40, vec![part(1, 0, 2, PartKind::PromptChunk)]));
+        let all = b.finish();
+        assert_eq!(
+            all.iter().map(|q| q.task_type).collect::<Vec<_>>(),
+            ["completion", "unknown"]
+        );
+        assert_eq!(all[0].operation(), "text_completion");
+    }
+
+    fn memory(at: u64, op: &'static str, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Observation {
+        Observation::Memory(MemoryChange {
+            origin: origin(at, at + 1),
+            op,
+            seq_id,
+            seq_dst: -1,
+            p0,
+            p1,
+            delta,
+            context_used: vec![],
+        })
+    }
+
+    /// A context shift (seq_rm of a middle range, then seq_add back) while generating is
+    /// counted and keeps the request open; a shift during the prompt (cache reuse) is not one.
+    #[test]
+    fn a_context_shift_is_counted_and_keeps_the_request() {
+        let mut r = Requests::new(Mode::BatchView);
+        r.observe(&step(0, vec![part(0, 0, 4, PartKind::FinalPromptChunk)]));
+        assert!(r.observe(&memory(5, "seq_add", 0, 2, 4, -1)).is_empty());
+        r.observe(&sample(20, -1));
+        assert!(r.observe(&memory(30, "seq_rm", 0, 1, 3, 0)).is_empty());
+        let made = r.observe(&memory(31, "seq_add", 0, 3, 6, -2));
+        assert_eq!(made.len(), 1);
+        let Observation::ContextShift(c) = &made[0] else {
+            panic!("{made:?}")
+        };
+        assert_eq!((c.seq_id, c.discarded, c.request_id), (0, 2, 1));
+        assert_eq!(r.context_shifts, 1);
+        r.observe(&step(40, vec![part(0, 4, 1, PartKind::Generated)]));
+        r.observe(&sample(50, -1));
+        let q = r.finish().remove(0);
+        assert_eq!((q.generated_tokens, q.context_shifts), (2, 1));
     }
 }

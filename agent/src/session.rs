@@ -110,17 +110,16 @@ fn announce(
     }
 }
 
-/// How requests are reconstructed: with llama-server's task queue if `server_queue::post` is
-/// probed.
+/// How requests are reconstructed: by llama-server's task ids if its queue and slot launches
+/// are probed, by timing with the queue alone, else from the batches.
 fn request_mode(plan: &Plan) -> Mode {
-    if plan
-        .probes
-        .iter()
-        .any(|p| p.point.entry == targets::TASK_POST)
-    {
-        Mode::ServerQueue
-    } else {
-        Mode::BatchView
+    match (
+        plan.probes_entry(targets::TASK_POST),
+        plan.probes_entry(targets::SLOT_LAUNCH),
+    ) {
+        (true, true) => Mode::ServerTasks,
+        (true, false) => Mode::ServerQueue,
+        _ => Mode::BatchView,
     }
 }
 
@@ -140,7 +139,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32> {
     let pid = target.pid();
     let mut probes = Probes::load()?;
-    probes.set_layout(pid, &plan.layout.layout)?;
+    probes.set_layout(pid, &plan.process_layout())?;
     let skip: &[Family] = if sync_probed(&plan, &opts) {
         &[]
     } else {
@@ -198,7 +197,7 @@ async fn event_loop(
         opts.quiet,
     );
     let mut pipe = Pipeline {
-        requests: Requests::default(),
+        requests: Requests::new(request_mode(&plan)),
         assembler: Assembler::new(),
         stats: Stats::default(),
         metrics,
@@ -331,6 +330,7 @@ async fn event_loop(
     (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
     drop(probes); // detaches every probe
     pipe.finish_requests();
+    self_stats.unserved = pipe.requests.unserved;
     self_stats.requests_active = 0;
     self_stats.probes_attached = 0;
     pipe.metrics.finish(&self_stats)?;
@@ -338,6 +338,7 @@ async fn event_loop(
         f.finish(&self_stats)?;
     }
 
+    pipe.stats.set_unserved(pipe.requests.unserved);
     let summary = pipe.stats.summary();
     println!(
         "\nllamaprobe summary — pid {pid} — {} — {ended_by}\n{}events lost: {} (ring buffer full {}, entry map full {}), undecodable {}",
@@ -423,7 +424,8 @@ impl Pipeline {
             self.emit(&Observation::Request(r));
         }
         self_stats.requests_active = self.requests.active() as u64;
-        self_stats.posts_unclaimed = self.requests.posts_unclaimed;
+        self_stats.unserved = self.requests.unserved;
+        self_stats.tasks_waiting = self.requests.tasks_waiting() as u64;
     }
 
     /// Closes every request (end of the session).
@@ -437,11 +439,11 @@ impl Pipeline {
         match events::decode(bytes) {
             Ok(ev) => {
                 let obs = self.assembler.process(&ev);
-                let closed = self.requests.observe(&obs);
+                let made = self.requests.observe(&obs);
                 self.model_loaded(&obs);
                 self.emit(&obs);
-                for r in closed {
-                    self.emit(&Observation::Request(r));
+                for o in &made {
+                    self.emit(o);
                 }
             }
             Err(e) => {

@@ -148,6 +148,14 @@ pub struct Summary {
     pub task_posts: u64,
     /// llama-server slots released (`server_slot::release`).
     pub slot_releases: u64,
+    /// Tasks llama-server's slots took (`launch_slot_with_task` returning true).
+    pub slot_launches: u64,
+    /// Requests by type (`completion`, `embedding`, `rerank`, `infill`, `unknown`).
+    pub requests_by_type: BTreeMap<&'static str, u64>,
+    /// Accepted work that never became a request, by reason.
+    pub unserved: crate::requests::Unserved,
+    /// Context shifts (a generating sequence outgrew its share of the context).
+    pub context_shifts: u64,
     /// How the process's facts were learnt: observed by the probes, or recovered from the
     /// process when llamaprobe attached after they happened.
     pub facts: Vec<String>,
@@ -182,9 +190,18 @@ pub struct Stats {
     request_mode: Option<crate::requests::Mode>,
     task_posts: u64,
     slot_releases: u64,
+    slot_launches: u64,
+    requests_by_type: BTreeMap<&'static str, u64>,
+    unserved: crate::requests::Unserved,
+    context_shifts: u64,
 }
 
 impl Stats {
+    /// Records the work that never became a request (from the request stage).
+    pub fn set_unserved(&mut self, unserved: crate::requests::Unserved) {
+        self.unserved = unserved;
+    }
+
     /// Records how a fact about the process was learnt (shown in the summary).
     pub fn note(&mut self, fact: String) {
         self.facts.push(fact);
@@ -235,8 +252,11 @@ impl Stats {
             Observation::Memory(_) => self.memory_changes += 1,
             Observation::TaskPost(p) => self.task_posts += u64::from(!p.front),
             Observation::SlotRelease(_) => self.slot_releases += 1,
+            Observation::SlotLaunch(l) => self.slot_launches += u64::from(l.ok),
+            Observation::ContextShift(_) => self.context_shifts += 1,
             Observation::Request(r) => {
                 self.requests += 1;
+                *self.requests_by_type.entry(r.task_type).or_default() += 1;
                 if let Some(t) = r.ttft_s() {
                     self.ttft.record((t * 1e9) as u64);
                 }
@@ -312,6 +332,10 @@ impl Stats {
             request_mode: self.request_mode,
             task_posts: self.task_posts,
             slot_releases: self.slot_releases,
+            slot_launches: self.slot_launches,
+            requests_by_type: self.requests_by_type.clone(),
+            unserved: self.unserved,
+            context_shifts: self.context_shifts,
             facts: self.facts.clone(),
             span_s: self
                 .first_ns
@@ -404,6 +428,19 @@ impl Summary {
                 self.request_duration.p50_ms,
                 self.request_duration.p99_ms
             );
+            if self.requests_by_type.len() > 1
+                || self.requests_by_type.keys().any(|t| *t != "completion")
+            {
+                let _ = writeln!(
+                    s,
+                    "requests by type: {}",
+                    self.requests_by_type
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             if self.request_queue.count > 0 {
                 let _ = writeln!(
                     s,
@@ -415,6 +452,20 @@ impl Summary {
                     self.request_queue.max_ms
                 );
             }
+        }
+        let u = &self.unserved;
+        if u.total() > 0 {
+            let _ = writeln!(
+                s,
+                "accepted but never served: {} (cancelled before a slot took it {}, rejected by its slot {}, unclaimed {})",
+                u.total(),
+                u.cancelled,
+                u.rejected,
+                u.unclaimed
+            );
+        }
+        if self.context_shifts > 0 {
+            let _ = writeln!(s, "context shifts: {}", self.context_shifts);
         }
         if let Some(m) = self.request_mode {
             let _ = writeln!(s, "requests from: {}", m.describe());

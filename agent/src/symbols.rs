@@ -275,6 +275,8 @@ pub struct Plan {
     pub gpu_backend: Option<String>,
     /// The struct layouts of this generation and build (see `targets::layout_for`).
     pub layout: &'static crate::targets::LayoutRow,
+    /// llama-server's struct layouts (see `targets::server_layout_for`).
+    pub server_layout: &'static crate::targets::ServerLayoutRow,
 }
 
 /// A ggml GPU backend among `files` (by library name), among the libraries beside them that a
@@ -318,6 +320,16 @@ pub fn gpu_backend(files: &[MappedFile], linked: Option<String>) -> Option<Strin
 }
 
 impl Plan {
+    /// The layout the probes read this process's structs with.
+    pub fn process_layout(&self) -> probe_common::ProcessLayout {
+        targets::process_layout(&self.layout.layout, &self.server_layout.layout)
+    }
+
+    /// Whether a function with entry program `entry` is probed.
+    pub fn probes_entry(&self, entry: &str) -> bool {
+        self.probes.iter().any(|p| p.point.entry == entry)
+    }
+
     /// Families none of whose functions was found.
     pub fn unmeasured_families(&self) -> Vec<crate::targets::Family> {
         let mut out: Vec<_> = self
@@ -415,6 +427,7 @@ impl Plan {
             }
         }
         let layout = targets::layout_for(generation, has);
+        let server_layout = targets::server_layout_for(has);
         Ok(Plan {
             generation,
             probes,
@@ -422,6 +435,7 @@ impl Plan {
             files: resolved,
             gpu_backend: gpu_backend(files, linked_gpu),
             layout,
+            server_layout,
         })
     }
 }
@@ -433,6 +447,9 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
     let _ = writeln!(s, "{what}");
     let _ = writeln!(s, "generation: {}", plan.generation.describe());
     let _ = writeln!(s, "struct layouts: {}", plan.layout.source);
+    if plan.probes_entry(targets::TASK_POST) {
+        let _ = writeln!(s, "server struct layouts: {}", plan.server_layout.source);
+    }
     let _ = writeln!(s, "files with llama.cpp functions:");
     for f in &plan.files {
         let _ = writeln!(
@@ -443,11 +460,7 @@ pub fn render_plan(what: &str, plan: &Plan) -> String {
             if f.has_symtab { "yes" } else { "no, stripped" }
         );
     }
-    let _ = writeln!(
-        s,
-        "would probe ({} uprobe + uretprobe pairs):",
-        plan.probes.len()
-    );
+    let _ = writeln!(s, "would probe ({} functions):", plan.probes.len());
     for p in &plan.probes {
         let _ = writeln!(
             s,

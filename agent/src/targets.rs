@@ -71,8 +71,8 @@ pub struct ProbePoint {
     pub prototype: &'static str,
     /// eBPF program run at entry.
     pub entry: &'static str,
-    /// eBPF program run at return.
-    pub ret: &'static str,
+    /// eBPF program run at return (`None`: the entry program sends the event itself).
+    pub ret: Option<&'static str>,
     /// Generations in which this symbol is the one to probe (empty: all).
     pub generations: &'static [Generation],
 }
@@ -86,6 +86,10 @@ pub const CLASSIC_DECODE: &str = "llama_decode";
 
 /// The entry program of llama-server's `server_queue::post`: where requests are accepted.
 pub const TASK_POST: &str = "task_post";
+/// The entry program of llama-server's `launch_slot_with_task`: where a slot takes a task.
+pub const SLOT_LAUNCH: &str = "slot_launch";
+/// The entry program of llama-server's `server_slot::release`: where a slot lets it go.
+pub const SLOT_RELEASE: &str = "slot_release";
 
 /// The probe catalog. Wrappers of one family on one thread nest (the probes count the outer
 /// call once), so listing both a deprecated function and its replacement is safe.
@@ -95,7 +99,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: BATCH_EXT_DECODE,
         prototype: "int llama_context::decode(const llama_batch_ext & batch)",
         entry: "decode_ext",
-        ret: "decode_return",
+        ret: Some("decode_return"),
         generations: &[Generation::BatchExt],
     },
     ProbePoint {
@@ -103,7 +107,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: CLASSIC_DECODE,
         prototype: "int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch)",
         entry: "decode_classic",
-        ret: "decode_return",
+        ret: Some("decode_return"),
         generations: &[Generation::Classic],
     },
     ProbePoint {
@@ -111,7 +115,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_model_load_from_file",
         prototype: "struct llama_model * llama_model_load_from_file(const char * path_model, struct llama_model_params params)",
         entry: "model_load_file",
-        ret: "model_load_return",
+        ret: Some("model_load_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -119,7 +123,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_load_model_from_file",
         prototype: "struct llama_model * llama_load_model_from_file(const char * path_model, struct llama_model_params params) [deprecated]",
         entry: "model_load_file",
-        ret: "model_load_return",
+        ret: Some("model_load_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -127,7 +131,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_model_load_from_splits",
         prototype: "struct llama_model * llama_model_load_from_splits(const char ** paths, size_t n_paths, struct llama_model_params params)",
         entry: "model_load_splits",
-        ret: "model_load_return",
+        ret: Some("model_load_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -135,7 +139,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_init_from_model",
         prototype: "struct llama_context * llama_init_from_model(struct llama_model * model, struct llama_context_params params)",
         entry: "context_enter",
-        ret: "context_return",
+        ret: Some("context_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -143,7 +147,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_new_context_with_model",
         prototype: "struct llama_context * llama_new_context_with_model(struct llama_model * model, struct llama_context_params params) [deprecated]",
         entry: "context_enter",
-        ret: "context_return",
+        ret: Some("context_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -151,7 +155,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_sampler_sample",
         prototype: "llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx)",
         entry: "sample_enter",
-        ret: "sample_return",
+        ret: Some("sample_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -159,7 +163,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "_Z21common_sampler_sampleP14common_samplerP13llama_contextib",
         prototype: "llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx, bool grammar_first)",
         entry: "sample_enter",
-        ret: "sample_return",
+        ret: Some("sample_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -167,7 +171,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_synchronize",
         prototype: "void llama_synchronize(struct llama_context * ctx)",
         entry: "sync_enter",
-        ret: "sync_return",
+        ret: Some("sync_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -175,7 +179,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_memory_seq_rm",
         prototype: "bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1)",
         entry: "memory_seq_rm",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -183,7 +187,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_kv_self_seq_rm",
         prototype: "bool llama_kv_self_seq_rm(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1) [2025, removed]",
         entry: "memory_seq_rm",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -191,7 +195,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_kv_cache_seq_rm",
         prototype: "bool llama_kv_cache_seq_rm(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1) [2024]",
         entry: "memory_seq_rm",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -199,7 +203,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_memory_seq_cp",
         prototype: "void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1)",
         entry: "memory_seq_cp",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -207,7 +211,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_kv_self_seq_cp",
         prototype: "void llama_kv_self_seq_cp(struct llama_context * ctx, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) [2025, removed]",
         entry: "memory_seq_cp",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -215,7 +219,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_kv_cache_seq_cp",
         prototype: "void llama_kv_cache_seq_cp(struct llama_context * ctx, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) [2024]",
         entry: "memory_seq_cp",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -223,7 +227,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_memory_clear",
         prototype: "void llama_memory_clear(llama_memory_t mem, bool data)",
         entry: "memory_clear",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -231,7 +235,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_kv_self_clear",
         prototype: "void llama_kv_self_clear(struct llama_context * ctx) [2025, removed]",
         entry: "memory_clear",
-        ret: "memory_return",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     ProbePoint {
@@ -239,7 +243,31 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "llama_kv_cache_clear",
         prototype: "void llama_kv_cache_clear(struct llama_context * ctx) [2024]",
         entry: "memory_clear",
-        ret: "memory_return",
+        ret: Some("memory_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_memory_seq_add",
+        prototype: "void llama_memory_seq_add(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta)",
+        entry: "memory_seq_add",
+        ret: Some("memory_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_self_seq_add",
+        prototype: "void llama_kv_self_seq_add(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta) [2025, removed]",
+        entry: "memory_seq_add",
+        ret: Some("memory_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_kv_cache_seq_add",
+        prototype: "void llama_kv_cache_seq_add(struct llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta) [2024]",
+        entry: "memory_seq_add",
+        ret: Some("memory_return"),
         generations: ALL,
     },
     // llama-server's queue. Completions, embeddings, reranks and infills are posted through
@@ -252,7 +280,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "_ZN12server_queue4postEOSt6vectorI11server_taskSaIS1_EEb",
         prototype: "int server_queue::post(std::vector<server_task> && tasks, bool front)",
         entry: TASK_POST,
-        ret: "task_post_return",
+        ret: None,
         generations: ALL,
     },
     ProbePoint {
@@ -260,7 +288,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "_ZN12server_queue4postEOSt6vectorI11server_taskSaIS1_EEb.isra.0",
         prototype: "int server_queue::post(std::vector<server_task> && tasks, bool front) [clone .isra.0, 2025]",
         entry: TASK_POST,
-        ret: "task_post_return",
+        ret: None,
         generations: ALL,
     },
     ProbePoint {
@@ -268,7 +296,7 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "_ZN12server_queue4postERSt6vectorI11server_taskSaIS1_EEb",
         prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [2024]",
         entry: TASK_POST,
-        ret: "task_post_return",
+        ret: None,
         generations: ALL,
     },
     ProbePoint {
@@ -276,7 +304,34 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "_ZN12server_queue4postERSt6vectorI11server_taskSaIS1_EEb.isra.0",
         prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [clone .isra.0, 2024]",
         entry: TASK_POST,
-        ret: "task_post_return",
+        ret: None,
+        generations: ALL,
+    },
+    // Where a slot takes a task from the queue (or refuses it): a member of the server
+    // context, emitted out of line in every fixture (weak symbol), `this` first, then the slot
+    // and the task.
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN19server_context_impl21launch_slot_with_taskER11server_slotO11server_task",
+        prototype: "bool server_context_impl::launch_slot_with_task(server_slot & slot, server_task && task) [2026]",
+        entry: SLOT_LAUNCH,
+        ret: Some("slot_launch_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN14server_context21launch_slot_with_taskER11server_slotO11server_task",
+        prototype: "bool server_context::launch_slot_with_task(server_slot & slot, server_task && task) [2025]",
+        entry: SLOT_LAUNCH,
+        ret: Some("slot_launch_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Server,
+        symbol: "_ZN14server_context21launch_slot_with_taskER11server_slotRK11server_task",
+        prototype: "bool server_context::launch_slot_with_task(server_slot & slot, const server_task & task) [2024]",
+        entry: SLOT_LAUNCH,
+        ret: Some("slot_launch_return"),
         generations: ALL,
     },
     // The end of a request's task in every llama-server version (an inline member, emitted
@@ -285,8 +340,8 @@ pub const PROBES: &[ProbePoint] = &[
         family: Family::Server,
         symbol: "_ZN11server_slot7releaseEv",
         prototype: "void server_slot::release()",
-        entry: "slot_release",
-        ret: "slot_release_return",
+        entry: SLOT_RELEASE,
+        ret: None,
         generations: ALL,
     },
 ];
@@ -326,6 +381,7 @@ pub fn wanted_symbols() -> impl Iterator<Item = &'static str> {
         .iter()
         .map(|p| p.symbol)
         .chain(LAYOUTS.iter().filter_map(|r| r.marker))
+        .chain(SERVER_LAYOUTS.iter().filter_map(|r| r.marker))
 }
 
 /// The generation implied by the symbols a process has.
@@ -364,10 +420,6 @@ const CTX_PARAMS_2026: ContextParamsLayout = ContextParamsLayout {
 /// of the field that came with them).
 pub const CTX_PARAMS_2026_MARKER: &str = "llama_n_rs_seq";
 
-/// llama-server's `struct server_slot { int id; …` (first member in the 2024, 2025 and 2026
-/// sources of the fixtures).
-const SERVER: ServerLayout = ServerLayout { slot_id: 0 };
-
 /// The classic API has no batch_ext.
 const NO_BATCH_EXT: BatchExtLayout = BatchExtLayout {
     tokens_vec: ABSENT,
@@ -387,7 +439,15 @@ pub struct LayoutRow {
     pub marker: Option<&'static str>,
     /// Where the numbers come from.
     pub source: &'static str,
-    pub layout: ProcessLayout,
+    pub layout: LlamaLayout,
+}
+
+/// The libllama structs the probes read (the server's are in [`ServerLayoutRow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlamaLayout {
+    pub classic: ClassicBatchLayout,
+    pub ext: BatchExtLayout,
+    pub ctx_params: ContextParamsLayout,
 }
 
 pub const LAYOUTS: &[LayoutRow] = &[
@@ -395,7 +455,7 @@ pub const LAYOUTS: &[LayoutRow] = &[
         generation: Generation::BatchExt,
         marker: None,
         source: "llama.cpp vendored in llama-cpp-python 0.3.36 (src/llama-batch.h, include/llama.h)",
-        layout: ProcessLayout {
+        layout: LlamaLayout {
             classic: CLASSIC_BATCH,
             // struct llama_batch_ext { size_t n_tokens_max, n_embd_inp, n_embd_inp_enc;
             // llama_seq_id n_seq_max; llama_memory_i * mem; llama_token n_vocab;
@@ -415,25 +475,23 @@ pub const LAYOUTS: &[LayoutRow] = &[
                 token_pos: 80,
             },
             ctx_params: CTX_PARAMS_2026,
-            server: SERVER,
         },
     },
     LayoutRow {
         generation: Generation::Classic,
         marker: Some(CTX_PARAMS_2026_MARKER),
         source: "classic API with the 2026 context parameters (n_rs_seq, n_outputs_max, n_outputs_max_per_seq before n_threads; e.g. node-llama-cpp 3.22.1's libllama v0.5.0)",
-        layout: ProcessLayout {
+        layout: LlamaLayout {
             classic: CLASSIC_BATCH,
             ext: NO_BATCH_EXT,
             ctx_params: CTX_PARAMS_2026,
-            server: SERVER,
         },
     },
     LayoutRow {
         generation: Generation::Classic,
         marker: None,
         source: "llama.h b4463 … 2026 classic (n_ctx, n_batch, n_ubatch, n_seq_max, n_threads, n_threads_batch)",
-        layout: ProcessLayout {
+        layout: LlamaLayout {
             classic: CLASSIC_BATCH,
             ext: NO_BATCH_EXT,
             ctx_params: ContextParamsLayout {
@@ -444,7 +502,6 @@ pub const LAYOUTS: &[LayoutRow] = &[
                 n_threads: 16,
                 n_threads_batch: 20,
             },
-            server: SERVER,
         },
     },
 ];
@@ -458,6 +515,123 @@ pub fn layout_for(g: Generation, has: impl Fn(&str) -> bool) -> &'static LayoutR
         .find(|r| r.marker.is_some_and(&has))
         .or_else(|| rows().find(|r| r.marker.is_none()))
         .expect("every generation has a layout row without a marker")
+}
+
+/// What llama-server's task types are called (`enum server_task_type`: the same first five
+/// values in the 2024, 2025 and 2026 sources; only these are posted through the probed
+/// overload), as a label and as the GenAI `gen_ai.operation.name`.
+pub const TASK_TYPES: &[(&str, &str)] = &[
+    ("completion", "text_completion"),
+    ("embedding", "embeddings"),
+    ("rerank", "rerank"),
+    ("infill", "text_completion"),
+    ("cancel", "cancel"),
+];
+
+/// Whether a task type label is work a slot runs as a request.
+pub fn is_request_type(label: &str) -> bool {
+    TASK_TYPES[..4].iter().any(|(l, _)| *l == label)
+}
+
+/// The label of a task type value ("unknown" outside the table).
+pub fn task_type(value: i32) -> (&'static str, &'static str) {
+    usize::try_from(value)
+        .ok()
+        .and_then(|i| TASK_TYPES.get(i).copied())
+        .unwrap_or(("unknown", "text_completion"))
+}
+
+/// llama-server's struct layouts, per version, chosen by a marker symbol (the
+/// `launch_slot_with_task` of that era). Every version has `server_slot::id` and
+/// `server_task::id` as first members, which is all the post → launch → release join needs
+/// (the first task of a post, the slot and the task at launch); the other offsets come from
+/// the DWARF of a `-g` build of the fixture's sources (`pahole -C server_task`), and a version
+/// between two rows gets the earlier era's numbers, checked at run time: a posted vector whose
+/// size is not a multiple of `task_size` is read for its first task only.
+#[derive(Debug)]
+pub struct ServerLayoutRow {
+    /// A symbol that selects this row (`None`: the row for any other llama-server).
+    pub marker: Option<&'static str>,
+    /// Where the numbers come from.
+    pub source: &'static str,
+    pub layout: ServerLayout,
+}
+
+/// The first members only (any llama-server without a row of its own).
+const SERVER_FIRST_MEMBERS: ServerLayout = ServerLayout {
+    slot_id: 0,
+    slot_task_id: ABSENT,
+    slot_task_ptr: ABSENT,
+    task_size: ABSENT,
+    task_id: 0,
+    task_type: ABSENT,
+    task_id_target: ABSENT,
+};
+
+pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
+    ServerLayoutRow {
+        marker: Some("_ZN19server_context_impl21launch_slot_with_taskER11server_slotO11server_task"),
+        source: "llama-server of llama-cpp-python 0.3.36 (b11312; tools/server/server-task.h, server-context.cpp)",
+        layout: ServerLayout {
+            slot_id: 0,
+            slot_task_id: ABSENT,
+            // std::unique_ptr<const server_task> task
+            slot_task_ptr: 5240,
+            task_size: 2776,
+            task_id: 0,
+            task_type: 2640,
+            task_id_target: 16,
+        },
+    },
+    ServerLayoutRow {
+        marker: Some("_ZN14server_context21launch_slot_with_taskER11server_slotO11server_task"),
+        source: "llama-server of llama-cpp-python 0.3.14 (b5904; tools/server/server.cpp)",
+        layout: ServerLayout {
+            slot_id: 0,
+            slot_task_id: 4,
+            slot_task_ptr: ABSENT,
+            task_size: 1960,
+            task_id: 0,
+            task_type: 8,
+            task_id_target: 12,
+        },
+    },
+    ServerLayoutRow {
+        marker: Some("_ZN14server_context21launch_slot_with_taskER11server_slotRK11server_task"),
+        source: "llama-server of llama-cpp-python 0.3.5 (b4295; examples/server/server.cpp)",
+        layout: ServerLayout {
+            slot_id: 0,
+            slot_task_id: 4,
+            slot_task_ptr: ABSENT,
+            task_size: 1624,
+            task_id: 0,
+            task_type: 8,
+            task_id_target: 12,
+        },
+    },
+    ServerLayoutRow {
+        marker: None,
+        source: "llama-server's first members only (server_slot::id, server_task::id)",
+        layout: SERVER_FIRST_MEMBERS,
+    },
+];
+
+/// The server layout row of a process that `has` the given symbols.
+pub fn server_layout_for(has: impl Fn(&str) -> bool) -> &'static ServerLayoutRow {
+    SERVER_LAYOUTS
+        .iter()
+        .find(|r| r.marker.is_none_or(&has))
+        .expect("the last server row has no marker")
+}
+
+/// Everything the probes read in one process: its libllama row and its server row.
+pub fn process_layout(llama: &LlamaLayout, server: &ServerLayout) -> ProcessLayout {
+    ProcessLayout {
+        classic: llama.classic,
+        ext: llama.ext,
+        ctx_params: llama.ctx_params,
+        server: *server,
+    }
 }
 
 /// A report of DWARF-derived layouts against the table (`llamaprobe layout`).
@@ -483,7 +657,7 @@ pub fn compare_with_table(what: &str, found: &crate::dwarf::DwarfLayouts) -> Str
             let _ = writeln!(s, "  {name}: {f}\n    {verdict}");
         }
     };
-    let table = |f: &dyn Fn(&ProcessLayout) -> String| {
+    let table = |f: &dyn Fn(&LlamaLayout) -> String| {
         LAYOUTS
             .iter()
             .map(|r| (r.generation, f(&r.layout)))
@@ -623,7 +797,7 @@ mod tests {
     fn program_names_exist_in_the_ebpf_object() {
         let obj = crate::attach::EBPF_OBJECT;
         for p in PROBES {
-            for prog in [p.entry, p.ret] {
+            for prog in std::iter::once(p.entry).chain(p.ret) {
                 assert!(
                     obj.windows(prog.len()).any(|w| w == prog.as_bytes()),
                     "program {prog} missing from the eBPF object"

@@ -9,6 +9,11 @@ use common::*;
 
 /// Runs `llamaprobe run` on a driver; returns (summary, events).
 fn profile(driver: &str, test: &str) -> (Value, Vec<Value>) {
+    profile_with(driver, &[], test)
+}
+
+/// The same with extra driver arguments after the model path.
+fn profile_with(driver: &str, args: &[&str], test: &str) -> (Value, Vec<Value>) {
     let dir = scratch(test);
     let (sum, ev) = (dir.join("summary.json"), dir.join("events.jsonl"));
     let out = llamaprobe()
@@ -21,6 +26,7 @@ fn profile(driver: &str, test: &str) -> (Value, Vec<Value>) {
         .arg("--")
         .arg(fakes().join(driver))
         .arg("/models/tiny-model.gguf")
+        .args(args)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -294,10 +300,7 @@ fn stripped_static_binary_is_explained_and_symbols_from_restores_it() {
             .unwrap();
         let shown = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{}", text(&out));
-        assert!(
-            shown.contains("would probe (7 uprobe + uretprobe pairs)"),
-            "{shown}"
-        );
+        assert!(shown.contains("would probe (7 functions)"), "{shown}");
         assert!(shown.contains("(SymbolsFrom)"), "{shown}");
     }
     if !root_or_skip("stripped_static_binary_is_explained_and_symbols_from_restores_it") {
@@ -367,4 +370,56 @@ fn sigterm_ends_the_session_with_its_summary() {
     out.read_to_string(&mut rest).unwrap();
     assert!(driver.wait().unwrap().success(), "{rest}");
     assert!(rest.contains("done decodes="), "{rest}");
+}
+
+/// A decode step that fails and is retried with the same batch (as a server does after "no KV
+/// slot") is classified as the step that succeeds: a generation step stays generation, a mixed
+/// one mixed, for every error code; prompt tokens count the successful steps only
+/// (`driver_classic MODEL retry`, see its comment).
+#[test]
+fn retried_steps_keep_their_phase() {
+    if !root_or_skip("retried_steps_keep_their_phase") {
+        return;
+    }
+    let _serial = serial();
+    let (sum, events) = profile_with(
+        "classic/driver_classic",
+        &["retry"],
+        "retried_steps_keep_their_phase",
+    );
+    assert_eq!(sum["decode_calls"], 17);
+    assert_eq!(
+        results(&sum),
+        [
+            ("aborted".to_string(), 2),
+            ("error".to_string(), 2),
+            ("invalid_batch".to_string(), 2),
+            ("no_kv_slot".to_string(), 2),
+            ("ok".to_string(), 9)
+        ]
+    );
+    let steps = |phase: &str| sum["phases"][phase]["count"].as_u64();
+    assert_eq!(
+        (steps("prompt"), steps("generation"), steps("mixed")),
+        (Some(1), Some(8), Some(8))
+    );
+    assert_eq!(sum["prompt_tokens"], 28);
+    assert_eq!(sum["generation_tokens_decoded"], 8);
+    assert_eq!(sum["sampled_tokens"], 13);
+    // Each failed call and its retry side by side: same phase, same parts.
+    let decodes = of_kind(&events, "decode");
+    for pair in decodes[1..].chunks(2) {
+        let (failed, retry) = (pair[0], pair[1]);
+        assert_ne!(failed["result"], "ok", "{failed}");
+        assert_eq!(retry["result"], "ok", "{retry}");
+        assert_eq!(failed["phase"], retry["phase"]);
+        assert_eq!(failed["parts"], retry["parts"]);
+        assert_eq!(retry["generated_tokens"], 1);
+    }
+    // Five requests: seq 0 generating throughout, and the four one-shot prompts of seqs 1-4.
+    let requests = of_kind(&events, "request");
+    let seq0: Vec<_> = requests.iter().filter(|r| r["seq_id"] == 0).collect();
+    assert_eq!(seq0.len(), 1, "{requests:?}");
+    assert_eq!(seq0[0]["generated_tokens"], 9);
+    assert_eq!(seq0[0]["prompt_tokens"], 12);
 }

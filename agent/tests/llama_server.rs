@@ -141,7 +141,7 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
     );
     assert_eq!(s["ended_by"], "interrupted");
     // Every completion went through llama-server's task queue, once.
-    assert_eq!(s["request_mode"], "server_queue");
+    assert_eq!(s["request_mode"], "server_tasks");
     assert_eq!(s["task_posts"].as_u64().unwrap(), responses.len() as u64);
     assert_eq!(s["slot_releases"].as_u64().unwrap(), responses.len() as u64);
     // Attached after the load: the model was recovered from the process, and said so.
@@ -422,22 +422,34 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Queue wait from llama-server's own task queue: six completions at once on four slots.
-/// Each request's acceptance, start and end lie within the client's own send and receive
-/// times of that request, and at least two waited for a slot as long as the shortest request
-/// the server ran.
+/// Queue wait from llama-server's own task queue, joined by task id: six completions at once
+/// on four slots, in rounds, with both cores kept busy by two other processes (a node running
+/// llama.cpp is busy; the probes' threads are scheduled late). Every round: each request's
+/// acceptance, start and end lie within the client's own send and receive times of that
+/// request, every request has its own task's queue wait, and at least two waited for a slot as
+/// long as the shortest request the server ran. 3 rounds per fixture; `cargo xtask test
+/// --stress` runs 20.
 #[test]
 fn queue_wait_from_llama_servers_task_queue() {
-    on_every_server("queue_wait_from_llama_servers_task_queue", queue_wait);
+    on_every_server("queue_wait_from_llama_servers_task_queue", |f, model| {
+        let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
+        let _load = CpuLoad::start(2);
+        for round in 0..rounds(3) {
+            eprintln!("== {} round {round}", f.name);
+            queue_wait(f, &server, round);
+        }
+    });
 }
 
-fn queue_wait(f: &Fixture, model: &std::path::Path) {
-    let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
-    let dir = scratch(&format!("queue-{}", f.name));
+/// The completions of one round: (client sent, response, client received), monotonic ns.
+type Timed = (u64, Value, u64);
+
+fn queue_wait(f: &Fixture, server: &Server, round: usize) {
+    let dir = scratch(&format!("queue-{}-{round}", f.name));
     let (summary, events) = (dir.join("summary.json"), dir.join("events.jsonl"));
     let mut probe = attach(
         f,
-        &server,
+        server,
         &[
             "--metrics-addr",
             "off",
@@ -448,7 +460,7 @@ fn queue_wait(f: &Fixture, model: &std::path::Path) {
         ],
     );
     let line = probe.wait_for("llamaprobe: requests:");
-    assert!(line.contains("queue wait measured"), "{line}");
+    assert!(line.contains("server tasks by id"), "{line}");
 
     let port = server.port;
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
@@ -458,12 +470,12 @@ fn queue_wait(f: &Fixture, model: &std::path::Path) {
             std::thread::spawn(move || {
                 b.wait();
                 let sent = monotonic_ns();
-                let r = completion(port, &prompt(10 + i), 48);
+                let r = completion(port, &format!("{} round {round}", prompt(10 + i)), 48);
                 (sent, r, monotonic_ns())
             })
         })
         .collect();
-    let responses: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let responses: Vec<Timed> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let shortest_ms = responses
         .iter()
         .map(|(_, r, _)| {
@@ -479,16 +491,36 @@ fn queue_wait(f: &Fixture, model: &std::path::Path) {
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("queue wait: 6 of 6 requests"), "{stdout}");
     let s = json(&summary);
-    assert_eq!(s["request_mode"], "server_queue");
+    assert_eq!(s["request_mode"], "server_tasks");
     assert_eq!(s["task_posts"], 6);
+    assert_eq!(s["slot_launches"], 6);
     assert_eq!(s["slot_releases"], 6);
     assert_eq!(s["request_queue"]["count"], 6);
+    assert_eq!(s["requests_by_type"]["completion"], 6, "{s}");
+    assert_eq!(
+        s["unserved"],
+        serde_json::json!({"cancelled": 0, "rejected": 0, "unclaimed": 0})
+    );
 
     let all = json_lines(&events);
     let requests = of_kind(&all, "request");
     assert_eq!(requests.len(), 6);
-    // Prompts of different sizes tie each reconstructed request to its client call.
+    // Each request is one posted task, each its own.
+    let posted: Vec<i64> = of_kind(&all, "task_post")
+        .iter()
+        .flat_map(|p| p["tasks"].as_array().unwrap().iter())
+        .map(|t| t["id"].as_i64().unwrap())
+        .collect();
+    let mut tasks: Vec<i64> = requests
+        .iter()
+        .map(|r| r["task_id"].as_i64().expect("every request has its task"))
+        .collect();
+    tasks.sort();
+    let mut sorted = posted.clone();
+    sorted.sort();
+    assert_eq!(tasks, sorted, "requests' tasks are the posted ones");
     let mut waits_ms = Vec::new();
+    // Prompts of different sizes tie each reconstructed request to its client call.
     for (sent, resp, received) in &responses {
         let n = resp["tokens_evaluated"].as_u64().unwrap();
         let ours: Vec<_> = requests
@@ -509,8 +541,12 @@ fn queue_wait(f: &Fixture, model: &std::path::Path) {
             "client sent {sent}, accepted {q}, started {start}, ended {end}, client received {received}"
         );
         assert_eq!(r["generated_tokens"], resp["tokens_predicted"]);
+        assert_eq!(r["type"], "completion");
         // Ended by the server releasing its slot, not by a guess.
         assert_eq!(r["closed_by"], "slot_released");
+        if let Some(slot) = resp.get("id_slot").and_then(Value::as_i64) {
+            assert_eq!(r["seq_id"].as_i64(), Some(slot), "{r}");
+        }
         waits_ms.push((start - q) as f64 / 1e6);
     }
     waits_ms.sort_by(f64::total_cmp);
@@ -520,4 +556,214 @@ fn queue_wait(f: &Fixture, model: &std::path::Path) {
         waits_ms[4] >= 0.5 * shortest_ms,
         "waits {waits_ms:?} ms, shortest request {shortest_ms} ms"
     );
+}
+
+/// One `/completion` with an array of three prompts is one post of three tasks: three
+/// requests, each with its own task and a queue wait from that one post.
+#[test]
+fn an_array_completion_gives_each_prompt_its_queue_wait() {
+    on_every_server(
+        "an_array_completion_gives_each_prompt_its_queue_wait",
+        |f, model| {
+            let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
+            let dir = scratch(&format!("array-{}", f.name));
+            let (summary, events) = (dir.join("summary.json"), dir.join("events.jsonl"));
+            let probe = attach(
+                f,
+                &server,
+                &[
+                    "--metrics-addr",
+                    "off",
+                    "--summary-json",
+                    path(&summary),
+                    "--events-out",
+                    path(&events),
+                ],
+            );
+            let prompts: Vec<String> = (20..23).map(prompt).collect();
+            let sent = monotonic_ns();
+            let out = server.post(
+                "/completion",
+                &serde_json::json!({"prompt": prompts, "n_predict": 6, "seed": 1}),
+            );
+            let received = monotonic_ns();
+            let results = out.as_array().expect("one result per prompt");
+            assert_eq!(results.len(), 3, "{out}");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let (code, stdout) = probe.interrupt();
+            assert_eq!(code, 0, "{stdout}");
+            assert!(stdout.contains("queue wait: 3 of 3 requests"), "{stdout}");
+            let s = json(&summary);
+            assert_eq!(s["task_posts"], 1, "one post");
+            assert_eq!(s["slot_launches"], 3);
+            let all = json_lines(&events);
+            let post = of_kind(&all, "task_post");
+            assert_eq!(post.len(), 1);
+            assert_eq!(post[0]["n_tasks"], 3);
+            let posted_at = post[0]["origin"]["start_ns"].as_u64().unwrap();
+            let requests = of_kind(&all, "request");
+            assert_eq!(requests.len(), 3);
+            let mut tasks: Vec<i64> = requests
+                .iter()
+                .map(|r| r["task_id"].as_i64().unwrap())
+                .collect();
+            tasks.sort();
+            tasks.dedup();
+            assert_eq!(tasks.len(), 3, "three tasks: {requests:?}");
+            for r in &requests {
+                let q = r["queued_ns"].as_u64().expect("a queue wait");
+                assert_eq!(q, posted_at);
+                assert!(sent <= q && q <= r["start_ns"].as_u64().unwrap());
+                assert!(r["end_ns"].as_u64().unwrap() <= received);
+            }
+            let mut generated: Vec<u64> = requests
+                .iter()
+                .map(|r| r["generated_tokens"].as_u64().unwrap())
+                .collect();
+            let mut predicted: Vec<u64> = results
+                .iter()
+                .map(|r| r["tokens_predicted"].as_u64().unwrap())
+                .collect();
+            generated.sort();
+            predicted.sort();
+            assert_eq!(generated, predicted);
+        },
+    );
+}
+
+/// Embedding and rerank requests beside completions, each on a server started with the flag
+/// it needs: every request carries its task's type (a rerank of two documents is two tasks).
+#[test]
+fn requests_carry_their_type() {
+    on_every_server("requests_carry_their_type", |f, model| {
+        let bin = f.server.as_ref().unwrap();
+        let help = help(bin);
+        for (flags, path_, body, expect) in [
+            (
+                vec!["--embeddings", "--pooling", "mean"],
+                "/embedding",
+                serde_json::json!({"content": "an embedding of these words"}),
+                ("embedding", 1),
+            ),
+            (
+                vec!["--reranking"],
+                "/rerank",
+                serde_json::json!({"query": "which", "documents": ["one document", "another one here"]}),
+                ("rerank", 2),
+            ),
+        ] {
+            if !help.contains(flags[0]) {
+                eprintln!("{}: no {} flag: skipped", f.name, flags[0]);
+                continue;
+            }
+            let Some(server) = Server::try_start(bin, model, &f.env, &flags) else {
+                // The tiny model is a llama with no classifier head: builds before 2026 abort
+                // on it with --reranking (the newest pools its rows instead).
+                eprintln!(
+                    "{}: llama-server {} refuses the tiny model: {} not tested here",
+                    f.name, flags[0], expect.0
+                );
+                assert_ne!(
+                    f.name, "newest",
+                    "the newest fixture must serve {}",
+                    expect.0
+                );
+                continue;
+            };
+            let dir = scratch(&format!("types-{}-{}", f.name, expect.0));
+            let summary = dir.join("summary.json");
+            let events = dir.join("events.jsonl");
+            let probe = attach(
+                f,
+                &server,
+                &[
+                    "--metrics-addr",
+                    "off",
+                    "--summary-json",
+                    path(&summary),
+                    "--events-out",
+                    path(&events),
+                ],
+            );
+            server.post(path_, &body);
+            let c = completion(server.port, "and a completion beside it", 4);
+            assert_eq!(c["tokens_predicted"], 4);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let (code, stdout) = probe.interrupt();
+            assert_eq!(code, 0, "{stdout}");
+            let s = json(&summary);
+            let (kind, n) = expect;
+            assert_eq!(
+                s["requests_by_type"],
+                serde_json::json!({kind: n, "completion": 1}),
+                "{}: {stdout}",
+                f.name
+            );
+            assert_eq!(s["request_queue"]["count"], n + 1);
+            let all = json_lines(&events);
+            for r in of_kind(&all, "request") {
+                if r["type"] == kind {
+                    assert_eq!(r["generated_tokens"], 0, "{r}");
+                    assert_eq!(r["closed_by"], "slot_released", "{r}");
+                } else {
+                    assert_eq!(r["generated_tokens"], 4, "{r}");
+                }
+            }
+        }
+    });
+}
+
+/// A completion that outgrows its slot's context: llama-server shifts it (seq_rm + seq_add)
+/// and logs each shift; llamaprobe counts exactly as many, and the request goes on as one.
+#[test]
+fn context_shifts_are_counted() {
+    on_every_server("context_shifts_are_counted", |f, model| {
+        let bin = f.server.as_ref().unwrap();
+        let dir = scratch(&format!("shift-{}", f.name));
+        let log = dir.join("server.log");
+        let mut flags = vec!["-c", "128", "-np", "1"];
+        if help(bin).contains("--context-shift,") {
+            flags.push("--context-shift"); // off by default in the newest builds
+        }
+        let server = Server::start_with(bin, model, &f.env, &flags, Some(&log));
+        let (summary, metrics_port) = (dir.join("summary.json"), free_port());
+        let probe = attach(
+            f,
+            &server,
+            &[
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--summary-json",
+                path(&summary),
+            ],
+        );
+        let r = server.post(
+            "/completion",
+            &serde_json::json!({"prompt": "a long generation", "n_predict": 300, "ignore_eos": true, "seed": 1}),
+        );
+        let predicted = r["tokens_predicted"].as_u64().unwrap();
+        let logged = std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("context shift")
+            .count();
+        assert!(logged >= 1, "the server shifted: {logged}, {r}");
+        let ours = wait_metrics(metrics_port, |m| {
+            sum_of(m, "llamacpp_context_shifts_total", "") >= logged as f64
+        });
+        assert_eq!(
+            sum_of(&ours, "llamacpp_context_shifts_total", ""),
+            logged as f64
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (code, stdout) = probe.interrupt();
+        assert_eq!(code, 0, "{stdout}");
+        assert!(
+            stdout.contains(&format!("context shifts: {logged}")),
+            "{stdout}"
+        );
+        let s = json(&summary);
+        assert_eq!(s["requests"], 1);
+        assert_eq!(s["context_shifts"], logged);
+        assert_eq!(s["sampled_tokens"], predicted);
+    });
 }

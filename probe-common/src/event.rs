@@ -26,6 +26,8 @@ pub enum EventKind {
     TaskPost = 60,
     /// One llama-server slot released ([`SlotReleaseEvent`]).
     SlotRelease = 61,
+    /// One task launched on (or refused by) a llama-server slot ([`SlotLaunchEvent`]).
+    SlotLaunch = 62,
 }
 
 impl EventKind {
@@ -40,6 +42,7 @@ impl EventKind {
             50 => Self::Memory,
             60 => Self::TaskPost,
             61 => Self::SlotRelease,
+            62 => Self::SlotLaunch,
             _ => return None,
         })
     }
@@ -228,10 +231,12 @@ pub enum MemoryOp {
     SeqCp = 2,
     /// Cleared every sequence.
     Clear = 3,
+    /// Moved positions `[p0, p1)` of `seq_id` by `delta` (a context shift when negative).
+    SeqAdd = 4,
 }
 
-/// One change of the KV memory: `llama_memory_seq_rm` / `_seq_cp` / `_clear` and their older
-/// names (`llama_kv_self_*`, `llama_kv_cache_*`).
+/// One change of the KV memory: `llama_memory_seq_rm` / `_seq_cp` / `_seq_add` / `_clear` and
+/// their older names (`llama_kv_self_*`, `llama_kv_cache_*`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryEvent {
@@ -246,10 +251,32 @@ pub struct MemoryEvent {
     pub op: u32,
     /// Return value (seq_rm: bool; others 1).
     pub ret: u32,
+    /// `seq_add`'s position shift (0 for the other operations).
+    pub delta: i32,
+    pub _pad: u32,
+}
+
+/// Tasks of one post whose ids are read (a `/completion` with an array of prompts posts one
+/// task per prompt; more are counted in [`TaskPostEvent::tasks_bytes`] but not read).
+pub const MAX_POST_TASKS: usize = 8;
+
+/// One `server_task` of a post, as read at `server_queue::post`'s entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostedTask {
+    /// `server_task::id` (-1: not assigned yet, or unreadable).
+    pub id: i32,
+    /// `server_task::type` (a `server_task_type` value; -1 if the layout has no offset).
+    pub task_type: i32,
+    /// `server_task::id_target`: the task a cancel task cancels (-1 otherwise).
+    pub id_target: i32,
+    pub _pad: i32,
 }
 
 /// One `server_queue::post(std::vector<server_task> && tasks, bool front)` call: llama-server
 /// accepted work from an HTTP handler (completion, embedding, …; `front` is set for cancels).
+/// Sent from the entry probe, before the server loop can see the tasks, so it always reaches
+/// the agent before any event of the work it starts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TaskPostEvent {
@@ -258,19 +285,45 @@ pub struct TaskPostEvent {
     pub tasks_bytes: u64,
     /// The `front` argument (1: pushed to the front, as llama-server does for cancel tasks).
     pub front: u32,
+    /// Valid entries of `tasks` (the first task is always read when the vector is not empty;
+    /// the others only when the layout knows `sizeof(server_task)`).
+    pub n_read: u32,
+    /// Tasks in the vector: `tasks_bytes / sizeof(server_task)`; 0 when the layout does not
+    /// know the size or the vector's size is not a multiple of it (a version between two
+    /// layout rows), and then only the first task is read.
+    pub n_tasks: u32,
+    pub _pad: u32,
+    pub tasks: [PostedTask; MAX_POST_TASKS],
+}
+
+/// One `server_context::launch_slot_with_task(server_slot & slot, server_task && task)`
+/// call: a slot took a task from the queue (its queue wait ends), or refused it (`ok` = 0: an
+/// invalid request, answered with an error, never run).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlotLaunchEvent {
+    pub header: EventHeader,
+    /// `server_slot::id` (-1 if unreadable).
+    pub slot_id: i32,
+    /// `server_task::id` of the task (-1 if unreadable).
+    pub task_id: i32,
+    /// The return value: 1 launched, 0 refused.
+    pub ok: u32,
     pub _pad: u32,
 }
 
 /// One `void server_slot::release()` call: llama-server's slot stopped processing its task
 /// (after the final response, a cancel or an error). The slot's `id`, its first member in every
-/// version, is the sequence id of its batches.
+/// version, is the sequence id of its batches. Sent from the entry probe, where the slot still
+/// holds its task.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotReleaseEvent {
     pub header: EventHeader,
     /// `server_slot::id` (-1 if unreadable).
     pub slot_id: i32,
-    pub _pad: u32,
+    /// The id of the task the slot holds (-1: none, or not readable with this layout).
+    pub task_id: i32,
 }
 
 /// Index of the counter of events the ring buffer had no room for.
@@ -288,6 +341,8 @@ const _: () = assert!(size_of::<ModelLoadEvent>() == 32 + 8 + 8 + PATH_CAP);
 const _: () = assert!(size_of::<ContextEvent>() == 32 + 16 + 24);
 const _: () = assert!(size_of::<SampleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);
-const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 24);
-const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 8);
+const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 32);
+const _: () = assert!(size_of::<PostedTask>() == 16);
+const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 16 + 16 * MAX_POST_TASKS);
+const _: () = assert!(size_of::<SlotLaunchEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8);

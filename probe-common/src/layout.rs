@@ -55,12 +55,27 @@ pub struct ContextParamsLayout {
     pub n_threads_batch: u32,
 }
 
-/// The llama-server structs the server probes read.
+/// The llama-server structs the server probes read ([`ABSENT`]: not read in this version).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerLayout {
-    /// Offset of `int id` in `struct server_slot` ([`ABSENT`]: not read).
+    /// Offset of `int id` in `struct server_slot`.
     pub slot_id: u32,
+    /// Offset of `int id_task` in `struct server_slot` (2024-2025: the slot keeps its task's
+    /// id).
+    pub slot_task_id: u32,
+    /// Offset of the task pointer in `struct server_slot` (2026: `std::unique_ptr<const
+    /// server_task> task`, whose stored pointer is its only word); the id is then read at
+    /// `task_id` in the task it points to.
+    pub slot_task_ptr: u32,
+    /// `sizeof(struct server_task)`: the stride of a posted task vector.
+    pub task_size: u32,
+    /// Offset of `int id` in `struct server_task`.
+    pub task_id: u32,
+    /// Offset of `server_task_type type` in `struct server_task`.
+    pub task_type: u32,
+    /// Offset of `int id_target` in `struct server_task`.
+    pub task_id_target: u32,
 }
 
 /// Everything the probes need to read one process's structs.
@@ -80,5 +95,5 @@ unsafe impl aya::Pod for ProcessLayout {}
 const _: () = assert!(size_of::<ClassicBatchLayout>() == 20);
 const _: () = assert!(size_of::<BatchExtLayout>() == 28);
 const _: () = assert!(size_of::<ContextParamsLayout>() == 24);
-const _: () = assert!(size_of::<ServerLayout>() == 4);
-const _: () = assert!(size_of::<ProcessLayout>() == 76);
+const _: () = assert!(size_of::<ServerLayout>() == 28);
+const _: () = assert!(size_of::<ProcessLayout>() == 100);

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use probe_common::{
     ContextEvent, DecodeEvent, MemoryEvent, ModelLoadEvent, ProcessLayout, SampleEvent,
-    SlotReleaseEvent, SyncEvent, TaskPostEvent, LOST_COUNTERS,
+    SlotLaunchEvent, SyncEvent, TaskPostEvent, LOST_COUNTERS,
 };
 
 /// Finished events, read by the agent.
@@ -35,9 +35,7 @@ pub static SYNC_ENTRY: HashMap<u32, SyncEvent> = HashMap::with_max_entries(4096,
 #[map]
 pub static MEMORY_ENTRY: HashMap<u32, MemoryEvent> = HashMap::with_max_entries(1024, 0);
 #[map]
-pub static TASK_POST_ENTRY: HashMap<u32, TaskPostEvent> = HashMap::with_max_entries(1024, 0);
-#[map]
-pub static SLOT_RELEASE_ENTRY: HashMap<u32, SlotReleaseEvent> = HashMap::with_max_entries(256, 0);
+pub static SLOT_LAUNCH_ENTRY: HashMap<u32, SlotLaunchEvent> = HashMap::with_max_entries(256, 0);
 
 /// The batch walk's cursor (see `probes::decode::scan`), kept in map memory on purpose.
 #[repr(C)]
@@ -58,6 +56,8 @@ pub static SCAN_SCRATCH: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(
 pub static DECODE_SCRATCH: PerCpuArray<DecodeEvent> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static MODEL_SCRATCH: PerCpuArray<ModelLoadEvent> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static POST_SCRATCH: PerCpuArray<TaskPostEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counts one lost event of cause `index`.
 #[inline(always)]

@@ -46,6 +46,10 @@ enum Task {
     Test {
         #[arg(long, value_enum, default_value = "default")]
         matrix: Matrix,
+        /// Repeat the tests that run rounds under CPU load (queue wait on every server
+        /// fixture) 20 times instead of 3: a long run, for hunting scheduling-dependent faults.
+        #[arg(long)]
+        stress: bool,
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
         cargo_args: Vec<String>,
@@ -78,7 +82,11 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::run(),
         Task::Fixtures { matrix, large } => fixtures::run(matrix, large),
-        Task::Test { matrix, cargo_args } => test::run(matrix, &cargo_args),
+        Task::Test {
+            matrix,
+            stress,
+            cargo_args,
+        } => test::run(matrix, stress, &cargo_args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(args),
         Task::Compat { write } => compat::run(write),
@@ -109,7 +117,10 @@ mod tests {
             "--nocapture",
         ])
         .unwrap();
-        let Task::Test { matrix, cargo_args } = cli.command else {
+        let Task::Test {
+            matrix, cargo_args, ..
+        } = cli.command
+        else {
             panic!("not the test task");
         };
         assert_eq!(matrix, Matrix::Full);

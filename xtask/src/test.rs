@@ -10,12 +10,12 @@ use crate::{
     util::{self, progress},
 };
 
-pub fn run(matrix: Matrix, cargo_args: &[String]) -> Result<()> {
+pub fn run(matrix: Matrix, stress: bool, cargo_args: &[String]) -> Result<()> {
     if !util::is_root() {
         bail!("`cargo xtask test` loads eBPF programs and must run as root: run it again with sudo or as root");
     }
     let mut phases: Vec<(&str, Duration, bool)> = Vec::new();
-    let result = run_phases(matrix, cargo_args, &mut phases);
+    let result = run_phases(matrix, stress, cargo_args, &mut phases);
 
     eprintln!();
     progress!("phase times:");
@@ -31,8 +31,12 @@ pub fn run(matrix: Matrix, cargo_args: &[String]) -> Result<()> {
     result
 }
 
+/// Rounds of the tests repeated under CPU load, with `--stress`.
+const STRESS_ROUNDS: &str = "20";
+
 fn run_phases(
     matrix: Matrix,
+    stress: bool,
     cargo_args: &[String],
     phases: &mut Vec<(&'static str, Duration, bool)>,
 ) -> Result<()> {
@@ -64,6 +68,9 @@ fn run_phases(
             .env("LLAMAPROBE_REQUIRE_ROOT", "1")
             .env("LLAMAPROBE_REQUIRE_FIXTURES", "1")
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if stress {
+            cmd.env("LLAMAPROBE_STRESS_ROUNDS", STRESS_ROUNDS);
+        }
         cmd
     };
 

@@ -20,8 +20,10 @@ pub struct SelfStats {
     pub undecodable: u64,
     /// Requests in progress.
     pub requests_active: u64,
-    /// Posts to llama-server's task queue no request claimed (dropped while idle).
-    pub posts_unclaimed: u64,
+    /// Work llama-server accepted that never became a request.
+    pub unserved: crate::requests::Unserved,
+    /// Tasks llama-server accepted that no slot has taken yet (by task id).
+    pub tasks_waiting: u64,
 }
 
 /// A consumer of observations.

@@ -70,7 +70,6 @@ const TOKEN_BOUNDS: [f64; 14] = [
     16777216.0, 67108864.0,
 ];
 
-const OPERATION: &str = "text_completion";
 const PROVIDER: &str = "llama.cpp";
 
 /// OTLP transport.
@@ -549,13 +548,14 @@ impl Otlp {
 
     fn request(&mut self, r: &Request) {
         let model = r.model.to_string();
+        let operation = r.operation();
         let name = if model.is_empty() {
-            OPERATION.to_string()
+            operation.to_string()
         } else {
-            format!("{OPERATION} {model}")
+            format!("{operation} {model}")
         };
         let mut common = vec![
-            KeyValue::new("gen_ai.operation.name", OPERATION),
+            KeyValue::new("gen_ai.operation.name", operation),
             KeyValue::new("gen_ai.provider.name", PROVIDER),
         ];
         if !model.is_empty() {
@@ -593,8 +593,13 @@ impl Otlp {
             KeyValue::new("llama.request.prompt_tokens", r.prompt_tokens as i64),
             KeyValue::new("llama.request.decode_steps", r.decode_steps as i64),
             KeyValue::new("llama.request.closed_by", r.closed_by),
+            KeyValue::new("llama.request.type", r.task_type),
+            KeyValue::new("llama.request.context_shifts", r.context_shifts as i64),
             KeyValue::new("process.pid", r.pid as i64),
         ]);
+        if let Some(t) = r.task_id {
+            attrs.push(KeyValue::new("llama.request.task_id", t as i64));
+        }
         if let Some(t) = r.ttft_s() {
             attrs.push(KeyValue::new("gen_ai.server.time_to_first_token", t));
         }

@@ -114,8 +114,10 @@ pub struct Metrics {
     request_prompt_tokens: HistogramVec,
     request_generated_tokens: HistogramVec,
     request_queue: HistogramVec,
-    posts_unclaimed: IntCounter,
+    unserved: IntCounterVec,
+    context_shifts: IntCounterVec,
     requests_active: IntGauge,
+    requests_waiting: IntGauge,
     probes_attached: IntGauge,
     /// Per-process handles of the per-event series.
     hot: HashMap<u32, Hot>,
@@ -235,47 +237,57 @@ impl Metrics {
                 "llamacpp_time_to_first_token_seconds",
                 "Request arrival (accepted by llama-server's task queue where probed, else its first prompt chunk) to the sampling of its first token.",
                 TTFT_BUCKETS,
-                &["pid", "model"],
+                &["pid", "model", "type"],
             ),
             tpot: hist(
                 "llamacpp_time_per_output_token_seconds",
                 "Mean time between a request's generated tokens after the first.",
                 TPOT_BUCKETS,
-                &["pid", "model"],
+                &["pid", "model", "type"],
             ),
             request_duration: hist(
                 "llamacpp_request_duration_seconds",
                 "Request arrival (as for time to first token) to the sampling of its last token.",
                 REQUEST_BUCKETS,
-                &["pid", "model"],
+                &["pid", "model", "type"],
             ),
             request_prompt_tokens: hist(
                 "llamacpp_request_prompt_tokens",
                 "Prompt size of a request (reused from the cache plus decoded).",
                 TOKEN_BUCKETS,
-                &["pid", "model"],
+                &["pid", "model", "type"],
             ),
             request_generated_tokens: hist(
                 "llamacpp_request_generated_tokens",
                 "Tokens generated (sampled) for a request.",
                 TOKEN_BUCKETS,
-                &["pid", "model"],
+                &["pid", "model", "type"],
             ),
             request_queue: hist(
                 "llamacpp_request_queue_seconds",
                 "Queue wait of a llama-server request: accepted (server_queue::post) to the start of its first prompt chunk.",
                 LATENCY_BUCKETS,
-                &["pid", "model"],
+                &["pid", "model", "type"],
             ),
             hot: HashMap::new(),
-            posts_unclaimed: IntCounter::new(
-                "llamaprobe_task_posts_unclaimed_total",
-                "Tasks posted to llama-server's queue that no reconstructed request claimed (rejected or cancelled before a slot took them); dropped once the server was idle.",
-            )
-            .expect("valid counter"),
+            unserved: counter(
+                "llamacpp_requests_unserved_total",
+                "Work llama-server accepted that never became a request, by reason: cancelled (before a slot took it), rejected (refused by the slot), unclaimed (matched by timing, where slot launches are not probed, or evicted from a full table).",
+                &["reason"],
+            ),
+            context_shifts: counter(
+                "llamacpp_context_shifts_total",
+                "Context shifts: a generating sequence outgrew its share of the context and llama.cpp discarded some of its tokens (seq_add with a negative shift).",
+                &["pid", "model"],
+            ),
             requests_active: IntGauge::new(
                 "llamacpp_requests_active",
                 "Requests in progress (reconstructed from the decode batches; in llama-server each ends when its slot is released).",
+            )
+            .expect("valid gauge"),
+            requests_waiting: IntGauge::new(
+                "llamacpp_requests_waiting",
+                "Tasks llama-server accepted that no slot has taken yet (its queue, by task id; 0 where slot launches are not probed).",
             )
             .expect("valid gauge"),
             probes_attached: IntGauge::new(
@@ -296,8 +308,10 @@ impl Metrics {
             Box::new(m.request_prompt_tokens.clone()),
             Box::new(m.request_generated_tokens.clone()),
             Box::new(m.request_queue.clone()),
-            Box::new(m.posts_unclaimed.clone()),
+            Box::new(m.unserved.clone()),
+            Box::new(m.context_shifts.clone()),
             Box::new(m.requests_active.clone()),
+            Box::new(m.requests_waiting.clone()),
             Box::new(m.context_used.clone()),
             Box::new(m.context_utilization.clone()),
         ];
@@ -322,6 +336,9 @@ impl Metrics {
         }
         for reason in ["ringbuf_full", "entry_map_full", "undecodable"] {
             m.events_lost.with_label_values(&[reason]);
+        }
+        for reason in ["cancelled", "rejected", "unclaimed"] {
+            m.unserved.with_label_values(&[reason]);
         }
         m
     }
@@ -375,10 +392,19 @@ impl Sink for Metrics {
             }
         }
         match obs {
-            Observation::Memory(_) | Observation::TaskPost(_) | Observation::SlotRelease(_) => {}
+            Observation::Memory(_)
+            | Observation::TaskPost(_)
+            | Observation::SlotLaunch(_)
+            | Observation::SlotRelease(_) => {}
+            Observation::ContextShift(c) => {
+                let pid = c.origin.pid.to_string();
+                self.context_shifts
+                    .with_label_values(&[pid.as_str(), &c.origin.model])
+                    .inc();
+            }
             Observation::Request(r) => {
                 let pid = r.pid.to_string();
-                let labels = [pid.as_str(), &*r.model];
+                let labels = [pid.as_str(), &*r.model, r.task_type];
                 if let Some(t) = r.ttft_s() {
                     self.ttft.with_label_values(&labels).observe(t);
                 }
@@ -506,7 +532,14 @@ impl Sink for Metrics {
     fn tick(&mut self, s: &SelfStats) {
         self.probes_attached.set(s.probes_attached as i64);
         self.requests_active.set(s.requests_active as i64);
-        set_counter(&self.posts_unclaimed, s.posts_unclaimed);
+        self.requests_waiting.set(s.tasks_waiting as i64);
+        for (reason, n) in [
+            ("cancelled", s.unserved.cancelled),
+            ("rejected", s.unserved.rejected),
+            ("unclaimed", s.unserved.unclaimed),
+        ] {
+            set_counter(&self.unserved.with_label_values(&[reason]), n);
+        }
         set_counter(
             &self.events_lost.with_label_values(&["ringbuf_full"]),
             s.lost_ringbuf,

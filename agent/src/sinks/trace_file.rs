@@ -150,6 +150,7 @@ impl Sink for TraceFile {
                     (start, end),
                     json!({
                         "seq_id": m.seq_id, "seq_dst": m.seq_dst, "p0": m.p0, "p1": m.p1,
+                        "delta": m.delta,
                     }),
                 ),
                 Observation::TaskPost(p) => self.span(
@@ -157,14 +158,31 @@ impl Sink for TraceFile {
                     "task posted",
                     "server",
                     (start, end),
-                    json!({"front": p.front, "tasks_bytes": p.tasks_bytes}),
+                    json!({"front": p.front, "tasks_bytes": p.tasks_bytes, "tasks": p.tasks}),
+                ),
+                Observation::SlotLaunch(l) => self.span(
+                    (pid, tid),
+                    &format!("slot {} takes task {}", l.slot_id, l.task_id),
+                    "server",
+                    (start, end),
+                    json!({"slot_id": l.slot_id, "task_id": l.task_id, "ok": l.ok}),
                 ),
                 Observation::SlotRelease(r) => self.span(
                     (pid, tid),
                     &format!("slot {} released", r.slot_id),
                     "server",
                     (start, end),
-                    json!({"slot_id": r.slot_id}),
+                    json!({"slot_id": r.slot_id, "task_id": r.task_id}),
+                ),
+                Observation::ContextShift(c) => self.span(
+                    (pid, tid),
+                    &format!(
+                        "context shift (sequence {}, {} tokens)",
+                        c.seq_id, c.discarded
+                    ),
+                    "context_shift",
+                    (start, end),
+                    json!({"seq_id": c.seq_id, "discarded": c.discarded, "request": c.request_id}),
                 ),
                 Observation::Request(_) => {}
             }
@@ -177,7 +195,8 @@ impl Sink for TraceFile {
                 "request": r.id, "input_tokens": r.input_tokens(), "cached_tokens": r.cached_tokens,
                 "prompt_tokens": r.prompt_tokens, "generated_tokens": r.generated_tokens,
                 "ttft_ms": r.ttft_s().map(|s| s * 1e3), "tpot_ms": r.tpot_s().map(|s| s * 1e3),
-                "queue_ms": r.queue_s().map(|s| s * 1e3),
+                "queue_ms": r.queue_s().map(|s| s * 1e3), "type": r.task_type,
+                "task_id": r.task_id, "context_shifts": r.context_shifts,
             });
             self.span(
                 (r.pid, tid),

@@ -104,6 +104,43 @@ pub fn dur_ms(e: &Value) -> f64 {
 pub mod fixtures;
 pub mod server;
 
+/// Background CPU load: `n` busy-loop processes at normal priority, as on a busy node (the
+/// machines running llama.cpp are). Killed on drop.
+pub struct CpuLoad(Vec<std::process::Child>);
+
+impl CpuLoad {
+    pub fn start(n: usize) -> Self {
+        Self(
+            (0..n)
+                .map(|_| {
+                    Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("start a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Rounds of a test repeated under load: `default` in the suite, `LLAMAPROBE_STRESS_ROUNDS`
+/// when set (`cargo xtask test --stress` sets 20).
+pub fn rounds(default: usize) -> usize {
+    std::env::var("LLAMAPROBE_STRESS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Serialises the tests that attach probes: several llamaprobe sessions attaching and
 /// detaching at once on 2 CPUs make the kernel's uprobe teardown (RCU grace periods) slow.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {

@@ -91,17 +91,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// llama-server's arguments for the tests: 4 slots over a 2048-token context, 2 threads,
-/// --metrics for its own counters, and where this version has them, one model load (--fit off)
-/// and no web UI.
-pub fn server_args(bin: &Path, model: &Path, port: u16) -> Vec<String> {
-    let help = Command::new(bin)
+/// A llama.cpp program's `--help` text (stdout and stderr).
+pub fn help(bin: &Path) -> String {
+    Command::new(bin)
         .arg("--help")
         .output()
         .map(|o| {
             String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// llama-server's arguments for the tests: 4 slots over a 2048-token context, 2 threads,
+/// --metrics for its own counters, and where this version has them, one model load (--fit off)
+/// and no web UI.
+pub fn server_args(bin: &Path, model: &Path, port: u16) -> Vec<String> {
+    let help = help(bin);
     let mut args: Vec<String> = [
         "-m",
         &model.to_string_lossy(),
@@ -202,17 +207,79 @@ impl Server {
         model: &Path,
         env: &std::collections::HashMap<String, String>,
     ) -> Self {
+        Self::start_with(bin, model, env, &[], None)
+    }
+
+    /// With `extra` arguments after the tests' usual ones (a later `-c` or `-np` wins), and its
+    /// log (stdout and stderr) in `log` if given.
+    pub fn start_with(
+        bin: &Path,
+        model: &Path,
+        env: &std::collections::HashMap<String, String>,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> Self {
+        let port = free_port();
+        let (out, err) = match log {
+            Some(p) => {
+                let f = std::fs::File::create(p).expect("server log");
+                (Stdio::from(f.try_clone().unwrap()), Stdio::from(f))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
+        let mut child = Command::new(bin)
+            .args(server_args(bin, model, port))
+            .args(extra)
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start llama-server");
+        wait_healthy(port, &mut child);
+        Self { child, port }
+    }
+
+    /// Like [`Server::start_with`], or `None` if the server exits before it is healthy (it
+    /// refuses these flags or the model).
+    pub fn try_start(
+        bin: &Path,
+        model: &Path,
+        env: &std::collections::HashMap<String, String>,
+        extra: &[&str],
+    ) -> Option<Self> {
         let port = free_port();
         let mut child = Command::new(bin)
             .args(server_args(bin, model, port))
+            .args(extra)
             .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start llama-server");
-        wait_healthy(port, &mut child);
-        Self { child, port }
+        let t0 = Instant::now();
+        loop {
+            if get(&format!("http://127.0.0.1:{port}/health")).is_some_and(|b| b.contains("ok")) {
+                return Some(Self { child, port });
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                return None;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "llama-server not healthy after 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// POST a JSON body to `path`; the response's JSON.
+    pub fn post(&self, path: &str, body: &Value) -> Value {
+        let mut r = ureq::post(&format!("http://127.0.0.1:{}{path}", self.port))
+            .send_json(body)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        r.body_mut().read_json().unwrap()
     }
 
     /// llama-server's own /metrics.

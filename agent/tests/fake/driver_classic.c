@@ -120,9 +120,63 @@ static void sync_and_sample(struct llama_context * ctx, struct llama_sampler * s
     *last = t;
 }
 
+/*
+ * `driver_classic MODEL_PATH retry`: after the same loads and context (#1-3), a prompt and then,
+ * for each failure code rc in 1, 2, -1, -3 (i = 0..3), a generation step and a mixed step
+ * that each fail once with rc (fake_fail_next_decode) and are retried with the same batch:
+ *   P   12 prompt tokens, ids 100..111, seq 0, pos 0..11, output last     0, sample(-1) -> 999
+ *   G_i id `last` (999, then 1000), seq 0, pos 12+2i, output                rc, then 0;
+ *       sample(0) -> 1000
+ *   M_i id 1000, seq 0, pos 13+2i, output; then 4 prompt tokens ids 200+10i.., seq 1+i,
+ *       pos 0..3, output on the last                                         rc, then 0;
+ *       sample(0) -> 1000, sample(4) -> 1004
+ * Totals: 17 decodes (9 ok; 2 each of 1, 2, -1, -3), 13 samples, 6 synchronize (not called
+ * here: 0); prompt tokens of successful steps 12 + 4*4 = 28; generated tokens fed back by
+ * successful steps 4 + 4 = 8; steps by phase: prompt 1, generation 8, mixed 8.
+ */
+static int run_retries(struct llama_context * ctx, struct llama_sampler * smpl) {
+    static const int rcs[4] = { 1, 2, -1, -3 };
+    llama_token last = 0;
+    cb_clear();
+    for (int i = 0; i < 12; i++) {
+        cb_add(100 + i, i, 0, i == 11);
+    }
+    decode(ctx, cb.b, 0);
+    last = llama_sampler_sample(smpl, ctx, -1);
+    driver_sample(last, 999);
+    for (int i = 0; i < 4; i++) {
+        for (int attempt = 0; attempt < 2; attempt++) {
+            if (attempt == 0) {
+                fake_fail_next_decode(rcs[i]);
+            }
+            cb_clear();
+            cb_add(last, 12 + 2 * i, 0, 1);
+            decode(ctx, cb.b, attempt == 0 ? rcs[i] : 0);
+        }
+        last = llama_sampler_sample(smpl, ctx, 0);
+        driver_sample(last, 1000);
+        for (int attempt = 0; attempt < 2; attempt++) {
+            if (attempt == 0) {
+                fake_fail_next_decode(rcs[i]);
+            }
+            cb_clear();
+            cb_add(last, 13 + 2 * i, 0, 1);
+            for (int k = 0; k < 4; k++) {
+                cb_add(200 + 10 * i + k, k, 1 + i, k == 3);
+            }
+            decode(ctx, cb.b, attempt == 0 ? rcs[i] : 0);
+        }
+        last = llama_sampler_sample(smpl, ctx, 0);
+        driver_sample(last, 1000);
+        driver_sample(llama_sampler_sample(smpl, ctx, 4), 1004);
+    }
+    return driver_finish();
+}
+
 int main(int argc, char ** argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s MODEL_PATH\n", argv[0]);
+    int retry = argc == 3 && strcmp(argv[2], "retry") == 0;
+    if (argc != 2 && !retry) {
+        fprintf(stderr, "usage: %s MODEL_PATH [retry]\n", argv[0]);
         return 2;
     }
     driver_wait_for_start();
@@ -165,6 +219,9 @@ int main(int argc, char ** argv) {
     static long sampler_storage[4];
     struct llama_sampler * smpl = (struct llama_sampler *) (void *) sampler_storage;
     llama_token last = 0;
+    if (retry) {
+        return run_retries(ctx, smpl);
+    }
 
     /* 4-6: prompt of 12 tokens, seq 0 */
     cb_clear();

@@ -45,7 +45,19 @@ __attribute__((visibility("hidden"))) void fake_sleep_us(long us) {
     }
 }
 
+/* Test hook (not a llama.cpp function): the next decode returns `rc`, whatever its tokens. */
+static int32_t g_fail_next = 0;
+
+FAKE_API void fake_fail_next_decode(int32_t rc) {
+    g_fail_next = rc;
+}
+
 __attribute__((visibility("hidden"))) int32_t fake_decode_rc(int has_first, llama_token first) {
+    if (g_fail_next != 0) {
+        int32_t rc = g_fail_next;
+        g_fail_next = 0;
+        return rc;
+    }
     if (!has_first) {
         return 0;
     }

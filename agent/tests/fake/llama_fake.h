@@ -166,6 +166,10 @@ bool    llama_batch_ext_set_output_logits(struct llama_batch_ext * batch, int32_
 bool    llama_batch_ext_set_pos(struct llama_batch_ext * batch, int32_t idx, const llama_pos * pos);
 int32_t llama_process(struct llama_context * ctx, enum llama_process_type type, struct llama_batch_ext * batch);
 
+/* ---- test hook of the fake (exported, not a llama.cpp function) ---- */
+/* the next decode returns rc (then decodes go by token id again) */
+void fake_fail_next_decode(int32_t rc);
+
 /* ---- internal helpers shared by the fake libs (hidden: not in .dynsym) ---- */
 __attribute__((visibility("hidden"))) void fake_sleep_us(long us);
 /* decode return code chosen by the first token id: 9001 -> 1, 9002 -> 2, 9003 -> -1,

@@ -3,6 +3,9 @@
 //!   llama_pos p1)` (2025+), `llama_kv_self_seq_rm(ctx, …)`, `llama_kv_cache_seq_rm(ctx, …)`;
 //! - `void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id src, llama_seq_id dst,
 //!   llama_pos p0, llama_pos p1)` and the older names;
+//! - `void llama_memory_seq_add(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0,
+//!   llama_pos p1, llama_pos delta)` and the older names (a context shift moves a sequence's
+//!   positions back after removing some);
 //! - `void llama_memory_clear(llama_memory_t mem, bool data)`, `llama_kv_self_clear(ctx)`,
 //!   `llama_kv_cache_clear(ctx)`.
 //!
@@ -23,7 +26,7 @@ fn arg_i32(ctx: &ProbeContext, n: usize) -> i32 {
 }
 
 #[inline(always)]
-fn start(ctx: &ProbeContext, op: MemoryOp, seq: i32, dst: i32, p0: i32, p1: i32) {
+fn start(ctx: &ProbeContext, op: MemoryOp, seq: i32, dst: i32, p0: i32, p1: i32, delta: i32) {
     let mut ev = MemoryEvent::default();
     enter(&MEMORY_ENTRY, &mut ev, |ev| {
         ev.handle = ctx.arg::<u64>(0).unwrap_or(0);
@@ -32,13 +35,14 @@ fn start(ctx: &ProbeContext, op: MemoryOp, seq: i32, dst: i32, p0: i32, p1: i32)
         ev.seq_dst = dst;
         ev.p0 = p0;
         ev.p1 = p1;
+        ev.delta = delta;
     });
 }
 
 #[uprobe]
 pub fn memory_seq_rm(ctx: ProbeContext) -> u32 {
     let (seq, p0, p1) = (arg_i32(&ctx, 1), arg_i32(&ctx, 2), arg_i32(&ctx, 3));
-    start(&ctx, MemoryOp::SeqRm, seq, -1, p0, p1);
+    start(&ctx, MemoryOp::SeqRm, seq, -1, p0, p1, 0);
     0
 }
 
@@ -46,13 +50,20 @@ pub fn memory_seq_rm(ctx: ProbeContext) -> u32 {
 pub fn memory_seq_cp(ctx: ProbeContext) -> u32 {
     let (src, dst) = (arg_i32(&ctx, 1), arg_i32(&ctx, 2));
     let (p0, p1) = (arg_i32(&ctx, 3), arg_i32(&ctx, 4));
-    start(&ctx, MemoryOp::SeqCp, src, dst, p0, p1);
+    start(&ctx, MemoryOp::SeqCp, src, dst, p0, p1, 0);
     0
 }
 
 #[uprobe]
 pub fn memory_clear(ctx: ProbeContext) -> u32 {
-    start(&ctx, MemoryOp::Clear, -1, -1, -1, -1);
+    start(&ctx, MemoryOp::Clear, -1, -1, -1, -1, 0);
+    0
+}
+
+#[uprobe]
+pub fn memory_seq_add(ctx: ProbeContext) -> u32 {
+    let (seq, p0, p1) = (arg_i32(&ctx, 1), arg_i32(&ctx, 2), arg_i32(&ctx, 3));
+    start(&ctx, MemoryOp::SeqAdd, seq, -1, p0, p1, arg_i32(&ctx, 4));
     0
 }
 

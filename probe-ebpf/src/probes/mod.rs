@@ -53,6 +53,7 @@ impl_event!(probe_common::SyncEvent, EventKind::Synchronize);
 impl_event!(probe_common::MemoryEvent, EventKind::Memory);
 impl_event!(probe_common::TaskPostEvent, EventKind::TaskPost);
 impl_event!(probe_common::SlotReleaseEvent, EventKind::SlotRelease);
+impl_event!(probe_common::SlotLaunchEvent, EventKind::SlotLaunch);
 
 /// The calling thread: (tgid, tid).
 #[inline(always)]
@@ -110,6 +111,13 @@ pub fn leave<T: Event>(map: &HashMap<u32, T>, fill: impl FnOnce(&mut T)) {
     }
     ev.header().end_ns = unsafe { bpf_ktime_get_ns() };
     fill(ev);
+    send(ev);
+    let _ = map.remove(&tid);
+}
+
+/// Sends a finished event to the agent, or counts it lost when the ring buffer is full.
+#[inline(always)]
+pub fn send<T: Event>(ev: &T) {
     // Waking the agent for every event costs the traced thread an interrupt (and the agent a
     // wake-up) per call: wake it only once a batch has piled up; the agent also drains on a
     // short timer.
@@ -121,7 +129,21 @@ pub fn leave<T: Event>(map: &HashMap<u32, T>, fill: impl FnOnce(&mut T)) {
     if EVENTS.output(ev, flags as u64).is_err() {
         count_lost(LOST_RINGBUF);
     }
-    let _ = map.remove(&tid);
+}
+
+/// The header of an event sent from an entry probe: an instant (`end_ns` = `start_ns`).
+#[inline(always)]
+pub fn instant<T: Event>() -> EventHeader {
+    let (tgid, tid) = current();
+    let now = unsafe { bpf_ktime_get_ns() };
+    EventHeader {
+        kind: T::KIND as u32,
+        tgid,
+        tid,
+        nest: 0,
+        start_ns: now,
+        end_ns: now,
+    }
 }
 
 /// The layout the agent registered for this process, if any.

@@ -1,67 +1,128 @@
-//! llama-server's own flow: `int server_queue::post(std::vector<server_task> && tasks, bool
-//! front)` is where an HTTP handler hands a request's tasks to the server loop, so its entry
-//! time is when the request was accepted and the wait until the request's first decode step is
-//! its queue wait.
+//! llama-server's own flow, by task id: a request is a task that an HTTP handler posts, a slot
+//! launches and later releases. The three probes read the task ids, so the agent joins post →
+//! slot → request exactly, whatever the threads' scheduling.
 //!
-//! `void server_slot::release()` ends a slot's task: its request is over. `server_slot::id`,
-//! the slot's (and its batches' sequence) id, is read at the process layout's offset.
+//! - `int server_queue::post(std::vector<server_task> && tasks, bool front)`: `this` (rdi/x0),
+//!   the vector (rsi/x1: `{begin, end, capacity}`), `front` (edx/w2). Builds that clone it
+//!   (`.isra.0`, the older `std::vector &` overload) keep this order (checked on every fixture's
+//!   disassembly; see agent/src/targets.rs). Entry only: the event is sent before the server
+//!   loop can take the tasks, so it reaches the agent before any event of their work.
+//! - `bool server_context::launch_slot_with_task(server_slot & slot, server_task && task)`
+//!   (2026: `server_context_impl::`; 2024: `const server_task &`): `this`, the slot (rsi/x1),
+//!   the task (rdx/x2); returns false when the task is refused (an invalid request).
+//! - `void server_slot::release()`: `this` (rdi/x0). Entry only, while the slot still holds
+//!   its task.
 //!
-//! Arguments: `this` (rdi/x0), the vector (rsi/x1: `{begin, end, capacity}`), `front`
-//! (edx/w2). Builds that clone it (`.isra.0`, older `std::vector &` overload) keep this order
-//! (checked on every fixture's disassembly; see agent/src/targets.rs).
+//! Every offset comes from the process layout (`ServerLayout`); an [`ABSENT`] one is not read.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_user,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use probe_common::{SlotReleaseEvent, TaskPostEvent};
+use probe_common::{
+    ServerLayout, SlotLaunchEvent, SlotReleaseEvent, TaskPostEvent, ABSENT, MAX_POST_TASKS,
+};
 
-use probe_common::ABSENT;
+use super::{current, enter, instant, layout, leave, read, send};
+use crate::maps::{POST_SCRATCH, SLOT_LAUNCH_ENTRY};
 
-use super::{enter, layout, leave};
-use crate::maps::{SLOT_RELEASE_ENTRY, TASK_POST_ENTRY};
+/// The `i32` at `base + off`, -1 if the layout has no such field or the read fails.
+#[inline(always)]
+fn field(base: u64, off: u32) -> i32 {
+    if off == ABSENT || base == 0 {
+        return -1;
+    }
+    read::<i32>(base + off as u64).unwrap_or(-1)
+}
+
+fn server_layout() -> Option<ServerLayout> {
+    let (tgid, _) = current();
+    layout(tgid).map(|l| l.server)
+}
 
 #[uprobe]
 pub fn task_post(ctx: ProbeContext) -> u32 {
+    let Some(ev) = POST_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot, ours for the program's run.
+    let ev = unsafe { &mut *ev };
+    ev.header = instant::<TaskPostEvent>();
     let vec = ctx.arg::<u64>(1).unwrap_or(0);
-    // SAFETY: reads of user memory through the helper, which fails cleanly.
-    let begin = unsafe { bpf_probe_read_user(vec as *const u64) }.unwrap_or(0);
-    let end = unsafe { bpf_probe_read_user((vec + 8) as *const u64) }.unwrap_or(0);
-    let mut ev = TaskPostEvent::default();
-    enter(&TASK_POST_ENTRY, &mut ev, |ev| {
-        ev.tasks_bytes = end.wrapping_sub(begin);
-        ev.front = ctx.arg::<u64>(2).unwrap_or(0) as u8 as u32;
+    let begin = read::<u64>(vec).unwrap_or(0);
+    let end = read::<u64>(vec + 8).unwrap_or(0);
+    ev.tasks_bytes = end.wrapping_sub(begin);
+    ev.front = ctx.arg::<u64>(2).unwrap_or(0) as u8 as u32;
+    ev.n_read = 0;
+    ev.n_tasks = 0;
+    if let Some(l) = server_layout() {
+        let size = l.task_size as u64;
+        let whole = l.task_size != ABSENT && size > 0 && ev.tasks_bytes % size == 0;
+        // Without a size that divides the vector's, only the first task can be found.
+        let (n, stride) = if whole {
+            ev.n_tasks = (ev.tasks_bytes / size) as u32;
+            (ev.n_tasks as u64, size)
+        } else {
+            ((ev.tasks_bytes > 0) as u64, 0)
+        };
+        for i in 0..MAX_POST_TASKS {
+            if i as u64 >= n {
+                break;
+            }
+            let task = begin + i as u64 * stride;
+            ev.tasks[i].id = field(task, l.task_id);
+            ev.tasks[i].task_type = field(task, l.task_type);
+            ev.tasks[i].id_target = field(task, l.task_id_target);
+            ev.n_read = i as u32 + 1;
+        }
+    }
+    send(ev);
+    0
+}
+
+#[uprobe]
+pub fn slot_launch(ctx: ProbeContext) -> u32 {
+    let slot = ctx.arg::<u64>(1).unwrap_or(0);
+    let task = ctx.arg::<u64>(2).unwrap_or(0);
+    let (slot_id, task_id) = match server_layout() {
+        Some(l) => (field(slot, l.slot_id), field(task, l.task_id)),
+        None => (-1, -1),
+    };
+    let mut ev = SlotLaunchEvent::default();
+    enter(&SLOT_LAUNCH_ENTRY, &mut ev, |ev| {
+        ev.slot_id = slot_id;
+        ev.task_id = task_id;
     });
     0
 }
 
 #[uretprobe]
-pub fn task_post_return(_ctx: RetProbeContext) -> u32 {
-    leave(&TASK_POST_ENTRY, |_| {});
+pub fn slot_launch_return(ctx: RetProbeContext) -> u32 {
+    // bool: the low byte of the return register.
+    let ok = ctx.ret::<u64>().unwrap_or(0) as u8 != 0;
+    leave(&SLOT_LAUNCH_ENTRY, |ev| ev.ok = ok as u32);
     0
 }
 
 #[uprobe]
 pub fn slot_release(ctx: ProbeContext) -> u32 {
     let slot = ctx.arg::<u64>(0).unwrap_or(0);
-    let (tgid, _) = super::current();
-    let slot_id = match layout(tgid).map(|l| l.server.slot_id) {
-        Some(off) if off != ABSENT => {
-            // SAFETY: a read of user memory through the helper, which fails cleanly.
-            unsafe { bpf_probe_read_user((slot + off as u64) as *const i32) }.unwrap_or(-1)
-        }
-        _ => -1,
+    let mut ev = SlotReleaseEvent {
+        header: instant::<SlotReleaseEvent>(),
+        slot_id: -1,
+        task_id: -1,
     };
-    let mut ev = SlotReleaseEvent::default();
-    enter(&SLOT_RELEASE_ENTRY, &mut ev, |ev| {
-        ev.slot_id = slot_id;
-    });
-    0
-}
-
-#[uretprobe]
-pub fn slot_release_return(_ctx: RetProbeContext) -> u32 {
-    leave(&SLOT_RELEASE_ENTRY, |_| {});
+    if let Some(l) = server_layout() {
+        ev.slot_id = field(slot, l.slot_id);
+        ev.task_id = if l.slot_task_id != ABSENT {
+            field(slot, l.slot_task_id)
+        } else if l.slot_task_ptr != ABSENT {
+            let task = read::<u64>(slot + l.slot_task_ptr as u64).unwrap_or(0);
+            field(task, l.task_id)
+        } else {
+            -1
+        };
+    }
+    send(&ev);
     0
 }
