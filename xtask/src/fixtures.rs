@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::{Duration, Instant, UNIX_EPOCH},
+    time::{Instant, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
@@ -810,13 +810,15 @@ fn build_stamp(build: &CmakeBuild) -> String {
     )
 }
 
-/// Builds the targets into `cache/build/<dir>` unless a matching build is there.
+/// Builds the targets into `cache/build/<dir>` unless a matching build is there. The stamp is
+/// checked and the build run under the directory's lock ([`lock_build_dir`]): a run that had to
+/// wait for another's build then finds it done.
 fn build_llama(cache: &Path, name: &str, build: &CmakeBuild, source: &Path) -> Result<PathBuf> {
     let dir = cache.join("build").join(build.build_dir);
     let stamp_file = dir.join(".llamaprobe-build-stamp");
     let stamp = build_stamp(build);
 
-    wait_for_other_builds(&dir);
+    let _lock = lock_build_dir(&dir)?;
 
     let built = build
         .targets
@@ -870,59 +872,42 @@ fn build_llama(cache: &Path, name: &str, build: &CmakeBuild, source: &Path) -> R
     Ok(dir)
 }
 
-/// Waits while another `cmake --build <build>` (an earlier run, another terminal) is running.
-fn wait_for_other_builds(build: &Path) {
-    let mut announced = Instant::now() - Duration::from_secs(3600);
-    loop {
-        let pids = running_builds(build);
-        if pids.is_empty() {
-            return;
-        }
-        if announced.elapsed() >= Duration::from_secs(60) {
+/// Takes the lock of a build directory: `<dir>.lock` beside it (created if missing), locked
+/// for as long as the returned file is open. Two runs that prepare fixtures at once (two
+/// terminals, or an earlier run still going) would otherwise run CMake in the same directory
+/// together and break both builds; with the lock the second waits, then finds the first's stamp
+/// and reuses its build. The kernel drops the lock when its holder exits, killed or not, so a
+/// lock left by a crashed run never blocks the next one. Beside the directory rather than in it,
+/// so that deleting the directory to force a rebuild cannot delete a lock someone holds.
+fn lock_build_dir(dir: &Path) -> Result<fs::File> {
+    let mut path = dir.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
             progress!(
-                "another build of {} is running (pid {}); waiting for it to finish",
-                build.display(),
-                pids.iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "another run is building {} (it holds {}); waiting for it to finish",
+                dir.display(),
+                path.display()
             );
-            announced = Instant::now();
+            file.lock()
+                .with_context(|| format!("locking {}", path.display()))?;
         }
-        thread::sleep(Duration::from_secs(5));
-    }
-}
-
-/// Processes whose command line is `cmake --build <build> ...`.
-fn running_builds(build: &Path) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let is_cmake = args.first().is_some_and(|a| a.ends_with(b"cmake"));
-        let builds_here = args.windows(2).any(|w| {
-            w[0] == b"--build" && Path::new(std::str::from_utf8(w[1]).unwrap_or("")) == build
-        });
-        if is_cmake && builds_here {
-            pids.push(pid);
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
         }
     }
-    pids
+    Ok(file)
 }
 
 /// The real file behind `libllama.so` in the build (`bin/libllama.so.0.0.NNNN`).
@@ -1558,5 +1543,30 @@ mod tests {
             compat_table().trim(),
             "README.md's compatibility table is out of date: run `cargo xtask compat --write`"
         );
+    }
+
+    /// A second taker of a build directory's lock waits until the first lets go.
+    #[test]
+    fn build_dir_lock_makes_a_second_build_wait() {
+        let root = std::env::temp_dir().join(format!("xtask-lock-test-{}", std::process::id()));
+        let dir = root.join("build/newest");
+        let first = lock_build_dir(&dir).unwrap();
+        assert!(root.join("build/newest.lock").is_file());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = thread::spawn(move || {
+            let second = lock_build_dir(&dir).unwrap();
+            tx.send(()).unwrap();
+            drop(second);
+        });
+        let held = std::time::Duration::from_millis(300);
+        assert!(
+            rx.recv_timeout(held).is_err(),
+            "the second took a held lock"
+        );
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the second got the lock once the first let go");
+        waiter.join().unwrap();
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -1,11 +1,11 @@
 //! llama-server for `demo` and `bench`: started on a free local port with its output in a log
-//! file, waited for until `/health` answers, stopped (SIGTERM) when dropped; and the small
-//! HTTP/1.1 client both talk to it with.
+//! file, waited for until `/health` answers, stopped (SIGTERM) when dropped; and the HTTP
+//! requests (ureq) both send to it and to llamaprobe's metrics endpoint.
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    io::Read,
+    net::TcpListener,
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -101,70 +101,122 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// A minimal HTTP/1.1 client: one request per connection; returns (status, body).
-pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let body = body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed HTTP answer from {addr}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("malformed HTTP status line from {addr}"))?;
-    let body = if is_chunked(head) {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    Ok((status, body))
+/// How long one read of an answer may wait for the server before the request fails (a stalled
+/// server then fails the task instead of hanging it).
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A ureq agent for the servers on 127.0.0.1 (llama-server, llamaprobe's metrics endpoint).
+/// Statuses other than 2xx come back as answers, not as errors (ureq's default), since callers
+/// print `HTTP {status}` and the body, and `/health` answers 503 while the model loads; no
+/// proxy from the environment, everything is local; and `read_timeout` bounds every read of
+/// the socket, not the whole request, so a long generation that keeps streaming is not cut
+/// off. [`send`] makes a new agent per request, so no connection is kept for the next one.
+fn agent(read_timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_per_read(Some(read_timeout))
+        .build()
+        .into()
 }
 
-/// Whether an HTTP head says `Transfer-Encoding: chunked`.
-pub fn is_chunked(head: &str) -> bool {
-    head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    })
-}
-
-/// Decodes a `Transfer-Encoding: chunked` body.
-pub fn dechunk(mut rest: &str) -> String {
-    let mut body = String::new();
-    while let Some((size_line, after)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-            .unwrap_or(0);
-        if size == 0 || after.len() < size {
-            break;
-        }
-        body.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
+/// Sends one request to `http://{addr}{path}`, with a JSON `body` if any; returns the answer's
+/// status and its body still to be read (for a caller that times it as it streams in; ureq
+/// undoes the chunked transfer encoding).
+pub fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    read_timeout: Duration,
+) -> Result<(u16, impl Read)> {
+    let url = format!("http://{addr}{path}");
+    let request = ureq::http::Request::builder().method(method).uri(&url);
+    let agent = agent(read_timeout);
+    let answer = match body {
+        Some(body) => agent.run(
+            request
+                .header("Content-Type", "application/json")
+                .body(body)?,
+        ),
+        None => agent.run(request.body(())?),
     }
-    body
+    .with_context(|| format!("{method} {url}"))?;
+    Ok((answer.status().as_u16(), answer.into_body().into_reader()))
+}
+
+/// One request to a local server (see [`send`]); returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let (status, mut reader) = send(addr, method, path, body, READ_TIMEOUT)?;
+    let mut body = Vec::new();
+    reader
+        .read_to_end(&mut body)
+        .with_context(|| format!("reading the answer to {method} http://{addr}{path}"))?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// ureq turns 4xx/5xx into errors unless told not to; callers need the status and body.
     #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
+    fn statuses_other_than_200_come_back_with_their_body() {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let addr = server.server_addr().to_ip().unwrap().to_string();
+        let serve = std::thread::spawn(move || {
+            let mut req = server.recv().unwrap();
+            let mut body = String::new();
+            req.as_reader().read_to_string(&mut body).unwrap();
+            let answer = format!("{} {} {body}", req.method(), req.url());
+            // No length: sent chunked, as llama-server streams.
+            let chunked = tiny_http::Response::new(
+                tiny_http::StatusCode(503),
+                Vec::new(),
+                answer.as_bytes(),
+                None,
+                None,
+            );
+            req.respond(chunked).unwrap();
+        });
+        let (status, body) = http(&addr, "POST", "/completion", Some("{}")).unwrap();
+        serve.join().unwrap();
+        assert_eq!((status, body.as_str()), (503, "POST /completion {}"));
+    }
+
+    /// The bench's time to first token relies on reading a streamed body as it arrives.
+    #[test]
+    fn chunks_are_read_as_they_arrive() {
+        use std::io::Write;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let serve = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).unwrap();
+            let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+            let first = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+                chunk("data: 1\n")
+            );
+            stream.write_all(first.as_bytes()).unwrap();
+            thread::sleep(Duration::from_millis(500));
+            let rest = format!("{}0\r\n\r\n", chunk("data: 2\n"));
+            stream.write_all(rest.as_bytes()).unwrap();
+        });
+        let started = Instant::now();
+        let (status, mut reader) = send(&addr, "GET", "/", None, READ_TIMEOUT).unwrap();
+        let mut buf = [0u8; 64];
+        let n = reader.read(&mut buf).unwrap();
+        assert_eq!((status, &buf[..n]), (200, &b"data: 1\n"[..]));
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
         );
-        assert!(is_chunked("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"));
-        assert!(!is_chunked("HTTP/1.1 200 OK\r\nContent-Length: 5"));
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "data: 2\n");
+        serve.join().unwrap();
     }
 }
