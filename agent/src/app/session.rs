@@ -12,20 +12,22 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
-use crate::{
-    assemble::{Assembler, Observation},
-    attach::Probes,
+use super::{
     cli::{MetricsAddr, ProfileOpts, SyncMode},
-    discover, events,
     launch::Held,
-    requests::{Mode, Requests},
-    resources::{self, ResourceSampler},
+};
+use crate::{
+    assemble::{requests::Requests, Assembler},
+    attach::Probes,
+    catalog::{self as targets, Family},
+    decode as events, discover,
+    model::{Mode, Observation},
+    resolve::Plan,
     sinks::{
-        self, events_out::EventsOut, terminal::Terminal, trace_file::TraceFile, SelfStats, Sink,
+        self, events_out::EventsOut, prometheus::resources::ResourceSampler, summary::Stats,
+        terminal::Terminal, trace_file::TraceFile, SelfStats, Sink,
     },
-    stats::Stats,
-    symbols::Plan,
-    targets::{self, Family},
+    sources as resources,
 };
 
 /// What to profile.

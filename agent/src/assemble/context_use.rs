@@ -12,14 +12,7 @@ use std::collections::HashMap;
 
 use probe_common::{MemoryEvent, MemoryOp};
 
-use crate::assemble::Part;
-
-/// A sequence's tokens after a change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SeqUsed {
-    pub seq_id: i32,
-    pub used: u32,
-}
+use crate::model::{Part, SeqUsed};
 
 #[derive(Clone, Copy, Debug, Default)]
 struct SeqUse {
@@ -138,7 +131,7 @@ fn remove(s: &mut SeqUse, p0: i32, p1: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assemble::PartKind;
+    use crate::model::PartKind;
 
     fn part(seq: i32, pos0: i32, n: u32) -> Part {
         Part {

@@ -13,300 +13,11 @@ use std::{collections::HashMap, sync::Arc};
 
 use probe_common::{decode_flags as F, ContextEvent, DecodeApi, DecodeEvent, ModelLoadEvent};
 
-use crate::{
-    context_use::{ContextUse, SeqUsed},
-    events::Event,
-    targets::plausible,
-};
+pub mod context_use;
+pub mod requests;
 
-/// Phase of a decode step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Prompt,
-    Generation,
-    Mixed,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 3] = [Phase::Prompt, Phase::Generation, Phase::Mixed];
-    pub fn label(self) -> &'static str {
-        match self {
-            Phase::Prompt => "prompt",
-            Phase::Generation => "generation",
-            Phase::Mixed => "mixed",
-        }
-    }
-}
-
-/// Outcome of a decode step, from its return code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecodeResult {
-    Ok,
-    NoKvSlot,
-    Aborted,
-    InvalidBatch,
-    Error,
-}
-
-impl DecodeResult {
-    /// llama.h: 0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal.
-    pub fn from_ret(ret: i32) -> Self {
-        match ret {
-            0 => Self::Ok,
-            1 => Self::NoKvSlot,
-            2 => Self::Aborted,
-            -1 => Self::InvalidBatch,
-            _ => Self::Error,
-        }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::NoKvSlot => "no_kv_slot",
-            Self::Aborted => "aborted",
-            Self::InvalidBatch => "invalid_batch",
-            Self::Error => "error",
-        }
-    }
-}
-
-/// What a sequence's tokens in one batch are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PartKind {
-    /// Prompt tokens, none flagged for output: a middle chunk of a long prompt.
-    PromptChunk,
-    /// Prompt tokens ending with the one output: the last chunk (its sampling follows).
-    FinalPromptChunk,
-    /// One token continuing the sequence, with output: a generated token being fed back.
-    Generated,
-    /// Several tokens flagged for output (speculative verification, embeddings).
-    MultiOutput,
-}
-
-/// One sequence's share of a batch.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Part {
-    pub seq_id: i32,
-    pub pos0: i32,
-    pub n_tokens: u32,
-    pub n_outputs: u32,
-    pub kind: PartKind,
-}
-
-/// Common facts of every observation.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Origin {
-    pub pid: u32,
-    pub tid: u32,
-    /// Model file stem of the process, once a load was seen.
-    pub model: Arc<str>,
-    pub start_ns: u64,
-    pub end_ns: u64,
-}
-
-impl Origin {
-    pub fn duration_ns(&self) -> u64 {
-        self.end_ns.saturating_sub(self.start_ns)
-    }
-    pub fn seconds(&self) -> f64 {
-        self.duration_ns() as f64 / 1e9
-    }
-}
-
-/// One classified decode step.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct DecodeStep {
-    pub origin: Origin,
-    pub ctx: u64,
-    pub api: &'static str,
-    pub ret: i32,
-    pub result: DecodeResult,
-    /// Tokens in the batch; `None` if the batch was unreadable.
-    pub n_tokens: Option<u32>,
-    /// `None` if unknown.
-    pub phase: Option<Phase>,
-    pub prompt_tokens: u32,
-    pub generated_tokens: u32,
-    pub parts: Vec<Part>,
-    /// Tokens beyond the probe's scan window, counted as prompt tokens.
-    pub unscanned_tokens: u32,
-    /// Tokens each sequence of a successful step holds afterwards.
-    pub context_used: Vec<SeqUsed>,
-}
-
-/// A model load.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ModelLoad {
-    pub origin: Origin,
-    pub path: Option<String>,
-    pub ok: bool,
-}
-
-/// Parameters of a context; those outside plausible ranges (or absent from the layout) are
-/// `None`. `n_ctx` 0 ("from the model") is reported `None` too.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ContextParams {
-    pub n_ctx: Option<u32>,
-    pub n_batch: Option<u32>,
-    pub n_ubatch: Option<u32>,
-    pub n_seq_max: Option<u32>,
-    pub n_threads: Option<u32>,
-    pub n_threads_batch: Option<u32>,
-}
-
-/// A context creation.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ContextCreate {
-    pub origin: Origin,
-    pub ok: bool,
-    #[serde(flatten)]
-    pub params: ContextParams,
-}
-
-/// A sampled token.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Sample {
-    pub origin: Origin,
-    pub ctx: u64,
-    /// Batch index of the output sampled from (-1: the last output).
-    pub idx: i32,
-    /// The sequence that batch index belongs to in the context's latest successful step.
-    pub seq_id: Option<i32>,
-    pub token: i32,
-}
-
-/// A `llama_synchronize` call, with the compute time of the decode step it completes.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Synchronize {
-    pub origin: Origin,
-    /// From the preceding decode step's start on this thread and context to this call's end.
-    pub compute_ns: Option<u64>,
-}
-
-/// What the sinks consume.
-#[derive(Clone, Debug, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Observation {
-    Decode(DecodeStep),
-    ModelLoad(ModelLoad),
-    ContextCreate(ContextCreate),
-    Sample(Sample),
-    Synchronize(Synchronize),
-    Memory(MemoryChange),
-    TaskPost(TaskPost),
-    SlotLaunch(SlotLaunch),
-    SlotRelease(SlotRelease),
-    /// A context shift (see [`crate::requests`]): a generating request's sequence outgrew its
-    /// share of the context and llama.cpp discarded some of its tokens.
-    ContextShift(ContextShift),
-    /// A request reconstructed by [`crate::requests`], when it closed.
-    Request(crate::requests::Request),
-}
-
-impl Observation {
-    /// The call an observation comes from (`None` for a request, which spans many).
-    pub fn origin(&self) -> Option<&Origin> {
-        Some(match self {
-            Observation::Decode(d) => &d.origin,
-            Observation::ModelLoad(m) => &m.origin,
-            Observation::ContextCreate(c) => &c.origin,
-            Observation::Sample(s) => &s.origin,
-            Observation::Synchronize(s) => &s.origin,
-            Observation::Memory(m) => &m.origin,
-            Observation::TaskPost(p) => &p.origin,
-            Observation::SlotLaunch(l) => &l.origin,
-            Observation::SlotRelease(r) => &r.origin,
-            Observation::ContextShift(c) => &c.origin,
-            Observation::Request(_) => return None,
-        })
-    }
-
-    /// Tokens held per sequence after this observation, if it changed them.
-    pub fn context_used(&self) -> &[SeqUsed] {
-        match self {
-            Observation::Decode(d) => &d.context_used,
-            Observation::Memory(m) => &m.context_used,
-            _ => &[],
-        }
-    }
-}
-
-/// Work handed to llama-server's task queue (`server_queue::post`).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct TaskPost {
-    pub origin: Origin,
-    /// Pushed to the front (llama-server does so for cancel tasks only).
-    pub front: bool,
-    /// Size of the posted task vector in bytes (a multiple of `sizeof(server_task)`).
-    pub tasks_bytes: u64,
-    /// Tasks posted, when the layout knows `sizeof(server_task)`.
-    pub n_tasks: Option<u32>,
-    /// The tasks read (all of them, up to `probe_common::MAX_POST_TASKS`; the first only when
-    /// `n_tasks` is unknown).
-    pub tasks: Vec<PostedTask>,
-}
-
-/// One task of a post.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct PostedTask {
-    /// `server_task::id` (-1: unreadable).
-    pub id: i32,
-    /// Its type's label (`completion`, `embedding`, `rerank`, `infill`, `cancel`, or `unknown`).
-    #[serde(rename = "type")]
-    pub task_type: &'static str,
-    /// For a cancel: the task it cancels (-1 otherwise).
-    pub id_target: i32,
-}
-
-/// A llama-server slot took a task from the queue (`launch_slot_with_task`), or refused it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct SlotLaunch {
-    pub origin: Origin,
-    /// The slot's id: the sequence id of its batches (-1 if unreadable).
-    pub slot_id: i32,
-    pub task_id: i32,
-    /// false: the task was refused (an invalid request, answered with an error).
-    pub ok: bool,
-}
-
-/// A llama-server slot let its task go (`server_slot::release`).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct SlotRelease {
-    pub origin: Origin,
-    /// The slot's id: the sequence id of its batches (-1 if unreadable).
-    pub slot_id: i32,
-    /// The task it held (-1: none, or unreadable with this build's layout).
-    pub task_id: i32,
-}
-
-/// A change of the KV memory (`seq_rm`, `seq_cp`, `clear`).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct MemoryChange {
-    pub origin: Origin,
-    pub op: &'static str,
-    pub seq_id: i32,
-    pub seq_dst: i32,
-    pub p0: i32,
-    pub p1: i32,
-    /// `seq_add`'s shift of the positions `[p0, p1)` (0 for the other operations).
-    pub delta: i32,
-    /// Tokens of each sequence the change touched, afterwards.
-    pub context_used: Vec<SeqUsed>,
-}
-
-/// A context shift: `seq_add` moved a generating request's positions back by `discarded`.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ContextShift {
-    pub origin: Origin,
-    pub seq_id: i32,
-    /// Tokens discarded (the shift's size).
-    pub discarded: u32,
-    /// The request it happened in.
-    pub request_id: u64,
-}
+use crate::{catalog::plausible, decode::Event, model::*};
+use context_use::ContextUse;
 
 /// Turns events into observations; keeps per-sequence positions and per-process models.
 #[derive(Default)]
@@ -468,7 +179,7 @@ impl Assembler {
                     .take((p.n_read as usize).min(probe_common::MAX_POST_TASKS))
                     .map(|t| PostedTask {
                         id: t.id,
-                        task_type: crate::targets::task_type(t.task_type).0,
+                        task_type: crate::catalog::task_type(t.task_type).0,
                         id_target: t.id_target,
                     })
                     .collect(),
@@ -505,7 +216,7 @@ impl Assembler {
     }
 
     fn model_load(&mut self, m: &ModelLoadEvent) -> ModelLoad {
-        let path = crate::events::model_path(m);
+        let path = crate::decode::model_path(m);
         let ok = m.model != 0;
         if ok {
             if let Some(stem) = path
@@ -715,7 +426,7 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::tests::decode_event;
+    use crate::decode::tests::decode_event;
     use probe_common::SeqRun;
 
     fn run(seq: i32, pos0: i32, n: u16, outputs: u8, last: bool) -> SeqRun {
@@ -731,7 +442,7 @@ mod tests {
 
     fn sample(a: &mut Assembler, token: i32) {
         let ev = probe_common::SampleEvent {
-            header: crate::events::tests::header(probe_common::EventKind::Sample, 0, 1),
+            header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
             ctx: 0x1000,
             token,
             idx: 0,
@@ -815,7 +526,7 @@ mod tests {
     fn a_launched_slot_starts_with_a_prompt_and_samples_are_per_sequence() {
         let mut a = Assembler::new();
         let mut launch = probe_common::SlotLaunchEvent {
-            header: crate::events::tests::header(probe_common::EventKind::SlotLaunch, 0, 1),
+            header: crate::decode::tests::header(probe_common::EventKind::SlotLaunch, 0, 1),
             slot_id: 2,
             task_id: 9,
             ok: 1,
@@ -835,7 +546,7 @@ mod tests {
         step(&mut a, two());
         for (idx, token) in [(0, 150), (1, 160)] {
             let mut ev = probe_common::SampleEvent {
-                header: crate::events::tests::header(probe_common::EventKind::Sample, 0, 1),
+                header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
                 ctx: 0x1000,
                 token,
                 idx,

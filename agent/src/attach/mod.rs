@@ -9,7 +9,7 @@ use aya::{
 };
 use probe_common::{ProcessLayout, LOST_COUNTERS, LOST_ENTRY, LOST_RINGBUF};
 
-use crate::{symbols::PlannedProbe, targets::Family};
+use crate::{catalog::Family, resolve::PlannedProbe};
 
 /// The eBPF object built by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));

@@ -635,7 +635,7 @@ pub fn process_layout(llama: &LlamaLayout, server: &ServerLayout) -> ProcessLayo
 }
 
 /// A report of DWARF-derived layouts against the table (`llamaprobe layout`).
-pub fn compare_with_table(what: &str, found: &crate::dwarf::DwarfLayouts) -> String {
+pub fn compare_with_table(what: &str, found: &crate::resolve::dwarf::DwarfLayouts) -> String {
     use std::fmt::Write;
     let mut s = format!("{what}: struct layouts from DWARF\n");
     let mut line = |name: &str, found: Option<String>, table: Vec<(Generation, String)>| match found
@@ -775,12 +775,12 @@ mod tests {
     #[test]
     fn layouts_derived_from_dwarf_match_the_table() {
         let dir = crate::test_support::fakes();
-        let ext = crate::dwarf::read(&dir.join("ext/layout_ext_g")).unwrap();
+        let ext = crate::resolve::dwarf::read(&dir.join("ext/layout_ext_g")).unwrap();
         assert_eq!(
             ext.ext,
             Some(layout_for(Generation::BatchExt, |_| false).layout.ext)
         );
-        let classic = crate::dwarf::read(&dir.join("classic/libllama_g.so")).unwrap();
+        let classic = crate::resolve::dwarf::read(&dir.join("classic/libllama_g.so")).unwrap();
         let row = layout_for(Generation::Classic, |_| false).layout;
         assert_eq!(classic.classic, Some(row.classic));
         assert_eq!(classic.ctx_params, Some(row.ctx_params));
@@ -789,7 +789,7 @@ mod tests {
             report.contains("matches the table row(s) BatchExt, Classic"),
             "{report}"
         );
-        let err = crate::dwarf::read(&dir.join("ext/layout_ext")).unwrap_err();
+        let err = crate::resolve::dwarf::read(&dir.join("ext/layout_ext")).unwrap_err();
         assert!(err.to_string().contains("build llama.cpp with -g"));
     }
 

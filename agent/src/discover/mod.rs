@@ -113,10 +113,10 @@ pub fn planned_files(exe: &Path) -> Result<Vec<MappedFile>, DiscoverError> {
         path: exe.to_path_buf(),
         reason,
     };
-    let data = crate::symbols::map_elf(exe)
+    let data = crate::resolve::map_elf(exe)
         .map_err(|e| loader_err(e.to_string()))?
         .ok_or_else(|| loader_err("not an ELF executable".into()))?;
-    let interp = crate::symbols::interpreter(&data).map_err(|e| loader_err(e.to_string()))?;
+    let interp = crate::resolve::interpreter(&data).map_err(|e| loader_err(e.to_string()))?;
     let mut files = vec![exe.to_path_buf()];
     if let Some(interp) = interp {
         let out = Command::new(&interp)

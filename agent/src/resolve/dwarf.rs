@@ -206,7 +206,7 @@ fn attr_u64(v: AttributeValue<EndianSlice<RunTimeEndian>>) -> Option<u64> {
 /// Reads the layouts of llama.cpp's structs from a file's DWARF.
 pub fn read(path: &Path) -> Result<DwarfLayouts, DwarfError> {
     let p = path.display().to_string();
-    let data = crate::symbols::map_elf(path)
+    let data = crate::resolve::map_elf(path)
         .map_err(|source| DwarfError::Read {
             path: p.clone(),
             source,

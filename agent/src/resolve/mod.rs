@@ -1,6 +1,8 @@
 //! Symbol resolution with the `object` crate: which catalog functions a file defines, at which
 //! file offset (what a uprobe attaches to), and the probe plan for a process.
 
+pub mod dwarf;
+
 use std::{
     collections::BTreeMap,
     fs,
@@ -10,8 +12,8 @@ use std::{
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use crate::{
+    catalog::{self as targets, Generation, ProbePoint, PROBES},
     discover::MappedFile,
-    targets::{self, Generation, ProbePoint, PROBES},
 };
 
 /// Errors of symbol resolution and planning.
@@ -274,16 +276,16 @@ pub struct Plan {
     /// A GPU backend the process maps or may load (see [`gpu_backend`]).
     pub gpu_backend: Option<String>,
     /// The struct layouts of this generation and build (see `targets::layout_for`).
-    pub layout: &'static crate::targets::LayoutRow,
+    pub layout: &'static crate::catalog::LayoutRow,
     /// llama-server's struct layouts (see `targets::server_layout_for`).
-    pub server_layout: &'static crate::targets::ServerLayoutRow,
+    pub server_layout: &'static crate::catalog::ServerLayoutRow,
 }
 
 /// A ggml GPU backend among `files` (by library name), among the libraries beside them that a
 /// release build loads at run time (`libggml-cuda.so` next to libggml.so), or `linked`: a
 /// backend init function found while resolving the files' symbols (a static build).
 pub fn gpu_backend(files: &[MappedFile], linked: Option<String>) -> Option<String> {
-    use crate::targets::GPU_BACKENDS;
+    use crate::catalog::GPU_BACKENDS;
     let is_backend = |p: &Path| {
         let name = p.file_name()?.to_string_lossy().into_owned();
         GPU_BACKENDS
@@ -331,7 +333,7 @@ impl Plan {
     }
 
     /// Families none of whose functions was found.
-    pub fn unmeasured_families(&self) -> Vec<crate::targets::Family> {
+    pub fn unmeasured_families(&self) -> Vec<crate::catalog::Family> {
         let mut out: Vec<_> = self
             .missing
             .iter()

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::{SelfStats, Sink};
-use crate::assemble::Observation;
+use crate::model::Observation;
 
 pub struct EventsOut {
     out: BufWriter<File>,

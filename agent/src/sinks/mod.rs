@@ -3,10 +3,11 @@
 pub mod events_out;
 pub mod otlp;
 pub mod prometheus;
+pub mod summary;
 pub mod terminal;
 pub mod trace_file;
 
-use crate::assemble::Observation;
+use crate::model::Observation;
 
 /// Agent-side state the sinks report next to the observations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,7 +22,7 @@ pub struct SelfStats {
     /// Requests in progress.
     pub requests_active: u64,
     /// Work llama-server accepted that never became a request.
-    pub unserved: crate::requests::Unserved,
+    pub unserved: crate::model::Unserved,
     /// Tasks llama-server accepted that no slot has taken yet (by task id).
     pub tasks_waiting: u64,
 }

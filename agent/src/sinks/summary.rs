@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::assemble::{ContextParams, DecodeResult, Observation, Phase};
+use crate::model::{ContextParams, DecodeResult, Observation, Phase};
 
 /// Latency distribution of one kind of call.
 pub struct Latency {
@@ -143,7 +143,7 @@ pub struct Summary {
     /// Queue wait of the requests (llama-server's task queue; empty in batch-view mode).
     pub request_queue: LatencySummary,
     /// How requests were reconstructed.
-    pub request_mode: Option<crate::requests::Mode>,
+    pub request_mode: Option<crate::model::Mode>,
     /// Tasks handed to llama-server's queue (`server_queue::post`, cancels excluded).
     pub task_posts: u64,
     /// llama-server slots released (`server_slot::release`).
@@ -153,7 +153,7 @@ pub struct Summary {
     /// Requests by type (`completion`, `embedding`, `rerank`, `infill`, `unknown`).
     pub requests_by_type: BTreeMap<&'static str, u64>,
     /// Accepted work that never became a request, by reason.
-    pub unserved: crate::requests::Unserved,
+    pub unserved: crate::model::Unserved,
     /// Context shifts (a generating sequence outgrew its share of the context).
     pub context_shifts: u64,
     /// How the process's facts were learnt: observed by the probes, or recovered from the
@@ -187,18 +187,18 @@ pub struct Stats {
     tpot: Latency,
     request_duration: Latency,
     request_queue: Latency,
-    request_mode: Option<crate::requests::Mode>,
+    request_mode: Option<crate::model::Mode>,
     task_posts: u64,
     slot_releases: u64,
     slot_launches: u64,
     requests_by_type: BTreeMap<&'static str, u64>,
-    unserved: crate::requests::Unserved,
+    unserved: crate::model::Unserved,
     context_shifts: u64,
 }
 
 impl Stats {
     /// Records the work that never became a request (from the request stage).
-    pub fn set_unserved(&mut self, unserved: crate::requests::Unserved) {
+    pub fn set_unserved(&mut self, unserved: crate::model::Unserved) {
         self.unserved = unserved;
     }
 
@@ -208,7 +208,7 @@ impl Stats {
     }
 
     /// Records how requests are reconstructed (shown in the summary).
-    pub fn set_request_mode(&mut self, mode: crate::requests::Mode) {
+    pub fn set_request_mode(&mut self, mode: crate::model::Mode) {
         self.request_mode = Some(mode);
     }
 

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::SelfStats;
-use crate::{assemble::Phase, stats::Summary};
+use crate::{model::Phase, sinks::summary::Summary};
 
 pub struct Terminal {
     live: bool,

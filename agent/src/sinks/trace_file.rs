@@ -16,7 +16,7 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{SelfStats, Sink};
-use crate::assemble::Observation;
+use crate::model::Observation;
 
 /// Track ids of sequences sit above any thread id (pid_max is at most 2^22).
 const SEQ_TRACK_BASE: u64 = 1 << 30;

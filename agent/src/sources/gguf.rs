@@ -637,10 +637,9 @@ impl<R: BufRead + Seek> Parser<R> {
     }
 }
 
-#[cfg(test)]
-pub mod tests {
-    use super::*;
-    use std::io::Cursor;
+/// A GGUF v3 writer, for tests (here and in the integration tests): files with exactly the
+/// metadata and tensor infos a test needs.
+pub mod writer {
 
     /// Writes GGUF v3 files for tests.
     #[derive(Default)]
@@ -747,6 +746,12 @@ pub mod tests {
             out
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{writer::Writer, *};
+    use std::io::Cursor;
 
     fn parse(b: &[u8]) -> Result<Metadata, GgufError> {
         read_metadata(Cursor::new(b), b.len() as u64)
@@ -768,7 +773,6 @@ pub mod tests {
             .tensor("blk.0.ffn_up.weight", &[16, 32]);
         w
     }
-
     #[test]
     fn reads_the_metadata_of_a_file_written_here() {
         let bytes = sample().bytes(100);

@@ -15,7 +15,6 @@
 
 pub mod gguf;
 pub mod gpu_feed;
-pub mod metrics;
 pub mod model_path;
 pub mod nvml;
 pub mod procfs;
@@ -24,7 +23,6 @@ use std::path::Path;
 
 pub use gguf::ModelInfo;
 pub use gpu_feed::GpuFeed;
-pub use metrics::ResourceSampler;
 pub use model_path::ModelPath;
 
 /// Errors of finding and reading the model of a process.

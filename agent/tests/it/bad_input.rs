@@ -1,10 +1,8 @@
 //! Bad input gets a clear message that says what to do, a non-zero exit and no panic.
 
-mod common;
-
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 /// Runs llamaprobe and returns (exit code, stderr), checking it did not panic.
 fn fails(cmd: &mut Command) -> (i32, String) {

@@ -3,9 +3,7 @@
 //! known sequence of calls (tests/fake/README.md), so every count, token number, phase and
 //! result is asserted exactly, and durations against the fake's own sleeps.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Runs `llamaprobe run` on a driver; returns (summary, events).
 fn profile(driver: &str, test: &str) -> (Value, Vec<Value>) {
@@ -357,7 +355,7 @@ fn sigterm_ends_the_session_with_its_summary() {
     cmd.args(["attach", "--pid", &driver.id().to_string(), "--quiet"])
         .args(["--metrics-addr", "off", "--summary-json"])
         .arg(&sum);
-    let mut probe = common::server::Probe::spawn(&mut cmd);
+    let mut probe = crate::common::server::Probe::spawn(&mut cmd);
     probe.wait_for("probes attached");
     let (code, stdout) = probe.terminate();
     assert_eq!(code, 0, "{stdout}");

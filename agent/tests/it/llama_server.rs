@@ -2,9 +2,7 @@
 //! fixtures` prepared: versions, static, stripped) serving a tiny generated model: llamaprobe's
 //! counts must equal llama-server's own counters.
 
-mod common;
-
-use common::{fixtures::Fixture, server::*, *};
+use crate::common::{fixtures::Fixture, server::*, *};
 
 /// Distinct prompts (so no request is served from another's cache) of different lengths.
 fn prompt(i: usize) -> String {

@@ -3,11 +3,9 @@
 //! recognised with the right generation and measured exactly. The server-bearing fixtures'
 //! agreement with llama-server's own counters is in llama_server.rs.
 
-mod common;
-
 use std::process::Command;
 
-use common::{fixtures, *};
+use crate::common::{fixtures, *};
 
 fn tool(f: &fixtures::Fixture, args: &[&str]) -> std::process::Output {
     let mut cmd = llamaprobe();

@@ -2,18 +2,14 @@
 //! definitions, and a small HTTP/protobuf one) receives what llamaprobe exports while attached
 //! to a real llama-server, and the spans agree with the server's own responses.
 
-mod common;
-#[path = "common/otlp_receiver.rs"]
-mod otlp_receiver;
-
 use std::time::{Duration, Instant};
 
-use common::{fixtures::Fixture, server::*};
+use crate::common::otlp_receiver::{grpc_receiver, http_receiver, Received};
+use crate::common::{fixtures::Fixture, server::*};
 use opentelemetry_proto::tonic::{
     common::v1::{any_value::Value as Any, KeyValue},
     trace::v1::Span,
 };
-use otlp_receiver::{grpc_receiver, http_receiver, Received};
 
 fn attr<'a>(s: &'a Span, key: &str) -> Option<&'a Any> {
     s.attributes
@@ -418,7 +414,7 @@ fn run_exports_model_load_and_context_spans() {
     let receiver = grpc_receiver(port);
     let server_bin = f.server.clone().unwrap();
     let server_port = free_port();
-    let mut cmd = common::llamaprobe();
+    let mut cmd = crate::common::llamaprobe();
     cmd.args(["run", "--quiet", "--metrics-addr", "off"])
         .args(["--otlp-endpoint", &format!("http://127.0.0.1:{port}")])
         .args(f.symbols_args())

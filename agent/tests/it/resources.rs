@@ -3,20 +3,9 @@
 //! from `tests/nvml_fake/fake_nvml.c` (no GPU or driver is needed; the `fake_gpu_` tests say
 //! so in their names).
 //!
-//! The agent is a binary crate: its `resources` module, which refers to nothing else in the
-//! agent, is compiled into this test as it is.
-//!
 //! Tests that need a changed environment (the fake NVML reads `FAKE_NVML_PID` and
 //! `FAKE_NVML_FAIL`) or a process holding a mapped file run this test binary again as a child
 //! process, on one `#[ignore]`d test that does nothing unless its variable is set.
-
-#[allow(dead_code, unused_imports)]
-#[path = "../src/resources/mod.rs"]
-mod resources;
-
-mod common;
-#[path = "common/otlp_receiver.rs"]
-mod otlp_receiver;
 
 use std::{
     collections::HashMap,
@@ -27,25 +16,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::otlp_receiver::{grpc_receiver, number_points, Point, PointValue};
+use crate::common::{
     fakes, fixture_or_skip, llamaprobe, root_or_skip, serial,
     server::{free_port, Probe},
 };
-use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
-use otlp_receiver::{grpc_receiver, number_points, Point, PointValue};
-use prometheus::{Encoder, Registry, TextEncoder};
-use resources::{
-    gguf::{self, tests::Writer, FileType, ModelInfo},
-    model_path::{self, Source},
-    nvml, procfs, ResourceSampler,
+use llamaprobe::{
+    sinks::prometheus::resources::ResourceSampler,
+    sources::{
+        self as resources,
+        gguf::{self, writer::Writer, FileType, ModelInfo},
+        model_path::{self, Source},
+        nvml, procfs,
+    },
 };
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use prometheus::{Encoder, Registry, TextEncoder};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
 
 /// A fresh scratch directory for one test, under `resources/`.
 fn scratch(name: &str) -> PathBuf {
-    common::scratch(&format!("resources/{name}"))
+    crate::common::scratch(&format!("resources/{name}"))
 }
 
 fn render(r: &Registry) -> String {
@@ -63,7 +56,7 @@ fn samples(text: &str) -> Vec<&str> {
 fn run_child(test: &str, envs: &[(&str, &str)]) -> std::process::Output {
     Command::new(std::env::current_exe().unwrap())
         .args([
-            test,
+            &format!("resources::{test}"),
             "--exact",
             "--ignored",
             "--nocapture",
@@ -98,7 +91,7 @@ fn check_child(out: &std::process::Output, test: &str) {
 /// 3 special tokens, 256 byte tokens, then the distinct pieces "▁", printable ASCII 0x21-0x7E,
 /// and every prefix of "▁word" from two characters on.
 fn tiny_vocab_size() -> u64 {
-    let script = include_str!("../../xtask/assets/make_tiny_model.py");
+    let script = include_str!("../../../xtask/assets/make_tiny_model.py");
     let words = script
         .split_once("WORDS = \"\"\"")
         .and_then(|(_, rest)| rest.split_once("\"\"\""))
@@ -297,7 +290,7 @@ fn model_file_of_a_process_is_found_in_its_mappings() {
     let params = write_model(&model);
     let mut kid = Kid(Command::new(std::env::current_exe().unwrap())
         .args([
-            "mmap_child",
+            "resources::mmap_child",
             "--exact",
             "--ignored",
             "--nocapture",

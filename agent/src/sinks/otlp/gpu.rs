@@ -23,7 +23,7 @@ use opentelemetry::{
     KeyValue,
 };
 
-use crate::resources::{nvml::GpuSample, GpuFeed};
+use crate::sources::{nvml::GpuSample, GpuFeed};
 
 /// `hw.vendor` of every GPU NVML sees.
 const VENDOR: &str = "NVIDIA";
@@ -213,7 +213,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::resources::nvml::{GpuIdentity, GpuProcess};
+    use crate::sources::nvml::{GpuIdentity, GpuProcess};
 
     fn sample(index: u32, uuid: &str, name: &str) -> GpuSample {
         GpuSample::unread(GpuIdentity {

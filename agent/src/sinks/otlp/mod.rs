@@ -43,10 +43,9 @@ use prometheus::{IntCounterVec, Opts, Registry};
 
 use super::{SelfStats, Sink};
 use crate::{
-    assemble::{DecodeStep, Observation},
-    cli::ProfileOpts,
-    requests::Request,
-    resources::GpuFeed,
+    app::cli::ProfileOpts,
+    model::{DecodeStep, Observation, Request},
+    sources::GpuFeed,
 };
 
 pub mod gpu;
@@ -528,7 +527,7 @@ impl Otlp {
     fn call_span(
         &mut self,
         name: &'static str,
-        origin: &crate::assemble::Origin,
+        origin: &crate::model::Origin,
         attrs: Vec<KeyValue>,
         ok: bool,
         error: &'static str,
@@ -878,8 +877,8 @@ mod tests {
     fn opts(args: &[&str]) -> ProfileOpts {
         let mut v = vec!["llamaprobe", "attach", "--pid", "1"];
         v.extend_from_slice(args);
-        match crate::cli::Cli::try_parse_from(v).unwrap().command {
-            crate::cli::Command::Attach { opts, .. } => opts,
+        match crate::app::cli::Cli::try_parse_from(v).unwrap().command {
+            crate::app::cli::Command::Attach { opts, .. } => opts,
             _ => unreachable!(),
         }
     }

@@ -14,8 +14,10 @@ use prometheus::{
     IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+pub mod resources;
+
 use super::{SelfStats, Sink};
-use crate::assemble::{DecodeResult, Observation, Phase};
+use crate::model::{DecodeResult, Observation, Phase};
 
 /// Decode and sampling latency buckets, seconds: resolve the sub-millisecond steps of small
 /// models and reach the tens of seconds of large prompts on CPUs.
@@ -49,7 +51,7 @@ pub const LOAD_BUCKETS: &[f64] = &[
 ];
 
 /// Reads one parameter of a context.
-type ParamField = fn(&crate::assemble::ContextParams) -> Option<u32>;
+type ParamField = fn(&crate::model::ContextParams) -> Option<u32>;
 
 /// The series every event of one process touches, resolved once: a label lookup hashes the
 /// labels and `pid` must be formatted, while an event should only add to a number. Filled on
@@ -607,8 +609,8 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assemble::{Assembler, Observation};
-    use crate::events::{tests::decode_event, Event};
+    use crate::decode::{tests::decode_event, Event};
+    use crate::{assemble::Assembler, model::Observation};
     use probe_common::SeqRun;
 
     #[test]
@@ -646,7 +648,7 @@ mod tests {
 
     /// What the decode path did before the handles: format `pid` and look every series up by
     /// its labels, per event (kept here as the baseline of `measure_hot_path`).
-    fn observe_by_lookup(m: &Metrics, d: &crate::assemble::DecodeStep) {
+    fn observe_by_lookup(m: &Metrics, d: &crate::model::DecodeStep) {
         let pid = d.origin.pid.to_string();
         let model = &*d.origin.model;
         for s in &d.context_used {
@@ -675,7 +677,7 @@ mod tests {
     }
 
     /// The agent's cost per decode step in this sink, per-event label lookup vs resolved
-    /// handles: `cargo test --release -p llamaprobe --bin llamaprobe -- --ignored --exact
+    /// handles: `cargo test --release -p llamaprobe --lib -- --ignored --exact
     /// sinks::prometheus::tests::measure_hot_path --nocapture` (run by `cargo xtask bench`).
     #[test]
     #[ignore = "a measurement, not a check"]

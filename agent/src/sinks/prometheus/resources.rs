@@ -15,7 +15,7 @@ use prometheus::{
     CounterVec, GaugeVec, Opts, Registry,
 };
 
-use super::{
+use crate::sources::{
     gguf::ModelInfo,
     gpu_feed::GpuFeed,
     nvml::{self, GpuSample, Gpus},

@@ -102,6 +102,7 @@ pub fn dur_ms(e: &Value) -> f64 {
     (o["end_ns"].as_u64().unwrap() - o["start_ns"].as_u64().unwrap()) as f64 / 1e6
 }
 pub mod fixtures;
+pub mod otlp_receiver;
 pub mod server;
 
 /// Background CPU load: `n` busy-loop processes at normal priority, as on a busy node (the

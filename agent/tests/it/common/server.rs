@@ -82,13 +82,31 @@ pub fn path(p: &Path) -> &str {
     p.to_str().expect("scratch paths are UTF-8")
 }
 
-/// A free loopback port.
+/// A free loopback port for a server a test starts later (llama-server, llamaprobe's metrics,
+/// an OTLP receiver). Taken below the kernel's ephemeral range (`ip_local_port_range`, from
+/// 32768 by default), where the tests' own client connections get their local ports, and
+/// never twice in one test run: a port that was free when asked can otherwise be taken by
+/// another test's connection before its server binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread concurrent test runs (several test binaries or machines' CI) by process id.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 500) as u16 * 20,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(
+            port < 32_000,
+            "no free test port left below the ephemeral range"
+        );
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A llama.cpp program's `--help` text (stdout and stderr).

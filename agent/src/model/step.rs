@@ -1,0 +1,101 @@
+//! A decode step as the assembler classifies it: its phase, its result, each sequence's part.
+
+use super::{Origin, SeqUsed};
+
+/// Phase of a decode step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Prompt,
+    Generation,
+    Mixed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 3] = [Phase::Prompt, Phase::Generation, Phase::Mixed];
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Prompt => "prompt",
+            Phase::Generation => "generation",
+            Phase::Mixed => "mixed",
+        }
+    }
+}
+
+/// Outcome of a decode step, from its return code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeResult {
+    Ok,
+    NoKvSlot,
+    Aborted,
+    InvalidBatch,
+    Error,
+}
+
+impl DecodeResult {
+    /// llama.h: 0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal.
+    pub fn from_ret(ret: i32) -> Self {
+        match ret {
+            0 => Self::Ok,
+            1 => Self::NoKvSlot,
+            2 => Self::Aborted,
+            -1 => Self::InvalidBatch,
+            _ => Self::Error,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::NoKvSlot => "no_kv_slot",
+            Self::Aborted => "aborted",
+            Self::InvalidBatch => "invalid_batch",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// What a sequence's tokens in one batch are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartKind {
+    /// Prompt tokens, none flagged for output: a middle chunk of a long prompt.
+    PromptChunk,
+    /// Prompt tokens ending with the one output: the last chunk (its sampling follows).
+    FinalPromptChunk,
+    /// One token continuing the sequence, with output: a generated token being fed back.
+    Generated,
+    /// Several tokens flagged for output (speculative verification, embeddings).
+    MultiOutput,
+}
+
+/// One sequence's share of a batch.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Part {
+    pub seq_id: i32,
+    pub pos0: i32,
+    pub n_tokens: u32,
+    pub n_outputs: u32,
+    pub kind: PartKind,
+}
+
+/// One classified decode step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecodeStep {
+    pub origin: Origin,
+    pub ctx: u64,
+    pub api: &'static str,
+    pub ret: i32,
+    pub result: DecodeResult,
+    /// Tokens in the batch; `None` if the batch was unreadable.
+    pub n_tokens: Option<u32>,
+    /// `None` if unknown.
+    pub phase: Option<Phase>,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub parts: Vec<Part>,
+    /// Tokens beyond the probe's scan window, counted as prompt tokens.
+    pub unscanned_tokens: u32,
+    /// Tokens each sequence of a successful step holds afterwards.
+    pub context_used: Vec<SeqUsed>,
+}

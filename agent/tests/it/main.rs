@@ -1,0 +1,12 @@
+//! llamaprobe's integration tests, in one binary so that the suite links once: the real eBPF
+//! programs in this kernel against fake and real llama.cpp builds, the OTLP and Prometheus
+//! exports against real receivers, the resources beside the probes, and bad input.
+
+mod common;
+
+mod bad_input;
+mod fake_targets;
+mod llama_server;
+mod matrix;
+mod otlp;
+mod resources;
