@@ -9,6 +9,7 @@ use core::mem::size_of;
 /// Event kinds. Numbers are stable and never reused; each family has its own range.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
 pub enum EventKind {
     /// One decode step ([`DecodeEvent`]).
     Decode = 1,
@@ -28,24 +29,6 @@ pub enum EventKind {
     SlotRelease = 61,
     /// One task launched on (or refused by) a llama-server slot ([`SlotLaunchEvent`]).
     SlotLaunch = 62,
-}
-
-impl EventKind {
-    /// The kind for a raw header value, if it is one this build knows.
-    pub fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            1 => Self::Decode,
-            10 => Self::ModelLoad,
-            20 => Self::ContextCreate,
-            30 => Self::Sample,
-            40 => Self::Synchronize,
-            50 => Self::Memory,
-            60 => Self::TaskPost,
-            61 => Self::SlotRelease,
-            62 => Self::SlotLaunch,
-            _ => return None,
-        })
-    }
 }
 
 /// First field of every event.

@@ -1,8 +1,10 @@
 //! Command-line interface.
 
-use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
+use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::sinks::{events_out, otlp, prometheus, summary, trace_file};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -70,29 +72,13 @@ pub enum Command {
     },
 }
 
-/// Options of `attach` and `run`.
+/// Options of `attach` and `run`: the session's own, then each sink's (they live with the
+/// sink).
 #[derive(Args, Debug, Clone)]
 pub struct ProfileOpts {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Prometheus endpoint address (`off` to disable).
-    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR")]
-    pub metrics_addr: MetricsAddr,
-    /// Seconds between one-line summaries when stdout is not a terminal.
-    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
-    pub interval: f64,
-    /// Write the final summary as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub summary_json: Option<PathBuf>,
-    /// Write every observation (decode step, sample, load, ...) as a JSON line to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub events_out: Option<PathBuf>,
-    /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing) to FILE:
-    /// a track per thread (decode steps, sampling, synchronize, loads) and per sequence
-    /// (requests).
-    #[arg(long, value_name = "FILE")]
-    pub trace_out: Option<PathBuf>,
     /// NVML library for GPU metrics (default: libnvidia-ml.so.1 from the loader's search path).
     /// Without one, GPU metrics are off (said once).
     #[arg(long, value_name = "PATH", env = "LLAMAPROBE_NVML_LIB")]
@@ -105,29 +91,20 @@ pub struct ProfileOpts {
     /// Same as --sync off.
     #[arg(long, hide = true)]
     pub no_sync: bool,
-    /// No live view or periodic lines; only the final summary.
-    #[arg(long, short)]
-    pub quiet: bool,
     /// Take symbols from this file: an unstripped copy of a stripped binary of the same build,
     /// or its separate debug file (matched by GNU build id, else by file name).
     #[arg(long, value_name = "FILE")]
     pub symbols_from: Option<PathBuf>,
-    /// Export OpenTelemetry traces and metrics over OTLP to this endpoint (e.g.
-    /// http://127.0.0.1:4317 for gRPC, http://127.0.0.1:4318 for HTTP). Without it, export is on
-    /// only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    #[arg(long, value_name = "URL")]
-    pub otlp_endpoint: Option<String>,
-    /// OTLP transport: grpc or http (HTTP/protobuf) [default: OTEL_EXPORTER_OTLP_PROTOCOL, else
-    /// grpc].
-    #[arg(long, value_name = "PROTO", value_parser = crate::sinks::otlp::parse_protocol)]
-    pub otlp_protocol: Option<crate::sinks::otlp::Protocol>,
-    /// Export one span per decode step as a child of the request spans it carried tokens of.
-    #[arg(long)]
-    pub otlp_step_spans: bool,
-    /// Head sampling: the fraction of requests whose spans are exported (0 to 1) [default:
-    /// OTEL_TRACES_SAMPLER(_ARG), else 1.0]. Metrics count every request.
-    #[arg(long, value_name = "R")]
-    pub otlp_sample_ratio: Option<f64>,
+    #[command(flatten)]
+    pub prometheus: prometheus::Options,
+    #[command(flatten)]
+    pub summary: summary::Options,
+    #[command(flatten)]
+    pub events_out: events_out::Options,
+    #[command(flatten)]
+    pub trace_file: trace_file::Options,
+    #[command(flatten)]
+    pub otlp: otlp::Options,
 }
 
 /// When to probe llama_synchronize.
@@ -136,22 +113,6 @@ pub enum SyncMode {
     Auto,
     On,
     Off,
-}
-
-/// Where to serve Prometheus metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetricsAddr {
-    Off,
-    On(SocketAddr),
-}
-
-fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
-    if s.eq_ignore_ascii_case("off") {
-        return Ok(MetricsAddr::Off);
-    }
-    s.parse()
-        .map(MetricsAddr::On)
-        .map_err(|e| format!("`{s}` is not HOST:PORT or `off` ({e})"))
 }
 
 #[cfg(test)]
@@ -182,8 +143,8 @@ mod tests {
                 assert_eq!(opts.duration, Some(3.0));
                 assert_eq!(command, ["llama-server", "-m", "x.gguf"]);
                 assert_eq!(
-                    opts.metrics_addr,
-                    MetricsAddr::On("127.0.0.1:9464".parse().unwrap())
+                    opts.prometheus.metrics_addr,
+                    prometheus::MetricsAddr::On("127.0.0.1:9464".parse().unwrap())
                 );
             }
             other => panic!("{other:?}"),
@@ -192,7 +153,15 @@ mod tests {
 
     #[test]
     fn metrics_can_be_turned_off() {
-        assert_eq!(parse_metrics_addr("off"), Ok(MetricsAddr::Off));
-        assert!(parse_metrics_addr("nonsense").is_err());
+        let parse = |a: &str| {
+            Cli::try_parse_from(["llamaprobe", "attach", "--pid", "1", "--metrics-addr", a]).map(
+                |c| match c.command {
+                    Command::Attach { opts, .. } => opts.prometheus.metrics_addr,
+                    _ => unreachable!(),
+                },
+            )
+        };
+        assert_eq!(parse("off").unwrap(), prometheus::MetricsAddr::Off);
+        assert!(parse("nonsense").is_err());
     }
 }

@@ -43,7 +43,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
             let found = dwarf::read(&path)?;
             print!(
                 "{}",
-                crate::catalog::compare_with_table(&path.display().to_string(), &found)
+                dwarf::compare_with_table(&path.display().to_string(), &found)
             );
             Ok(0)
         }

@@ -1,8 +1,16 @@
-//! A profiling session: plan → attach → event loop (ring buffer → decoder → assembler → sinks)
-//! → detach and final summary.
+//! A profiling session: a set of traced processes, the probes attached for them, and the one
+//! way their events go: ring buffer → [`decode`](crate::decode) → [`assemble`] (steps, then
+//! requests) → every [`Sink`]. About once a second the sinks get a [`Snapshot`] (the agent's
+//! counters and the resource readings); at the end, the last one.
+//!
+//! `attach` and `run` trace one process; the session ends when it exits (or on a signal, or
+//! `--duration`). Per-process state (its plan, its name, how it ends) lives in the set and is
+//! dropped with it.
 
 use std::{
+    collections::HashMap,
     os::fd::{FromRawFd, OwnedFd},
+    sync::Arc,
     time::Duration,
 };
 
@@ -10,24 +18,29 @@ use anyhow::Context as _;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
+    sync::mpsc,
 };
 
 use super::{
-    cli::{MetricsAddr, ProfileOpts, SyncMode},
+    cli::{ProfileOpts, SyncMode},
     launch::Held,
 };
 use crate::{
     assemble::{requests::Requests, Assembler},
     attach::Probes,
-    catalog::{self as targets, Family},
-    decode as events, discover,
-    model::{Mode, Observation},
+    catalog::{self, Family},
+    decode, discover,
+    model::{clock, Mode, ModelFacts, ModelInfo, Observation, ProcessReading, TracedProcess},
     resolve::Plan,
     sinks::{
-        self, events_out::EventsOut, prometheus::resources::ResourceSampler, summary::Stats,
-        terminal::Terminal, trace_file::TraceFile, SelfStats, Sink,
+        events_out::EventsOut,
+        otlp,
+        prometheus::{self, MetricsAddr},
+        summary::SummarySink,
+        trace_file::TraceFile,
+        SelfStats, Sink, Snapshot,
     },
-    sources as resources,
+    sources,
 };
 
 /// What to profile.
@@ -65,17 +78,35 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Prints the plan header to stderr.
-fn announce(
-    pid: u32,
-    name: &str,
-    plan: &Plan,
-    attached: u64,
-    opts: &ProfileOpts,
-    gpu_status: &str,
-) {
+/// How requests are reconstructed: by llama-server's task ids if its queue and slot launches
+/// are probed, by timing with the queue alone, else from the batches.
+fn request_mode(plan: &Plan) -> Mode {
+    match (
+        plan.probes_entry(catalog::TASK_POST),
+        plan.probes_entry(catalog::SLOT_LAUNCH),
+    ) {
+        (true, true) => Mode::ServerTasks,
+        (true, false) => Mode::ServerQueue,
+        _ => Mode::BatchView,
+    }
+}
+
+/// Whether llama_synchronize is probed (see `--sync`).
+fn sync_probed(plan: &Plan, opts: &ProfileOpts) -> bool {
+    match (opts.no_sync, opts.sync) {
+        (true, _) | (_, SyncMode::Off) => false,
+        (_, SyncMode::On) => true,
+        (_, SyncMode::Auto) => plan.gpu_backend.is_some(),
+    }
+}
+
+/// Prints what is traced and how, to stderr.
+fn announce(t: &Traced, attached: u64, opts: &ProfileOpts, gpu_status: &str) {
+    let plan = &t.plan;
     eprintln!(
-        "llamaprobe: pid {pid} ({name}): {} — {} probes attached",
+        "llamaprobe: pid {} ({}): {} — {} probes attached",
+        t.pid,
+        t.name,
         plan.generation.describe(),
         attached
     );
@@ -107,59 +138,73 @@ fn announce(
                     .to_string(),
         }
     );
-    if let MetricsAddr::On(addr) = opts.metrics_addr {
+    if let MetricsAddr::On(addr) = opts.prometheus.metrics_addr {
         eprintln!("llamaprobe: Prometheus metrics at http://{addr}/metrics");
-    }
-}
-
-/// How requests are reconstructed: by llama-server's task ids if its queue and slot launches
-/// are probed, by timing with the queue alone, else from the batches.
-fn request_mode(plan: &Plan) -> Mode {
-    match (
-        plan.probes_entry(targets::TASK_POST),
-        plan.probes_entry(targets::SLOT_LAUNCH),
-    ) {
-        (true, true) => Mode::ServerTasks,
-        (true, false) => Mode::ServerQueue,
-        _ => Mode::BatchView,
-    }
-}
-
-/// Whether llama_synchronize is probed (see `--sync`).
-fn sync_probed(plan: &Plan, opts: &ProfileOpts) -> bool {
-    match (opts.no_sync, opts.sync) {
-        (true, _) | (_, SyncMode::Off) => false,
-        (_, SyncMode::On) => true,
-        (_, SyncMode::Auto) => plan.gpu_backend.is_some(),
     }
 }
 
 /// How often the ring buffer is drained when the probes did not wake the agent.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Runs a session to its end; returns the process exit code for llamaprobe.
+/// One traced process.
+struct Traced {
+    pid: u32,
+    name: String,
+    target: Target,
+    plan: Plan,
+}
+
+/// Runs a session on one target to its end; returns the process exit code for llamaprobe.
 pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32> {
-    let pid = target.pid();
     let mut probes = Probes::load()?;
-    probes.set_layout(pid, &plan.process_layout())?;
-    let skip: &[Family] = if sync_probed(&plan, &opts) {
+    let traced = Traced {
+        pid: target.pid(),
+        name: target.name(),
+        target,
+        plan,
+    };
+    let skip: &[Family] = if sync_probed(&traced.plan, &opts) {
         &[]
     } else {
         &[Family::Synchronize]
     };
-    probes.attach(&plan.probes, Some(pid), skip)?;
+    probes.set_layout(traced.pid, &traced.plan.process_layout())?;
+    probes.attach(&traced.plan.probes, Some(traced.pid), skip)?;
     let ring = probes.ring_buffer()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(event_loop(target, plan, opts, probes, ring))
+    rt.block_on(event_loop(traced, opts, probes, ring))
+}
+
+/// The sinks of a session's options, the summary last (it prints at the end, after the others
+/// have flushed).
+async fn sinks(opts: &ProfileOpts) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let metrics = prometheus::Metrics::new();
+    if let MetricsAddr::On(addr) = opts.prometheus.metrics_addr {
+        let listener = prometheus::bind(addr).await?;
+        tokio::spawn(prometheus::serve(listener, metrics.registry.clone()));
+    }
+    let registry = metrics.registry.clone();
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(metrics)];
+    if let Some(p) = &opts.events_out.events_out {
+        sinks.push(Box::new(EventsOut::create(p)?));
+    }
+    if let Some(p) = &opts.trace_file.trace_out {
+        sinks.push(Box::new(TraceFile::create(p)?));
+    }
+    if let Some(settings) = otlp::Settings::resolve(&opts.otlp)? {
+        let interval = Duration::from_secs_f64(opts.summary.interval.max(1.0));
+        sinks.push(Box::new(otlp::Otlp::start(settings, &registry, interval)?));
+    }
+    sinks.push(Box::new(SummarySink::new(opts.summary.clone())));
+    Ok(sinks)
 }
 
 async fn event_loop(
-    mut target: Target,
-    plan: Plan,
+    traced: Traced,
     opts: ProfileOpts,
     probes: Probes,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
@@ -169,90 +214,34 @@ async fn event_loop(
     // announced and are never re-created between turns of the loop.
     let mut sigint = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let pid = target.pid();
-    let metrics = sinks::prometheus::Metrics::new();
-    let resources = ResourceSampler::new(&metrics.registry, opts.nvml_lib.clone());
-    if let MetricsAddr::On(addr) = opts.metrics_addr {
-        let listener = sinks::prometheus::bind(addr).await?;
-        tokio::spawn(sinks::prometheus::serve(listener, metrics.registry.clone()));
-    }
-    // The optional file sinks.
-    let mut files: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(p) = &opts.events_out {
-        files.push(Box::new(EventsOut::create(p)?));
-    }
-    if let Some(p) = &opts.trace_out {
-        files.push(Box::new(TraceFile::create(p)?));
-    }
-    if let Some(otlp) = sinks::otlp::Settings::resolve(&opts)? {
-        let interval = Duration::from_secs_f64(opts.interval.max(1.0));
-        files.push(Box::new(sinks::otlp::Otlp::start(
-            otlp,
-            &metrics.registry,
-            interval,
-            resources.gpu_feed(),
-        )?));
-    }
-    let mut terminal = Terminal::new(
-        format!("llamaprobe — pid {pid} ({})", target.name()),
-        Duration::from_secs_f64(opts.interval.max(0.1)),
-        opts.quiet,
-    );
+    let mode = request_mode(&traced.plan);
     let mut pipe = Pipeline {
-        requests: Requests::new(request_mode(&plan)),
         assembler: Assembler::new(),
-        stats: Stats::default(),
-        metrics,
-        files,
-        resources,
+        requests: Requests::new(mode).keep_steps(opts.otlp.otlp_step_spans),
+        sinks: sinks(&opts).await?,
+        sampler: sources::Sampler::new(opts.nvml_lib.clone()),
+        stats: SelfStats {
+            probes_attached: probes.attached(),
+            ..Default::default()
+        },
     };
-    pipe.stats.set_request_mode(request_mode(&plan));
-    if let Target::Pid(_) = target {
-        // Attached after the load: the model is found in the process.
-        match resources::recover_model(pid) {
-            Ok(Some((found, info))) => {
-                let label = found.label();
-                pipe.assembler.set_model(pid, &label);
-                pipe.resources.set_model(pid, &label, &info);
-                pipe.stats.note(format!(
-                    "model: recovered from the process ({:?}; loaded before llamaprobe attached): {}",
-                    found.source,
-                    describe_model(&info)
-                ));
-            }
-            Ok(None) => pipe.stats.note(
-                "model: not seen (loaded before llamaprobe attached) and not found in the process"
-                    .into(),
-            ),
-            Err(e) => pipe.stats.note(format!(
-                "model: not seen (loaded before llamaprobe attached); recovery failed: {e}"
-            )),
-        }
-    }
-    let mut self_stats = SelfStats {
+    let mut session = Session::default();
+    let (exit_tx, mut exits) = mpsc::unbounded_channel::<u32>();
+    announce(&traced, probes.attached(), &opts, pipe.sampler.gpu_status());
+    pipe.emit(&Observation::Traced(TracedProcess {
+        pid: traced.pid,
+        name: traced.name.clone(),
+        generation: traced.plan.generation,
+        request_mode: mode,
         probes_attached: probes.attached(),
-        ..Default::default()
-    };
-
-    announce(
-        pid,
-        &target.name(),
-        &plan,
-        probes.attached(),
-        &opts,
-        pipe.resources.gpu_status(),
-    );
-    let exit_fd = pidfd_open(pid).map(|fd| {
-        // SAFETY: the fd is owned by the AsyncFd and stays open until it is dropped.
-        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-    });
-    if let Target::Launched(h) = &mut target {
-        h.release();
+    }));
+    if let Target::Pid(pid) = traced.target {
+        // Attached after the load: the model is found in the process.
+        pipe.recover_model(pid);
     }
-    let exit_fd = match exit_fd {
-        Ok(Ok(fd)) => Some(fd),
-        _ => None,
-    };
+    session.add(traced, exit_tx);
+    let launched = session.launched();
+
     // SAFETY: the ring buffer's fd is owned by the AsyncFd and stays open until it is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
@@ -267,21 +256,6 @@ async fn event_loop(
         }
     };
     tokio::pin!(deadline);
-    let exited = async {
-        match &exit_fd {
-            Some(fd) => {
-                let _ = fd.readable().await;
-            }
-            None => loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                if !discover::process_exists(pid) {
-                    break;
-                }
-            },
-        }
-    };
-    tokio::pin!(exited);
-    let launched = matches!(target, Target::Launched(_));
     let mut interrupted = false;
 
     let ended_by = loop {
@@ -290,25 +264,27 @@ async fn event_loop(
                 let mut guard = guard.context("ring buffer")?;
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
-                    pipe.handle(&item, &mut self_stats);
+                    pipe.handle(&item);
                 }
                 guard.clear_ready();
             }
             _ = drain.tick() => {
                 let rb = ring.get_mut();
                 while let Some(item) = rb.next() {
-                    pipe.handle(&item, &mut self_stats);
+                    pipe.handle(&item);
                 }
             }
             _ = ticker.tick() => {
-                (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
-                pipe.expire_requests(&mut self_stats);
-                pipe.sample_resources(pid);
-                pipe.metrics.tick(&self_stats);
-                for f in pipe.files.iter_mut() { f.tick(&self_stats); }
-                if let Some(t) = terminal.as_mut() { t.tick(&pipe.stats.summary(), &self_stats); }
+                (pipe.stats.lost_ringbuf, pipe.stats.lost_entry) = probes.lost();
+                pipe.tick(&session, None);
             }
-            _ = &mut exited => break "the process exited",
+            Some(pid) = exits.recv() => {
+                session.exited(pid);
+                if session.is_empty() {
+                    break "the process exited";
+                }
+                pipe.forget(pid);
+            }
             _ = &mut deadline => break "--duration elapsed",
             _ = sigterm.recv() => break "terminated",
             _ = sigint.recv() => {
@@ -326,72 +302,138 @@ async fn event_loop(
     {
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
-            pipe.handle(&item, &mut self_stats);
+            pipe.handle(&item);
         }
     }
-    (self_stats.lost_ringbuf, self_stats.lost_entry) = probes.lost();
+    (pipe.stats.lost_ringbuf, pipe.stats.lost_entry) = probes.lost();
     drop(probes); // detaches every probe
-    pipe.finish_requests();
-    self_stats.unserved = pipe.requests.unserved;
-    self_stats.requests_active = 0;
-    self_stats.probes_attached = 0;
-    pipe.metrics.finish(&self_stats)?;
-    for f in pipe.files.iter_mut() {
-        f.finish(&self_stats)?;
-    }
-
-    pipe.stats.set_unserved(pipe.requests.unserved);
-    let summary = pipe.stats.summary();
-    println!(
-        "\nllamaprobe summary — pid {pid} — {} — {ended_by}\n{}events lost: {} (ring buffer full {}, entry map full {}), undecodable {}",
-        plan.generation.describe(),
-        summary.render(),
-        self_stats.lost_ringbuf + self_stats.lost_entry,
-        self_stats.lost_ringbuf,
-        self_stats.lost_entry,
-        self_stats.undecodable
-    );
-    if let Some(path) = &opts.summary_json {
-        let mut v = serde_json::to_value(&summary)?;
-        v["pid"] = pid.into();
-        v["generation"] = serde_json::to_value(plan.generation)?;
-        v["ended_by"] = ended_by.into();
-        v["events_lost"] = (self_stats.lost_ringbuf + self_stats.lost_entry).into();
-        v["undecodable"] = self_stats.undecodable.into();
-        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
-            .with_context(|| format!("writing --summary-json {}", path.display()))?;
-    }
-    Ok(match &target {
-        Target::Launched(h) => {
-            if ended_by != "the process exited" {
-                eprintln!("llamaprobe: stopping the program ({ended_by})");
-                h.terminate();
-            }
-            h.wait()
-        }
-        Target::Pid(_) => 0,
-    })
+    pipe.finish(&session, ended_by)?;
+    Ok(session.end(ended_by))
 }
 
-/// The one-way path of an event: decoder → assembler → requests → stats and sinks.
+/// The traced processes, by pid.
+#[derive(Default)]
+struct Session {
+    processes: HashMap<u32, Traced>,
+    /// Exited, kept until the end for their exit code (a program `run` started).
+    ended: Vec<Traced>,
+}
+
+impl Session {
+    /// Starts following `t`: its exit is sent on `exits`. A held program is released here,
+    /// once its exit can be seen.
+    fn add(&mut self, mut t: Traced, exits: mpsc::UnboundedSender<u32>) {
+        let pid = t.pid;
+        let watched = pidfd_open(pid).ok().and_then(|fd| {
+            // SAFETY: the fd is owned by the AsyncFd and stays open until it is dropped.
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+        });
+        match watched {
+            Some(fd) => {
+                tokio::spawn(async move {
+                    let _ = fd.readable().await;
+                    let _ = exits.send(pid);
+                });
+            }
+            // Without pidfds (kernels before 5.3): look every 250 ms.
+            None => {
+                tokio::spawn(async move {
+                    while discover::process_exists(pid) {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    let _ = exits.send(pid);
+                });
+            }
+        }
+        if let Target::Launched(h) = &mut t.target {
+            h.release();
+        }
+        self.processes.insert(pid, t);
+    }
+
+    fn exited(&mut self, pid: u32) {
+        if let Some(t) = self.processes.remove(&pid) {
+            self.ended.push(t);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.processes.keys().copied().collect()
+    }
+
+    /// Whether a program `run` started is traced (it gets Ctrl-C too).
+    fn launched(&self) -> bool {
+        self.processes
+            .values()
+            .any(|t| matches!(t.target, Target::Launched(_)))
+    }
+
+    /// Ends the session: a started program still running is stopped and waited for; its exit
+    /// code is llamaprobe's.
+    fn end(self, ended_by: &str) -> i32 {
+        let mut code = 0;
+        for t in self.processes.values().chain(&self.ended) {
+            if let Target::Launched(h) = &t.target {
+                if ended_by != "the process exited" {
+                    eprintln!("llamaprobe: stopping the program ({ended_by})");
+                    h.terminate();
+                }
+                code = h.wait();
+            }
+        }
+        code
+    }
+}
+
+/// The one-way path of an event: decoder → assembler → requests → sinks.
 struct Pipeline {
     assembler: Assembler,
     requests: Requests,
-    stats: Stats,
-    metrics: sinks::prometheus::Metrics,
-    files: Vec<Box<dyn Sink>>,
-    resources: ResourceSampler,
+    sinks: Vec<Box<dyn Sink>>,
+    sampler: sources::Sampler,
+    stats: SelfStats,
 }
 
 impl Pipeline {
-    /// GPU, process and model resources; called about once a second.
-    fn sample_resources(&mut self, pid: u32) {
-        let assembler = &self.assembler;
-        self.resources
-            .sample(&[pid], |p| assembler.model(p).to_string());
+    fn emit(&mut self, obs: &Observation) {
+        for s in self.sinks.iter_mut() {
+            s.observe(obs);
+        }
     }
 
-    /// Reads the metadata of a model the process loaded.
+    fn handle(&mut self, bytes: &[u8]) {
+        match decode::decode(bytes) {
+            Ok(ev) => {
+                let obs = self.assembler.process(&ev);
+                let made = self.requests.observe(&obs);
+                self.emit(&obs);
+                self.model_loaded(&obs);
+                for o in &made {
+                    self.emit(o);
+                }
+            }
+            Err(e) => {
+                if self.stats.undecodable == 0 {
+                    tracing::warn!("undecodable event (agent/probe build mismatch?): {e}");
+                }
+                self.stats.undecodable += 1;
+            }
+        }
+    }
+
+    /// A traced process is gone (others are still traced): its requests close, its state goes.
+    fn forget(&mut self, pid: u32) {
+        for r in self.requests.forget(pid) {
+            self.emit(&Observation::Request(r));
+        }
+        self.assembler.forget(pid);
+    }
+
+    /// The metadata of a model the process loaded, read from its file.
     fn model_loaded(&mut self, obs: &Observation) {
         let Observation::ModelLoad(m) = obs else {
             return;
@@ -399,78 +441,108 @@ impl Pipeline {
         let (true, Some(path)) = (m.ok, m.path.as_deref()) else {
             return;
         };
-        match resources::model_from_load(m.origin.pid, std::path::Path::new(path)) {
-            Ok(info) => {
-                self.resources
-                    .set_model(m.origin.pid, &m.origin.model, &info);
-                self.stats.note(format!(
-                    "model: observed at load: {}",
-                    describe_model(&info)
-                ));
-            }
+        match sources::model_from_load(m.origin.pid, std::path::Path::new(path)) {
+            Ok(info) => self.emit(&Observation::ModelInfo(ModelFacts {
+                pid: m.origin.pid,
+                label: m.origin.model.clone(),
+                fact: format!("model: observed at load: {}", describe_model(&info)),
+                info: Some(info),
+            })),
             Err(e) => tracing::info!("pid {}: {e}", m.origin.pid),
         }
     }
 
-    fn emit(&mut self, obs: &Observation) {
-        self.stats.observe(obs);
-        self.metrics.observe(obs);
-        for f in self.files.iter_mut() {
-            f.observe(obs);
+    /// The model of a process that loaded it before llamaprobe attached.
+    fn recover_model(&mut self, pid: u32) {
+        let (label, fact, info) = match sources::recover_model(pid) {
+            Ok(Some((found, info))) => {
+                let label = found.label();
+                self.assembler.set_model(pid, &label);
+                let fact = format!(
+                    "model: recovered from the process ({:?}; loaded before llamaprobe attached): {}",
+                    found.source,
+                    describe_model(&info)
+                );
+                (label, fact, Some(info))
+            }
+            Ok(None) => (
+                String::new(),
+                "model: not seen (loaded before llamaprobe attached) and not found in the process"
+                    .into(),
+                None,
+            ),
+            Err(e) => (
+                String::new(),
+                format!(
+                    "model: not seen (loaded before llamaprobe attached); recovery failed: {e}"
+                ),
+                None,
+            ),
+        };
+        self.emit(&Observation::ModelInfo(ModelFacts {
+            pid,
+            label: label.into(),
+            fact,
+            info,
+        }));
+    }
+
+    /// The state of things now: the agent's counters and one round of readings.
+    fn snapshot(&mut self, session: &Session, ended_by: Option<&'static str>) -> Snapshot {
+        self.stats.requests_active = self.requests.active() as u64;
+        self.stats.unserved = self.requests.unserved;
+        self.stats.tasks_waiting = self.requests.tasks_waiting() as u64;
+        let (gpus, processes) = self.sampler.sample(&session.pids());
+        Snapshot {
+            stats: self.stats,
+            gpus: Arc::new(gpus),
+            processes: processes
+                .into_iter()
+                .map(|(pid, sample)| ProcessReading {
+                    pid,
+                    model: self.assembler.model(pid),
+                    sample,
+                })
+                .collect(),
+            ended_by,
         }
     }
 
-    /// Closes silent requests; called about once a second.
-    fn expire_requests(&mut self, self_stats: &mut SelfStats) {
-        for r in self.requests.expire(monotonic_ns()) {
+    /// About once a second: requests silent too long are closed, then every sink ticks.
+    fn tick(&mut self, session: &Session, ended_by: Option<&'static str>) {
+        for r in self.requests.expire(clock::monotonic_ns()) {
             self.emit(&Observation::Request(r));
         }
-        self_stats.requests_active = self.requests.active() as u64;
-        self_stats.unserved = self.requests.unserved;
-        self_stats.tasks_waiting = self.requests.tasks_waiting() as u64;
+        let now = self.snapshot(session, ended_by);
+        for s in self.sinks.iter_mut() {
+            s.tick(&now);
+        }
     }
 
-    /// Closes every request (end of the session).
-    fn finish_requests(&mut self) {
+    /// The end: every request closes, every sink finishes with the last snapshot.
+    fn finish(&mut self, session: &Session, ended_by: &'static str) -> anyhow::Result<()> {
         for r in self.requests.finish() {
             self.emit(&Observation::Request(r));
         }
-    }
-
-    fn handle(&mut self, bytes: &[u8], self_stats: &mut SelfStats) {
-        match events::decode(bytes) {
-            Ok(ev) => {
-                let obs = self.assembler.process(&ev);
-                let made = self.requests.observe(&obs);
-                self.model_loaded(&obs);
-                self.emit(&obs);
-                for o in &made {
-                    self.emit(o);
-                }
-            }
-            Err(e) => {
-                if self_stats.undecodable == 0 {
-                    tracing::warn!("undecodable event (agent/probe build mismatch?): {e}");
-                }
-                self_stats.undecodable += 1;
-            }
+        if self.requests.steps_dropped > 0 {
+            tracing::info!(
+                "{} decode steps not kept for step spans (over {} in one request)",
+                self.requests.steps_dropped,
+                crate::assemble::requests::MAX_STEPS_PER_REQUEST
+            );
         }
+        self.stats.probes_attached = 0;
+        let mut last = self.snapshot(session, Some(ended_by));
+        last.stats.requests_active = 0;
+        for s in self.sinks.iter_mut() {
+            s.finish(&last)?;
+        }
+        Ok(())
     }
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of the probes' timestamps (bpf_ktime_get_ns).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// One line about a model file's metadata.
-fn describe_model(info: &resources::ModelInfo) -> String {
+fn describe_model(info: &ModelInfo) -> String {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
     format!(
         "{} — {}, {} parameters, {}, trained context {}, {} bytes",

@@ -29,6 +29,11 @@ pub struct ContextUse {
 }
 
 impl ContextUse {
+    /// Drops the sequences of a process that is gone.
+    pub fn forget(&mut self, pid: u32) {
+        self.seqs.retain(|k, _| k.0 != pid);
+    }
+
     /// Counts the tokens a successful decode step added.
     pub fn after_decode(&mut self, pid: u32, parts: &[Part]) -> Vec<SeqUsed> {
         let mut changed: Vec<SeqUsed> = Vec::new();

@@ -19,27 +19,42 @@ pub mod requests;
 use crate::{catalog::plausible, decode::Event, model::*};
 use context_use::ContextUse;
 
-/// Turns events into observations; keeps per-sequence positions and per-process models.
+/// Turns events into observations. State is kept per traced process ([`ProcessState`]) and,
+/// inside it, per context ([`ContextState`]): both are created when their first event comes and
+/// dropped with [`Assembler::forget`] when the process is gone.
 #[derive(Default)]
 pub struct Assembler {
-    /// Last position of each sequence, by (pid, ctx, seq).
-    last_pos: HashMap<(u32, u64, i32), i32>,
+    processes: HashMap<u32, ProcessState>,
+    unknown: Arc<str>,
+    context_use: ContextUse,
+}
+
+/// What the assembler keeps of one process.
+#[derive(Default)]
+struct ProcessState {
+    /// Model file stem, once a load was seen (or the model recovered).
+    model: Option<Arc<str>>,
+    /// Its sampling is probed and has been seen.
+    sampler_seen: bool,
+    /// Sequences a llama-server slot has just taken a new task on: their next tokens are a
+    /// prompt, whatever they look like (a prompt served from the cache but for its last token
+    /// is one token at a later position).
+    launched: std::collections::HashSet<i32>,
     /// Last successful decode per thread: (ctx, start_ns), waiting for its synchronize.
     pending_compute: HashMap<u32, (u64, u64)>,
-    models: HashMap<u32, Arc<str>>,
-    unknown: Arc<str>,
-    /// Token ids sampled since the last decode step, by (pid, ctx), with the sequence each
-    /// was sampled for (`None`: the batch index was not in the latest step).
-    sampled: HashMap<(u32, u64), Vec<Pending>>,
-    /// Which sequence holds each batch index of each context's latest successful step.
-    batches: HashMap<(u32, u64), BatchMap>,
-    /// Sequences a llama-server slot has just taken a new task on (pid, seq): their next
-    /// tokens are a prompt, whatever they look like (a prompt served from the cache but for
-    /// its last token is one token at a later position).
-    launched: std::collections::HashSet<(u32, i32)>,
-    /// Processes whose sampling is probed and has been seen.
-    sampler_seen: std::collections::HashSet<u32>,
-    context_use: ContextUse,
+    contexts: HashMap<u64, ContextState>,
+}
+
+/// What the assembler keeps of one context of a process.
+#[derive(Default)]
+struct ContextState {
+    /// Last position of each sequence.
+    last_pos: HashMap<i32, i32>,
+    /// Token ids sampled since the last successful decode step, with the sequence each was
+    /// sampled for (`None`: none sampled since).
+    sampled: Option<Vec<Pending>>,
+    /// Which sequence holds each batch index of the latest successful step.
+    batch: BatchMap,
 }
 
 /// A token sampled since the context's last successful step: (its sequence, if known; id).
@@ -111,15 +126,29 @@ impl Assembler {
 
     /// Declares the model of a process learnt elsewhere.
     pub fn set_model(&mut self, pid: u32, model: &str) {
-        self.models.insert(pid, Arc::from(model));
+        self.processes.entry(pid).or_default().model = Some(Arc::from(model));
     }
 
     /// The model label of a process ("" until known).
     pub fn model(&self, pid: u32) -> Arc<str> {
-        self.models
+        self.processes
             .get(&pid)
-            .cloned()
+            .and_then(|p| p.model.clone())
             .unwrap_or_else(|| self.unknown.clone())
+    }
+
+    /// Drops everything kept of a process that is gone.
+    pub fn forget(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+        self.context_use.forget(pid);
+    }
+
+    fn process_mut(&mut self, pid: u32) -> &mut ProcessState {
+        self.processes.entry(pid).or_default()
+    }
+
+    fn context_mut(&mut self, pid: u32, ctx: u64) -> &mut ContextState {
+        self.process_mut(pid).contexts.entry(ctx).or_default()
     }
 
     fn origin(&self, h: &probe_common::EventHeader) -> Origin {
@@ -138,12 +167,7 @@ impl Assembler {
             Event::ModelLoad(m) => Observation::ModelLoad(self.model_load(m)),
             Event::Memory(m) => Observation::Memory(MemoryChange {
                 origin: self.origin(&m.header),
-                op: match m.op {
-                    x if x == probe_common::MemoryOp::SeqRm as u32 => "seq_rm",
-                    x if x == probe_common::MemoryOp::SeqCp as u32 => "seq_cp",
-                    x if x == probe_common::MemoryOp::SeqAdd as u32 => "seq_add",
-                    _ => "clear",
-                },
+                op: crate::catalog::memory_op_name(m.op),
                 seq_id: m.seq_id,
                 seq_dst: m.seq_dst,
                 p0: m.p0,
@@ -159,7 +183,7 @@ impl Assembler {
             }),
             Event::SlotLaunch(l) => Observation::SlotLaunch({
                 if l.ok != 0 {
-                    self.launched.insert((l.header.tgid, l.slot_id));
+                    self.process_mut(l.header.tgid).launched.insert(l.slot_id);
                 }
                 SlotLaunch {
                     origin: self.origin(&l.header),
@@ -185,9 +209,9 @@ impl Assembler {
                     .collect(),
             }),
             Event::Sample(s) => {
-                let key = (s.header.tgid, s.ctx);
-                let seq_id = self.batches.get(&key).and_then(|b| b.seq_at(s.idx));
-                let pending = self.sampled.entry(key).or_default();
+                let c = self.context_mut(s.header.tgid, s.ctx);
+                let seq_id = c.batch.seq_at(s.idx);
+                let pending = c.sampled.get_or_insert_with(Vec::new);
                 if pending.len() < MAX_PENDING_SAMPLES {
                     pending.push((seq_id, s.token));
                 }
@@ -200,9 +224,10 @@ impl Assembler {
                 })
             }
             Event::Sync(s) => {
-                let compute_ns = match self.pending_compute.get(&s.header.tid) {
+                let pending = &mut self.process_mut(s.header.tgid).pending_compute;
+                let compute_ns = match pending.get(&s.header.tid) {
                     Some(&(ctx, start)) if ctx == s.ctx && start <= s.header.start_ns => {
-                        self.pending_compute.remove(&s.header.tid);
+                        pending.remove(&s.header.tid);
                         Some(s.header.end_ns.saturating_sub(start))
                     }
                     _ => None,
@@ -224,7 +249,7 @@ impl Assembler {
                 .and_then(|p| std::path::Path::new(p).file_stem())
                 .map(|s| s.to_string_lossy().into_owned())
             {
-                self.models.insert(m.header.tgid, Arc::from(stem.as_str()));
+                self.set_model(m.header.tgid, &stem);
             }
         }
         ModelLoad {
@@ -274,7 +299,8 @@ impl Assembler {
         };
         let pid = d.header.tgid;
         if result == DecodeResult::Ok {
-            self.pending_compute
+            self.process_mut(pid)
+                .pending_compute
                 .insert(d.header.tid, (d.ctx, d.header.start_ns));
         }
         if d.n_tokens < 0 || (d.flags & F::UNREADABLE != 0 && d.n_runs == 0) {
@@ -302,17 +328,18 @@ impl Assembler {
             // is probed. Only a step that succeeds consumes them: a failed call (no KV slot,
             // aborted, …) is retried with the same tokens, and the retry must find its
             // fed-back tokens still pending to be classified as the failed call was.
+            let c = self.context_mut(pid, d.ctx);
             let mut sampled = if result == DecodeResult::Ok {
-                self.sampled.remove(&(pid, d.ctx))
+                c.sampled.take()
             } else {
-                self.sampled.get(&(pid, d.ctx)).cloned()
+                c.sampled.clone()
             };
-            let samplers_seen = sampled.is_some() || self.sampler_seen.contains(&pid);
+            let samplers_seen = sampled.is_some() || self.process_mut(pid).sampler_seen;
             for run in d.runs.iter().take(d.n_runs as usize) {
                 let outputs = if no_outputs { 1 } else { run.n_outputs as u32 };
                 let single = run.n_tokens == 1 && outputs == 1;
                 let fed_back = single
-                    && !self.launched.contains(&(pid, run.seq_id))
+                    && !self.process_mut(pid).launched.contains(&run.seq_id)
                     && if samplers_seen {
                         take(&mut sampled, run.seq_id, run.tok0)
                     } else {
@@ -336,7 +363,7 @@ impl Assembler {
                 });
             }
             if samplers_seen {
-                self.sampler_seen.insert(pid);
+                self.process_mut(pid).sampler_seen = true;
             }
             let scanned: u32 = step.parts.iter().map(|p| p.n_tokens).sum();
             step.unscanned_tokens = n.saturating_sub(scanned);
@@ -385,10 +412,11 @@ impl Assembler {
         if result == DecodeResult::Ok {
             self.advance_positions(pid, d, &step);
             step.context_used = self.context_use.after_decode(pid, &step.parts);
+            let proc_ = self.process_mut(pid);
             for p in &step.parts {
-                self.launched.remove(&(pid, p.seq_id));
+                proc_.launched.remove(&p.seq_id);
             }
-            self.batches.insert((pid, d.ctx), BatchMap::of(&step));
+            self.context_mut(pid, d.ctx).batch = BatchMap::of(&step);
         }
         step
     }
@@ -402,7 +430,12 @@ impl Assembler {
         if pos < 0 {
             return true;
         }
-        match self.last_pos.get(&(pid, ctx, seq)) {
+        let last = self
+            .processes
+            .get(&pid)
+            .and_then(|p| p.contexts.get(&ctx))
+            .and_then(|c| c.last_pos.get(&seq));
+        match last {
             Some(&last) => pos > last,
             None => pos > 0,
         }
@@ -410,15 +443,14 @@ impl Assembler {
 
     /// Records where each sequence ends after a successful step.
     fn advance_positions(&mut self, pid: u32, d: &DecodeEvent, step: &DecodeStep) {
+        let last_pos = &mut self.context_mut(pid, d.ctx).last_pos;
         for p in &step.parts {
             if p.pos0 >= 0 {
-                self.last_pos
-                    .insert((pid, d.ctx, p.seq_id), p.pos0 + p.n_tokens as i32 - 1);
+                last_pos.insert(p.seq_id, p.pos0 + p.n_tokens as i32 - 1);
             }
         }
         if d.flags & F::LAST_VALID != 0 && d.last.pos >= 0 {
-            self.last_pos
-                .insert((pid, d.ctx, d.last.seq_id), d.last.pos);
+            last_pos.insert(d.last.seq_id, d.last.pos);
         }
     }
 }

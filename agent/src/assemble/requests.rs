@@ -35,8 +35,12 @@ use std::collections::VecDeque;
 
 use crate::model::{
     ContextShift, DecodeResult, DecodeStep, MemoryChange, Mode, Observation, PartKind, Request,
-    Sample, SlotLaunch, SlotRelease, TaskPost, Unserved,
+    RequestStep, Sample, SlotLaunch, SlotRelease, TaskPost, Unserved,
 };
+
+/// Decode steps kept per request when steps are kept ([`Requests::keep_steps`]); later ones
+/// are not (counted in [`Requests::steps_dropped`]).
+pub const MAX_STEPS_PER_REQUEST: usize = 4096;
 
 #[derive(Clone, Debug)]
 struct Open {
@@ -79,6 +83,10 @@ struct Launched {
 /// The reconstruction state.
 pub struct Requests {
     mode: Mode,
+    /// Keep each request's decode steps (for per-step spans).
+    keep_steps: bool,
+    /// Steps not kept: over [`MAX_STEPS_PER_REQUEST`] in one request.
+    pub steps_dropped: u64,
     open: HashMap<Key, Open>,
     /// [`Mode::ServerTasks`]: accepted tasks by (pid, task id), until a request takes them.
     posted: HashMap<(u32, i32), Posted>,
@@ -99,6 +107,8 @@ impl Requests {
     pub fn new(mode: Mode) -> Self {
         Self {
             mode,
+            keep_steps: false,
+            steps_dropped: 0,
             open: HashMap::new(),
             posted: HashMap::new(),
             launched: HashMap::new(),
@@ -108,6 +118,13 @@ impl Requests {
             context_shifts: 0,
             last_step_ns: HashMap::new(),
         }
+    }
+
+    /// Keeps each request's decode steps on it ([`Request::steps`]), at most
+    /// [`MAX_STEPS_PER_REQUEST`] each.
+    pub fn keep_steps(mut self, keep: bool) -> Self {
+        self.keep_steps = keep;
+        self
     }
 
     /// Updates the state with one observation; returns what it made: the requests it closed
@@ -295,6 +312,7 @@ impl Requests {
                 decode_steps: 0,
                 context_shifts: 0,
                 closed_by: "",
+                steps: Vec::new(),
             },
             generating: false,
             last_activity_ns: d.origin.end_ns,
@@ -327,6 +345,21 @@ impl Requests {
             if let Some(o) = self.open.get_mut(&key) {
                 o.req.decode_steps += 1;
                 o.last_activity_ns = d.origin.end_ns;
+                if self.keep_steps {
+                    if o.req.steps.len() < MAX_STEPS_PER_REQUEST {
+                        o.req.steps.push(RequestStep {
+                            start_ns: d.origin.start_ns,
+                            end_ns: d.origin.end_ns,
+                            tid: d.origin.tid,
+                            n_tokens: d.n_tokens,
+                            seq_tokens: p.n_tokens,
+                            phase: d.phase.map_or("unknown", |p| p.label()),
+                            result: d.result.label(),
+                        });
+                    } else {
+                        self.steps_dropped += 1;
+                    }
+                }
             }
         }
         closed
@@ -397,13 +430,19 @@ impl Requests {
             .collect()
     }
 
-    /// Closes requests silent since `now_ns - IDLE_CLOSE_NS`, and drops posts no request
-    /// claimed although their process went on and is idle (see the module's text).
+    /// Closes requests silent since `now_ns - IDLE_CLOSE_NS` (batch view: llama-server's own
+    /// requests end at their slot's release), and drops posts no request claimed although
+    /// their process went on and is idle (see the module's text).
     pub fn expire(&mut self, now_ns: u64) -> Vec<Request> {
+        // llama-server says when a request ends (its slot's release): a server stalled for
+        // seconds on a busy node still has its requests in progress.
+        let by_silence = self.mode == Mode::BatchView;
         let keys: Vec<_> = self
             .open
             .iter()
-            .filter(|(_, o)| o.generating && o.last_activity_ns + IDLE_CLOSE_NS < now_ns)
+            .filter(|(_, o)| {
+                by_silence && o.generating && o.last_activity_ns + IDLE_CLOSE_NS < now_ns
+            })
             .map(|(k, _)| *k)
             .collect();
         let closed: Vec<Request> = keys
@@ -425,6 +464,22 @@ impl Requests {
             }
         }
         closed
+    }
+
+    /// A process is gone: its open requests close (`process_exited`) and what was kept of it
+    /// is dropped.
+    pub fn forget(&mut self, pid: u32) -> Vec<Request> {
+        let keys: Vec<Key> = self.open.keys().filter(|k| k.0 == pid).copied().collect();
+        let mut out: Vec<Request> = keys
+            .into_iter()
+            .filter_map(|k| self.close(k, "process_exited"))
+            .collect();
+        out.sort_by_key(|r| r.id);
+        self.posted.retain(|k, _| k.0 != pid);
+        self.launched.retain(|k, _| k.0 != pid);
+        self.posts.remove(&pid);
+        self.last_step_ns.remove(&pid);
+        out
     }
 
     /// Closes everything (end of the session).
@@ -642,7 +697,7 @@ mod tests {
 
     #[test]
     fn silence_closes_a_finished_generation() {
-        let mut r = Requests::new(Mode::ServerQueue);
+        let mut r = Requests::new(Mode::BatchView);
         r.observe(&step(0, vec![part(0, 0, 2, PartKind::FinalPromptChunk)]));
         r.observe(&sample(20, -1));
         assert_eq!(r.active(), 1);
@@ -931,5 +986,39 @@ mod tests {
         r.observe(&sample(50, -1));
         let q = r.finish().remove(0);
         assert_eq!((q.generated_tokens, q.context_shifts), (2, 1));
+    }
+
+    /// A process that is gone takes its requests and its waiting tasks with it.
+    #[test]
+    fn a_process_that_is_gone_is_forgotten() {
+        let mut r = Requests::new(Mode::ServerTasks);
+        r.observe(&post_tasks(10, &[(1, "completion"), (2, "completion")]));
+        r.observe(&launch(20, 0, 1, true));
+        r.observe(&step(30, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        assert_eq!((r.active(), r.tasks_waiting()), (1, 1));
+        let gone = r.forget(1);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].closed_by, "process_exited");
+        assert_eq!((r.active(), r.tasks_waiting()), (0, 0));
+        assert!(r.forget(1).is_empty());
+    }
+
+    /// In llama-server, silence does not end a request: a stalled server's requests go on
+    /// until their slots are released.
+    #[test]
+    fn a_stalled_server_keeps_its_requests() {
+        let mut r = Requests::new(Mode::ServerTasks);
+        r.observe(&post_tasks(10, &[(1, "completion")]));
+        r.observe(&launch(20, 0, 1, true));
+        r.observe(&step(30, vec![part(0, 0, 3, PartKind::FinalPromptChunk)]));
+        r.observe(&sample(45, -1));
+        assert!(r.expire(10 * IDLE_CLOSE_NS).is_empty());
+        r.observe(&step(
+            10 * IDLE_CLOSE_NS,
+            vec![part(0, 3, 1, PartKind::Generated)],
+        ));
+        r.observe(&sample(10 * IDLE_CLOSE_NS + 20, 0));
+        let q = closed(r.observe(&release(10 * IDLE_CLOSE_NS + 30, 0, 1))).remove(0);
+        assert_eq!((q.generated_tokens, q.closed_by), (2, "slot_released"));
     }
 }

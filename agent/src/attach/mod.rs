@@ -51,15 +51,11 @@ pub enum AttachError {
 
 /// Checks the kernel version and the process's privileges before touching the kernel.
 pub fn preflight() -> Result<(), AttachError> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let mut nums = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|s| s.parse::<u32>().ok());
-    if let (Some(major), Some(minor)) = (nums.next(), nums.next()) {
-        if (major, minor) < (5, 8) {
+    if let Ok(v) = aya::util::KernelVersion::current() {
+        if v < aya::util::KernelVersion::new(5, 8, 0) {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| format!("{v:?}"));
             return Err(AttachError::KernelTooOld { release });
         }
     }
@@ -71,21 +67,13 @@ pub fn preflight() -> Result<(), AttachError> {
 
 /// Root, or CAP_SYS_ADMIN, or CAP_BPF + CAP_PERFMON in the effective set.
 fn has_bpf_privileges() -> bool {
+    use caps::{CapSet, Capability};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    const CAP_SYS_ADMIN: u64 = 21;
-    const CAP_PERFMON: u64 = 38;
-    const CAP_BPF: u64 = 39;
-    let has = |c: u64| cap_eff & (1 << c) != 0;
-    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
+    has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON))
 }
 
 /// An EPERM from the kernel means missing privileges (the verifier rejects programs with

@@ -55,7 +55,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         return Err(DecodeError::Short { len: bytes.len() });
     }
     let kind = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes"));
-    let kind = EventKind::from_u32(kind).ok_or(DecodeError::UnknownKind { kind })?;
+    let kind = EventKind::try_from(kind).map_err(|_| DecodeError::UnknownKind { kind })?;
     Ok(match kind {
         EventKind::Decode => Event::Decode(Box::new(read(bytes, kind)?)),
         EventKind::ModelLoad => Event::ModelLoad(Box::new(read(bytes, kind)?)),

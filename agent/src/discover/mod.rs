@@ -2,10 +2,11 @@
 //! opened through `/proc/PID/root` so processes in other mount namespaces (containers) work,
 //! and, for a program not started yet, the libraries the dynamic loader would map.
 
+pub mod elf;
+
 use std::{
     collections::HashSet,
     fs,
-    io::ErrorKind,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -17,8 +18,10 @@ pub enum DiscoverError {
     #[error("no process with pid {pid}: check the pid (e.g. `pgrep -n llama-server`)")]
     NoSuchProcess { pid: u32 },
     /// /proc could not be read for the pid.
-    #[error("cannot read /proc/{pid}/maps ({error}): run llamaprobe as root (sudo) or with CAP_SYS_PTRACE")]
-    Proc { pid: u32, error: std::io::Error },
+    #[error(
+        "cannot read /proc/{pid} ({error}): run llamaprobe as root (sudo) or with CAP_SYS_PTRACE"
+    )]
+    Proc { pid: u32, error: procfs::ProcError },
     /// The program to run was not found.
     #[error("cannot find program `{program}` (not a path and not on PATH)")]
     ProgramNotFound { program: String },
@@ -37,53 +40,63 @@ pub struct MappedFile {
     pub inode: u64,
 }
 
-/// The file-backed mappings of `pid`, one entry per file, in address order.
+/// The process `pid` (procfs), or why it cannot be read.
+fn process(pid: u32) -> Result<procfs::process::Process, DiscoverError> {
+    procfs::process::Process::new(pid as i32).map_err(|e| proc_error(pid, e))
+}
+
+fn proc_error(pid: u32, e: procfs::ProcError) -> DiscoverError {
+    match e {
+        procfs::ProcError::NotFound(_) => DiscoverError::NoSuchProcess { pid },
+        error => DiscoverError::Proc { pid, error },
+    }
+}
+
+/// The file-backed mappings of `pid` (`/proc/PID/maps`, through the `procfs` crate), one entry
+/// per file, in address order. The one reader of a process's maps in llamaprobe.
 pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>, DiscoverError> {
-    let maps = match fs::read_to_string(format!("/proc/{pid}/maps")) {
-        Ok(m) => m,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(DiscoverError::NoSuchProcess { pid })
-        }
-        Err(error) => return Err(DiscoverError::Proc { pid, error }),
-    };
+    let maps = process(pid)?.maps().map_err(|e| proc_error(pid, e))?;
+    Ok(files(pid, maps))
+}
+
+/// The files of parsed maps, each once (by inode and path), deleted files left out.
+fn files(pid: u32, maps: procfs::process::MemoryMaps) -> Vec<MappedFile> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for line in maps.lines() {
-        // address perms offset dev inode pathname
-        let mut it = line.split_whitespace();
-        let (Some(_), Some(_), Some(_), Some(_), Some(inode)) =
-            (it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
+    for m in maps {
+        let procfs::process::MMapPath::Path(path) = m.pathname else {
             continue;
         };
-        let path: String = it.collect::<Vec<_>>().join(" ");
-        let inode: u64 = inode.parse().unwrap_or(0);
-        if inode == 0 || !path.starts_with('/') || path.ends_with(" (deleted)") {
+        if m.inode == 0
+            || !path.is_absolute()
+            || path.to_string_lossy().ends_with(" (deleted)")
+            || !seen.insert((m.inode, path.clone()))
+        {
             continue;
         }
-        if !seen.insert((inode, path.clone())) {
-            continue;
-        }
-        let host_path = PathBuf::from(format!("/proc/{pid}/root{path}"));
+        let host_path =
+            Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
         out.push(MappedFile {
-            path: PathBuf::from(path),
+            path,
             host_path,
-            inode,
+            inode: m.inode,
         });
     }
-    Ok(out)
+    out
 }
 
 /// True if `pid` exists.
 pub fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    procfs::process::Process::new(pid as i32).is_ok()
 }
 
-/// The command name of `pid`, for messages.
+/// The command name of `pid`, for messages ("?" if it cannot be read).
 pub fn comm(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
+    process(pid)
+        .ok()
+        .and_then(|p| p.stat().ok())
+        .map(|s| s.comm)
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Resolves a program name like a shell would (a path if it has a slash, else PATH).
@@ -113,10 +126,10 @@ pub fn planned_files(exe: &Path) -> Result<Vec<MappedFile>, DiscoverError> {
         path: exe.to_path_buf(),
         reason,
     };
-    let data = crate::resolve::map_elf(exe)
+    let data = elf::map_elf(exe)
         .map_err(|e| loader_err(e.to_string()))?
         .ok_or_else(|| loader_err("not an ELF executable".into()))?;
-    let interp = crate::resolve::interpreter(&data).map_err(|e| loader_err(e.to_string()))?;
+    let interp = elf::interpreter(&data).map_err(|e| loader_err(e.to_string()))?;
     let mut files = vec![exe.to_path_buf()];
     if let Some(interp) = interp {
         let out = Command::new(&interp)
@@ -161,6 +174,26 @@ pub fn planned_files(exe: &Path) -> Result<Vec<MappedFile>, DiscoverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_lines_give_their_paths_once() {
+        let maps = b"7f00-7f10 r--s 00000000 fd:01 1234    /models/my model.gguf\n\
+            7f10-7f20 r--s 00001000 fd:01 1234    /models/my model.gguf\n\
+            7f20-7f30 rw-p 00000000 00:00 0 \n\
+            7f30-7f40 r-xp 00000000 fd:01 99 /usr/lib/libc.so.6\n\
+            7f40-7f50 r--s 00000000 fd:01 98 /tmp/old.gguf (deleted)\n\
+            7ffd-7ffe rw-p 00000000 00:00 0                          [stack]\n";
+        assert_eq!(
+            files(1, procfs::FromRead::from_read(&maps[..]).unwrap())
+                .into_iter()
+                .map(|f| f.path)
+                .collect::<Vec<_>>(),
+            [
+                PathBuf::from("/models/my model.gguf"),
+                PathBuf::from("/usr/lib/libc.so.6")
+            ]
+        );
+    }
 
     #[test]
     fn own_process_maps_include_itself_and_libc() {

@@ -1,6 +1,6 @@
 //! The other calls the probes see: model loads, contexts, sampling, synchronize, KV memory.
 
-use super::{Origin, SeqUsed};
+use super::origin::{Origin, SeqUsed};
 
 /// A model load.
 #[derive(Clone, Debug, serde::Serialize)]

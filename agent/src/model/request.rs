@@ -73,6 +73,23 @@ pub struct Request {
     pub context_shifts: u32,
     /// Why it was closed.
     pub closed_by: &'static str,
+    /// The decode steps that carried its tokens, when kept (`--otlp-step-spans`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<RequestStep>,
+}
+
+/// One decode step that carried a request's tokens.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RequestStep {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub tid: u32,
+    /// Tokens of the whole step.
+    pub n_tokens: Option<u32>,
+    /// This request's tokens in the step.
+    pub seq_tokens: u32,
+    pub phase: &'static str,
+    pub result: &'static str,
 }
 
 impl Request {

@@ -1,6 +1,6 @@
 //! llama-server's own flow: tasks posted, taken by slots, released.
 
-use super::Origin;
+use super::origin::Origin;
 
 /// Work handed to llama-server's task queue (`server_queue::post`).
 #[derive(Clone, Debug, serde::Serialize)]

@@ -1,10 +1,13 @@
 //! A decode step as the assembler classifies it: its phase, its result, each sequence's part.
 
-use super::{Origin, SeqUsed};
+use super::origin::{Origin, SeqUsed};
 
 /// Phase of a decode step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, strum::IntoStaticStr,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Phase {
     Prompt,
     Generation,
@@ -14,17 +17,16 @@ pub enum Phase {
 impl Phase {
     pub const ALL: [Phase; 3] = [Phase::Prompt, Phase::Generation, Phase::Mixed];
     pub fn label(self) -> &'static str {
-        match self {
-            Phase::Prompt => "prompt",
-            Phase::Generation => "generation",
-            Phase::Mixed => "mixed",
-        }
+        self.into()
     }
 }
 
 /// Outcome of a decode step, from its return code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, strum::IntoStaticStr,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum DecodeResult {
     Ok,
     NoKvSlot,
@@ -34,24 +36,19 @@ pub enum DecodeResult {
 }
 
 impl DecodeResult {
-    /// llama.h: 0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal.
+    /// The result of a return code (see `catalog::return_codes`).
     pub fn from_ret(ret: i32) -> Self {
+        use crate::catalog::return_codes as rc;
         match ret {
-            0 => Self::Ok,
-            1 => Self::NoKvSlot,
-            2 => Self::Aborted,
-            -1 => Self::InvalidBatch,
+            rc::OK => Self::Ok,
+            rc::NO_KV_SLOT => Self::NoKvSlot,
+            rc::ABORTED => Self::Aborted,
+            rc::INVALID_BATCH => Self::InvalidBatch,
             _ => Self::Error,
         }
     }
     pub fn label(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::NoKvSlot => "no_kv_slot",
-            Self::Aborted => "aborted",
-            Self::InvalidBatch => "invalid_batch",
-            Self::Error => "error",
-        }
+        self.into()
     }
 }
 

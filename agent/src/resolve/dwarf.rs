@@ -9,36 +9,11 @@
 
 use std::{borrow::Cow, collections::HashMap, path::Path};
 
+use super::error::ElfError;
+use crate::catalog::{Generation, LlamaLayout, LAYOUTS};
 use gimli::{AttributeValue, EndianSlice, RunTimeEndian, UnitOffset};
 use object::{Object, ObjectSection};
 use probe_common::{BatchExtLayout, ClassicBatchLayout, ContextParamsLayout};
-
-/// Errors of reading DWARF.
-#[derive(Debug, thiserror::Error)]
-pub enum DwarfError {
-    #[error("cannot read {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not an ELF file")]
-    NotElf { path: String },
-    #[error("{path} is not an ELF file llamaprobe can read")]
-    Parse {
-        path: String,
-        #[source]
-        source: object::Error,
-    },
-    #[error("{path} has no DWARF (.debug_info): build llama.cpp with -g (CMAKE_BUILD_TYPE=RelWithDebInfo)")]
-    NoDwarf { path: String },
-    #[error("DWARF of {path} is unreadable")]
-    Gimli {
-        path: String,
-        #[source]
-        source: gimli::Error,
-    },
-}
 
 /// The layouts found; `None` where the file's DWARF lacks the type.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -204,20 +179,12 @@ fn attr_u64(v: AttributeValue<EndianSlice<RunTimeEndian>>) -> Option<u64> {
 }
 
 /// Reads the layouts of llama.cpp's structs from a file's DWARF.
-pub fn read(path: &Path) -> Result<DwarfLayouts, DwarfError> {
-    let p = path.display().to_string();
-    let data = crate::resolve::map_elf(path)
-        .map_err(|source| DwarfError::Read {
-            path: p.clone(),
-            source,
-        })?
-        .ok_or_else(|| DwarfError::NotElf { path: p.clone() })?;
-    let obj = object::File::parse(&*data).map_err(|source| DwarfError::Parse {
-        path: p.clone(),
-        source,
-    })?;
+pub fn read(path: &Path) -> Result<DwarfLayouts, ElfError> {
+    let p = path.to_path_buf();
+    let data = super::error::map(path)?;
+    let obj = super::error::parse(path, &data)?;
     if obj.section_by_name(".debug_info").is_none() {
-        return Err(DwarfError::NoDwarf { path: p });
+        return Err(ElfError::NoDwarf { path: p });
     }
     let endian = if obj.is_little_endian() {
         RunTimeEndian::Little
@@ -230,12 +197,12 @@ pub fn read(path: &Path) -> Result<DwarfLayouts, DwarfError> {
             .and_then(|s| s.uncompressed_data().ok())
             .unwrap_or(Cow::Borrowed(&[])))
     })
-    .map_err(|source| DwarfError::Gimli {
+    .map_err(|source| ElfError::Dwarf {
         path: p.clone(),
         source,
     })?;
     let dwarf = sections.borrow(|s| EndianSlice::new(s, endian));
-    let gerr = |source| DwarfError::Gimli {
+    let gerr = |source| ElfError::Dwarf {
         path: p.clone(),
         source,
     };
@@ -350,4 +317,51 @@ fn collect(
         }
     }
     Ok(Types { nodes })
+}
+/// A report of DWARF-derived layouts against the table (`llamaprobe layout`).
+pub fn compare_with_table(what: &str, found: &DwarfLayouts) -> String {
+    use std::fmt::Write;
+    let mut s = format!("{what}: struct layouts from DWARF\n");
+    let mut line = |name: &str, found: Option<String>, table: Vec<(Generation, String)>| match found
+    {
+        None => {
+            let _ = writeln!(s, "  {name}: not in this file's DWARF");
+        }
+        Some(f) => {
+            let same: Vec<String> = table
+                .iter()
+                .filter(|(_, t)| *t == f)
+                .map(|(g, _)| format!("{g:?}"))
+                .collect();
+            let verdict = if same.is_empty() {
+                "differs from every table row: add a row to agent/src/catalog/layouts.rs"
+                    .to_string()
+            } else {
+                format!("matches the table row(s) {}", same.join(", "))
+            };
+            let _ = writeln!(s, "  {name}: {f}\n    {verdict}");
+        }
+    };
+    let table = |f: &dyn Fn(&LlamaLayout) -> String| {
+        LAYOUTS
+            .iter()
+            .map(|r| (r.generation, f(&r.layout)))
+            .collect::<Vec<_>>()
+    };
+    line(
+        "llama_batch",
+        found.classic.map(|l| format!("{l:?}")),
+        table(&|l| format!("{:?}", l.classic)),
+    );
+    line(
+        "llama_batch_ext",
+        found.ext.map(|l| format!("{l:?}")),
+        table(&|l| format!("{:?}", l.ext)),
+    );
+    line(
+        "llama_context_params",
+        found.ctx_params.map(|l| format!("{l:?}")),
+        table(&|l| format!("{:?}", l.ctx_params)),
+    );
+    s
 }

@@ -2,6 +2,9 @@
 //! file offset (what a uprobe attaches to), and the probe plan for a process.
 
 pub mod dwarf;
+mod error;
+
+pub use error::ElfError;
 
 use std::{
     collections::BTreeMap,
@@ -16,39 +19,6 @@ use crate::{
     discover::MappedFile,
 };
 
-/// Errors of symbol resolution and planning.
-#[derive(Debug, thiserror::Error)]
-pub enum SymbolError {
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not an ELF file")]
-    NotElf { path: PathBuf },
-    #[error("{path} is not an ELF file llamaprobe can read")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: object::Error,
-    },
-    #[error(
-        "{what} defines none of llama.cpp's decode functions (llama_decode, \
-         llama_context::decode(llama_batch_ext const&)); checked {n_files} file(s). {hint}"
-    )]
-    NotLlama {
-        what: String,
-        n_files: usize,
-        hint: String,
-    },
-    #[error(
-        "--symbols-from {path} matches none of the files of {what} (compared GNU build ids, \
-         then file names): give the unstripped copy or the debug file of the same build"
-    )]
-    SymbolsFromUnmatched { path: PathBuf, what: String },
-}
-
 /// Symbols taken from another file (`--symbols-from`): an unstripped copy of a stripped
 /// binary, or its separate debug file (`objcopy --only-keep-debug`). Addresses are translated
 /// to file offsets with the stripped file's own program headers.
@@ -59,19 +29,9 @@ pub struct SymbolsFrom {
 }
 
 impl SymbolsFrom {
-    pub fn load(path: &Path) -> Result<Self, SymbolError> {
-        let data = map_elf(path)
-            .map_err(|source| SymbolError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .ok_or_else(|| SymbolError::NotElf {
-                path: path.to_path_buf(),
-            })?;
-        let obj = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    pub fn load(path: &Path) -> Result<Self, ElfError> {
+        let data = error::map(path)?;
+        let obj = error::parse(path, &data)?;
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
         Ok(Self {
             path: path.to_path_buf(),
@@ -123,36 +83,6 @@ pub struct FileSymbols {
     pub gpu_init: Option<&'static str>,
 }
 
-/// Maps a file if it is an ELF file; `None` for anything else (a mapped model, a font, a
-/// locale archive). Files are mapped, never read whole: a process maps multi-GiB models.
-pub fn map_elf(path: &Path) -> std::io::Result<Option<memmap2::Mmap>> {
-    use std::io::Read;
-    let mut f = fs::File::open(path)?;
-    let mut magic = [0u8; 4];
-    if f.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
-        return Ok(None);
-    }
-    // SAFETY: read-only mapping; a file truncated under us can fault, as with any mapped
-    // binary; llamaprobe only reads program images and libraries.
-    let map = unsafe { memmap2::Mmap::map(&f)? };
-    Ok(Some(map))
-}
-
-/// ELF interpreter (`PT_INTERP`) of an executable image, if dynamically linked.
-pub fn interpreter(data: &[u8]) -> Result<Option<String>, object::Error> {
-    use object::read::elf::{ElfFile64, ProgramHeader};
-    let elf = ElfFile64::<object::Endianness>::parse(data)?;
-    let endian = elf.endian();
-    for ph in elf.elf_program_headers() {
-        if ph.p_type(endian) == object::elf::PT_INTERP {
-            if let Ok(Some(bytes)) = ph.interpreter(endian, data) {
-                return Ok(Some(String::from_utf8_lossy(bytes).into_owned()));
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// Translates a virtual address to a file offset through the loadable segments.
 fn file_offset(obj: &object::File, vaddr: u64) -> Option<u64> {
     obj.segments().find_map(|s| {
@@ -166,15 +96,8 @@ fn file_offset(obj: &object::File, vaddr: u64) -> Option<u64> {
 pub fn resolve_file(
     file: &MappedFile,
     from: Option<&SymbolsFrom>,
-) -> Result<FileSymbols, SymbolError> {
-    let data = map_elf(&file.host_path)
-        .map_err(|source| SymbolError::Read {
-            path: file.host_path.clone(),
-            source,
-        })?
-        .ok_or_else(|| SymbolError::NotElf {
-            path: file.host_path.clone(),
-        })?;
+) -> Result<FileSymbols, ElfError> {
+    let data = error::map(&file.host_path)?;
     resolve_bytes(file.clone(), &data, from)
 }
 
@@ -182,20 +105,12 @@ fn resolve_bytes(
     file: MappedFile,
     data: &[u8],
     from: Option<&SymbolsFrom>,
-) -> Result<FileSymbols, SymbolError> {
-    let obj = object::File::parse(data).map_err(|source| SymbolError::Parse {
-        path: file.host_path.clone(),
-        source,
-    })?;
+) -> Result<FileSymbols, ElfError> {
+    let obj = error::parse(&file.host_path, data)?;
     let mut hits = BTreeMap::new();
     let wanted: Vec<&'static str> = targets::wanted_symbols().collect();
     let from = match from {
-        Some(f) if f.applies_to(&obj, &file) => Some(object::File::parse(&*f.data).map_err(
-            |source| SymbolError::Parse {
-                path: f.path.clone(),
-                source,
-            },
-        )?),
+        Some(f) if f.applies_to(&obj, &file) => Some(error::parse(&f.path, &f.data)?),
         _ => None,
     };
     let mut tables = vec![
@@ -351,7 +266,7 @@ impl Plan {
         files: &[MappedFile],
         what: &str,
         from: Option<&SymbolsFrom>,
-    ) -> Result<Plan, SymbolError> {
+    ) -> Result<Plan, ElfError> {
         let mut resolved = Vec::new();
         let mut stripped = Vec::new();
         let mut from_applied = false;
@@ -373,7 +288,7 @@ impl Plan {
             }
         }
         if let (Some(from), false) = (from, from_applied) {
-            return Err(SymbolError::SymbolsFromUnmatched {
+            return Err(ElfError::SymbolsFromUnmatched {
                 path: from.path.clone(),
                 what: what.to_string(),
             });
@@ -403,7 +318,7 @@ impl Plan {
                         .join(", ")
                 )
             };
-            return Err(SymbolError::NotLlama {
+            return Err(ElfError::NotLlama {
                 what: what.to_string(),
                 n_files: files.len(),
                 hint,

@@ -6,8 +6,18 @@ use std::{
     path::Path,
 };
 
-use super::{SelfStats, Sink};
+use super::{Sink, Snapshot};
 use crate::model::Observation;
+
+/// The JSON-lines sink's options.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "events_out_options")]
+#[command(next_help_heading = "Files")]
+pub struct Options {
+    /// Write every observation (decode step, sample, load, ...) as a JSON line to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub events_out: Option<std::path::PathBuf>,
+}
 
 pub struct EventsOut {
     out: BufWriter<File>,
@@ -39,11 +49,11 @@ impl Sink for EventsOut {
         }
     }
 
-    fn tick(&mut self, _: &SelfStats) {
+    fn tick(&mut self, _: &Snapshot) {
         let _ = self.out.flush();
     }
 
-    fn finish(&mut self, _: &SelfStats) -> anyhow::Result<()> {
+    fn finish(&mut self, _: &Snapshot) -> anyhow::Result<()> {
         self.out.flush()?;
         Ok(())
     }

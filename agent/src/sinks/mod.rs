@@ -1,40 +1,28 @@
-//! Sinks: where observations go. Each sink is one module behind [`Sink`].
+//! Sinks: where observations go. Each sink is one module behind [`Sink`], and owns its
+//! command-line options (the `Options` of each, flattened into `app::cli`).
+//!
+//! Every sink gets every observation in ring-buffer order ([`Sink::observe`], which must not
+//! block), a [`Snapshot`] about once a second ([`Sink::tick`]: the agent's counters and the
+//! resource readings) and a last one at the end ([`Sink::finish`]).
 
 pub mod events_out;
+pub mod names;
 pub mod otlp;
 pub mod prometheus;
 pub mod summary;
-pub mod terminal;
 pub mod trace_file;
 
 use crate::model::Observation;
-
-/// Agent-side state the sinks report next to the observations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SelfStats {
-    pub probes_attached: u64,
-    /// Events the ring buffer had no room for.
-    pub lost_ringbuf: u64,
-    /// Calls whose entry could not be recorded.
-    pub lost_entry: u64,
-    /// Records that could not be decoded.
-    pub undecodable: u64,
-    /// Requests in progress.
-    pub requests_active: u64,
-    /// Work llama-server accepted that never became a request.
-    pub unserved: crate::model::Unserved,
-    /// Tasks llama-server accepted that no slot has taken yet (by task id).
-    pub tasks_waiting: u64,
-}
+pub use crate::model::{SelfStats, Snapshot};
 
 /// A consumer of observations.
 pub trait Sink {
     /// One observation, in ring-buffer order. Must not block.
     fn observe(&mut self, obs: &Observation);
-    /// Called about once a second with the agent's own counters.
-    fn tick(&mut self, _stats: &SelfStats) {}
-    /// Called once at the end.
-    fn finish(&mut self, _stats: &SelfStats) -> anyhow::Result<()> {
+    /// Called about once a second with the agent's counters and the resource readings.
+    fn tick(&mut self, _now: &Snapshot) {}
+    /// Called once at the end, with the last snapshot.
+    fn finish(&mut self, _last: &Snapshot) -> anyhow::Result<()> {
         Ok(())
     }
 }

@@ -15,11 +15,23 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::{SelfStats, Sink};
+use super::{Sink, Snapshot};
 use crate::model::Observation;
 
 /// Track ids of sequences sit above any thread id (pid_max is at most 2^22).
 const SEQ_TRACK_BASE: u64 = 1 << 30;
+
+/// The trace file sink's options.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "trace_file_options")]
+#[command(next_help_heading = "Files")]
+pub struct Options {
+    /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing) to FILE:
+    /// a track per thread (decode steps, sampling, synchronize, loads) and per sequence
+    /// (requests).
+    #[arg(long, value_name = "FILE")]
+    pub trace_out: Option<std::path::PathBuf>,
+}
 
 pub struct TraceFile {
     out: BufWriter<File>,
@@ -184,7 +196,7 @@ impl Sink for TraceFile {
                     (start, end),
                     json!({"seq_id": c.seq_id, "discarded": c.discarded, "request": c.request_id}),
                 ),
-                Observation::Request(_) => {}
+                Observation::Request(_) | Observation::Traced(_) | Observation::ModelInfo(_) => {}
             }
             return;
         }
@@ -228,11 +240,11 @@ impl Sink for TraceFile {
         }
     }
 
-    fn tick(&mut self, _: &SelfStats) {
+    fn tick(&mut self, _: &Snapshot) {
         let _ = self.out.flush();
     }
 
-    fn finish(&mut self, _: &SelfStats) -> anyhow::Result<()> {
+    fn finish(&mut self, _: &Snapshot) -> anyhow::Result<()> {
         self.out.write_all(b"\n]\n")?;
         self.out.flush()?;
         Ok(())

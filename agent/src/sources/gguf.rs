@@ -7,9 +7,9 @@
 //! The rules follow llama.cpp's own reader (`ggml/src/gguf.cpp`): no nested arrays, at most 4
 //! dimensions per tensor, no negative dimension, no duplicate key.
 
+use crate::model::{FileType, ModelInfo};
 use std::{
     collections::BTreeMap,
-    fmt,
     fs::File,
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom},
     path::{Path, PathBuf},
@@ -77,7 +77,8 @@ pub enum GgufError {
 }
 
 /// The type of a GGUF value (`enum gguf_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, num_enum::TryFromPrimitive)]
+#[repr(u32)]
 pub enum ValueType {
     U8,
     I8,
@@ -95,25 +96,6 @@ pub enum ValueType {
 }
 
 impl ValueType {
-    fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            0 => Self::U8,
-            1 => Self::I8,
-            2 => Self::U16,
-            3 => Self::I16,
-            4 => Self::U32,
-            5 => Self::I32,
-            6 => Self::F32,
-            7 => Self::Bool,
-            8 => Self::String,
-            9 => Self::Array,
-            10 => Self::U64,
-            11 => Self::I64,
-            12 => Self::F64,
-            _ => return None,
-        })
-    }
-
     /// Size of one value of a fixed-size type.
     fn fixed_size(self) -> Option<u64> {
         Some(match self {
@@ -192,94 +174,6 @@ impl Metadata {
     fn str_of(&self, key: &str) -> Option<&str> {
         self.get(key).and_then(Value::as_str)
     }
-}
-
-/// A model file type (`general.file_type`, llama.cpp's `enum llama_ftype`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileType(pub u32);
-
-/// `LLAMA_FTYPE_GUESSED`: set by llama.cpp when the type was not in the file.
-const FTYPE_GUESSED: u32 = 1024;
-
-impl FileType {
-    /// The name of the type as in `enum llama_ftype` without its `LLAMA_FTYPE_ALL_` or
-    /// `LLAMA_FTYPE_MOSTLY_` prefix (`Q4_K_M`, `F16`, ...); `None` if unknown.
-    pub fn known_name(self) -> Option<&'static str> {
-        Some(match self.0 & !FTYPE_GUESSED {
-            0 => "F32",
-            1 => "F16",
-            2 => "Q4_0",
-            3 => "Q4_1",
-            4 => "Q4_1_SOME_F16", // removed from llama.cpp
-            5 => "Q4_2",          // removed
-            6 => "Q4_3",          // removed
-            7 => "Q8_0",
-            8 => "Q5_0",
-            9 => "Q5_1",
-            10 => "Q2_K",
-            11 => "Q3_K_S",
-            12 => "Q3_K_M",
-            13 => "Q3_K_L",
-            14 => "Q4_K_S",
-            15 => "Q4_K_M",
-            16 => "Q5_K_S",
-            17 => "Q5_K_M",
-            18 => "Q6_K",
-            19 => "IQ2_XXS",
-            20 => "IQ2_XS",
-            21 => "Q2_K_S",
-            22 => "IQ3_XS",
-            23 => "IQ3_XXS",
-            24 => "IQ1_S",
-            25 => "IQ4_NL",
-            26 => "IQ3_S",
-            27 => "IQ3_M",
-            28 => "IQ2_S",
-            29 => "IQ2_M",
-            30 => "IQ4_XS",
-            31 => "IQ1_M",
-            32 => "BF16",
-            33 => "Q4_0_4_4", // removed: Q4_0 with runtime repacking
-            34 => "Q4_0_4_8", // removed
-            35 => "Q4_0_8_8", // removed
-            36 => "TQ1_0",
-            37 => "TQ2_0",
-            38 => "MXFP4_MOE",
-            39 => "NVFP4",
-            40 => "Q1_0",
-            41 => "Q2_0",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for FileType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.known_name() {
-            Some(n) if self.0 & FTYPE_GUESSED != 0 => write!(f, "{n} (guessed)"),
-            Some(n) => f.write_str(n),
-            None => write!(f, "unknown({})", self.0),
-        }
-    }
-}
-
-/// What llamaprobe reports about a model file.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ModelInfo {
-    /// The model file (for a model seen in a process: the path as the process sees it).
-    pub path: PathBuf,
-    /// `general.architecture` (`llama`, `qwen2`, ...).
-    pub architecture: Option<String>,
-    /// Parameters: elements of all tensors (of all shards of a split model).
-    pub parameters: u64,
-    /// `general.file_type`: the quantization.
-    pub file_type: Option<FileType>,
-    /// `<architecture>.context_length`: the trained context length.
-    pub context_length: Option<u64>,
-    /// `general.name`.
-    pub name: Option<String>,
-    /// Size of the file (of all shards of a split model), bytes.
-    pub size_bytes: u64,
 }
 
 impl ModelInfo {
@@ -588,7 +482,7 @@ impl<R: BufRead + Seek> Parser<R> {
     fn value_type(&mut self) -> Result<ValueType, GgufError> {
         let at = self.pos;
         let t = self.u32("value type")?;
-        ValueType::from_u32(t).ok_or(GgufError::Malformed {
+        ValueType::try_from(t).map_err(|_| GgufError::Malformed {
             offset: at,
             reason: format!("unknown value type {t}"),
         })

@@ -1,28 +1,23 @@
-//! Resources of the traced llama.cpp processes, outside the eBPF path: GPU metrics (NVML),
+//! Readings of the traced llama.cpp processes outside the eBPF path: GPU metrics (NVML),
 //! process memory, CPU time and threads (procfs), and the model each one runs (its file found
-//! in the process, its GGUF metadata read), exposed as Prometheus series; the GPU readings are
-//! also handed to the OTLP sink through a [`GpuFeed`].
+//! in the process, its GGUF metadata read). They become `model::Readings` in each tick's
+//! snapshot, or observations (a model's facts), which every sink may export.
 //!
 //! - [`gguf`]: GGUF metadata (architecture, parameters, quantization, trained context).
 //! - [`procfs`]: resident memory, CPU seconds and threads of a pid.
 //! - [`model_path`]: the model file of a process that loaded it before llamaprobe attached.
 //! - [`nvml`]: per-GPU and per-process GPU metrics through `nvml-wrapper`.
-//! - [`metrics`]: [`ResourceSampler`], which samples all of it into a `prometheus::Registry`.
-//! - [`gpu_feed`]: [`GpuFeed`], the latest GPU readings handed from the sampler to other
-//!   exporters (the OTLP sink).
-//!
-//! Nothing here refers to the rest of the agent, so the integration tests compile it on its own.
+//! - [`Sampler`]: one round of GPU and process readings.
 
 pub mod gguf;
-pub mod gpu_feed;
 pub mod model_path;
 pub mod nvml;
 pub mod procfs;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-pub use gguf::ModelInfo;
-pub use gpu_feed::GpuFeed;
+use crate::model::{GpuSample, ModelInfo, ProcessSample};
+
 pub use model_path::ModelPath;
 
 /// Errors of finding and reading the model of a process.
@@ -69,4 +64,70 @@ pub fn model_from_load(pid: u32, path: &Path) -> Result<ModelInfo, ResourceError
         _ => path.to_path_buf(),
     };
     Ok(info)
+}
+
+/// The GPUs (NVML, when a driver is there) and procfs, read about once a second.
+pub struct Sampler {
+    gpus: Option<nvml::Gpus>,
+    gpu_status: String,
+    /// (pid, what) whose failure was logged already.
+    logged: std::collections::HashSet<u32>,
+}
+
+impl Sampler {
+    /// Initialises NVML from `nvml_lib` (else `$LLAMAPROBE_NVML_LIB`, else
+    /// `libnvidia-ml.so.1`). Without NVML, GPU readings are off and [`Self::gpu_status`] says
+    /// why in one line; nothing else is said later.
+    pub fn new(nvml_lib: Option<PathBuf>) -> Self {
+        let lib = nvml::lib_path(nvml_lib.as_deref());
+        let (gpus, gpu_status) = match nvml::Gpus::init(&lib) {
+            Ok(g) => {
+                let s = g.describe();
+                (Some(g), s)
+            }
+            Err(e) => (None, e.to_string()),
+        };
+        tracing::info!("{gpu_status}");
+        Self {
+            gpus,
+            gpu_status,
+            logged: Default::default(),
+        }
+    }
+
+    /// One line on GPU readings: the GPUs found, or why there are none
+    /// ("no NVIDIA driver (libnvidia-ml.so.1 not found): GPU metrics off").
+    pub fn gpu_status(&self) -> &str {
+        &self.gpu_status
+    }
+
+    /// Whether GPUs are read.
+    pub fn has_gpus(&self) -> bool {
+        self.gpus.is_some()
+    }
+
+    /// The GPUs (their process lists restricted to `pids`) and the processes `pids` now: a few
+    /// small /proc reads per process and a dozen NVML calls per GPU. A process that is gone
+    /// has no reading.
+    pub fn sample(&mut self, pids: &[u32]) -> (Vec<GpuSample>, Vec<(u32, ProcessSample)>) {
+        let mut processes = Vec::new();
+        for &pid in pids {
+            match procfs::sample(pid) {
+                Ok(s) => processes.push((pid, s)),
+                Err(procfs::ProcError::NoSuchProcess { .. }) => {}
+                Err(e) => {
+                    if self.logged.insert(pid) {
+                        tracing::debug!("process readings of pid {pid}: {e}");
+                    }
+                }
+            }
+        }
+        let mut gpus = self.gpus.as_mut().map(|g| g.sample()).unwrap_or_default();
+        for s in &mut gpus {
+            if let Some(list) = s.processes.as_mut() {
+                list.retain(|p| pids.contains(&p.pid));
+            }
+        }
+        (gpus, processes)
+    }
 }

@@ -11,7 +11,7 @@ use std::{
     collections::HashSet,
     ffi::OsStr,
     fs,
-    io::{self, Read},
+    io::Read,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
@@ -23,13 +23,11 @@ pub enum ModelPathError {
     #[error("no process with pid {pid}")]
     NoSuchProcess { pid: u32 },
     /// Neither the mappings nor the open files of the process could be read.
-    #[error(
-        "cannot read /proc/{pid}/maps ({source}): run llamaprobe as root or with CAP_SYS_PTRACE"
-    )]
+    #[error("{source}")]
     Proc {
         pid: u32,
         #[source]
-        source: io::Error,
+        source: crate::discover::DiscoverError,
     },
 }
 
@@ -100,37 +98,35 @@ pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
         }
     };
 
-    let maps = fs::read(format!("/proc/{pid}/maps"));
-    let maps_err = match maps {
-        Ok(maps) => {
-            for path in mapped_paths(&maps) {
-                add(&mut out, path, Source::Mapped, false);
+    // The process's maps, through discover's one reader of them.
+    let maps_err = match crate::discover::mapped_files(pid) {
+        Ok(files) => {
+            for f in files {
+                add(&mut out, f.path, Source::Mapped, false);
             }
             None
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(crate::discover::DiscoverError::NoSuchProcess { .. }) => {
             return Err(ModelPathError::NoSuchProcess { pid })
         }
         Err(e) => Some(e),
     };
 
-    match fs::read_dir(format!("/proc/{pid}/fd")) {
-        Ok(dir) => {
-            for entry in dir.flatten() {
-                let Ok(target) = fs::read_link(entry.path()) else {
-                    continue;
-                };
-                if is_plain_file_path(&target) {
-                    add(&mut out, target, Source::Open, false);
+    match procfs::process::Process::new(pid as i32).and_then(|p| p.fd()) {
+        Ok(fds) => {
+            for fd in fds.flatten() {
+                if let procfs::process::FDTarget::Path(target) = fd.target {
+                    if is_plain_file_path(&target) {
+                        add(&mut out, target, Source::Open, false);
+                    }
                 }
             }
         }
         Err(e) => {
             if let Some(source) = maps_err {
-                return Err(if e.kind() == io::ErrorKind::NotFound {
-                    ModelPathError::NoSuchProcess { pid }
-                } else {
-                    ModelPathError::Proc { pid, source }
+                return Err(match e {
+                    procfs::ProcError::NotFound(_) => ModelPathError::NoSuchProcess { pid },
+                    _ => ModelPathError::Proc { pid, source },
                 });
             }
         }
@@ -167,42 +163,6 @@ pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
     Ok(out)
 }
 
-/// Paths of file-backed mappings, in address order, each once.
-fn mapped_paths(maps: &[u8]) -> Vec<PathBuf> {
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for line in maps.split(|&b| b == b'\n') {
-        // address perms offset dev inode pathname; the path is the rest after 5 fields.
-        let mut rest = line;
-        let mut ok = true;
-        for _ in 0..5 {
-            let trimmed = trim_start(rest);
-            match trimmed.iter().position(|&b| b == b' ') {
-                Some(i) => rest = &trimmed[i..],
-                None => {
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        let path = trim_start(rest);
-        if !ok || !path.starts_with(b"/") || path.ends_with(b" (deleted)") {
-            continue;
-        }
-        let p = PathBuf::from(OsStr::from_bytes(path));
-        if seen.insert(p.clone()) {
-            out.push(p);
-        }
-    }
-    out
-}
-
-fn trim_start(b: &[u8]) -> &[u8] {
-    let i = b.iter().position(|&c| c != b' ').unwrap_or(b.len());
-    &b[i..]
-}
-
-/// An absolute path of a file that may be a model (not a device, socket, pipe, or deleted).
 fn is_plain_file_path(p: &Path) -> bool {
     let b = p.as_os_str().as_bytes();
     b.starts_with(b"/")
@@ -297,23 +257,6 @@ mod tests {
         assert_eq!(
             host_path(7, Path::new("models/a.gguf")),
             Path::new("/proc/7/cwd/models/a.gguf")
-        );
-    }
-
-    #[test]
-    fn maps_lines_give_their_paths_once() {
-        let maps = b"7f00-7f10 r--s 00000000 fd:01 1234    /models/my model.gguf\n\
-            7f10-7f20 r--s 00001000 fd:01 1234    /models/my model.gguf\n\
-            7f20-7f30 rw-p 00000000 00:00 0 \n\
-            7f30-7f40 r-xp 00000000 fd:01 99 /usr/lib/libc.so.6\n\
-            7f40-7f50 r--s 00000000 fd:01 98 /tmp/old.gguf (deleted)\n\
-            7ffd-7ffe rw-p 00000000 00:00 0                          [stack]\n";
-        assert_eq!(
-            mapped_paths(maps),
-            [
-                PathBuf::from("/models/my model.gguf"),
-                PathBuf::from("/usr/lib/libc.so.6")
-            ]
         );
     }
 

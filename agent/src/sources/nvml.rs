@@ -15,6 +15,7 @@ use std::{
     path::Path,
 };
 
+use crate::model::{GpuIdentity, GpuProcess, GpuSample};
 use nvml_wrapper::{
     enum_wrappers::device::{Clock, TemperatureSensor},
     enums::device::UsedGpuMemory,
@@ -62,57 +63,6 @@ pub fn lib_path(explicit: Option<&Path>) -> OsString {
         None => std::env::var_os(LIB_ENV)
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| DEFAULT_LIB.into()),
-    }
-}
-
-/// What does not change: a GPU's index, UUID and name ("" if NVML could not tell).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GpuIdentity {
-    pub index: u32,
-    pub uuid: String,
-    pub name: String,
-}
-
-/// A process using a GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GpuProcess {
-    pub pid: u32,
-    /// GPU memory used by the process, bytes.
-    pub used_memory_bytes: u64,
-}
-
-/// One reading of a GPU; `None` where NVML could not tell.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GpuSample {
-    pub id: GpuIdentity,
-    /// Share of the last sample period during which a kernel ran, 0 to 1.
-    pub utilization: Option<f64>,
-    pub memory_used_bytes: Option<u64>,
-    pub memory_total_bytes: Option<u64>,
-    pub temperature_celsius: Option<f64>,
-    pub power_watts: Option<f64>,
-    pub sm_clock_hertz: Option<f64>,
-    /// Current clock throttle reasons (`nvmlClocksThrottleReason*` bits).
-    pub throttle_reasons: Option<u64>,
-    /// Processes with a compute or graphics context, by pid; `None` if neither list could be
-    /// read. A process in both lists is counted once (the larger figure).
-    pub processes: Option<Vec<GpuProcess>>,
-}
-
-impl GpuSample {
-    /// A reading of GPU `id` with no field read yet.
-    pub fn unread(id: GpuIdentity) -> Self {
-        Self {
-            id,
-            utilization: None,
-            memory_used_bytes: None,
-            memory_total_bytes: None,
-            temperature_celsius: None,
-            power_watts: None,
-            sm_clock_hertz: None,
-            throttle_reasons: None,
-            processes: None,
-        }
     }
 }
 

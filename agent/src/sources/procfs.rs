@@ -1,7 +1,7 @@
 //! Resource use of a process from `/proc/PID/stat`: resident memory, CPU time (user + system)
-//! and thread count. One small read per sample.
+//! and thread count, through the `procfs` crate. One small read per sample.
 
-use std::{io, sync::OnceLock};
+use crate::model::ProcessSample;
 
 /// Errors of sampling a process.
 #[derive(Debug, thiserror::Error)]
@@ -9,87 +9,48 @@ pub enum ProcError {
     /// The process does not exist (any more).
     #[error("no process with pid {pid}")]
     NoSuchProcess { pid: u32 },
-    /// `/proc/PID/stat` could not be read.
+    /// `/proc/PID/stat` could not be read or parsed.
     #[error("cannot read /proc/{pid}/stat: {source}")]
     Read {
         pid: u32,
         #[source]
-        source: io::Error,
+        source: procfs::ProcError,
     },
-    /// `/proc/PID/stat` did not have the expected fields.
-    #[error("unexpected /proc/{pid}/stat: {reason}")]
-    Parse { pid: u32, reason: &'static str },
 }
 
-/// One sample of a process's resource use.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ProcessSample {
-    /// Resident set size, bytes (anonymous, file-backed and shared pages: an mmapped model's
-    /// pages count once they are touched).
-    pub rss_bytes: u64,
-    /// CPU time used by all its threads, user + system, seconds.
-    pub cpu_seconds: f64,
-    /// Threads.
-    pub threads: u64,
+/// Samples `pid` (`/proc/PID/stat`, through the `procfs` crate).
+pub fn sample(pid: u32) -> Result<ProcessSample, ProcError> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map_err(|e| match e {
+            // ESRCH: the process ended between open and read.
+            procfs::ProcError::NotFound(_) => ProcError::NoSuchProcess { pid },
+            procfs::ProcError::Io(e, _) if e.raw_os_error() == Some(libc::ESRCH) => {
+                ProcError::NoSuchProcess { pid }
+            }
+            e => ProcError::Read { pid, source: e },
+        })?;
+    Ok(of_stat(
+        &stat,
+        procfs::ticks_per_second(),
+        procfs::page_size(),
+    ))
 }
 
-fn sysconf(name: libc::c_int, fallback: u64) -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let v = unsafe { libc::sysconf(name) };
-    if v > 0 {
-        v as u64
-    } else {
-        fallback
+/// The sample in a parsed `/proc/PID/stat`.
+fn of_stat(s: &procfs::process::Stat, ticks: u64, page: u64) -> ProcessSample {
+    ProcessSample {
+        rss_bytes: s.rss.saturating_mul(page),
+        cpu_seconds: s.utime.saturating_add(s.stime) as f64 / ticks.max(1) as f64,
+        threads: s.num_threads.max(0) as u64,
     }
 }
 
-/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
-fn clock_ticks() -> u64 {
-    static TICKS: OnceLock<u64> = OnceLock::new();
-    *TICKS.get_or_init(|| sysconf(libc::_SC_CLK_TCK, 100))
-}
-
-/// Page size, bytes.
-fn page_size() -> u64 {
-    static PAGE: OnceLock<u64> = OnceLock::new();
-    *PAGE.get_or_init(|| sysconf(libc::_SC_PAGESIZE, 4096))
-}
-
-/// Samples `pid`.
-pub fn sample(pid: u32) -> Result<ProcessSample, ProcError> {
-    let text = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(t) => t,
-        // ESRCH: the process ended between open and read.
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
-            return Err(ProcError::NoSuchProcess { pid })
-        }
-        Err(source) => return Err(ProcError::Read { pid, source }),
-    };
-    parse_stat(&text, clock_ticks(), page_size()).map_err(|reason| ProcError::Parse { pid, reason })
-}
-
 /// Parses the text of `/proc/PID/stat` (see proc(5)).
-fn parse_stat(text: &str, ticks: u64, page: u64) -> Result<ProcessSample, &'static str> {
-    // The command name (field 2) is in parentheses and may itself contain spaces and
-    // parentheses: the fields after it start after the last ')'.
-    let close = text.rfind(')').ok_or("no ')' after the command name")?;
-    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    // rest[0] is field 3 (state): field N is rest[N - 3].
-    let field = |n: usize| -> Result<u64, &'static str> {
-        rest.get(n - 3)
-            .ok_or("too few fields")?
-            .parse::<u64>()
-            .map_err(|_| "a field is not a number")
-    };
-    let utime = field(14)?;
-    let stime = field(15)?;
-    let threads = field(20)?;
-    let rss_pages = field(24)?;
-    Ok(ProcessSample {
-        rss_bytes: rss_pages.saturating_mul(page),
-        cpu_seconds: utime.saturating_add(stime) as f64 / ticks.max(1) as f64,
-        threads,
-    })
+#[cfg(test)]
+fn parse_stat(text: &str, ticks: u64, page: u64) -> Result<ProcessSample, procfs::ProcError> {
+    use procfs::FromRead;
+    procfs::process::Stat::from_read(text.as_bytes()).map(|s| of_stat(&s, ticks, page))
 }
 
 #[cfg(test)]
@@ -100,8 +61,10 @@ mod tests {
     fn parses_a_stat_line_with_a_tricky_command_name() {
         // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
         // utime stime cutime cstime priority nice num_threads itrealvalue starttime vsize rss
+        // (the fields after rss as a kernel 6.x writes them).
         let line = "1234 (llama) server (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 \
-                    250 50 0 0 20 0 7 0 123 456789 1000 18446744073709551615";
+                    250 50 0 0 20 0 7 0 123 456789 1000 18446744073709551615 \
+                    1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
         let s = parse_stat(line, 100, 4096).unwrap();
         assert_eq!(s.threads, 7);
         assert_eq!(s.rss_bytes, 1000 * 4096);

@@ -22,14 +22,75 @@ use crate::common::{
     server::{free_port, Probe},
 };
 use llamaprobe::{
-    sinks::prometheus::resources::ResourceSampler,
+    model::{self as nvml_types, FileType, GpuSample, ModelInfo, ProcessReading, Snapshot},
+    sinks::prometheus::resources::ResourceSeries,
     sources::{
         self as resources,
-        gguf::{self, writer::Writer, FileType, ModelInfo},
+        gguf::{self, writer::Writer},
         model_path::{self, Source},
-        nvml, procfs,
+        nvml, procfs, Sampler,
     },
 };
+
+/// The agent's two halves of resource metrics, as a session joins them each tick: the
+/// readings ([`Sampler`]) and their Prometheus series ([`ResourceSeries`]).
+struct ResourceSampler {
+    sampler: Sampler,
+    series: ResourceSeries,
+    latest: Option<std::sync::Arc<Vec<GpuSample>>>,
+}
+
+/// The readings of the latest round, as the other exporters get them.
+struct Latest(std::sync::Arc<Vec<GpuSample>>);
+
+impl Latest {
+    fn latest(&self) -> std::sync::Arc<Vec<GpuSample>> {
+        self.0.clone()
+    }
+}
+
+impl ResourceSampler {
+    fn new(registry: &Registry, nvml_lib: Option<PathBuf>) -> Self {
+        Self {
+            sampler: Sampler::new(nvml_lib),
+            series: ResourceSeries::new(registry),
+            latest: None,
+        }
+    }
+
+    fn gpu_status(&self) -> &str {
+        self.sampler.gpu_status()
+    }
+
+    fn set_model(&mut self, pid: u32, label: &str, info: &ModelInfo) {
+        self.series.set_model(pid, label, info);
+    }
+
+    fn sample(&mut self, pids: &[u32], label: impl Fn(u32) -> String) {
+        let (gpus, processes) = self.sampler.sample(pids);
+        let gpus = std::sync::Arc::new(gpus);
+        self.series.update(&Snapshot {
+            gpus: gpus.clone(),
+            processes: processes
+                .into_iter()
+                .map(|(pid, sample)| ProcessReading {
+                    pid,
+                    model: label(pid).into(),
+                    sample,
+                })
+                .collect(),
+            ..Default::default()
+        });
+        self.latest = Some(gpus);
+    }
+
+    /// The latest readings, or `None` without GPUs (nothing to hand on).
+    fn gpu_feed(&self) -> Option<Latest> {
+        self.sampler
+            .has_gpus()
+            .then(|| Latest(self.latest.clone().unwrap_or_default()))
+    }
+}
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use prometheus::{Encoder, Registry, TextEncoder};
 
@@ -622,7 +683,7 @@ fn fake_gpu_child() {
     assert_eq!(latest.len(), 2);
     assert_eq!(
         latest[0].processes,
-        (!fails("processes")).then(|| vec![nvml::GpuProcess {
+        (!fails("processes")).then(|| vec![nvml_types::GpuProcess {
             pid: traced,
             used_memory_bytes: 512 << 20,
         }])

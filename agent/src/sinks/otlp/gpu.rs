@@ -1,8 +1,8 @@
 //! GPU metrics over OTLP, named per the OpenTelemetry hardware semantic conventions
-//! (`hw.gpu.*`, `hw.power`, `hw.temperature`; status: development), from the readings the
-//! resource sampler publishes into a [`GpuFeed`]. This module only names and exports: it never
-//! calls NVML. Each instrument is observable; its callback runs on the periodic reader's thread
-//! when metrics are collected and reads the latest round from the feed. A field NVML could not
+//! (`hw.gpu.*`, `hw.power`, `hw.temperature`; status: development), from the readings of each
+//! tick's snapshot, kept in a [`Latest`]. This module only names and exports: it never calls
+//! NVML. Each instrument is observable; its callback runs on the periodic reader's thread when
+//! metrics are collected and reads the latest round. A field NVML could not
 //! read is not observed, so its data point is absent (never zero), and a process or GPU that is
 //! gone from the latest round disappears from the next export.
 //!
@@ -23,7 +23,28 @@ use opentelemetry::{
     KeyValue,
 };
 
-use crate::sources::{nvml::GpuSample, GpuFeed};
+use std::sync::{Arc, Mutex};
+
+use crate::model::GpuSample;
+
+/// The latest round of GPU readings, shared with the instruments' callbacks (which run on the
+/// SDK's reader thread): a swap of one `Arc`, never a wait on the event loop.
+#[derive(Clone, Default)]
+pub struct Latest(Arc<Mutex<Arc<Vec<GpuSample>>>>);
+
+impl Latest {
+    /// Replaces the readings.
+    pub fn set(&self, samples: Arc<Vec<GpuSample>>) {
+        if let Ok(mut l) = self.0.lock() {
+            *l = samples;
+        }
+    }
+
+    /// The readings of the latest round (empty before the first, and without GPUs).
+    pub fn get(&self) -> Arc<Vec<GpuSample>> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
 
 /// `hw.vendor` of every GPU NVML sees.
 const VENDOR: &str = "NVIDIA";
@@ -78,9 +99,9 @@ fn per_gpu<T>(v: Option<T>, s: &GpuSample) -> Vec<(T, Vec<KeyValue>)> {
 }
 
 /// The callback of an instrument: every point of every GPU of the latest round.
-fn observe_all<T: Copy>(feed: GpuFeed, points: Points<T>) -> impl Fn(&dyn AsyncInstrument<T>) {
+fn observe_all<T: Copy>(feed: Latest, points: Points<T>) -> impl Fn(&dyn AsyncInstrument<T>) {
     move |o| {
-        for s in feed.latest().iter() {
+        for s in feed.get().iter() {
             for (v, attrs) in points(s) {
                 o.observe(v, &attrs);
             }
@@ -93,8 +114,8 @@ fn bytes(v: Option<u64>) -> Option<i64> {
     v.and_then(|v| i64::try_from(v).ok())
 }
 
-/// Registers the GPU instruments on `meter`, fed from `feed`.
-pub fn register(meter: &Meter, feed: &GpuFeed) {
+/// Registers the GPU instruments on `meter`, observing `feed`.
+pub fn register(meter: &Meter, feed: &Latest) {
     let f64_gauge = |name: &'static str, unit: &'static str, desc: &'static str, p: Points<f64>| {
         meter
             .f64_observable_gauge(name)
@@ -213,7 +234,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::sources::nvml::{GpuIdentity, GpuProcess};
+    use crate::model::{GpuIdentity, GpuProcess};
 
     fn sample(index: u32, uuid: &str, name: &str) -> GpuSample {
         GpuSample::unread(GpuIdentity {
@@ -323,7 +344,7 @@ mod tests {
         let provider = SdkMeterProvider::builder()
             .with_reader(PeriodicReader::builder(rec.clone()).build())
             .build();
-        let feed = GpuFeed::default();
+        let feed = Latest::default();
         register(&provider.meter("test"), &feed);
 
         let mut full = sample(0, "GPU-a", "A");
@@ -342,7 +363,7 @@ mod tests {
         let mut bare = sample(1, "GPU-b", "B");
         bare.memory_used_bytes = Some(0);
         bare.memory_total_bytes = Some(8 << 30);
-        feed.publish(vec![full.clone(), bare]);
+        feed.set(Arc::new(vec![full.clone(), bare]));
         provider.force_flush().unwrap();
 
         let got = rec.0.lock().unwrap().clone();
@@ -403,7 +424,7 @@ mod tests {
 
         // The next round: GPU 1 and the process are gone, and so are their points.
         full.processes = Some(vec![]);
-        feed.publish(vec![full]);
+        feed.set(Arc::new(vec![full]));
         provider.force_flush().unwrap();
         let got = rec.0.lock().unwrap().clone();
         assert_eq!(got.len(), 8, "{got:#?}");

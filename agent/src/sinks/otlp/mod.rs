@@ -5,8 +5,8 @@
 //! reconstructed request (kind SERVER) with children `prompt` and `generation`, and with
 //! `--otlp-step-spans` one `llama.decode` child per decode step that carried the request's tokens.
 //! Metrics: the `gen_ai.server.*` histograms and `gen_ai.client.token.usage`, and with a GPU the
-//! hardware conventions' `hw.gpu.*`, `hw.power` and `hw.temperature` ([`gpu`]), read from the
-//! resource sampler's [`GpuFeed`].
+//! hardware conventions' `hw.gpu.*`, `hw.power` and `hw.temperature` ([`gpu`]), from each
+//! tick's GPU readings.
 //!
 //! Nothing here blocks the event loop: spans go to the SDK's batch processor (a bounded queue,
 //! exported from its own thread; a full queue drops spans) and metrics to a periodic reader
@@ -15,7 +15,6 @@
 //! Prometheus registry) and logged at most once per interval.
 
 use std::{
-    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -41,35 +40,10 @@ use opentelemetry_sdk::{
 };
 use prometheus::{IntCounterVec, Opts, Registry};
 
-use super::{SelfStats, Sink};
-use crate::{
-    app::cli::ProfileOpts,
-    model::{DecodeStep, Observation, Request},
-    sources::GpuFeed,
-};
+use super::{names::*, Sink, Snapshot};
+use crate::model::{clock, Observation, Request};
 
 pub mod gpu;
-
-/// Decode steps kept per open request for `--otlp-step-spans`; later steps are not exported.
-pub const MAX_STEPS_PER_REQUEST: usize = 4096;
-
-/// GenAI semantic-convention bucket boundaries (seconds).
-const DURATION_BOUNDS: [f64; 14] = [
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
-];
-const TTFT_BOUNDS: [f64; 16] = [
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-];
-const TPOT_BOUNDS: [f64; 13] = [
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-];
-/// `gen_ai.client.token.usage` boundaries (tokens): 4^0 … 4^13.
-const TOKEN_BOUNDS: [f64; 14] = [
-    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
-    16777216.0, 67108864.0,
-];
-
-const PROVIDER: &str = "llama.cpp";
 
 /// OTLP transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +62,29 @@ pub fn parse_protocol(s: &str) -> Result<Protocol, String> {
     }
 }
 
+/// The OTLP sink's options.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[group(id = "otlp_options")]
+#[command(next_help_heading = "OpenTelemetry (OTLP)")]
+pub struct Options {
+    /// Export OpenTelemetry traces and metrics over OTLP to this endpoint (e.g.
+    /// http://127.0.0.1:4317 for gRPC, http://127.0.0.1:4318 for HTTP). Without it, export is on
+    /// only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc or http (HTTP/protobuf) [default: OTEL_EXPORTER_OTLP_PROTOCOL, else
+    /// grpc].
+    #[arg(long, value_name = "PROTO", value_parser = parse_protocol)]
+    pub otlp_protocol: Option<Protocol>,
+    /// Export one span per decode step as a child of the request spans it carried tokens of.
+    #[arg(long)]
+    pub otlp_step_spans: bool,
+    /// Head sampling: the fraction of requests whose spans are exported (0 to 1) [default:
+    /// OTEL_TRACES_SAMPLER(_ARG), else 1.0]. Metrics count every request.
+    #[arg(long, value_name = "R")]
+    pub otlp_sample_ratio: Option<f64>,
+}
+
 /// The resolved OTLP settings of a session.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -104,12 +101,12 @@ pub struct Settings {
 
 impl Settings {
     /// Export is on with `--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`.
-    pub fn resolve(opts: &ProfileOpts) -> anyhow::Result<Option<Self>> {
+    pub fn resolve(opts: &Options) -> anyhow::Result<Option<Self>> {
         Self::resolve_with(opts, |k| std::env::var(k).ok().filter(|v| !v.is_empty()))
     }
 
     fn resolve_with(
-        opts: &ProfileOpts,
+        opts: &Options,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Option<Self>> {
         let env_endpoint = env("OTEL_EXPORTER_OTLP_ENDPOINT");
@@ -214,19 +211,6 @@ impl<E: PushMetricExporter> PushMetricExporter for CountedMetrics<E> {
     }
 }
 
-/// One decode step, as much as a step span needs.
-#[derive(Clone, Debug)]
-struct StepRecord {
-    start_ns: u64,
-    end_ns: u64,
-    tid: u32,
-    n_tokens: Option<u32>,
-    /// This sequence's tokens in the step.
-    seq_tokens: u32,
-    phase: &'static str,
-    result: &'static str,
-}
-
 /// The GenAI histograms.
 struct Instruments {
     duration: Histogram<f64>,
@@ -244,10 +228,8 @@ pub struct Otlp {
     instruments: Instruments,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, in ns, taken once at start.
     offset_ns: i128,
-    /// Decode steps of each sequence not yet given to a request, by (pid, ctx, seq), when
-    /// `--otlp-step-spans` is on.
-    steps: HashMap<(u32, u64, i32), VecDeque<StepRecord>>,
-    steps_dropped: u64,
+    /// The latest GPU readings, which the GPU instruments observe when metrics are collected.
+    gpus: gpu::Latest,
     failures: Arc<Failures>,
     /// Spans handed to the SDK (sampled ones).
     spans_sent: u64,
@@ -263,16 +245,6 @@ pub struct Otlp {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-}
-
 /// The default service name applies unless the environment names one.
 fn service_name_from_env() -> bool {
     std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty())
@@ -283,14 +255,13 @@ fn service_name_from_env() -> bool {
 }
 
 impl Otlp {
-    /// Builds the exporters and providers; nothing is sent until spans end. With `gpus` (the
-    /// resource sampler's feed; `None` when GPU metrics are off), the GPU instruments observe
-    /// its latest readings each time metrics are collected.
+    /// Builds the exporters and providers; nothing is sent until spans end. The GPU
+    /// instruments observe the latest tick's readings each time metrics are collected (none
+    /// without GPUs).
     pub fn start(
         settings: Settings,
         registry: &Registry,
         log_interval: Duration,
-        gpus: Option<GpuFeed>,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -353,28 +324,27 @@ impl Otlp {
             duration: seconds(
                 "gen_ai.server.request.duration",
                 "Time from the request's first prompt step to its last token",
-                &DURATION_BOUNDS,
+                REQUEST_BUCKETS,
             ),
             ttft: seconds(
                 "gen_ai.server.time_to_first_token",
                 "Time from the request's first prompt step to its first token",
-                &TTFT_BOUNDS,
+                TTFT_BUCKETS,
             ),
             tpot: seconds(
                 "gen_ai.server.time_per_output_token",
                 "Mean time per output token after the first",
-                &TPOT_BOUNDS,
+                TPOT_BUCKETS,
             ),
             tokens: meter
                 .u64_histogram("gen_ai.client.token.usage")
                 .with_unit("{token}")
                 .with_description("Input and output tokens per request")
-                .with_boundaries(TOKEN_BOUNDS.to_vec())
+                .with_boundaries(TOKEN_BUCKETS.to_vec())
                 .build(),
         };
-        if let Some(feed) = &gpus {
-            gpu::register(&meter, feed);
-        }
+        let gpus = gpu::Latest::default();
+        gpu::register(&meter, &gpus);
 
         let prom_failures = IntCounterVec::new(
             Opts::new(
@@ -412,14 +382,13 @@ impl Otlp {
             }
         );
         Ok(Self {
-            offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
+            offset_ns: clock::realtime_offset_ns(),
+            gpus,
             settings,
             tracer_provider,
             meter_provider,
             tracer,
             instruments,
-            steps: HashMap::new(),
-            steps_dropped: 0,
             failures,
             spans_sent: 0,
             prom_failures,
@@ -462,65 +431,6 @@ impl Otlp {
             self.spans_sent += 1;
         }
         span.end_with_timestamp(self.wall(end_ns));
-    }
-
-    fn remember_steps(&mut self, d: &DecodeStep) {
-        let rec = StepRecord {
-            start_ns: d.origin.start_ns,
-            end_ns: d.origin.end_ns,
-            tid: d.origin.tid,
-            n_tokens: d.n_tokens,
-            seq_tokens: 0,
-            phase: d.phase.map(|p| p.label()).unwrap_or("unknown"),
-            result: d.result.label(),
-        };
-        let mut seen: Vec<i32> = Vec::new();
-        for part in &d.parts {
-            if seen.contains(&part.seq_id) {
-                continue;
-            }
-            seen.push(part.seq_id);
-            let seq_tokens = d
-                .parts
-                .iter()
-                .filter(|p| p.seq_id == part.seq_id)
-                .map(|p| p.n_tokens)
-                .sum();
-            let q = self
-                .steps
-                .entry((d.origin.pid, d.ctx, part.seq_id))
-                .or_default();
-            if q.len() >= MAX_STEPS_PER_REQUEST {
-                // Steps nobody claimed (a request not reconstructed) or a very long request:
-                // the oldest go.
-                q.pop_front();
-                self.steps_dropped += 1;
-            }
-            q.push_back(StepRecord {
-                seq_tokens,
-                ..rec.clone()
-            });
-        }
-    }
-
-    /// The decode steps of a closed request (those within its time), oldest first.
-    fn take_steps(&mut self, r: &Request) -> Vec<StepRecord> {
-        let Some(q) = self.steps.get_mut(&(r.pid, r.ctx, r.seq_id)) else {
-            return vec![];
-        };
-        let mut mine = Vec::new();
-        // Steps ending before the request started belong to nobody we know of; steps after
-        // its end belong to the next request on the sequence (it can close the previous one).
-        while let Some(s) = q.front() {
-            if s.start_ns > r.end_ns {
-                break;
-            }
-            let s = q.pop_front().expect("front exists");
-            if s.end_ns >= r.start_ns {
-                mine.push(s);
-            }
-        }
-        mine
     }
 
     /// A root span for one probed call (model load, context creation), in error if it failed.
@@ -574,11 +484,8 @@ impl Otlp {
             self.instruments.tokens.record(n as u64, &a);
         }
 
-        let steps = if self.settings.step_spans {
-            self.take_steps(r)
-        } else {
-            vec![]
-        };
+        // The steps the request stage kept for it (`--otlp-step-spans`).
+        let steps = &r.steps;
         let mut attrs = common;
         attrs.extend([
             KeyValue::new("gen_ai.usage.input_tokens", r.input_tokens() as i64),
@@ -754,7 +661,6 @@ fn build_exporters(
 impl Sink for Otlp {
     fn observe(&mut self, obs: &Observation) {
         match obs {
-            Observation::Decode(d) if self.settings.step_spans => self.remember_steps(d),
             Observation::ModelLoad(m) => {
                 let mut attrs = vec![
                     KeyValue::new("llama.model_load.result", if m.ok { "ok" } else { "error" }),
@@ -800,7 +706,8 @@ impl Sink for Otlp {
         }
     }
 
-    fn tick(&mut self, _: &SelfStats) {
+    fn tick(&mut self, now: &Snapshot) {
+        self.gpus.set(now.gpus.clone());
         let failures = self.report();
         if self.last_log.elapsed() < self.log_interval {
             return;
@@ -819,7 +726,7 @@ impl Sink for Otlp {
         self.last_log = Instant::now();
     }
 
-    fn finish(&mut self, _: &SelfStats) -> anyhow::Result<()> {
+    fn finish(&mut self, _: &Snapshot) -> anyhow::Result<()> {
         // Exports what is queued (bounded by the timeouts; the receiver may be down).
         if let Err(e) = self
             .tracer_provider
@@ -850,12 +757,6 @@ impl Sink for Otlp {
                 self.last_error()
             );
         }
-        if self.steps_dropped > 0 {
-            tracing::info!(
-                "OTLP: {} decode steps not exported (over {MAX_STEPS_PER_REQUEST} per request or of no request)",
-                self.steps_dropped
-            );
-        }
         Ok(())
     }
 }
@@ -874,13 +775,16 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn opts(args: &[&str]) -> ProfileOpts {
-        let mut v = vec!["llamaprobe", "attach", "--pid", "1"];
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        otlp: Options,
+    }
+
+    fn opts(args: &[&str]) -> Options {
+        let mut v = vec!["llamaprobe"];
         v.extend_from_slice(args);
-        match crate::app::cli::Cli::try_parse_from(v).unwrap().command {
-            crate::app::cli::Command::Attach { opts, .. } => opts,
-            _ => unreachable!(),
-        }
+        Cli::try_parse_from(v).unwrap().otlp
     }
 
     #[test]
@@ -940,14 +844,5 @@ mod tests {
         assert_eq!(parse_protocol("http"), Ok(Protocol::HttpProtobuf));
         assert_eq!(parse_protocol("http/protobuf"), Ok(Protocol::HttpProtobuf));
         assert!(parse_protocol("http/json").is_err());
-    }
-
-    #[test]
-    fn bucket_boundaries_follow_the_conventions() {
-        assert_eq!(DURATION_BOUNDS[0], 0.01);
-        for w in DURATION_BOUNDS.windows(2) {
-            assert!((w[1] / w[0] - 2.0).abs() < 1e-9);
-        }
-        assert_eq!(*DURATION_BOUNDS.last().unwrap(), 81.92);
     }
 }

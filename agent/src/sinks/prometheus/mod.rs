@@ -16,39 +16,34 @@ use prometheus::{
 
 pub mod resources;
 
-use super::{SelfStats, Sink};
+use super::{names::*, Sink, Snapshot};
 use crate::model::{DecodeResult, Observation, Phase};
 
-/// Decode and sampling latency buckets, seconds: resolve the sub-millisecond steps of small
-/// models and reach the tens of seconds of large prompts on CPUs.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
-/// Tokens per decode step.
-pub const BATCH_BUCKETS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
-];
-/// OpenTelemetry GenAI `gen_ai.server.time_to_first_token` boundaries, seconds.
-pub const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-];
-/// OpenTelemetry GenAI `gen_ai.server.time_per_output_token` boundaries, seconds.
-pub const TPOT_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-];
-/// OpenTelemetry GenAI `gen_ai.server.request.duration` boundaries, seconds.
-pub const REQUEST_BUCKETS: &[f64] = &[
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
-];
-/// OpenTelemetry GenAI token usage boundaries.
-pub const TOKEN_BUCKETS: &[f64] = &[
-    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
-];
-/// Model loads, seconds.
-pub const LOAD_BUCKETS: &[f64] = &[
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-];
+/// The Prometheus sink's options.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "prometheus_options")]
+#[command(next_help_heading = "Prometheus")]
+pub struct Options {
+    /// Prometheus endpoint address (`off` to disable).
+    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR")]
+    pub metrics_addr: MetricsAddr,
+}
+
+/// Where to serve Prometheus metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    On(SocketAddr),
+}
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse()
+        .map(MetricsAddr::On)
+        .map_err(|e| format!("`{s}` is not HOST:PORT or `off` ({e})"))
+}
 
 /// Reads one parameter of a context.
 type ParamField = fn(&crate::model::ContextParams) -> Option<u32>;
@@ -123,6 +118,8 @@ pub struct Metrics {
     probes_attached: IntGauge,
     /// Per-process handles of the per-event series.
     hot: HashMap<u32, Hot>,
+    /// GPUs, processes and models.
+    resources: resources::ResourceSeries,
     events_lost: IntCounterVec,
 }
 
@@ -144,8 +141,9 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 
 impl Metrics {
     pub fn new() -> Self {
+        let registry = Registry::new();
         let m = Self {
-            registry: Registry::new(),
+            registry: registry.clone(),
             decode_duration: hist(
                 "llamacpp_decode_duration_seconds",
                 "Duration of llama.cpp decode steps (llama_decode / llama_context::decode), by phase.",
@@ -272,6 +270,7 @@ impl Metrics {
                 &["pid", "model", "type"],
             ),
             hot: HashMap::new(),
+            resources: resources::ResourceSeries::new(&registry),
             unserved: counter(
                 "llamacpp_requests_unserved_total",
                 "Work llama-server accepted that never became a request, by reason: cancelled (before a slot took it), rejected (refused by the slot), unclaimed (matched by timing, where slot launches are not probed, or evicted from a full table).",
@@ -336,6 +335,7 @@ impl Metrics {
         for c in all {
             m.registry.register(c).expect("unique metric names");
         }
+
         for reason in ["ringbuf_full", "entry_map_full", "undecodable"] {
             m.events_lost.with_label_values(&[reason]);
         }
@@ -394,7 +394,13 @@ impl Sink for Metrics {
             }
         }
         match obs {
+            Observation::ModelInfo(f) => {
+                if let Some(info) = &f.info {
+                    self.resources.set_model(f.pid, &f.label, info);
+                }
+            }
             Observation::Memory(_)
+            | Observation::Traced(_)
             | Observation::TaskPost(_)
             | Observation::SlotLaunch(_)
             | Observation::SlotRelease(_) => {}
@@ -531,7 +537,9 @@ impl Sink for Metrics {
         }
     }
 
-    fn tick(&mut self, s: &SelfStats) {
+    fn tick(&mut self, now: &Snapshot) {
+        self.resources.update(now);
+        let s = &now.stats;
         self.probes_attached.set(s.probes_attached as i64);
         self.requests_active.set(s.requests_active as i64);
         self.requests_waiting.set(s.tasks_waiting as i64);
@@ -556,8 +564,8 @@ impl Sink for Metrics {
         );
     }
 
-    fn finish(&mut self, s: &SelfStats) -> anyhow::Result<()> {
-        self.tick(s);
+    fn finish(&mut self, last: &Snapshot) -> anyhow::Result<()> {
+        self.tick(last);
         Ok(())
     }
 }

@@ -5,22 +5,14 @@
 //! and `model`. A series whose source went away (a process that exited, a GPU process that
 //! ended, a field NVML stopped reporting) is removed rather than left stale.
 
-use std::{
-    collections::{HashMap, HashSet},
-    path::PathBuf,
-};
+use std::collections::{HashMap, HashSet};
 
 use prometheus::{
     core::{Collector, MetricVec, MetricVecBuilder},
     CounterVec, GaugeVec, Opts, Registry,
 };
 
-use crate::sources::{
-    gguf::ModelInfo,
-    gpu_feed::GpuFeed,
-    nvml::{self, GpuSample, Gpus},
-    procfs::{self, ProcError},
-};
+use crate::model::{GpuSample, ModelInfo, Snapshot};
 
 /// Errors of creating the metric families.
 #[derive(Debug, thiserror::Error)]
@@ -289,23 +281,17 @@ struct ModelSeries {
     model: String,
 }
 
-/// Samples GPUs and processes into the registry, about once a second.
-pub struct ResourceSampler {
-    gpus: Option<Gpus>,
-    gpu_status: String,
-    /// Where each round's GPU readings are published for the other exporters.
-    gpu_feed: GpuFeed,
+/// The resource series: set from each tick's snapshot (GPUs, processes) and from the models'
+/// facts as they are learnt.
+pub struct ResourceSeries {
     families: Option<Families>,
     models: HashMap<u32, ModelSeries>,
-    /// (pid, what) whose failure was logged already.
-    logged: HashSet<(u32, &'static str)>,
 }
 
-impl ResourceSampler {
-    /// Registers the families into `registry` and initialises NVML from `nvml_lib` (else
-    /// `$LLAMAPROBE_NVML_LIB`, else `libnvidia-ml.so.1`). Without NVML, GPU metrics are off and
-    /// [`Self::gpu_status`] says why in one line; nothing else is said later.
-    pub fn new(registry: &Registry, nvml_lib: Option<PathBuf>) -> Self {
+impl ResourceSeries {
+    /// Registers the families into `registry` (a name already taken there turns them off, with
+    /// one warning).
+    pub fn new(registry: &Registry) -> Self {
         let families = match Families::new(registry) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -313,35 +299,10 @@ impl ResourceSampler {
                 None
             }
         };
-        let lib = nvml::lib_path(nvml_lib.as_deref());
-        let (gpus, gpu_status) = match Gpus::init(&lib) {
-            Ok(g) => {
-                let s = g.describe();
-                (Some(g), s)
-            }
-            Err(e) => (None, e.to_string()),
-        };
-        tracing::info!("{gpu_status}");
         Self {
-            gpus,
-            gpu_status,
-            gpu_feed: GpuFeed::default(),
             families,
             models: HashMap::new(),
-            logged: HashSet::new(),
         }
-    }
-
-    /// One line on GPU metrics: the GPUs found, or why there are none
-    /// ("no NVIDIA driver (libnvidia-ml.so.1 not found): GPU metrics off").
-    pub fn gpu_status(&self) -> &str {
-        &self.gpu_status
-    }
-
-    /// The feed this sampler publishes each round's GPU readings to (see [`GpuFeed`]), or
-    /// `None` when GPU metrics are off (no NVML, no GPU): then there is nothing to export.
-    pub fn gpu_feed(&self) -> Option<GpuFeed> {
-        self.gpus.as_ref().map(|_| self.gpu_feed.clone())
     }
 
     /// Declares the model of `pid` (replacing an earlier one).
@@ -382,47 +343,21 @@ impl ResourceSampler {
         );
     }
 
-    /// Samples the processes `pids` (procfs) and the GPUs (NVML); only GPU processes in `pids`
-    /// get a per-process series. The GPU readings, with their process lists restricted to
-    /// `pids` likewise, are then published to [`Self::gpu_feed`]. Reads a few small /proc files
-    /// and makes a dozen NVML calls per GPU: well under a millisecond per process, a few per
-    /// GPU.
-    pub fn sample(&mut self, pids: &[u32], model_label: impl Fn(u32) -> String) {
-        if let Some(f) = self.families.as_mut() {
-            for &pid in pids {
-                let model = model_label(pid);
-                let pid_s = pid.to_string();
-                let labels = [pid_s.as_str(), model.as_str()];
-                match procfs::sample(pid) {
-                    Ok(s) => {
-                        f.process_rss.set(&labels, s.rss_bytes as f64);
-                        f.process_threads.set(&labels, s.threads as f64);
-                        set_counter(&f.process_cpu.get(&labels), s.cpu_seconds);
-                    }
-                    Err(ProcError::NoSuchProcess { .. }) => {}
-                    Err(e) => {
-                        if self.logged.insert((pid, "procfs")) {
-                            tracing::debug!("process metrics of pid {pid}: {e}");
-                        }
-                    }
-                }
-            }
+    /// The series of one round of readings: the processes and GPUs in `now`; a series whose
+    /// source is no longer in it is removed.
+    pub fn update(&mut self, now: &Snapshot) {
+        let Some(f) = self.families.as_mut() else {
+            return;
+        };
+        for p in &now.processes {
+            let pid_s = p.pid.to_string();
+            let labels = [pid_s.as_str(), &*p.model];
+            f.process_rss.set(&labels, p.sample.rss_bytes as f64);
+            f.process_threads.set(&labels, p.sample.threads as f64);
+            set_counter(&f.process_cpu.get(&labels), p.sample.cpu_seconds);
         }
-        if let Some(gpus) = self.gpus.as_mut() {
-            let mut samples = gpus.sample();
-            for s in &mut samples {
-                if let Some(list) = s.processes.as_mut() {
-                    list.retain(|p| pids.contains(&p.pid));
-                }
-            }
-            if let Some(f) = self.families.as_mut() {
-                f.set_gpus(&samples);
-            }
-            self.gpu_feed.publish(samples);
-        }
-        if let Some(f) = self.families.as_mut() {
-            f.sweep();
-        }
+        f.set_gpus(&now.gpus);
+        f.sweep();
     }
 }
 
@@ -437,18 +372,37 @@ mod tests {
         String::from_utf8(buf).unwrap()
     }
 
+    /// One round of readings of `pids` (no GPU), labelled with model "m".
+    fn round(pids: &[u32]) -> Snapshot {
+        let mut sampler =
+            crate::sources::Sampler::new(Some("/nonexistent/libnvidia-ml.so.1".into()));
+        assert!(!sampler.has_gpus());
+        let (gpus, processes) = sampler.sample(pids);
+        Snapshot {
+            gpus: std::sync::Arc::new(gpus),
+            processes: processes
+                .into_iter()
+                .map(|(pid, sample)| crate::model::ProcessReading {
+                    pid,
+                    model: "m".into(),
+                    sample,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn series_of_a_process_that_is_gone_are_removed() {
         let r = Registry::new();
-        let mut s = ResourceSampler::new(&r, Some("/nonexistent/libnvidia-ml.so.1".into()));
-        assert!(s.gpus.is_none());
+        let mut s = ResourceSeries::new(&r);
         let me = std::process::id();
-        s.sample(&[me, 4_999_999], |_| "m".into());
+        s.update(&round(&[me, 4_999_999]));
         let text = render(&r);
         let line = format!("llamacpp_process_threads{{model=\"m\",pid=\"{me}\"}}");
         assert!(text.contains(&line), "{text}");
         assert!(!text.contains("4999999"), "{text}");
-        s.sample(&[], |_| "m".into());
+        s.update(&round(&[]));
         let text = render(&r);
         assert!(!text.contains(&line), "{text}");
         assert!(!text.contains("llamacpp_gpu_"), "{text}");
@@ -469,7 +423,7 @@ mod tests {
         let r = Registry::new();
         let g = prometheus::Gauge::new("llamacpp_gpu_power_watts", "x").unwrap();
         r.register(Box::new(g)).unwrap();
-        let mut s = ResourceSampler::new(&r, Some("/nonexistent/libnvidia-ml.so.1".into()));
-        s.sample(&[std::process::id()], |_| String::new());
+        let mut s = ResourceSeries::new(&r);
+        s.update(&round(&[std::process::id()]));
     }
 }

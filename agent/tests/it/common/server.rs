@@ -158,9 +158,23 @@ pub fn server_args(bin: &Path, model: &Path, port: u16) -> Vec<String> {
     args
 }
 
+/// The HTTP client of the tests: one connection per request. A pooled keep-alive connection
+/// that llama-server closed meanwhile fails the next POST on it with "connection reset"
+/// (ureq retries only idempotent requests on a stale connection), which a test must not
+/// mistake for the server's answer.
+pub fn http() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .max_idle_connections(0)
+            .build()
+            .new_agent()
+    })
+}
+
 /// HTTP GET returning the body.
 pub fn get(url: &str) -> Option<String> {
-    let mut r = ureq::get(url).call().ok()?;
+    let mut r = http().get(url).call().ok()?;
     r.body_mut().read_to_string().ok()
 }
 
@@ -207,7 +221,8 @@ pub fn sum_of(m: &HashMap<String, f64>, name: &str, filter: &str) -> f64 {
 
 /// One non-streamed /completion.
 pub fn completion(port: u16, prompt: &str, n_predict: u32) -> Value {
-    let mut r = ureq::post(&format!("http://127.0.0.1:{port}/completion"))
+    let mut r = http()
+        .post(&format!("http://127.0.0.1:{port}/completion"))
         .send_json(json!({"prompt": prompt, "n_predict": n_predict, "temperature": 0.8, "seed": 1}))
         .expect("completion request");
     r.body_mut().read_json().unwrap()
@@ -294,7 +309,8 @@ impl Server {
 
     /// POST a JSON body to `path`; the response's JSON.
     pub fn post(&self, path: &str, body: &Value) -> Value {
-        let mut r = ureq::post(&format!("http://127.0.0.1:{}{path}", self.port))
+        let mut r = http()
+            .post(&format!("http://127.0.0.1:{}{path}", self.port))
             .send_json(body)
             .unwrap_or_else(|e| panic!("POST {path}: {e}"));
         r.body_mut().read_json().unwrap()
@@ -441,7 +457,8 @@ impl Drop for Probe {
 /// One streamed /completion; returns the final chunk (with `tokens_predicted`, `timings`).
 pub fn completion_stream(port: u16, prompt: &str, n_predict: u32) -> Value {
     use std::io::BufRead;
-    let resp = ureq::post(&format!("http://127.0.0.1:{port}/completion"))
+    let resp = http()
+        .post(&format!("http://127.0.0.1:{port}/completion"))
         .send_json(json!({"prompt": prompt, "n_predict": n_predict, "stream": true, "seed": 1}))
         .expect("completion request");
     let reader = std::io::BufReader::new(resp.into_body().into_reader());

@@ -6,8 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::SelfStats;
-use crate::{model::Phase, sinks::summary::Summary};
+use super::Summary;
+use crate::model::{Phase, SelfStats};
 
 pub struct Terminal {
     live: bool,

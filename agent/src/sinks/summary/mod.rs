@@ -1,8 +1,14 @@
-//! Summary statistics: per-phase decode latency percentiles, throughput, batch sizes, errors,
-//! sampling and synchronize latency, loads and contexts. Feeds the final summary, the terminal
-//! view and `--summary-json`.
+//! The summary sink: per-phase decode latency percentiles, throughput, batch sizes, errors,
+//! sampling and synchronize latency, requests, loads and contexts, aggregated from the
+//! observations ([`Stats`]); shown live ([`terminal`]) and at the end (stdout and
+//! `--summary-json`).
 
-use std::collections::BTreeMap;
+pub mod terminal;
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use super::{Sink, Snapshot};
+use crate::model::TracedProcess;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -213,6 +219,11 @@ impl Stats {
     }
 
     pub fn observe(&mut self, obs: &Observation) {
+        match obs {
+            Observation::Traced(t) => return self.set_request_mode(t.request_mode),
+            Observation::ModelInfo(f) => return self.note(f.fact.clone()),
+            _ => {}
+        }
         if let Some(origin) = obs.origin() {
             for s in obs.context_used() {
                 self.context_used.insert((origin.pid, s.seq_id), s.used);
@@ -274,6 +285,7 @@ impl Stats {
                 ok: m.ok,
                 duration_ms: m.origin.duration_ns() as f64 / 1e6,
             }),
+            Observation::Traced(_) | Observation::ModelInfo(_) => {}
             Observation::ContextCreate(c) => self.contexts.push(ContextSummary {
                 pid: c.origin.pid,
                 ok: c.ok,
@@ -342,6 +354,95 @@ impl Stats {
                 .map(|f| self.last_ns.saturating_sub(f) as f64 / 1e9)
                 .unwrap_or(0.0),
         }
+    }
+}
+
+/// The summary sink's options.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "summary_options")]
+#[command(next_help_heading = "Summary and live view")]
+pub struct Options {
+    /// Seconds between one-line summaries when stdout is not a terminal.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub interval: f64,
+    /// Write the final summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+    /// No live view or periodic lines; only the final summary.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The live view and the final summary.
+pub struct SummarySink {
+    stats: Stats,
+    options: Options,
+    terminal: Option<terminal::Terminal>,
+    traced: Option<TracedProcess>,
+}
+
+impl SummarySink {
+    pub fn new(options: Options) -> Self {
+        Self {
+            stats: Stats::default(),
+            options,
+            terminal: None,
+            traced: None,
+        }
+    }
+}
+
+impl Sink for SummarySink {
+    fn observe(&mut self, obs: &Observation) {
+        if let Observation::Traced(t) = obs {
+            self.terminal = terminal::Terminal::new(
+                format!("llamaprobe — pid {} ({})", t.pid, t.name),
+                Duration::from_secs_f64(self.options.interval.max(0.1)),
+                self.options.quiet,
+            );
+            self.traced = Some(t.clone());
+        }
+        self.stats.observe(obs);
+    }
+
+    fn tick(&mut self, now: &Snapshot) {
+        self.stats.set_unserved(now.stats.unserved);
+        if let Some(t) = self.terminal.as_mut() {
+            t.tick(&self.stats.summary(), &now.stats);
+        }
+    }
+
+    fn finish(&mut self, last: &Snapshot) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        self.stats.set_unserved(last.stats.unserved);
+        let summary = self.stats.summary();
+        let s = &last.stats;
+        let ended_by = last.ended_by.unwrap_or("ended");
+        let (pid, generation) = match &self.traced {
+            Some(t) => (t.pid.to_string(), t.generation.describe()),
+            None => ("?".into(), "?"),
+        };
+        println!(
+            "\nllamaprobe summary — pid {pid} — {generation} — {ended_by}\n{}events lost: {} (ring buffer full {}, entry map full {}), undecodable {}",
+            summary.render(),
+            s.lost(),
+            s.lost_ringbuf,
+            s.lost_entry,
+            s.undecodable
+        );
+        if let Some(path) = &self.options.summary_json {
+            let mut v = serde_json::to_value(&summary)?;
+            if let Some(t) = &self.traced {
+                v["pid"] = t.pid.into();
+                v["generation"] = serde_json::to_value(t.generation)?;
+            }
+            v["ended_by"] = ended_by.into();
+            v["events_lost"] = s.lost().into();
+            v["undecodable"] = s.undecodable.into();
+            std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+                .with_context(|| format!("writing --summary-json {}", path.display()))?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,232 @@
+//! The struct layouts the probes read, per llama.cpp generation and per llama-server era: as
+//! data, chosen per process by its symbols (see `resolve::Plan`), handed to the probes as a
+//! `probe_common::ProcessLayout`.
+
+use probe_common::{
+    BatchExtLayout, ClassicBatchLayout, ContextParamsLayout, ProcessLayout, ServerLayout, ABSENT,
+};
+
+use super::kinds::Generation;
+
+/// Layout of the classic `struct llama_batch` (llama.h): unchanged since b3943 (older builds
+/// only add trailing fields).
+pub(crate) const CLASSIC_BATCH: ClassicBatchLayout = ClassicBatchLayout {
+    n_tokens: 0,
+    token: 8,
+    pos: 24,
+    seq_id: 40,
+    logits: 48,
+};
+
+/// The 2026 `llama_context_params`: `n_rs_seq`, `n_outputs_max` and `n_outputs_max_per_seq`
+/// came before `n_threads` (llama.h of llama-cpp-python 0.3.36).
+const CTX_PARAMS_2026: ContextParamsLayout = ContextParamsLayout {
+    n_ctx: 0,
+    n_batch: 4,
+    n_ubatch: 8,
+    n_seq_max: 12,
+    n_threads: 28,
+    n_threads_batch: 32,
+};
+
+/// Symbol whose presence marks the 2026 context parameters in a classic-API build (the getter
+/// of the field that came with them).
+pub const CTX_PARAMS_2026_MARKER: &str = "llama_n_rs_seq";
+
+/// The classic API has no batch_ext.
+const NO_BATCH_EXT: BatchExtLayout = BatchExtLayout {
+    tokens_vec: ABSENT,
+    token_size: 0,
+    token_id: ABSENT,
+    token_output: ABSENT,
+    token_seq_first_node: ABSENT,
+    seq_node_value: ABSENT,
+    token_pos: ABSENT,
+};
+
+/// Struct layouts per generation (x86-64 / aarch64 LP64, libstdc++).
+#[derive(Debug)]
+pub struct LayoutRow {
+    pub generation: Generation,
+    /// A symbol that selects this row over the generation's row without one.
+    pub marker: Option<&'static str>,
+    /// Where the numbers come from.
+    pub source: &'static str,
+    pub layout: LlamaLayout,
+}
+
+/// The libllama structs the probes read (the server's are in [`ServerLayoutRow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlamaLayout {
+    pub classic: ClassicBatchLayout,
+    pub ext: BatchExtLayout,
+    pub ctx_params: ContextParamsLayout,
+}
+
+pub const LAYOUTS: &[LayoutRow] = &[
+    LayoutRow {
+        generation: Generation::BatchExt,
+        marker: None,
+        source: "llama.cpp vendored in llama-cpp-python 0.3.36 (src/llama-batch.h, include/llama.h)",
+        layout: LlamaLayout {
+            classic: CLASSIC_BATCH,
+            // struct llama_batch_ext { size_t n_tokens_max, n_embd_inp, n_embd_inp_enc;
+            // llama_seq_id n_seq_max; llama_memory_i * mem; llama_token n_vocab;
+            // size_t n_pos_per_embd, n_embd; std::vector<token> tokens; ... }
+            // struct token { llama_token id; bool has_embd; size_t embd_off; bool output;
+            // std::unordered_set<llama_seq_id> seq_ids; std::array<llama_pos, 4> pos; }
+            ext: BatchExtLayout {
+                tokens_vec: 64,
+                token_size: 96,
+                token_id: 0,
+                token_output: 16,
+                // seq_ids at 24; libstdc++ _Hashtable: _M_buckets, _M_bucket_count, then
+                // _M_before_begin (whose _M_nxt is the first node) at +16.
+                token_seq_first_node: 24 + 16,
+                // _Hash_node<int, false>: _M_nxt, then the value.
+                seq_node_value: 8,
+                token_pos: 80,
+            },
+            ctx_params: CTX_PARAMS_2026,
+        },
+    },
+    LayoutRow {
+        generation: Generation::Classic,
+        marker: Some(CTX_PARAMS_2026_MARKER),
+        source: "classic API with the 2026 context parameters (n_rs_seq, n_outputs_max, n_outputs_max_per_seq before n_threads; e.g. node-llama-cpp 3.22.1's libllama v0.5.0)",
+        layout: LlamaLayout {
+            classic: CLASSIC_BATCH,
+            ext: NO_BATCH_EXT,
+            ctx_params: CTX_PARAMS_2026,
+        },
+    },
+    LayoutRow {
+        generation: Generation::Classic,
+        marker: None,
+        source: "llama.h b4463 … 2026 classic (n_ctx, n_batch, n_ubatch, n_seq_max, n_threads, n_threads_batch)",
+        layout: LlamaLayout {
+            classic: CLASSIC_BATCH,
+            ext: NO_BATCH_EXT,
+            ctx_params: ContextParamsLayout {
+                n_ctx: 0,
+                n_batch: 4,
+                n_ubatch: 8,
+                n_seq_max: 12,
+                n_threads: 16,
+                n_threads_batch: 20,
+            },
+        },
+    },
+];
+
+/// The layout row for a generation.
+/// The layout row of generation `g` in a process that `has` the given symbols: the first row
+/// whose marker it has, else the generation's row without a marker.
+pub fn layout_for(g: Generation, has: impl Fn(&str) -> bool) -> &'static LayoutRow {
+    let rows = || LAYOUTS.iter().filter(move |r| r.generation == g);
+    rows()
+        .find(|r| r.marker.is_some_and(&has))
+        .or_else(|| rows().find(|r| r.marker.is_none()))
+        .expect("every generation has a layout row without a marker")
+}
+
+/// llama-server's struct layouts, per version, chosen by a marker symbol (the
+/// `launch_slot_with_task` of that era). Every version has `server_slot::id` and
+/// `server_task::id` as first members, which is all the post → launch → release join needs
+/// (the first task of a post, the slot and the task at launch); the other offsets come from
+/// the DWARF of a `-g` build of the fixture's sources (`pahole -C server_task`), and a version
+/// between two rows gets the earlier era's numbers, checked at run time: a posted vector whose
+/// size is not a multiple of `task_size` is read for its first task only.
+#[derive(Debug)]
+pub struct ServerLayoutRow {
+    /// A symbol that selects this row (`None`: the row for any other llama-server).
+    pub marker: Option<&'static str>,
+    /// Where the numbers come from.
+    pub source: &'static str,
+    pub layout: ServerLayout,
+}
+
+/// The first members only (any llama-server without a row of its own).
+const SERVER_FIRST_MEMBERS: ServerLayout = ServerLayout {
+    slot_id: 0,
+    slot_task_id: ABSENT,
+    slot_task_ptr: ABSENT,
+    task_size: ABSENT,
+    task_id: 0,
+    task_type: ABSENT,
+    task_id_target: ABSENT,
+};
+
+pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
+    ServerLayoutRow {
+        marker: Some("_ZN19server_context_impl21launch_slot_with_taskER11server_slotO11server_task"),
+        source: "llama-server of llama-cpp-python 0.3.36 (b11312; tools/server/server-task.h, server-context.cpp)",
+        layout: ServerLayout {
+            slot_id: 0,
+            slot_task_id: ABSENT,
+            // std::unique_ptr<const server_task> task
+            slot_task_ptr: 5240,
+            task_size: 2776,
+            task_id: 0,
+            task_type: 2640,
+            task_id_target: 16,
+        },
+    },
+    ServerLayoutRow {
+        marker: Some("_ZN14server_context21launch_slot_with_taskER11server_slotO11server_task"),
+        source: "llama-server of llama-cpp-python 0.3.14 (b5904; tools/server/server.cpp)",
+        layout: ServerLayout {
+            slot_id: 0,
+            slot_task_id: 4,
+            slot_task_ptr: ABSENT,
+            task_size: 1960,
+            task_id: 0,
+            task_type: 8,
+            task_id_target: 12,
+        },
+    },
+    ServerLayoutRow {
+        marker: Some("_ZN14server_context21launch_slot_with_taskER11server_slotRK11server_task"),
+        source: "llama-server of llama-cpp-python 0.3.5 (b4295; examples/server/server.cpp)",
+        layout: ServerLayout {
+            slot_id: 0,
+            slot_task_id: 4,
+            slot_task_ptr: ABSENT,
+            task_size: 1624,
+            task_id: 0,
+            task_type: 8,
+            task_id_target: 12,
+        },
+    },
+    ServerLayoutRow {
+        marker: None,
+        source: "llama-server's first members only (server_slot::id, server_task::id)",
+        layout: SERVER_FIRST_MEMBERS,
+    },
+];
+
+/// The server layout row of a process that `has` the given symbols.
+pub fn server_layout_for(has: impl Fn(&str) -> bool) -> &'static ServerLayoutRow {
+    SERVER_LAYOUTS
+        .iter()
+        .find(|r| r.marker.is_none_or(&has))
+        .expect("the last server row has no marker")
+}
+
+/// Everything the probes read in one process: its libllama row and its server row.
+pub fn process_layout(llama: &LlamaLayout, server: &ServerLayout) -> ProcessLayout {
+    ProcessLayout {
+        classic: llama.classic,
+        ext: llama.ext,
+        ctx_params: llama.ctx_params,
+        server: *server,
+    }
+}
+
+/// Plausible ranges of the context parameters; a value outside is reported unknown.
+pub mod plausible {
+    pub const N_CTX: std::ops::RangeInclusive<u32> = 1..=16 << 20;
+    pub const N_BATCH: std::ops::RangeInclusive<u32> = 1..=16 << 20;
+    pub const N_SEQ_MAX: std::ops::RangeInclusive<u32> = 1..=4096;
+    pub const N_THREADS: std::ops::RangeInclusive<u32> = 1..=4096;
+}
