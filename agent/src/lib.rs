@@ -19,7 +19,6 @@
 pub mod app;
 pub mod assemble;
 pub mod attach;
-pub mod catalog;
 pub mod decode;
 pub mod discover;
 pub mod model;
@@ -28,3 +27,6 @@ pub mod sinks;
 pub mod sources;
 #[cfg(test)]
 mod test_support;
+
+/// Everything llama.cpp-specific, as data (the `llamaprobe-catalog` crate).
+pub use llamaprobe_catalog as catalog;

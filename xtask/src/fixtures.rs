@@ -51,23 +51,8 @@ impl Matrix {
     }
 }
 
-/// How a decode step enters libllama (the agent's `targets.rs` has the same two).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Generation {
-    /// `llama_process(ctx, type, llama_batch_ext *)` → `llama_context::decode(llama_batch_ext const&)`.
-    BatchExt,
-    /// `llama_decode(ctx, struct llama_batch)` with the 56-byte batch (b3943+).
-    Classic,
-}
-
-impl Generation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Generation::BatchExt => "batch_ext",
-            Generation::Classic => "classic",
-        }
-    }
-}
+/// How a decode step enters libllama: the catalog's generations, which the agent detects.
+pub use llamaprobe_catalog::Generation;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Linkage {
@@ -145,8 +130,8 @@ pub struct Fixture {
     pub linkage: Linkage,
     /// No `.symtab` left in the files that matter (libllama, or the static executable).
     pub stripped: bool,
-    /// The executables carry DWARF (`-g`). Struct layouts are agent/src/targets.rs's alone: the
-    /// test `dwarf_of_the_debug_fixture_matches_the_layout_table` (agent/tests/matrix.rs) checks
+    /// The executables carry DWARF (`-g`). Struct layouts are the catalog's (catalog/src/layouts.rs) alone: the
+    /// test `dwarf_of_the_debug_fixture_matches_the_layout_table` (agent/tests/it/matrix.rs) checks
     /// them against such a fixture's DWARF with `llamaprobe layout`.
     pub dwarf: bool,
     /// Where llama-server's own code is: `"executable"` or the library's file name.

@@ -215,3 +215,22 @@ impl Probes {
         (sum(LOST_RINGBUF), sum(LOST_ENTRY))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::EBPF_OBJECT;
+    use crate::catalog::PROBES;
+
+    #[test]
+    fn program_names_exist_in_the_ebpf_object() {
+        let obj = EBPF_OBJECT;
+        for p in PROBES {
+            for prog in std::iter::once(p.entry).chain(p.ret) {
+                assert!(
+                    obj.windows(prog.len()).any(|w| w == prog.as_bytes()),
+                    "program {prog} missing from the eBPF object"
+                );
+            }
+        }
+    }
+}

@@ -227,7 +227,7 @@ fn the_agents_modules_import_one_way() {
     for (from, to) in [
         ("assemble", "model"),
         ("app::session", "attach"),
-        ("resolve", "catalog"),
+        ("resolve", "discover"),
     ] {
         assert!(
             g[from].contains(to),

@@ -41,14 +41,7 @@ pub const HOT_PATH_TEST: &str = "sinks::prometheus::tests::measure_hot_path";
 /// Runs [`HOT_PATH_TEST`] (release build) and returns the line it prints.
 fn hot_path() -> Result<String> {
     let out = util::cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "llamaprobe",
-            "--lib",
-            "--",
-        ])
+        .args(["test", "--release", "-p", "llamaprobe", "--lib", "--"])
         .args(["--ignored", "--exact", HOT_PATH_TEST, "--nocapture"])
         .current_dir(util::workspace_root())
         .env("PATH", util::path_with_tools()?)

@@ -1,8 +1,11 @@
 //! The kinds of things the catalog lists: API generations, probe families, probe points.
 
 /// An API generation of llama.cpp: how a decode step enters libllama.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, strum::IntoStaticStr,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Generation {
     /// 2026+: `llama_process(ctx, type, llama_batch_ext *)` → `llama_context::decode(const
     /// llama_batch_ext &)`; `llama_decode` is a compatibility wrapper around the same method.
@@ -12,6 +15,11 @@ pub enum Generation {
 }
 
 impl Generation {
+    /// Its name in JSON and in labels (`batch_ext`, `classic`).
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Generation::BatchExt => {
