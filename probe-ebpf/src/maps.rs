@@ -2,7 +2,8 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    Global,
 };
 use probe_common::{
     ContextEvent, DecodeEvent, MemoryEvent, ModelLoadEvent, ProcessLayout, SampleEvent,
@@ -17,7 +18,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_COUNTERS, 0);
 
-/// Struct layouts by traced process id, written by the agent.
+/// Set by the agent at load: the kernel has attach cookies for uprobes (5.15+), and the probes
+/// find their layout by cookie in [`LAYOUT_TABLE`].
+#[no_mangle]
+pub static USE_COOKIES: Global<u32> = Global::new(0);
+
+/// Struct layouts by id (attach cookie − 1), written by the agent: one entry per distinct
+/// layout, shared by every process and file that has it.
+#[map]
+pub static LAYOUT_TABLE: Array<ProcessLayout> = Array::with_max_entries(64, 0);
+
+/// Struct layouts by traced process id, written by the agent (kernels without cookies).
 #[map]
 pub static LAYOUTS: HashMap<u32, ProcessLayout> = HashMap::with_max_entries(1024, 0);
 

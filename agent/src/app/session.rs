@@ -168,8 +168,8 @@ pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32>
     } else {
         &[Family::Synchronize]
     };
-    probes.set_layout(traced.pid, &traced.plan.process_layout())?;
-    probes.attach(&traced.plan.probes, Some(traced.pid), skip)?;
+    let layout = traced.plan.process_layout();
+    probes.attach(&traced.plan.probes, Some(traced.pid), &layout, skip)?;
     let ring = probes.ring_buffer()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -234,6 +234,11 @@ async fn event_loop(
         generation: traced.plan.generation,
         request_mode: mode,
         probes_attached: probes.attached(),
+        layouts_by: if probes.uses_cookies() {
+            "attach_cookie"
+        } else {
+            "pid"
+        },
     }));
     if let Target::Pid(pid) = traced.target {
         // Attached after the load: the model is found in the process.

@@ -3,9 +3,13 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, UProbe},
-    Ebpf, EbpfError,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        uprobe::{UProbeAttachPoint, UProbeScope},
+        ProgramError, UProbe,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfError, EbpfLoader,
 };
 use probe_common::{ProcessLayout, LOST_COUNTERS, LOST_ENTRY, LOST_RINGBUF};
 
@@ -91,11 +95,22 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Kernels with attach cookies on uprobes (`bpf_get_attach_cookie` in uprobe programs).
+const COOKIES_SINCE: (u8, u8) = (5, 15);
+
+/// Set to make the agent behave as on a kernel without attach cookies (the pid-keyed layouts
+/// of kernels before 5.15), to test that path on newer kernels.
+pub const NO_COOKIES_ENV: &str = "LLAMAPROBE_NO_COOKIES";
+
 /// The loaded programs and their links.
 pub struct Probes {
     ebpf: Ebpf,
     loaded: HashMap<&'static str, ()>,
     attached: u64,
+    /// The probes find their process's layout by attach cookie (else by pid).
+    cookies: bool,
+    /// The layouts written into `LAYOUT_TABLE`, by id.
+    layouts: Vec<ProcessLayout>,
 }
 
 impl Probes {
@@ -109,18 +124,26 @@ impl Probes {
         };
         // SAFETY: setrlimit with a valid struct.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-        let ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| {
-            tracing::debug!("Ebpf::load: {source:?}");
-            if is_eperm(&source) {
-                AttachError::Privileges
-            } else {
-                AttachError::Load { source }
-            }
-        })?;
+        let cookies = std::env::var_os(NO_COOKIES_ENV).is_none()
+            && KernelVersion::current()
+                .is_ok_and(|v| v >= KernelVersion::new(COOKIES_SINCE.0, COOKIES_SINCE.1, 0));
+        let ebpf = EbpfLoader::new()
+            .override_global("USE_COOKIES", &u32::from(cookies), true)
+            .load(EBPF_OBJECT)
+            .map_err(|source| {
+                tracing::debug!("Ebpf::load: {source:?}");
+                if is_eperm(&source) {
+                    AttachError::Privileges
+                } else {
+                    AttachError::Load { source }
+                }
+            })?;
         Ok(Self {
             ebpf,
             loaded: HashMap::new(),
             attached: 0,
+            cookies,
+            layouts: Vec::new(),
         })
     }
 
@@ -155,17 +178,37 @@ impl Probes {
     }
 
     /// Attaches the entry and return programs of each planned probe, for process `pid`
-    /// (`None`: every process that maps the file).
+    /// (`None`: every process that maps the file), whose structs have `layout`: with attach
+    /// cookies, each link names the layout (one program then serves every process and
+    /// version); without, the layout is registered under the pid.
     pub fn attach(
         &mut self,
         probes: &[PlannedProbe],
         pid: Option<u32>,
+        layout: &ProcessLayout,
         skip: &[Family],
     ) -> Result<(), AttachError> {
+        let cookie = if self.cookies {
+            Some(self.layout_id(layout)? as u64 + 1)
+        } else {
+            let pid = pid.ok_or(AttachError::Map(
+                "LAYOUTS (a pid is needed without cookies)",
+            ))?;
+            self.set_layout(pid, layout)?;
+            None
+        };
+        let scope = match pid.and_then(std::num::NonZeroU32::new) {
+            Some(p) => UProbeScope::OneProcess(p),
+            None => UProbeScope::AllProcesses,
+        };
         for p in probes.iter().filter(|p| !skip.contains(&p.point.family)) {
             for name in std::iter::once(p.point.entry).chain(p.point.ret) {
                 let prog = self.program(name)?;
-                prog.attach(None, p.hit.file_offset, &p.target, pid.map(|p| p as i32))
+                let point = UProbeAttachPoint {
+                    location: p.hit.file_offset.into(),
+                    cookie,
+                };
+                prog.attach(point, &p.target, scope)
                     .map_err(|source| AttachError::Attach {
                         symbol: p.point.symbol,
                         path: p.path.clone(),
@@ -181,8 +224,32 @@ impl Probes {
         self.attached
     }
 
-    /// Tells the probes the struct layout of process `pid`.
-    pub fn set_layout(&mut self, pid: u32, layout: &ProcessLayout) -> Result<(), AttachError> {
+    /// Whether the probes find layouts by attach cookie.
+    pub fn uses_cookies(&self) -> bool {
+        self.cookies
+    }
+
+    /// The id of `layout` in `LAYOUT_TABLE`, written there the first time.
+    fn layout_id(&mut self, layout: &ProcessLayout) -> Result<u32, AttachError> {
+        if let Some(i) = self.layouts.iter().position(|l| l == layout) {
+            return Ok(i as u32);
+        }
+        let id = self.layouts.len() as u32;
+        let mut table: Array<_, ProcessLayout> = self
+            .ebpf
+            .map_mut("LAYOUT_TABLE")
+            .ok_or(AttachError::Map("LAYOUT_TABLE"))?
+            .try_into()
+            .map_err(|_| AttachError::Map("LAYOUT_TABLE"))?;
+        table
+            .set(id, layout, 0)
+            .map_err(|_| AttachError::Map("LAYOUT_TABLE (full)"))?;
+        self.layouts.push(*layout);
+        Ok(id)
+    }
+
+    /// Tells the probes the struct layout of process `pid` (kernels without cookies).
+    fn set_layout(&mut self, pid: u32, layout: &ProcessLayout) -> Result<(), AttachError> {
         let mut map: BpfHashMap<_, u32, ProcessLayout> = self
             .ebpf
             .map_mut("LAYOUTS")

@@ -46,6 +46,8 @@ pub struct TracedProcess {
     pub request_mode: Mode,
     /// Uprobes and uretprobes attached for it.
     pub probes_attached: u64,
+    /// How its probes find its struct layouts: `attach_cookie` (kernels 5.15+) or `pid`.
+    pub layouts_by: &'static str,
 }
 
 /// What is known of a process's model, and how it was learnt.

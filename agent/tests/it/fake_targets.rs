@@ -12,6 +12,16 @@ fn profile(driver: &str, test: &str) -> (Value, Vec<Value>) {
 
 /// The same with extra driver arguments after the model path.
 fn profile_with(driver: &str, args: &[&str], test: &str) -> (Value, Vec<Value>) {
+    profile_env(driver, args, &[], test)
+}
+
+/// The same with llamaprobe's environment extended by `env`.
+fn profile_env(
+    driver: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    test: &str,
+) -> (Value, Vec<Value>) {
     let dir = scratch(test);
     let (sum, ev) = (dir.join("summary.json"), dir.join("events.jsonl"));
     let out = llamaprobe()
@@ -25,6 +35,7 @@ fn profile_with(driver: &str, args: &[&str], test: &str) -> (Value, Vec<Value>) 
         .arg(fakes().join(driver))
         .arg("/models/tiny-model.gguf")
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -135,14 +146,39 @@ fn classic_api_every_call_measured_exactly() {
     }
     let _serial = serial();
     let (sum, events) = profile("classic/driver_classic", "classic");
+    // This kernel has attach cookies: each link names the layout.
+    assert_eq!(sum["layouts_by"], "attach_cookie");
+    classic_exact(&sum, &events);
+}
+
+/// The same on the path of kernels without attach cookies (before 5.15): the layout is found
+/// by the process's id.
+#[test]
+fn classic_api_without_attach_cookies() {
+    if !root_or_skip("classic_api_without_attach_cookies") {
+        return;
+    }
+    let _serial = serial();
+    let (sum, events) = profile_env(
+        "classic/driver_classic",
+        &[],
+        &[("LLAMAPROBE_NO_COOKIES", "1")],
+        "classic-no-cookies",
+    );
+    assert_eq!(sum["layouts_by"], "pid");
+    classic_exact(&sum, &events);
+}
+
+/// Every count, token, phase and result of the classic driver's calls.
+fn classic_exact(sum: &Value, events: &[Value]) {
     assert_eq!(sum["generation"], "classic");
     assert_eq!(
-        decode_sizes(&events),
+        decode_sizes(events),
         [12, 1, 1, 1, 1, 1, 11, 7, 1, 1, 1, 1, 1, 200, 20]
     );
     assert_eq!(sum["decode_calls"], 15);
     assert_eq!(
-        results(&sum),
+        results(sum),
         [
             ("aborted".into(), 1),
             ("error".into(), 1),
@@ -159,18 +195,18 @@ fn classic_api_every_call_measured_exactly() {
     // Prompt: D1 (12), the get_one batch of 7, the four failing single tokens (ids 9001..9004,
     // never sampled), 200 tokens, twenty new one-token prompts.
     assert_eq!(
-        batch_sizes(&sum, "prompt"),
+        batch_sizes(sum, "prompt"),
         [(1, 4), (7, 1), (12, 1), (20, 1), (200, 1)]
     );
     // Generation: the five sampled tokens fed back, and the single-token get_one batch (no
     // sequence ids: judged by size, as llama.cpp counts "eval").
-    assert_eq!(batch_sizes(&sum, "generation"), [(1, 6)]);
-    assert_eq!(batch_sizes(&sum, "mixed"), [(11, 1)]);
+    assert_eq!(batch_sizes(sum, "generation"), [(1, 6)]);
+    assert_eq!(batch_sizes(sum, "mixed"), [(11, 1)]);
     // Prompt tokens of successful steps: 12 + (6 + 4) + 7 + 200 + 20.
     assert_eq!(sum["prompt_tokens"], 249);
     assert_eq!(sum["generation_tokens_decoded"], 7);
 
-    let decodes = of_kind(&events, "decode");
+    let decodes = of_kind(events, "decode");
     let mixed = decodes[6];
     let parts: Vec<(i64, u64, &str)> = mixed["parts"]
         .as_array()
@@ -213,7 +249,7 @@ fn classic_api_every_call_measured_exactly() {
     );
     assert_eq!(decodes[9]["result"], "no_kv_slot");
     assert_eq!(decodes[12]["ret"], -3);
-    check_common(&sum, &events);
+    check_common(sum, events);
     assert_eq!(sum["contexts"][0]["n_threads"], 3);
     assert_eq!(sum["contexts"][0]["n_threads_batch"], 5);
 }

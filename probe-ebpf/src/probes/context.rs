@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use probe_common::{ContextEvent, ABSENT};
 
-use super::{byval_arg, current, enter, layout, leave, read};
+use super::{byval_arg, enter, layout, leave, read};
 use crate::maps::CONTEXT_ENTRY;
 
 #[inline(always)]
@@ -26,9 +26,8 @@ pub fn context_enter(ctx: ProbeContext) -> u32 {
     let mut ev = ContextEvent::default();
     enter(&CONTEXT_ENTRY, &mut ev, |ev| {
         ev.model = ctx.arg::<u64>(0).unwrap_or(0);
-        let (tgid, _) = current();
         let params = byval_arg(&ctx, 1).unwrap_or(0);
-        match (layout(tgid), params) {
+        match (layout(&ctx), params) {
             (Some(l), p) if p != 0 => {
                 let l = &l.ctx_params;
                 ev.n_ctx = field(p, l.n_ctx);
@@ -53,7 +52,7 @@ pub fn context_enter(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn context_return(ctx: RetProbeContext) -> u32 {
-    let ret = ctx.ret::<u64>().unwrap_or(0);
+    let ret = ctx.ret::<u64>();
     leave(&CONTEXT_ENTRY, |ev| ev.ctx = ret);
     0
 }

@@ -19,7 +19,7 @@ use probe_common::{
     SeqRun, MAX_RUNS, MAX_SCAN, MAX_STRIDE,
 };
 
-use super::{byval_arg, current, enter, layout, leave, read};
+use super::{byval_arg, enter, layout, leave, read};
 use crate::maps::{ScanState, DECODE_ENTRY, DECODE_SCRATCH, SCAN_SCRATCH};
 
 /// Per-token access to one batch representation.
@@ -288,8 +288,7 @@ pub fn decode_classic(ctx: ProbeContext) -> u32 {
     let ctx_ptr = ctx.arg::<u64>(0).unwrap_or(0);
     let batch = byval_arg(&ctx, 1).unwrap_or(0);
     start(ctx_ptr, DecodeApi::Classic, |ev| {
-        let (tgid, _) = current();
-        let Some(l) = layout(tgid) else {
+        let Some(l) = layout(&ctx) else {
             ev.flags |= F::UNREADABLE;
             return;
         };
@@ -321,8 +320,7 @@ pub fn decode_ext(ctx: ProbeContext) -> u32 {
     let ctx_ptr = ctx.arg::<u64>(0).unwrap_or(0);
     let batch = ctx.arg::<u64>(1).unwrap_or(0);
     start(ctx_ptr, DecodeApi::BatchExt, |ev| {
-        let (tgid, _) = current();
-        let Some(l) = layout(tgid) else {
+        let Some(l) = layout(&ctx) else {
             ev.flags |= F::UNREADABLE;
             return;
         };
@@ -343,7 +341,7 @@ pub fn decode_ext(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn decode_return(ctx: RetProbeContext) -> u32 {
     // int32_t / int: the low 32 bits of the return register.
-    let ret = ctx.ret::<u64>().unwrap_or(0) as i32;
+    let ret = ctx.ret::<u64>() as i32;
     leave(&DECODE_ENTRY, |ev| ev.ret = ret);
     0
 }

@@ -71,7 +71,7 @@ pub fn memory_seq_add(ctx: ProbeContext) -> u32 {
 pub fn memory_return(ctx: RetProbeContext) -> u32 {
     // bool for seq_rm (low byte of the return register); void for the others, where the
     // register holds garbage: the agent only reads `ret` for seq_rm.
-    let ret = ctx.ret::<u64>().unwrap_or(1) as u8 as u32;
+    let ret = ctx.ret::<u64>() as u8 as u32;
     leave(&MEMORY_ENTRY, |ev| ev.ret = ret);
     0
 }

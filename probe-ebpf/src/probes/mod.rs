@@ -17,13 +17,16 @@ pub mod sync;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
     maps::HashMap,
     programs::ProbeContext,
+    EbpfContext,
 };
 use probe_common::{EventHeader, EventKind, ProcessLayout, LOST_ENTRY, LOST_RINGBUF};
 
-use crate::maps::{count_lost, EVENTS, LAYOUTS};
+use crate::maps::{count_lost, EVENTS, LAYOUTS, LAYOUT_TABLE, USE_COOKIES};
 
 /// Unread bytes in the ring buffer at which a new event wakes the agent (see [`leave`]).
 const WAKEUP_BYTES: u64 = 256 << 10;
@@ -126,7 +129,7 @@ pub fn send<T: Event>(ev: &T) {
     } else {
         BPF_RB_NO_WAKEUP
     };
-    if EVENTS.output(ev, flags as u64).is_err() {
+    if EVENTS.output::<T>(ev, flags as u64).is_err() {
         count_lost(LOST_RINGBUF);
     }
 }
@@ -146,9 +149,19 @@ pub fn instant<T: Event>() -> EventHeader {
     }
 }
 
-/// The layout the agent registered for this process, if any.
+/// The layout of the process the probe fired in: the one its attach cookie names (the agent
+/// attaches with cookie = layout id + 1 on kernels that have cookies, 5.15+), else the one the
+/// agent registered for the process's id.
 #[inline(always)]
-pub fn layout(tgid: u32) -> Option<&'static ProcessLayout> {
+pub fn layout(ctx: &impl EbpfContext) -> Option<&'static ProcessLayout> {
+    if USE_COOKIES.load() != 0 {
+        // SAFETY: the helper reads the cookie of the link that ran this program.
+        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        if cookie != 0 {
+            return LAYOUT_TABLE.get((cookie - 1) as u32);
+        }
+    }
+    let (tgid, _) = current();
     // SAFETY: the value is plain data; a concurrent update by the agent can at worst give a
     // mix of two layouts of the same process, which the agent never writes.
     unsafe { LAYOUTS.get(&tgid) }

@@ -54,7 +54,7 @@ pub fn model_load_splits(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn model_load_return(ctx: RetProbeContext) -> u32 {
-    let ret = ctx.ret::<u64>().unwrap_or(0);
+    let ret = ctx.ret::<u64>();
     leave(&MODEL_ENTRY, |ev| ev.model = ret);
     0
 }

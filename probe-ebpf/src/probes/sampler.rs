@@ -28,7 +28,7 @@ pub fn sample_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn sample_return(ctx: RetProbeContext) -> u32 {
     // llama_token is int32_t: take the low 32 bits of the return register.
-    let token = ctx.ret::<u64>().unwrap_or(u64::MAX) as i32;
+    let token = ctx.ret::<u64>() as i32;
     leave(&SAMPLE_ENTRY, |ev| ev.token = token);
     0
 }

@@ -23,7 +23,7 @@ use probe_common::{
     ServerLayout, SlotLaunchEvent, SlotReleaseEvent, TaskPostEvent, ABSENT, MAX_POST_TASKS,
 };
 
-use super::{current, enter, instant, layout, leave, read, send};
+use super::{enter, instant, layout, leave, read, send};
 use crate::maps::{POST_SCRATCH, SLOT_LAUNCH_ENTRY};
 
 /// The `i32` at `base + off`, -1 if the layout has no such field or the read fails.
@@ -35,9 +35,8 @@ fn field(base: u64, off: u32) -> i32 {
     read::<i32>(base + off as u64).unwrap_or(-1)
 }
 
-fn server_layout() -> Option<ServerLayout> {
-    let (tgid, _) = current();
-    layout(tgid).map(|l| l.server)
+fn server_layout(ctx: &ProbeContext) -> Option<ServerLayout> {
+    layout(ctx).map(|l| l.server)
 }
 
 #[uprobe]
@@ -55,7 +54,7 @@ pub fn task_post(ctx: ProbeContext) -> u32 {
     ev.front = ctx.arg::<u64>(2).unwrap_or(0) as u8 as u32;
     ev.n_read = 0;
     ev.n_tasks = 0;
-    if let Some(l) = server_layout() {
+    if let Some(l) = server_layout(&ctx) {
         let size = l.task_size as u64;
         let whole = l.task_size != ABSENT && size > 0 && ev.tasks_bytes % size == 0;
         // Without a size that divides the vector's, only the first task can be found.
@@ -84,7 +83,7 @@ pub fn task_post(ctx: ProbeContext) -> u32 {
 pub fn slot_launch(ctx: ProbeContext) -> u32 {
     let slot = ctx.arg::<u64>(1).unwrap_or(0);
     let task = ctx.arg::<u64>(2).unwrap_or(0);
-    let (slot_id, task_id) = match server_layout() {
+    let (slot_id, task_id) = match server_layout(&ctx) {
         Some(l) => (field(slot, l.slot_id), field(task, l.task_id)),
         None => (-1, -1),
     };
@@ -99,7 +98,7 @@ pub fn slot_launch(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn slot_launch_return(ctx: RetProbeContext) -> u32 {
     // bool: the low byte of the return register.
-    let ok = ctx.ret::<u64>().unwrap_or(0) as u8 != 0;
+    let ok = ctx.ret::<u64>() as u8 != 0;
     leave(&SLOT_LAUNCH_ENTRY, |ev| ev.ok = ok as u32);
     0
 }
@@ -112,7 +111,7 @@ pub fn slot_release(ctx: ProbeContext) -> u32 {
         slot_id: -1,
         task_id: -1,
     };
-    if let Some(l) = server_layout() {
+    if let Some(l) = server_layout(&ctx) {
         ev.slot_id = field(slot, l.slot_id);
         ev.task_id = if l.slot_task_id != ABSENT {
             field(slot, l.slot_task_id)

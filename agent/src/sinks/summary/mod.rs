@@ -435,6 +435,7 @@ impl Sink for SummarySink {
             if let Some(t) = &self.traced {
                 v["pid"] = t.pid.into();
                 v["generation"] = serde_json::to_value(t.generation)?;
+                v["layouts_by"] = t.layouts_by.into();
             }
             v["ended_by"] = ended_by.into();
             v["events_lost"] = s.lost().into();
