@@ -542,6 +542,7 @@ pub mod writer {
         n_kv: u64,
         tensors: Vec<u8>,
         n_tensors: u64,
+        data_len: u64,
     }
 
     fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -608,6 +609,8 @@ pub mod writer {
         }
 
         /// A tensor info (type F32, data offsets consecutive).
+        /// An F32 tensor of shape `dims`, placed after the previous ones in the data section
+        /// (each at a 32-byte aligned offset, as llama.cpp writes them).
         pub fn tensor(&mut self, name: &str, dims: &[u64]) -> &mut Self {
             self.n_tensors += 1;
             put_str(&mut self.tensors, name);
@@ -615,9 +618,16 @@ pub mod writer {
             for d in dims {
                 self.tensors.extend(d.to_le_bytes());
             }
-            self.tensors.extend(0u32.to_le_bytes());
-            self.tensors.extend(0u64.to_le_bytes());
+            self.tensors.extend(0u32.to_le_bytes()); // GGML_TYPE_F32
+            self.tensors.extend(self.data_len.to_le_bytes());
+            let bytes = dims.iter().product::<u64>() * 4;
+            self.data_len += bytes.div_ceil(32) * 32;
             self
+        }
+
+        /// Bytes of tensor data the tensors so far need.
+        pub fn data_len(&self) -> usize {
+            self.data_len as usize
         }
 
         /// Bytes of the header, the KV section and the tensor infos.

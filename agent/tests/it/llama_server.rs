@@ -3,6 +3,7 @@
 //! counts must equal llama-server's own counters.
 
 use crate::common::{fixtures::Fixture, server::*, *};
+use llamaprobe::model::clock::monotonic_ns;
 
 /// Distinct prompts (so no request is served from another's cache) of different lengths.
 fn prompt(i: usize) -> String {
@@ -407,17 +408,6 @@ fn requests_reconstructed(f: &Fixture, model: &std::path::Path) {
         );
     }
     assert!(tracks.iter().any(|n| n.starts_with("thread ")));
-}
-
-/// CLOCK_MONOTONIC in ns: the probes' clock.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Queue wait from llama-server's own task queue, joined by task id: six completions at once

@@ -230,6 +230,45 @@ fn tiny_model_metadata_is_exact() {
     assert_eq!(tiny_parameters(tiny_vocab_size(), 2, 64, 128), 149_312);
 }
 
+/// Our GGUF reader against another one (the `gguf-rs-lib` crate, a dev-dependency): the same
+/// version, tensor count, parameters and the keys llamaprobe reports, on the generated tiny model
+/// (written by llama.cpp's own Python writer) and on a file written by our test writer.
+#[test]
+fn gguf_reader_agrees_with_gguf_rs_lib() {
+    let Some(tiny) = fixture_or_skip("gguf_reader_agrees_with_gguf_rs_lib", "LLAMAPROBE_MODEL")
+    else {
+        return;
+    };
+    let dir = scratch("gguf-agree");
+    let written = dir.join("written.gguf");
+    write_model(&written);
+    for path in [tiny.as_path(), written.as_path()] {
+        let other = gguf_rs_lib::reader::GGUFFileReader::new(std::fs::File::open(path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (meta, _) = gguf::read_file(path).unwrap();
+        let info = gguf::read(path).unwrap();
+        assert_eq!(u64::from(meta.version), u64::from(other.header().version));
+        assert_eq!(meta.tensor_count, other.tensor_count() as u64);
+        let elements: u64 = other.tensor_infos().iter().map(|t| t.element_count()).sum();
+        assert_eq!(info.parameters, elements, "{}", path.display());
+        let m = other.metadata();
+        assert_eq!(
+            info.architecture.as_deref(),
+            m.get_string("general.architecture")
+        );
+        assert_eq!(info.name.as_deref(), m.get_string("general.name"));
+        assert_eq!(
+            info.file_type.map(|t| u64::from(t.0)),
+            m.get_u64("general.file_type")
+        );
+        let arch = info.architecture.clone().unwrap();
+        assert_eq!(
+            info.context_length,
+            m.get_u64(&format!("{arch}.context_length"))
+        );
+    }
+}
+
 #[test]
 fn tiny_large_model_metadata_is_exact() {
     // Optional: `cargo xtask fixtures` writes it only for some matrices.
@@ -281,7 +320,7 @@ fn write_model(path: &Path) -> u64 {
         .u32("llama.context_length", 4096)
         .tensor("token_embd.weight", &[8, 32])
         .tensor("output_norm.weight", &[8]);
-    std::fs::write(path, w.bytes(256)).unwrap();
+    std::fs::write(path, w.bytes(w.data_len())).unwrap();
     8 * 32 + 8
 }
 
