@@ -429,24 +429,39 @@ fn queue_wait_from_llama_servers_task_queue() {
     });
 }
 
-/// The completions of one round: (client sent, response, client received), monotonic ns.
-type Timed = (u64, Value, u64);
+/// The summary and events files of a recorded session, in a fresh scratch directory.
+fn recording(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = scratch(name);
+    (dir.join("summary.json"), dir.join("events.jsonl"))
+}
 
-fn queue_wait(f: &Fixture, server: &Server, round: usize) {
-    let dir = scratch(&format!("queue-{}-{round}", f.name));
-    let (summary, events) = (dir.join("summary.json"), dir.join("events.jsonl"));
-    let mut probe = attach(
+/// `attach` with no metrics endpoint, writing the summary and every observation.
+fn attach_recording(
+    f: &Fixture,
+    server: &Server,
+    summary: &std::path::Path,
+    events: &std::path::Path,
+) -> Probe {
+    attach(
         f,
         server,
         &[
             "--metrics-addr",
             "off",
             "--summary-json",
-            path(&summary),
+            path(summary),
             "--events-out",
-            path(&events),
+            path(events),
         ],
-    );
+    )
+}
+
+/// The completions of one round: (client sent, response, client received), monotonic ns.
+type Timed = (u64, Value, u64);
+
+fn queue_wait(f: &Fixture, server: &Server, round: usize) {
+    let (summary, events) = recording(&format!("queue-{}-{round}", f.name));
+    let mut probe = attach_recording(f, server, &summary, &events);
     let line = probe.wait_for("llamaprobe: requests:");
     assert!(line.contains("server tasks by id"), "{line}");
 
@@ -554,20 +569,8 @@ fn an_array_completion_gives_each_prompt_its_queue_wait() {
         "an_array_completion_gives_each_prompt_its_queue_wait",
         |f, model| {
             let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
-            let dir = scratch(&format!("array-{}", f.name));
-            let (summary, events) = (dir.join("summary.json"), dir.join("events.jsonl"));
-            let probe = attach(
-                f,
-                &server,
-                &[
-                    "--metrics-addr",
-                    "off",
-                    "--summary-json",
-                    path(&summary),
-                    "--events-out",
-                    path(&events),
-                ],
-            );
+            let (summary, events) = recording(&format!("array-{}", f.name));
+            let probe = attach_recording(f, &server, &summary, &events);
             let prompts: Vec<String> = (20..23).map(prompt).collect();
             let sent = monotonic_ns();
             let out = server.post(
@@ -658,21 +661,8 @@ fn requests_carry_their_type() {
                 );
                 continue;
             };
-            let dir = scratch(&format!("types-{}-{}", f.name, expect.0));
-            let summary = dir.join("summary.json");
-            let events = dir.join("events.jsonl");
-            let probe = attach(
-                f,
-                &server,
-                &[
-                    "--metrics-addr",
-                    "off",
-                    "--summary-json",
-                    path(&summary),
-                    "--events-out",
-                    path(&events),
-                ],
-            );
+            let (summary, events) = recording(&format!("types-{}-{}", f.name, expect.0));
+            let probe = attach_recording(f, &server, &summary, &events);
             server.post(path_, &body);
             // Builds before 2026 serve no completions on an embeddings server (501).
             let served = http().post(&format!("http://127.0.0.1:{}/completion", server.port))
