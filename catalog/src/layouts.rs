@@ -155,6 +155,8 @@ const SERVER_FIRST_MEMBERS: ServerLayout = ServerLayout {
     task_id: 0,
     task_type: ABSENT,
     task_id_target: ABSENT,
+    slot_ctx: ABSENT,
+    slot_ctx_dft: ABSENT,
 };
 
 pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
@@ -170,6 +172,9 @@ pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
             task_id: 0,
             task_type: 2640,
             task_id_target: 16,
+            // llama_context * ctx_tgt, * ctx_dft: right after `int id`
+            slot_ctx: 8,
+            slot_ctx_dft: 16,
         },
     },
     ServerLayoutRow {
@@ -183,6 +188,9 @@ pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
             task_id: 0,
             task_type: 8,
             task_id_target: 12,
+            // llama_context * ctx, * ctx_dft, after the slot's speculative batch
+            slot_ctx: 72,
+            slot_ctx_dft: 80,
         },
     },
     ServerLayoutRow {
@@ -196,6 +204,8 @@ pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
             task_id: 0,
             task_type: 8,
             task_id_target: 12,
+            slot_ctx: 72,
+            slot_ctx_dft: 80,
         },
     },
     ServerLayoutRow {

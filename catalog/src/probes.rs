@@ -196,6 +196,14 @@ pub const PROBES: &[ProbePoint] = &[
         ret: Some("memory_return"),
         generations: ALL,
     },
+    ProbePoint {
+        family: Family::Memory,
+        symbol: "llama_get_memory",
+        prototype: "llama_memory_t llama_get_memory(const struct llama_context * ctx) [2025+]",
+        entry: "memory_handle",
+        ret: Some("memory_handle_return"),
+        generations: ALL,
+    },
     // llama-server's queue. Completions, embeddings, reranks and infills are posted through
     // the vector overload (metrics and slot actions through the single-task one, not probed).
     // Argument order is the same in every variant below, `.isra.0` clones included (GCC's

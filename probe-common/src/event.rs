@@ -23,6 +23,8 @@ pub enum EventKind {
     Synchronize = 40,
     /// One change of the KV memory's sequences ([`MemoryEvent`]).
     Memory = 50,
+    /// Which KV memory a context has ([`MemoryHandleEvent`]).
+    MemoryHandle = 51,
     /// One task handed to llama-server's queue ([`TaskPostEvent`]).
     TaskPost = 60,
     /// One llama-server slot released ([`SlotReleaseEvent`]).
@@ -256,6 +258,17 @@ pub struct PostedTask {
     pub _pad: i32,
 }
 
+/// One `llama_memory_t llama_get_memory(const struct llama_context * ctx)` call (2025+): which
+/// memory handle the memory events of a context carry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryHandleEvent {
+    pub header: EventHeader,
+    pub ctx: u64,
+    /// The returned `llama_memory_t`.
+    pub mem: u64,
+}
+
 /// One `server_queue::post(std::vector<server_task> && tasks, bool front)` call: llama-server
 /// accepted work from an HTTP handler (completion, embedding, …; `front` is set for cancels).
 /// Sent from the entry probe, before the server loop can see the tasks, so it always reaches
@@ -293,6 +306,12 @@ pub struct SlotLaunchEvent {
     /// The return value: 1 launched, 0 refused.
     pub ok: u32,
     pub _pad: u32,
+    /// The slot's target context (`server_slot::ctx_tgt`, 2024-2025 `ctx`; 0 if unreadable):
+    /// the context that serves requests.
+    pub ctx: u64,
+    /// The slot's draft context (`server_slot::ctx_dft`; 0: none, or unreadable): a
+    /// speculative draft model's.
+    pub ctx_dft: u64,
 }
 
 /// One `void server_slot::release()` call: llama-server's slot stopped processing its task
@@ -327,5 +346,6 @@ const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);
 const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 32);
 const _: () = assert!(size_of::<PostedTask>() == 16);
 const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 16 + 16 * MAX_POST_TASKS);
-const _: () = assert!(size_of::<SlotLaunchEvent>() == 32 + 16);
+const _: () = assert!(size_of::<SlotLaunchEvent>() == 32 + 16 + 16);
+const _: () = assert!(size_of::<MemoryHandleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8);

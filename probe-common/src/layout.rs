@@ -76,6 +76,10 @@ pub struct ServerLayout {
     pub task_type: u32,
     /// Offset of `int id_target` in `struct server_task`.
     pub task_id_target: u32,
+    /// Offset of the slot's target context pointer (`ctx_tgt`, 2024-2025 `ctx`).
+    pub slot_ctx: u32,
+    /// Offset of the slot's draft context pointer (`ctx_dft`).
+    pub slot_ctx_dft: u32,
 }
 
 /// Everything the probes need to read one process's structs.
@@ -95,5 +99,5 @@ unsafe impl aya::Pod for ProcessLayout {}
 const _: () = assert!(size_of::<ClassicBatchLayout>() == 20);
 const _: () = assert!(size_of::<BatchExtLayout>() == 28);
 const _: () = assert!(size_of::<ContextParamsLayout>() == 24);
-const _: () = assert!(size_of::<ServerLayout>() == 28);
-const _: () = assert!(size_of::<ProcessLayout>() == 100);
+const _: () = assert!(size_of::<ServerLayout>() == 36);
+const _: () = assert!(size_of::<ProcessLayout>() == 108);

@@ -6,8 +6,8 @@ use aya_ebpf::{
     Global,
 };
 use probe_common::{
-    ContextEvent, DecodeEvent, MemoryEvent, ModelLoadEvent, ProcessLayout, SampleEvent,
-    SlotLaunchEvent, SyncEvent, TaskPostEvent, LOST_COUNTERS,
+    ContextEvent, DecodeEvent, MemoryEvent, MemoryHandleEvent, ModelLoadEvent, ProcessLayout,
+    SampleEvent, SlotLaunchEvent, SyncEvent, TaskPostEvent, LOST_COUNTERS,
 };
 
 /// Finished events, read by the agent.
@@ -45,6 +45,9 @@ pub static SAMPLE_ENTRY: HashMap<u32, SampleEvent> = HashMap::with_max_entries(4
 pub static SYNC_ENTRY: HashMap<u32, SyncEvent> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static MEMORY_ENTRY: HashMap<u32, MemoryEvent> = HashMap::with_max_entries(1024, 0);
+#[map]
+pub static MEMORY_HANDLE_ENTRY: HashMap<u32, MemoryHandleEvent> =
+    HashMap::with_max_entries(1024, 0);
 #[map]
 pub static SLOT_LAUNCH_ENTRY: HashMap<u32, SlotLaunchEvent> = HashMap::with_max_entries(256, 0);
 

@@ -413,7 +413,9 @@ impl Pipeline {
     fn handle(&mut self, bytes: &[u8]) {
         match decode::decode(bytes) {
             Ok(ev) => {
-                let obs = self.assembler.process(&ev);
+                let Some(obs) = self.assembler.process(&ev) else {
+                    return;
+                };
                 let made = self.requests.observe(&obs);
                 self.emit(&obs);
                 self.model_loaded(&obs);

@@ -25,7 +25,8 @@ struct SeqUse {
 /// Per-process, per-sequence token counts.
 #[derive(Default)]
 pub struct ContextUse {
-    seqs: HashMap<(u32, i32), SeqUse>,
+    /// By (pid, context, sequence).
+    seqs: HashMap<(u32, u64, i32), SeqUse>,
 }
 
 impl ContextUse {
@@ -35,14 +36,17 @@ impl ContextUse {
     }
 
     /// Counts the tokens a successful decode step added.
-    pub fn after_decode(&mut self, pid: u32, parts: &[Part]) -> Vec<SeqUsed> {
+    pub fn after_decode(&mut self, pid: u32, ctx: u64, parts: &[Part]) -> Vec<SeqUsed> {
         let mut changed: Vec<SeqUsed> = Vec::new();
         for p in parts {
-            let s = self.seqs.entry((pid, p.seq_id)).or_insert_with(|| SeqUse {
-                // First sight of a sequence: it holds what lies before this position.
-                used: p.pos0.max(0) as u32,
-                end: p.pos0.max(0),
-            });
+            let s = self
+                .seqs
+                .entry((pid, ctx, p.seq_id))
+                .or_insert_with(|| SeqUse {
+                    // First sight of a sequence: it holds what lies before this position.
+                    used: p.pos0.max(0) as u32,
+                    end: p.pos0.max(0),
+                });
             s.used += p.n_tokens;
             if p.pos0 >= 0 {
                 s.end = s.end.max(p.pos0 + p.n_tokens as i32);
@@ -61,7 +65,8 @@ impl ContextUse {
     }
 
     /// Applies a memory call; returns the sequences it changed.
-    pub fn apply(&mut self, pid: u32, ev: &MemoryEvent) -> Vec<SeqUsed> {
+    /// Applies a memory call to context `ctx`; returns the sequences it changed.
+    pub fn apply(&mut self, pid: u32, ctx: u64, ev: &MemoryEvent) -> Vec<SeqUsed> {
         let op = match ev.op {
             x if x == MemoryOp::SeqRm as u32 => MemoryOp::SeqRm,
             x if x == MemoryOp::SeqCp as u32 => MemoryOp::SeqCp,
@@ -71,8 +76,8 @@ impl ContextUse {
         let of_pid: Vec<i32> = self
             .seqs
             .keys()
-            .filter(|k| k.0 == pid)
-            .map(|k| k.1)
+            .filter(|k| k.0 == pid && k.1 == ctx)
+            .map(|k| k.2)
             .collect();
         let targets: Vec<i32> = match op {
             MemoryOp::Clear => of_pid,
@@ -86,13 +91,13 @@ impl ContextUse {
         }
         let src = self
             .seqs
-            .get(&(pid, ev.seq_id))
+            .get(&(pid, ctx, ev.seq_id))
             .copied()
             .unwrap_or_default();
         targets
             .into_iter()
             .map(|seq| {
-                let s = self.seqs.entry((pid, seq)).or_default();
+                let s = self.seqs.entry((pid, ctx, seq)).or_default();
                 match op {
                     MemoryOp::Clear => *s = SeqUse::default(),
                     MemoryOp::SeqRm => remove(s, ev.p0, ev.p1),
@@ -164,39 +169,39 @@ mod tests {
     #[test]
     fn a_context_shift_moves_the_end_back() {
         let mut c = ContextUse::default();
-        c.after_decode(1, &[part(0, 0, 20)]);
-        c.apply(1, &mem(MemoryOp::SeqRm, 0, -1, 4, 10));
+        c.after_decode(1, 0, &[part(0, 0, 20)]);
+        c.apply(1, 0, &mem(MemoryOp::SeqRm, 0, -1, 4, 10));
         let mut add = mem(MemoryOp::SeqAdd, 0, -1, 10, 20);
         add.delta = -6;
         assert_eq!(
-            c.apply(1, &add),
+            c.apply(1, 0, &add),
             [SeqUsed {
                 seq_id: 0,
                 used: 14
             }]
         );
         // Generation goes on at the shifted end.
-        let after = c.after_decode(1, &[part(0, 14, 1)]);
+        let after = c.after_decode(1, 0, &[part(0, 14, 1)]);
         assert_eq!(after[0].used, 15);
-        assert_eq!(c.seqs[&(1, 0)].end, 15);
+        assert_eq!(c.seqs[&(1, 0, 0)].end, 15);
     }
 
     #[test]
     fn a_request_then_a_new_prompt_reusing_a_prefix() {
         let mut c = ContextUse::default();
         // 10 prompt tokens, then 5 generated fed back.
-        c.after_decode(1, &[part(0, 0, 10)]);
+        c.after_decode(1, 0, &[part(0, 0, 10)]);
         for i in 0..5 {
-            c.after_decode(1, &[part(0, 10 + i, 1)]);
+            c.after_decode(1, 0, &[part(0, 10 + i, 1)]);
         }
-        assert_eq!(c.after_decode(1, &[]), vec![]);
+        assert_eq!(c.after_decode(1, 0, &[]), vec![]);
         // The next prompt shares 4 tokens: positions 4.. are removed, 6 new tokens decoded.
         assert_eq!(
-            c.apply(1, &mem(MemoryOp::SeqRm, 0, -1, 4, -1)),
+            c.apply(1, 0, &mem(MemoryOp::SeqRm, 0, -1, 4, -1)),
             vec![SeqUsed { seq_id: 0, used: 4 }]
         );
         assert_eq!(
-            c.after_decode(1, &[part(0, 4, 6)]),
+            c.after_decode(1, 0, &[part(0, 4, 6)]),
             vec![SeqUsed {
                 seq_id: 0,
                 used: 10
@@ -207,12 +212,15 @@ mod tests {
     #[test]
     fn middle_removal_copy_and_clear() {
         let mut c = ContextUse::default();
-        c.after_decode(1, &[part(0, 0, 100), part(1, 0, 20)]);
+        c.after_decode(1, 0, &[part(0, 0, 100), part(1, 0, 20)]);
         // Context shift: discard [10, 40).
-        assert_eq!(c.apply(1, &mem(MemoryOp::SeqRm, 0, -1, 10, 40))[0].used, 70);
+        assert_eq!(
+            c.apply(1, 0, &mem(MemoryOp::SeqRm, 0, -1, 10, 40))[0].used,
+            70
+        );
         // Copy all of seq 1 to seq 2.
         assert_eq!(
-            c.apply(1, &mem(MemoryOp::SeqCp, 1, 2, -1, -1)),
+            c.apply(1, 0, &mem(MemoryOp::SeqCp, 1, 2, -1, -1)),
             vec![SeqUsed {
                 seq_id: 2,
                 used: 20
@@ -221,21 +229,53 @@ mod tests {
         // A failed partial removal changes nothing.
         let mut failed = mem(MemoryOp::SeqRm, 1, -1, 5, 10);
         failed.ret = 0;
-        assert!(c.apply(1, &failed).is_empty());
+        assert!(c.apply(1, 0, &failed).is_empty());
         // Another process is untouched by a clear.
-        c.after_decode(2, &[part(0, 0, 7)]);
-        let mut cleared = c.apply(1, &mem(MemoryOp::Clear, -1, -1, -1, -1));
+        c.after_decode(2, 0, &[part(0, 0, 7)]);
+        let mut cleared = c.apply(1, 0, &mem(MemoryOp::Clear, -1, -1, -1, -1));
         cleared.sort_by_key(|s| s.seq_id);
         assert_eq!(
             cleared.iter().map(|s| s.used).collect::<Vec<_>>(),
             [0, 0, 0]
         );
-        assert_eq!(c.after_decode(2, &[part(0, 7, 1)])[0].used, 8);
+        assert_eq!(c.after_decode(2, 0, &[part(0, 7, 1)])[0].used, 8);
     }
 
     #[test]
     fn a_sequence_first_seen_mid_way_holds_its_earlier_positions() {
         let mut c = ContextUse::default();
-        assert_eq!(c.after_decode(1, &[part(3, 41, 1)])[0].used, 42);
+        assert_eq!(c.after_decode(1, 0, &[part(3, 41, 1)])[0].used, 42);
+    }
+}
+
+#[cfg(test)]
+mod two_contexts {
+    use super::*;
+    use crate::model::PartKind;
+
+    /// A draft context's sequences are its own: the same sequence id in two contexts of one
+    /// process holds two counts, and a removal in one leaves the other.
+    #[test]
+    fn contexts_count_apart() {
+        let mut c = ContextUse::default();
+        let part = |n| Part {
+            seq_id: 0,
+            pos0: 0,
+            n_tokens: n,
+            n_outputs: 1,
+            kind: PartKind::FinalPromptChunk,
+        };
+        assert_eq!(c.after_decode(1, 0xa, &[part(10)])[0].used, 10);
+        assert_eq!(c.after_decode(1, 0xb, &[part(4)])[0].used, 4);
+        let rm = MemoryEvent {
+            op: MemoryOp::SeqRm as u32,
+            seq_id: 0,
+            p0: 2,
+            p1: -1,
+            ret: 1,
+            ..Default::default()
+        };
+        assert_eq!(c.apply(1, 0xb, &rm)[0].used, 2);
+        assert_eq!(c.seqs[&(1, 0xa, 0)].used, 10);
     }
 }

@@ -43,6 +43,40 @@ struct ProcessState {
     /// Last successful decode per thread: (ctx, start_ns), waiting for its synchronize.
     pending_compute: HashMap<u32, (u64, u64)>,
     contexts: HashMap<u64, ContextState>,
+    /// The context that serves requests (see [`ContextRole`]), once known.
+    main_ctx: Option<u64>,
+    /// Contexts known to be speculative drafts (llama-server's `ctx_dft`).
+    draft_ctxs: std::collections::HashSet<u64>,
+    /// Model file stems by `llama_model *`, from successful loads.
+    models: HashMap<u64, Arc<str>>,
+    /// The context of each KV memory handle (`llama_get_memory`).
+    memory_ctx: HashMap<u64, u64>,
+}
+
+impl ProcessState {
+    /// The role of context `ctx`: draft if known as one, else main if it is (or, none being
+    /// known yet, becomes) the main context, else draft.
+    fn role(&mut self, ctx: u64) -> ContextRole {
+        if self.draft_ctxs.contains(&ctx) {
+            return ContextRole::Draft;
+        }
+        match self.main_ctx {
+            Some(m) if m != ctx => ContextRole::Draft,
+            _ => {
+                self.main_ctx = Some(ctx);
+                ContextRole::Main
+            }
+        }
+    }
+
+    /// The context a memory event's handle belongs to: a context itself (the 2024-2025
+    /// `llama_kv_*` functions take one), else the context `llama_get_memory` gave it to.
+    fn context_of(&self, handle: u64) -> Option<u64> {
+        if self.contexts.contains_key(&handle) {
+            return Some(handle);
+        }
+        self.memory_ctx.get(&handle).copied()
+    }
 }
 
 /// What the assembler keeps of one context of a process.
@@ -63,8 +97,8 @@ type Pending = (Option<i32>, i32);
 /// Which sequence holds each batch index of a context's latest decode step.
 #[derive(Clone, Debug, Default)]
 pub struct BatchMap {
-    /// (first index, tokens, sequence), in batch order.
-    spans: Vec<(u32, u32, i32)>,
+    /// (first index, tokens, sequence, a verification), in batch order.
+    spans: Vec<(u32, u32, i32, bool)>,
     n_tokens: u32,
 }
 
@@ -73,7 +107,8 @@ impl BatchMap {
         let mut map = BatchMap::default();
         let mut index = 0;
         for p in &step.parts {
-            map.spans.push((index, p.n_tokens, p.seq_id));
+            let verification = p.kind == PartKind::Verification;
+            map.spans.push((index, p.n_tokens, p.seq_id, verification));
             index += p.n_tokens;
         }
         map.n_tokens = step.n_tokens.unwrap_or(index);
@@ -82,6 +117,24 @@ impl BatchMap {
 
     /// The sequence at batch index `idx` (`-1`: the last token).
     pub fn seq_at(&self, idx: i32) -> Option<i32> {
+        self.span_at(idx).map(|s| s.2)
+    }
+
+    /// Whether a sample of batch index `idx` accepts a draft: an index of a verification part
+    /// past its first (the sampler reaches index i + 1 only when the draft at i matched).
+    fn accepts_draft(&self, idx: i32) -> bool {
+        let Some(&(first, _, _, verification)) = self.span_at(idx) else {
+            return false;
+        };
+        let i = if idx < 0 {
+            self.n_tokens.saturating_sub(1)
+        } else {
+            idx as u32
+        };
+        verification && i > first
+    }
+
+    fn span_at(&self, idx: i32) -> Option<&(u32, u32, i32, bool)> {
         let i = if idx < 0 {
             self.n_tokens.checked_sub(1)?
         } else {
@@ -89,8 +142,7 @@ impl BatchMap {
         };
         self.spans
             .iter()
-            .find(|(first, n, _)| i >= *first && i < first + n)
-            .map(|s| s.2)
+            .find(|(first, n, _, _)| i >= *first && i < first + n)
     }
 }
 
@@ -161,20 +213,36 @@ impl Assembler {
         }
     }
 
-    pub fn process(&mut self, ev: &Event) -> Observation {
-        match ev {
+    /// The observation an event makes (`None` for an event that only informs the assembler:
+    /// which context a memory handle belongs to).
+    pub fn process(&mut self, ev: &Event) -> Option<Observation> {
+        Some(match ev {
             Event::Decode(d) => Observation::Decode(self.decode(d)),
             Event::ModelLoad(m) => Observation::ModelLoad(self.model_load(m)),
-            Event::Memory(m) => Observation::Memory(MemoryChange {
-                origin: self.origin(&m.header),
-                op: crate::catalog::memory_op_name(m.op),
-                seq_id: m.seq_id,
-                seq_dst: m.seq_dst,
-                p0: m.p0,
-                p1: m.p1,
-                delta: m.delta,
-                context_used: self.context_use.apply(m.header.tgid, m),
-            }),
+            Event::Memory(m) => {
+                let pid = m.header.tgid;
+                let proc_ = self.process_mut(pid);
+                let ctx = proc_.context_of(m.handle);
+                let context = ctx.map(|c| proc_.role(c));
+                // Unknown yet: the main context's (what a program's first memory calls touch).
+                let key = ctx.or(proc_.main_ctx).unwrap_or(0);
+                Observation::Memory(MemoryChange {
+                    origin: self.origin(&m.header),
+                    op: crate::catalog::memory_op_name(m.op),
+                    seq_id: m.seq_id,
+                    seq_dst: m.seq_dst,
+                    p0: m.p0,
+                    p1: m.p1,
+                    delta: m.delta,
+                    context,
+                    context_used: self.context_use.apply(pid, key, m),
+                })
+            }
+            Event::MemoryHandle(h) => {
+                let proc_ = self.process_mut(h.header.tgid);
+                proc_.memory_ctx.insert(h.mem, h.ctx);
+                return None;
+            }
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
             Event::SlotRelease(r) => Observation::SlotRelease(SlotRelease {
                 origin: self.origin(&r.header),
@@ -182,14 +250,25 @@ impl Assembler {
                 task_id: r.task_id,
             }),
             Event::SlotLaunch(l) => Observation::SlotLaunch({
+                let proc_ = self.process_mut(l.header.tgid);
                 if l.ok != 0 {
-                    self.process_mut(l.header.tgid).launched.insert(l.slot_id);
+                    proc_.launched.insert(l.slot_id);
+                }
+                // The slot names its contexts: the target serves requests, the other drafts.
+                if l.ctx != 0 {
+                    proc_.main_ctx = Some(l.ctx);
+                    proc_.draft_ctxs.remove(&l.ctx);
+                }
+                if l.ctx_dft != 0 && l.ctx_dft != l.ctx {
+                    proc_.draft_ctxs.insert(l.ctx_dft);
                 }
                 SlotLaunch {
                     origin: self.origin(&l.header),
                     slot_id: l.slot_id,
                     task_id: l.task_id,
                     ok: l.ok != 0,
+                    ctx: l.ctx,
+                    ctx_dft: l.ctx_dft,
                 }
             }),
             Event::TaskPost(p) => Observation::TaskPost(TaskPost {
@@ -209,8 +288,10 @@ impl Assembler {
                     .collect(),
             }),
             Event::Sample(s) => {
+                let context = self.process_mut(s.header.tgid).role(s.ctx);
                 let c = self.context_mut(s.header.tgid, s.ctx);
                 let seq_id = c.batch.seq_at(s.idx);
+                let accepted_draft = c.batch.accepts_draft(s.idx);
                 let pending = c.sampled.get_or_insert_with(Vec::new);
                 if pending.len() < MAX_PENDING_SAMPLES {
                     pending.push((seq_id, s.token));
@@ -218,6 +299,8 @@ impl Assembler {
                 Observation::Sample(Sample {
                     origin: self.origin(&s.header),
                     ctx: s.ctx,
+                    context,
+                    accepted_draft,
                     idx: s.idx,
                     seq_id,
                     token: s.token,
@@ -237,7 +320,7 @@ impl Assembler {
                     compute_ns,
                 })
             }
-        }
+        })
     }
 
     fn model_load(&mut self, m: &ModelLoadEvent) -> ModelLoad {
@@ -249,7 +332,12 @@ impl Assembler {
                 .and_then(|p| std::path::Path::new(p).file_stem())
                 .map(|s| s.to_string_lossy().into_owned())
             {
-                self.set_model(m.header.tgid, &stem);
+                // The process's label: its first model, until its main context names one
+                // (a draft model loads after the main one).
+                let proc_ = self.process_mut(m.header.tgid);
+                let stem: Arc<str> = Arc::from(stem.as_str());
+                proc_.models.insert(m.model, stem.clone());
+                proc_.model.get_or_insert(stem);
             }
         }
         ModelLoad {
@@ -261,9 +349,22 @@ impl Assembler {
 
     fn context(&mut self, c: &ContextEvent) -> ContextCreate {
         let check = |v: u32, r: std::ops::RangeInclusive<u32>| r.contains(&v).then_some(v);
+        let proc_ = self.process_mut(c.header.tgid);
+        let context = if c.ctx != 0 {
+            let role = proc_.role(c.ctx);
+            proc_.contexts.entry(c.ctx).or_default();
+            if let (ContextRole::Main, Some(m)) = (role, proc_.models.get(&c.model).cloned()) {
+                proc_.model = Some(m);
+            }
+            role
+        } else {
+            ContextRole::Main
+        };
         ContextCreate {
             origin: self.origin(&c.header),
             ok: c.ctx != 0,
+            ctx: c.ctx,
+            context,
             params: ContextParams {
                 n_ctx: check(c.n_ctx, plausible::N_CTX),
                 n_batch: check(c.n_batch, plausible::N_BATCH),
@@ -283,9 +384,11 @@ impl Assembler {
             x if x == DecodeApi::BatchExt as u8 => "llama_context::decode(llama_batch_ext)",
             _ => "unknown",
         };
+        let context = self.process_mut(d.header.tgid).role(d.ctx);
         let mut step = DecodeStep {
             origin,
             ctx: d.ctx,
+            context,
             api,
             ret: d.ret,
             result,
@@ -293,6 +396,8 @@ impl Assembler {
             phase: None,
             prompt_tokens: 0,
             generated_tokens: 0,
+            draft_tokens: 0,
+            drafts: 0,
             parts: Vec::new(),
             unscanned_tokens: 0,
             context_used: Vec::new(),
@@ -345,8 +450,18 @@ impl Assembler {
                     } else {
                         self.continues(pid, d.ctx, run.seq_id, run.pos0)
                     };
+                // Several outputs whose first token was just sampled for this sequence: the
+                // fed-back token and the drafts after it.
+                let verification = !single
+                    && run.n_tokens > 1
+                    && outputs > 1
+                    && samplers_seen
+                    && !self.process_mut(pid).launched.contains(&run.seq_id)
+                    && take(&mut sampled, run.seq_id, run.tok0);
                 let kind = if fed_back {
                     PartKind::Generated
+                } else if verification {
+                    PartKind::Verification
                 } else if outputs == 0 {
                     PartKind::PromptChunk
                 } else if outputs == 1 && (run.last_output == 1 || no_outputs) {
@@ -382,7 +497,10 @@ impl Assembler {
                     PartKind::PromptChunk
                 };
                 match step.parts.last_mut() {
-                    Some(p) if p.seq_id == seq && p.kind != PartKind::Generated => {
+                    Some(p)
+                        if p.seq_id == seq
+                            && !matches!(p.kind, PartKind::Generated | PartKind::Verification) =>
+                    {
                         p.n_tokens += step.unscanned_tokens;
                         p.n_outputs += last_out as u32;
                         p.kind = kind;
@@ -398,10 +516,14 @@ impl Assembler {
             }
         }
         for p in &step.parts {
-            if p.kind == PartKind::Generated {
-                step.generated_tokens += p.n_tokens;
-            } else {
-                step.prompt_tokens += p.n_tokens;
+            match p.kind {
+                PartKind::Generated => step.generated_tokens += p.n_tokens,
+                PartKind::Verification => {
+                    step.generated_tokens += 1;
+                    step.draft_tokens += p.n_tokens - 1;
+                    step.drafts += 1;
+                }
+                _ => step.prompt_tokens += p.n_tokens,
             }
         }
         step.phase = Some(match (step.prompt_tokens, step.generated_tokens) {
@@ -411,7 +533,7 @@ impl Assembler {
         });
         if result == DecodeResult::Ok {
             self.advance_positions(pid, d, &step);
-            step.context_used = self.context_use.after_decode(pid, &step.parts);
+            step.context_used = self.context_use.after_decode(pid, d.ctx, &step.parts);
             let proc_ = self.process_mut(pid);
             for p in &step.parts {
                 proc_.launched.remove(&p.seq_id);
@@ -503,7 +625,7 @@ mod tests {
     }
 
     fn step(a: &mut Assembler, ev: DecodeEvent) -> DecodeStep {
-        match a.process(&Event::Decode(Box::new(ev))) {
+        match a.process(&Event::Decode(Box::new(ev))).unwrap() {
             Observation::Decode(s) => s,
             other => panic!("{other:?}"),
         }
@@ -584,7 +706,7 @@ mod tests {
                 idx,
             };
             ev.header.tgid = 7;
-            match a.process(&Event::Sample(ev)) {
+            match a.process(&Event::Sample(ev)).unwrap() {
                 Observation::Sample(s) => assert_eq!(s.seq_id, Some(idx)),
                 o => panic!("{o:?}"),
             }
@@ -599,6 +721,65 @@ mod tests {
             s.parts.iter().map(|p| p.kind).collect::<Vec<_>>(),
             [PartKind::Generated, PartKind::FinalPromptChunk]
         );
+    }
+
+    /// Speculative decoding in llama-server: the slot names its target and draft contexts; the
+    /// main context's verification batch (the fed-back token and three drafts) is generation
+    /// with 3 draft tokens, and its samples after the first each accept a draft; the draft
+    /// context's steps and samples are labelled draft.
+    #[test]
+    fn verification_batches_and_draft_contexts() {
+        let mut a = Assembler::new();
+        let (main, draft) = (0x1000, 0x2000);
+        let launch = probe_common::SlotLaunchEvent {
+            header: crate::decode::tests::header(probe_common::EventKind::SlotLaunch, 0, 1),
+            slot_id: 0,
+            task_id: 1,
+            ok: 1,
+            ctx: main,
+            ctx_dft: draft,
+            ..Default::default()
+        };
+        a.process(&Event::SlotLaunch(launch));
+        let sample_on = |a: &mut Assembler, ctx, idx, token| -> Sample {
+            let ev = probe_common::SampleEvent {
+                header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
+                ctx,
+                token,
+                idx,
+            };
+            match a.process(&Event::Sample(ev)).unwrap() {
+                Observation::Sample(s) => s,
+                o => panic!("{o:?}"),
+            }
+        };
+        // The draft context decodes the prompt first here: still the draft.
+        let mut ev = decode_event(6, &[run(0, 0, 6, 1, true)], 0);
+        ev.ctx = draft;
+        assert_eq!(step(&mut a, ev).context, ContextRole::Draft);
+        let s = step(&mut a, decode_event(6, &[run(0, 0, 6, 1, true)], 0));
+        assert_eq!((s.context, s.prompt_tokens), (ContextRole::Main, 6));
+        assert!(!sample_on(&mut a, main, 5, 504).accepted_draft);
+        // The verification: 504 fed back at pos 6, then 3 drafts, all with outputs.
+        let mut ev = decode_event(4, &[run(0, 6, 4, 3, true)], 0);
+        ev.runs[0].tok0 = 504;
+        let v = step(&mut a, ev);
+        assert_eq!(v.parts[0].kind, PartKind::Verification);
+        assert_eq!(
+            (v.phase, v.prompt_tokens, v.generated_tokens, v.draft_tokens),
+            (Some(Phase::Generation), 0, 1, 3)
+        );
+        // Two drafts accepted, then the correction: 3 samples, 2 accepting.
+        let accepted: Vec<bool> = [0, 1, 2]
+            .into_iter()
+            .map(|i| sample_on(&mut a, main, i, 600 + i).accepted_draft)
+            .collect();
+        assert_eq!(accepted, [false, true, true]);
+        assert_eq!(sample_on(&mut a, draft, 0, 7).context, ContextRole::Draft);
+        // An all-outputs batch that is not a fed-back token (embeddings) is no verification.
+        let mut ev = decode_event(3, &[run(1, 0, 3, 3, true)], 0);
+        ev.runs[0].tok0 = 9;
+        assert_eq!(step(&mut a, ev).parts[0].kind, PartKind::MultiOutput);
     }
 
     /// A failed call retried with the same batch, as a server does after `no_kv_slot`: with a

@@ -34,8 +34,8 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 
 use crate::model::{
-    ContextShift, DecodeResult, DecodeStep, MemoryChange, Mode, Observation, PartKind, Request,
-    RequestStep, Sample, SlotLaunch, SlotRelease, TaskPost, Unserved,
+    ContextRole, ContextShift, DecodeResult, DecodeStep, MemoryChange, Mode, Observation, PartKind,
+    Request, RequestStep, Sample, SlotLaunch, SlotRelease, TaskPost, Unserved,
 };
 
 /// Decode steps kept per request when steps are kept ([`Requests::keep_steps`]); later ones
@@ -130,12 +130,18 @@ impl Requests {
     /// Updates the state with one observation; returns what it made: the requests it closed
     /// and the context shifts it recognised.
     pub fn observe(&mut self, obs: &Observation) -> Vec<Observation> {
+        // Requests live on the main context: a draft model's steps and samples are its
+        // speculation, not requests of their own.
+        let draft = Some(ContextRole::Draft);
         let closed = match obs {
+            Observation::Decode(d) if d.context == ContextRole::Draft => vec![],
             Observation::Decode(d) if d.result == DecodeResult::Ok => self.decode(d),
+            Observation::Sample(s) if s.context == ContextRole::Draft => vec![],
             Observation::Sample(s) => {
                 self.sample(s);
                 vec![]
             }
+            Observation::Memory(m) if m.context == draft => vec![],
             Observation::Memory(m) => return self.memory(m),
             Observation::TaskPost(p) => {
                 self.post(p);
@@ -326,7 +332,7 @@ impl Requests {
         let mut closed = Vec::new();
         for p in &d.parts {
             let key = (pid, d.ctx, p.seq_id);
-            if p.kind != PartKind::Generated {
+            if !matches!(p.kind, PartKind::Generated | PartKind::Verification) {
                 // A prompt after generation is the next request on this sequence.
                 if self.open.get(&key).is_some_and(|o| o.generating) {
                     closed.extend(self.close(key, "next_request"));
@@ -405,6 +411,11 @@ impl Requests {
                     })
                 })
                 .collect();
+        }
+        // llama-server says when a request ends (its slot's release): its memory calls
+        // (trimming rejected drafts, reusing a cached prefix) end none.
+        if self.mode != Mode::BatchView {
+            return vec![];
         }
         let keys: Vec<_> = self
             .open
@@ -524,6 +535,9 @@ mod tests {
         let d = DecodeStep {
             origin: origin(start, start + 10),
             ctx: 7,
+            context: ContextRole::Main,
+            draft_tokens: 0,
+            drafts: 0,
             api: "t",
             ret: 0,
             result: DecodeResult::Ok,
@@ -597,6 +611,8 @@ mod tests {
             slot_id,
             task_id,
             ok,
+            ctx: 7,
+            ctx_dft: 0,
         })
     }
 
@@ -629,6 +645,8 @@ mod tests {
         Observation::Sample(Sample {
             origin: origin(at, at + 1),
             ctx: 7,
+            context: ContextRole::Main,
+            accepted_draft: false,
             idx,
             seq_id: LAST.with(|m| m.borrow().seq_at(idx)),
             token: 5,
@@ -956,6 +974,7 @@ mod tests {
     fn memory(at: u64, op: &'static str, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Observation {
         Observation::Memory(MemoryChange {
             origin: origin(at, at + 1),
+            context: None,
             op,
             seq_id,
             seq_dst: -1,

@@ -3,8 +3,8 @@
 use std::mem::size_of;
 
 use probe_common::{
-    ContextEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent, ModelLoadEvent, SampleEvent,
-    SlotLaunchEvent, SlotReleaseEvent, SyncEvent, TaskPostEvent,
+    ContextEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent, MemoryHandleEvent,
+    ModelLoadEvent, SampleEvent, SlotLaunchEvent, SlotReleaseEvent, SyncEvent, TaskPostEvent,
 };
 
 /// A decoded event.
@@ -16,6 +16,7 @@ pub enum Event {
     Sample(SampleEvent),
     Sync(SyncEvent),
     Memory(MemoryEvent),
+    MemoryHandle(MemoryHandleEvent),
     TaskPost(Box<TaskPostEvent>),
     SlotLaunch(SlotLaunchEvent),
     SlotRelease(SlotReleaseEvent),
@@ -63,6 +64,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Sample => Event::Sample(read(bytes, kind)?),
         EventKind::Synchronize => Event::Sync(read(bytes, kind)?),
         EventKind::Memory => Event::Memory(read(bytes, kind)?),
+        EventKind::MemoryHandle => Event::MemoryHandle(read(bytes, kind)?),
         EventKind::TaskPost => Event::TaskPost(Box::new(read(bytes, kind)?)),
         EventKind::SlotLaunch => Event::SlotLaunch(read(bytes, kind)?),
         EventKind::SlotRelease => Event::SlotRelease(read(bytes, kind)?),

@@ -1,6 +1,9 @@
 //! The other calls the probes see: model loads, contexts, sampling, synchronize, KV memory.
 
-use super::origin::{Origin, SeqUsed};
+use super::{
+    origin::{Origin, SeqUsed},
+    step::ContextRole,
+};
 
 /// A model load.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -27,6 +30,9 @@ pub struct ContextParams {
 pub struct ContextCreate {
     pub origin: Origin,
     pub ok: bool,
+    /// The context created (0 if creation failed).
+    pub ctx: u64,
+    pub context: ContextRole,
     #[serde(flatten)]
     pub params: ContextParams,
 }
@@ -36,6 +42,10 @@ pub struct ContextCreate {
 pub struct Sample {
     pub origin: Origin,
     pub ctx: u64,
+    pub context: ContextRole,
+    /// The sample accepts a draft token of a speculative verification (it follows a matching
+    /// draft: every sample of a verification but its first).
+    pub accepted_draft: bool,
     /// Batch index of the output sampled from (-1: the last output).
     pub idx: i32,
     /// The sequence that batch index belongs to in the context's latest successful step.
@@ -62,6 +72,8 @@ pub struct MemoryChange {
     pub p1: i32,
     /// `seq_add`'s shift of the positions `[p0, p1)` (0 for the other operations).
     pub delta: i32,
+    /// The context whose memory changed (`None`: not known yet).
+    pub context: Option<ContextRole>,
     /// Tokens of each sequence the change touched, afterwards.
     pub context_used: Vec<SeqUsed>,
 }

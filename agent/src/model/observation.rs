@@ -82,6 +82,18 @@ impl Observation {
         })
     }
 
+    /// The context an observation is about, where it says (`None` for a memory change of a
+    /// context not known yet, and for what concerns no context).
+    pub fn context(&self) -> Option<ContextRole> {
+        match self {
+            Observation::Decode(d) => Some(d.context),
+            Observation::Sample(s) => Some(s.context),
+            Observation::ContextCreate(c) => Some(c.context),
+            Observation::Memory(m) => m.context,
+            _ => None,
+        }
+    }
+
     /// Tokens held per sequence after this observation, if it changed them.
     pub fn context_used(&self) -> &[SeqUsed] {
         match self {

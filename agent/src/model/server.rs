@@ -38,6 +38,10 @@ pub struct SlotLaunch {
     pub task_id: i32,
     /// false: the task was refused (an invalid request, answered with an error).
     pub ok: bool,
+    /// The slot's target context (0: unreadable).
+    pub ctx: u64,
+    /// The slot's draft context (0: none, or unreadable).
+    pub ctx_dft: u64,
 }
 
 /// A llama-server slot let its task go (`server_slot::release`).

@@ -52,6 +52,38 @@ impl DecodeResult {
     }
 }
 
+/// Which of a process's contexts a step ran on.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum ContextRole {
+    /// The context that serves requests: llama-server's target context (a slot's `ctx_tgt`),
+    /// elsewhere the first context the process created (or the first seen decoding).
+    #[default]
+    Main,
+    /// A speculative draft model's context: llama-server's `ctx_dft`, elsewhere a context
+    /// created after the main one.
+    Draft,
+}
+
+impl ContextRole {
+    pub fn label(self) -> &'static str {
+        self.into()
+    }
+}
+
 /// What a sequence's tokens in one batch are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,8 +94,11 @@ pub enum PartKind {
     FinalPromptChunk,
     /// One token continuing the sequence, with output: a generated token being fed back.
     Generated,
-    /// Several tokens flagged for output (speculative verification, embeddings).
+    /// Several tokens flagged for output, not a verification (embeddings, all-logits prompts).
     MultiOutput,
+    /// Speculative verification: the generated token fed back, then draft tokens, every one
+    /// with an output; the samples that follow accept drafts up to the first mismatch.
+    Verification,
 }
 
 /// One sequence's share of a batch.
@@ -81,6 +116,7 @@ pub struct Part {
 pub struct DecodeStep {
     pub origin: Origin,
     pub ctx: u64,
+    pub context: ContextRole,
     pub api: &'static str,
     pub ret: i32,
     pub result: DecodeResult,
@@ -89,7 +125,12 @@ pub struct DecodeStep {
     /// `None` if unknown.
     pub phase: Option<Phase>,
     pub prompt_tokens: u32,
+    /// Generated tokens fed back (one per generating sequence, one per verification).
     pub generated_tokens: u32,
+    /// Draft tokens verified (speculative decoding).
+    pub draft_tokens: u32,
+    /// Drafts verified: the sequences with a verification in the step.
+    pub drafts: u32,
     pub parts: Vec<Part>,
     /// Tokens beyond the probe's scan window, counted as prompt tokens.
     pub unscanned_tokens: u32,

@@ -119,6 +119,7 @@ impl Sink for TraceFile {
                     };
                     self.span((pid, tid), &name, "decode", (start, end), json!({
                         "n_tokens": d.n_tokens, "phase": d.phase, "result": d.result,
+                        "context": d.context, "draft_tokens": d.draft_tokens,
                         "prompt_tokens": d.prompt_tokens, "generated_tokens": d.generated_tokens,
                         "sequences": d.parts.iter().map(|p| json!([p.seq_id, p.n_tokens, p.kind])).collect::<Vec<_>>(),
                     }));

@@ -173,10 +173,58 @@ static int run_retries(struct llama_context * ctx, struct llama_sampler * smpl) 
     return driver_finish();
 }
 
+/*
+ * `driver_classic MODEL_PATH two-contexts`: a program with two contexts on two models, as a
+ * speculative decoder has (the second model is "/models/draft-model.gguf"; nothing is opened):
+ *   load MODEL_PATH (A), load the draft (B), context a on A, context b on B (the cparams
+ *   below), then
+ *   a: 5 prompt tokens ids 100..104, seq 0, pos 0..4, output last; sample(a, -1) -> 999
+ *   b: 3 prompt tokens ids 200..202, seq 0, pos 0..2, output last; sample(b, -1) -> 999
+ *   a: 3 generation steps, id 999 then 1000 at pos 5..7; sample(a, 0) -> 1000 after each
+ *   b: 2 generation steps, id 999 then 1000 at pos 3..4; sample(b, 0) -> 1000 after each
+ * Totals: context a 4 decodes (prompt 5 tokens, 3 generated fed back), 4 samples; context b
+ * 3 decodes of 5 tokens, 3 samples.
+ */
+static int run_two_contexts(const char * model_path, struct llama_model_params mp,
+                            struct llama_context_params cp, struct llama_sampler * smpl) {
+    struct llama_model * ma = llama_model_load_from_file(model_path, mp);
+    driver_ptr("llama_model_load_from_file", ma, 1);
+    struct llama_model * mb = llama_model_load_from_file("/models/draft-model.gguf", mp);
+    driver_ptr("llama_model_load_from_file", mb, 1);
+    struct llama_context * a = llama_init_from_model(ma, cp);
+    driver_ptr("llama_init_from_model", a, 1);
+    struct llama_context * b = llama_init_from_model(mb, cp);
+    driver_ptr("llama_init_from_model", b, 1);
+    struct { struct llama_context * ctx; int first_id, n_prompt, n_gen; llama_token last; } c[2] = {
+        { a, 100, 5, 3, 0 },
+        { b, 200, 3, 2, 0 },
+    };
+    for (int k = 0; k < 2; k++) {
+        cb_clear();
+        for (int i = 0; i < c[k].n_prompt; i++) {
+            cb_add(c[k].first_id + i, i, 0, i == c[k].n_prompt - 1);
+        }
+        decode(c[k].ctx, cb.b, 0);
+        c[k].last = llama_sampler_sample(smpl, c[k].ctx, -1);
+        driver_sample(c[k].last, 999);
+    }
+    for (int k = 0; k < 2; k++) {
+        for (int g = 0; g < c[k].n_gen; g++) {
+            cb_clear();
+            cb_add(c[k].last, c[k].n_prompt + g, 0, 1);
+            decode(c[k].ctx, cb.b, 0);
+            c[k].last = llama_sampler_sample(smpl, c[k].ctx, 0);
+            driver_sample(c[k].last, 1000);
+        }
+    }
+    return driver_finish();
+}
+
 int main(int argc, char ** argv) {
     int retry = argc == 3 && strcmp(argv[2], "retry") == 0;
-    if (argc != 2 && !retry) {
-        fprintf(stderr, "usage: %s MODEL_PATH [retry]\n", argv[0]);
+    int two = argc == 3 && strcmp(argv[2], "two-contexts") == 0;
+    if (argc != 2 && !retry && !two) {
+        fprintf(stderr, "usage: %s MODEL_PATH [retry | two-contexts]\n", argv[0]);
         return 2;
     }
     driver_wait_for_start();
@@ -207,6 +255,11 @@ int main(int argc, char ** argv) {
     cp.type_v = GGML_TYPE_F16;
     cp.offload_kqv = true;
     cp.no_perf = true;
+
+    static long sampler_storage0[4];
+    if (two) {
+        return run_two_contexts(argv[1], mp, cp, (struct llama_sampler *) (void *) sampler_storage0);
+    }
 
     /* 1-3: model and context */
     struct llama_model * model = llama_load_model_from_file(argv[1], mp);

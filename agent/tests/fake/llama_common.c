@@ -78,7 +78,9 @@ FAKE_API struct llama_model * llama_model_load_from_file(const char * path_model
         return NULL;
     }
     fake_sleep_us(30000);
-    return (struct llama_model *) (void *) fake_model_storage;
+    /* every load its own model (8 at most), as llama.cpp allocates one per load */
+    static int loads = 0;
+    return (struct llama_model *) (void *) &fake_model_storage[loads++ % 8];
 }
 
 /* volatile: the compiler must load the pointer at run time, so the wrapper cannot inline or
@@ -100,7 +102,9 @@ FAKE_API struct llama_context * llama_init_from_model(struct llama_model * model
     (void) model;
     (void) params;
     fake_sleep_us(10000);
-    return (struct llama_context *) (void *) fake_context_storage;
+    /* every context its own pointer (8 at most) */
+    static int contexts = 0;
+    return (struct llama_context *) (void *) &fake_context_storage[contexts++ % 8];
 }
 
 FAKE_API struct llama_context * llama_new_context_with_model(struct llama_model * model,

@@ -457,3 +457,52 @@ fn retried_steps_keep_their_phase() {
     assert_eq!(seq0[0]["generated_tokens"], 9);
     assert_eq!(seq0[0]["prompt_tokens"], 12);
 }
+
+/// A program with two contexts on two models (`driver_classic MODEL two-contexts`): the first
+/// context created serves requests (`main`), the second is labelled `draft`; each one's
+/// figures are exact and apart, and context use is per context.
+#[test]
+fn two_contexts_are_counted_apart() {
+    if !root_or_skip("two_contexts_are_counted_apart") {
+        return;
+    }
+    let _serial = serial();
+    let (sum, events) = profile_with(
+        "classic/driver_classic",
+        &["two-contexts"],
+        "two_contexts_are_counted_apart",
+    );
+    // The main context's figures.
+    assert_eq!(sum["decode_calls"], 4);
+    assert_eq!(sum["prompt_tokens"], 5);
+    assert_eq!(sum["generation_tokens_decoded"], 3);
+    assert_eq!(sum["sampled_tokens"], 4);
+    assert_eq!(sum["requests"], 1);
+    // The draft's, apart.
+    assert_eq!(
+        sum["draft_context"],
+        serde_json::json!({"decode_calls": 3, "tokens": 5, "sampled_tokens": 3})
+    );
+    let ctxs = sum["contexts"].as_array().unwrap();
+    let roles: Vec<&str> = ctxs
+        .iter()
+        .map(|c| c["context"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["main", "draft"]);
+    let decodes = of_kind(&events, "decode");
+    let by = |role: &str| decodes.iter().filter(|d| d["context"] == role).count();
+    assert_eq!((by("main"), by("draft")), (4, 3));
+    // The main context is on the first model: the label is its stem.
+    assert!(decodes.iter().all(|d| d["origin"]["model"] == "tiny-model"));
+    // Context use per context: sequence 0 holds 8 tokens in the main context (5 + 3 fed
+    // back), 5 in the draft's (3 + 2); the summary reports the main context.
+    let last_used = |role: &str| {
+        decodes
+            .iter()
+            .rev()
+            .find(|d| d["context"] == role)
+            .map(|d| d["context_used"][0]["used"].as_u64().unwrap())
+    };
+    assert_eq!((last_used("main"), last_used("draft")), (Some(8), Some(5)));
+    assert_eq!(sum["context_used"]["0"], 8);
+}

@@ -754,3 +754,192 @@ fn context_shifts_are_counted() {
         assert_eq!(s["sampled_tokens"], predicted);
     });
 }
+
+/// Speculative decoding: llama-server with a draft model (the tiny model drafting for
+/// itself, `-md`) and, where the build has them, a draft-free n-gram type. The main context's
+/// decode steps, prompt and generated tokens equal the server's own counters, the draft
+/// context's work is apart (labelled `context="draft"`), draft and accepted tokens equal the
+/// server's (its `spec_decode_*` counters, or the acceptance lines of its log in builds that
+/// have no such counters), and each completion is one request with the server's token counts.
+#[test]
+fn speculative_decoding_counts_equal_the_servers() {
+    on_every_server(
+        "speculative_decoding_counts_equal_the_servers",
+        |f, model| {
+            let bin = f.server.as_ref().unwrap();
+            let help = help(bin);
+            if !help.contains("-md,") {
+                eprintln!("{}: no draft model option: skipped", f.name);
+                return;
+            }
+            let model_s = model.to_string_lossy().into_owned();
+            let mut modes: Vec<(&str, Vec<&str>)> = vec![("draft model", vec!["-md", &model_s])];
+            if help.contains("draft-simple") {
+                modes[0].1.extend(["--spec-type", "draft-simple"]);
+            }
+            if help.contains("ngram-simple") {
+                modes.push(("n-gram", vec!["--spec-type", "ngram-simple"]));
+            }
+            for (mode, spec) in modes {
+                eprintln!("== {} {mode}", f.name);
+                speculative(f, model, mode, &spec);
+            }
+        },
+    );
+}
+
+fn speculative(f: &Fixture, model: &std::path::Path, mode: &str, spec: &[&str]) {
+    let bin = f.server.as_ref().unwrap();
+    let dir = scratch(&format!("spec-{}-{}", f.name, mode.replace(' ', "-")));
+    let log = dir.join("server.log");
+    let mut flags = vec!["-np", "1"];
+    flags.extend_from_slice(spec);
+    let server = Server::start_with(bin, model, &f.env, &flags, Some(&log));
+    let metrics_port = free_port();
+    let summary = dir.join("summary.json");
+    let events = dir.join("events.jsonl");
+    let probe = attach(
+        f,
+        &server,
+        &[
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--summary-json",
+            path(&summary),
+            "--events-out",
+            path(&events),
+        ],
+    );
+    let before = server.settled_metrics();
+    let logged_before = std::fs::read_to_string(&log).unwrap_or_default().len();
+    let responses: Vec<Value> = (0..3)
+        .map(|i| {
+            server.post(
+                "/completion",
+                &serde_json::json!({"prompt": prompt(30 + i), "n_predict": 32, "temperature": 0, "seed": 1}),
+            )
+        })
+        .collect();
+    let after = server.settled_metrics();
+    let delta = |k: &str| {
+        after.get(&format!("llamacpp:{k}")).copied().unwrap_or(0.0)
+            - before.get(&format!("llamacpp:{k}")).copied().unwrap_or(0.0)
+    };
+    // The server's draft and accepted tokens: its counters, else its log's acceptance lines
+    // ("draft acceptance rate = 1.00000 (   10 accepted /    10 generated)").
+    let (drafted, accepted) = if after.contains_key("llamacpp:spec_decode_num_draft_tokens_total") {
+        (
+            delta("spec_decode_num_draft_tokens_total"),
+            delta("spec_decode_num_accepted_tokens_total"),
+        )
+    } else {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut sums = (0.0, 0.0);
+        for line in text[logged_before..].lines() {
+            let Some(rest) = line.split("draft acceptance rate = ").nth(1) else {
+                continue;
+            };
+            let nums: Vec<f64> = rest
+                .split(|c: char| !c.is_ascii_digit() && c != '.')
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // rate, accepted, generated
+            sums.0 += nums[2];
+            sums.1 += nums[1];
+        }
+        sums
+    };
+    let main = "context=\"main\"";
+    let ours = wait_metrics(metrics_port, |m| {
+        sum_of(
+            m,
+            "llamacpp_tokens_total",
+            "context=\"main\",kind=\"generated\"",
+        ) >= delta("tokens_predicted_total")
+    });
+    let calls = sum_of(&ours, "llamacpp_decode_calls_total", main);
+    let drafts = sum_of(&ours, "llamacpp_speculative_drafts_total", "");
+    if after.contains_key("llamacpp:spec_decode_num_drafts_total") {
+        assert_eq!(
+            calls,
+            delta("n_decode_total"),
+            "{mode}: main-context decode steps"
+        );
+        assert_eq!(
+            drafts,
+            delta("spec_decode_num_drafts_total"),
+            "{mode}: drafts"
+        );
+    } else {
+        // Builds before the speculative counters decode each speculative batch apart from
+        // the server loop's batch (`llama_decode(ctx, slot.batch_spec)`) and leave it out of
+        // n_decode_total; at a request's last token the draft may be empty (n_draft_max =
+        // n_remaining - 1 = 0), a batch of the fed-back token alone, indistinguishable from a
+        // generation step: with drafts of one token and 32 tokens per request, one per request.
+        let empty_drafts = responses.len() as f64;
+        assert_eq!(
+            calls - drafts - if drafts > 0.0 { empty_drafts } else { 0.0 },
+            delta("n_decode_total"),
+            "{mode}: main-context decode steps ({calls}) less the verifications ({drafts})"
+        );
+    }
+    assert_eq!(
+        sum_of(
+            &ours,
+            "llamacpp_tokens_total",
+            &format!("{main},kind=\"prompt\"")
+        ),
+        delta("prompt_tokens_total"),
+        "{mode}: prompt tokens"
+    );
+    assert_eq!(
+        sum_of(
+            &ours,
+            "llamacpp_tokens_total",
+            &format!("{main},kind=\"generated\"")
+        ),
+        delta("tokens_predicted_total"),
+        "{mode}: generated tokens"
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_speculative_draft_tokens_total", ""),
+        drafted,
+        "{mode}: draft tokens"
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_speculative_accepted_tokens_total", ""),
+        accepted,
+        "{mode}: accepted tokens"
+    );
+    if mode == "draft model" && drafted > 0.0 {
+        // The draft model's own steps are there, and apart.
+        assert!(sum_of(&ours, "llamacpp_decode_calls_total", "context=\"draft\"") > 0.0);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (code, stdout) = probe.interrupt();
+    assert_eq!(code, 0, "{stdout}");
+    let s = json(&summary);
+    assert_eq!(s["requests"], 3, "{mode}: {stdout}");
+    assert_eq!(s["speculative"]["draft_tokens"].as_f64(), Some(drafted));
+    let _ = drafts;
+    let requests: Vec<Value> = json_lines(&events)
+        .into_iter()
+        .filter(|e| e["kind"] == "request")
+        .collect();
+    for (r, resp) in requests.iter().zip(&responses) {
+        assert_eq!(
+            r["generated_tokens"], resp["tokens_predicted"],
+            "{mode}: {r}"
+        );
+        let input = r["prompt_tokens"].as_u64().unwrap() + r["cached_tokens"].as_u64().unwrap();
+        assert_eq!(
+            input,
+            resp["tokens_evaluated"].as_u64().unwrap(),
+            "{mode}: {r}"
+        );
+    }
+    eprintln!(
+        "{} {mode}: {calls} main steps, {drafts} drafts of {drafted} tokens, {accepted} accepted",
+        f.name
+    );
+}

@@ -9,16 +9,19 @@
 //! - `void llama_memory_clear(llama_memory_t mem, bool data)`, `llama_kv_self_clear(ctx)`,
 //!   `llama_kv_cache_clear(ctx)`.
 //!
+//! - `llama_memory_t llama_get_memory(const struct llama_context * ctx)`: whose memory a handle
+//!   is.
+//!
 //! All take plain integer arguments, so one entry program per operation serves every name.
 
 use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use probe_common::{MemoryEvent, MemoryOp};
+use probe_common::{MemoryEvent, MemoryHandleEvent, MemoryOp};
 
 use super::{enter, leave};
-use crate::maps::MEMORY_ENTRY;
+use crate::maps::{MEMORY_ENTRY, MEMORY_HANDLE_ENTRY};
 
 #[inline(always)]
 fn arg_i32(ctx: &ProbeContext, n: usize) -> i32 {
@@ -73,5 +76,23 @@ pub fn memory_return(ctx: RetProbeContext) -> u32 {
     // register holds garbage: the agent only reads `ret` for seq_rm.
     let ret = ctx.ret::<u64>() as u8 as u32;
     leave(&MEMORY_ENTRY, |ev| ev.ret = ret);
+    0
+}
+
+/// `llama_memory_t llama_get_memory(const struct llama_context * ctx)`: the memory events of
+/// the 2025+ API carry the memory handle, not the context; this says whose it is.
+#[uprobe]
+pub fn memory_handle(ctx: ProbeContext) -> u32 {
+    let mut ev = MemoryHandleEvent::default();
+    enter(&MEMORY_HANDLE_ENTRY, &mut ev, |ev| {
+        ev.ctx = ctx.arg::<u64>(0).unwrap_or(0);
+    });
+    0
+}
+
+#[uretprobe]
+pub fn memory_handle_return(ctx: RetProbeContext) -> u32 {
+    let mem = ctx.ret::<u64>();
+    leave(&MEMORY_HANDLE_ENTRY, |ev| ev.mem = mem);
     0
 }

@@ -57,6 +57,7 @@ impl_event!(probe_common::MemoryEvent, EventKind::Memory);
 impl_event!(probe_common::TaskPostEvent, EventKind::TaskPost);
 impl_event!(probe_common::SlotReleaseEvent, EventKind::SlotRelease);
 impl_event!(probe_common::SlotLaunchEvent, EventKind::SlotLaunch);
+impl_event!(probe_common::MemoryHandleEvent, EventKind::MemoryHandle);
 
 /// The calling thread: (tgid, tid).
 #[inline(always)]

@@ -35,6 +35,15 @@ fn field(base: u64, off: u32) -> i32 {
     read::<i32>(base + off as u64).unwrap_or(-1)
 }
 
+/// The pointer at `base + off`, 0 if the layout has no such field or the read fails.
+#[inline(always)]
+fn pointer(base: u64, off: u32) -> u64 {
+    if off == ABSENT || base == 0 {
+        return 0;
+    }
+    read::<u64>(base + off as u64).unwrap_or(0)
+}
+
 fn server_layout(ctx: &ProbeContext) -> Option<ServerLayout> {
     layout(ctx).map(|l| l.server)
 }
@@ -83,14 +92,17 @@ pub fn task_post(ctx: ProbeContext) -> u32 {
 pub fn slot_launch(ctx: ProbeContext) -> u32 {
     let slot = ctx.arg::<u64>(1).unwrap_or(0);
     let task = ctx.arg::<u64>(2).unwrap_or(0);
-    let (slot_id, task_id) = match server_layout(&ctx) {
-        Some(l) => (field(slot, l.slot_id), field(task, l.task_id)),
-        None => (-1, -1),
-    };
+    let l = server_layout(&ctx);
     let mut ev = SlotLaunchEvent::default();
     enter(&SLOT_LAUNCH_ENTRY, &mut ev, |ev| {
-        ev.slot_id = slot_id;
-        ev.task_id = task_id;
+        ev.slot_id = -1;
+        ev.task_id = -1;
+        if let Some(l) = l {
+            ev.slot_id = field(slot, l.slot_id);
+            ev.task_id = field(task, l.task_id);
+            ev.ctx = pointer(slot, l.slot_ctx);
+            ev.ctx_dft = pointer(slot, l.slot_ctx_dft);
+        }
     });
     0
 }

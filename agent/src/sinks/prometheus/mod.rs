@@ -17,7 +17,7 @@ use prometheus::{
 pub mod resources;
 
 use super::{names::*, Sink, Snapshot};
-use crate::model::{DecodeResult, Observation, Phase};
+use crate::model::{ContextRole, DecodeResult, Observation, Phase};
 
 /// The Prometheus sink's options.
 #[derive(clap::Args, Debug, Clone)]
@@ -61,6 +61,9 @@ struct Hot {
     prompt_tokens: Option<IntCounter>,
     generated_tokens: Option<IntCounter>,
     sample_duration: Option<Histogram>,
+    draft_tokens: Option<IntCounter>,
+    drafts: Option<IntCounter>,
+    accepted_tokens: Option<IntCounter>,
     sync_duration: Option<Histogram>,
     compute_duration: Option<Histogram>,
     /// Context use and utilization, by sequence.
@@ -77,8 +80,13 @@ fn phase_slot(p: Option<Phase>) -> (usize, &'static str) {
 }
 
 /// The handles of process `pid`, (re)built when its model label changes.
-fn hot_for<'a>(hot: &'a mut HashMap<u32, Hot>, pid: u32, model: &Arc<str>) -> &'a mut Hot {
-    let h = hot.entry(pid).or_default();
+fn hot_for<'a>(
+    hot: &'a mut HashMap<(u32, ContextRole), Hot>,
+    pid: u32,
+    context: ContextRole,
+    model: &Arc<str>,
+) -> &'a mut Hot {
+    let h = hot.entry((pid, context)).or_default();
     if !Arc::ptr_eq(&h.model, model) {
         if *h.model != **model {
             *h = Hot::default();
@@ -104,7 +112,7 @@ pub struct Metrics {
     context_used: GaugeVec,
     context_utilization: GaugeVec,
     /// Tokens per sequence of each process's latest context (n_ctx / n_seq_max).
-    seq_capacity: std::collections::HashMap<u32, u32>,
+    seq_capacity: std::collections::HashMap<(u32, ContextRole), u32>,
     ttft: HistogramVec,
     tpot: HistogramVec,
     request_duration: HistogramVec,
@@ -113,11 +121,14 @@ pub struct Metrics {
     request_queue: HistogramVec,
     unserved: IntCounterVec,
     context_shifts: IntCounterVec,
+    speculative_draft: IntCounterVec,
+    speculative_accepted: IntCounterVec,
+    speculative_drafts: IntCounterVec,
     requests_active: IntGauge,
     requests_waiting: IntGauge,
     probes_attached: IntGauge,
     /// Per-process handles of the per-event series.
-    hot: HashMap<u32, Hot>,
+    hot: HashMap<(u32, ContextRole), Hot>,
     /// GPUs, processes and models.
     resources: resources::ResourceSeries,
     events_lost: IntCounterVec,
@@ -148,29 +159,29 @@ impl Metrics {
                 "llamacpp_decode_duration_seconds",
                 "Duration of llama.cpp decode steps (llama_decode / llama_context::decode), by phase.",
                 LATENCY_BUCKETS,
-                &["pid", "model", "phase"],
+                &["pid", "model", "context", "phase"],
             ),
             batch_tokens: hist(
                 "llamacpp_batch_tokens",
                 "Tokens per decode step, by phase.",
                 BATCH_BUCKETS,
-                &["pid", "model", "phase"],
+                &["pid", "model", "context", "phase"],
             ),
             decode_calls: counter(
                 "llamacpp_decode_calls_total",
                 "Decode steps by result (ok, no_kv_slot, aborted, invalid_batch, error).",
-                &["pid", "model", "result"],
+                &["pid", "model", "context", "result"],
             ),
             tokens: counter(
                 "llamacpp_tokens_total",
                 "Tokens: prompt tokens processed by successful decode steps; generated tokens sampled.",
-                &["pid", "model", "kind"],
+                &["pid", "model", "context", "kind"],
             ),
             sample_duration: hist(
                 "llamacpp_sample_duration_seconds",
                 "Duration of sampling one token (llama_sampler_sample / common_sampler_sample).",
                 LATENCY_BUCKETS,
-                &["pid", "model"],
+                &["pid", "model", "context"],
             ),
             sync_duration: hist(
                 "llamacpp_synchronize_duration_seconds",
@@ -221,7 +232,7 @@ impl Metrics {
                     "llamacpp_context_used_tokens",
                     "Tokens a sequence holds in the KV memory (from decoded tokens and seq_rm/seq_cp/clear).",
                 ),
-                &["pid", "model", "seq"],
+                &["pid", "model", "context", "seq"],
             )
             .expect("valid gauge"),
             context_utilization: GaugeVec::new(
@@ -229,7 +240,7 @@ impl Metrics {
                     "llamacpp_context_utilization_ratio",
                     "Tokens a sequence holds over its share of the context (n_ctx / n_seq_max).",
                 ),
-                &["pid", "model", "seq"],
+                &["pid", "model", "context", "seq"],
             )
             .expect("valid gauge"),
             seq_capacity: Default::default(),
@@ -276,6 +287,21 @@ impl Metrics {
                 "Work llama-server accepted that never became a request, by reason: cancelled (before a slot took it), rejected (refused by the slot), unclaimed (matched by timing, where slot launches are not probed, or evicted from a full table).",
                 &["reason"],
             ),
+            speculative_draft: counter(
+                "llamacpp_speculative_draft_tokens_total",
+                "Draft tokens verified by the main context (speculative decoding: a draft model's or an n-gram's proposals).",
+                &["pid", "model"],
+            ),
+            speculative_drafts: counter(
+                "llamacpp_speculative_drafts_total",
+                "Drafts the main context verified (one per sequence and verification step).",
+                &["pid", "model"],
+            ),
+            speculative_accepted: counter(
+                "llamacpp_speculative_accepted_tokens_total",
+                "Draft tokens the main context's sampler accepted (acceptance rate = accepted / draft).",
+                &["pid", "model"],
+            ),
             context_shifts: counter(
                 "llamacpp_context_shifts_total",
                 "Context shifts: a generating sequence outgrew its share of the context and llama.cpp discarded some of its tokens (seq_add with a negative shift).",
@@ -311,6 +337,9 @@ impl Metrics {
             Box::new(m.request_queue.clone()),
             Box::new(m.unserved.clone()),
             Box::new(m.context_shifts.clone()),
+            Box::new(m.speculative_draft.clone()),
+            Box::new(m.speculative_accepted.clone()),
+            Box::new(m.speculative_drafts.clone()),
             Box::new(m.requests_active.clone()),
             Box::new(m.requests_waiting.clone()),
             Box::new(m.context_used.clone()),
@@ -374,22 +403,31 @@ impl Sink for Metrics {
     fn observe(&mut self, obs: &Observation) {
         let used = obs.context_used();
         if let (false, Some(o)) = (used.is_empty(), obs.origin()) {
-            let capacity = self.seq_capacity.get(&o.pid).copied();
-            let h = hot_for(&mut self.hot, o.pid, &o.model);
-            let labels = |seq: i32| [o.pid.to_string(), o.model.to_string(), seq.to_string()];
+            let role = obs.context().unwrap_or_default();
+            let capacity = self.seq_capacity.get(&(o.pid, role)).copied();
+            let h = hot_for(&mut self.hot, o.pid, role, &o.model);
+            let labels = |seq: i32| {
+                [
+                    o.pid.to_string(),
+                    o.model.to_string(),
+                    role.label().to_string(),
+                    seq.to_string(),
+                ]
+            };
             for s in used {
                 let (used_g, ratio_g) = h.context.entry(s.seq_id).or_insert_with(|| {
-                    let [p, m, q] = labels(s.seq_id);
-                    (self.context_used.with_label_values(&[&p, &m, &q]), None)
+                    let [p, m, c, q] = labels(s.seq_id);
+                    (self.context_used.with_label_values(&[&p, &m, &c, &q]), None)
                 });
                 used_g.set(s.used as f64);
-                if let Some(c) = capacity {
+                if let Some(cap) = capacity {
                     ratio_g
                         .get_or_insert_with(|| {
-                            let [p, m, q] = labels(s.seq_id);
-                            self.context_utilization.with_label_values(&[&p, &m, &q])
+                            let [p, m, c, q] = labels(s.seq_id);
+                            self.context_utilization
+                                .with_label_values(&[&p, &m, &c, &q])
                         })
-                        .set(s.used as f64 / c as f64);
+                        .set(s.used as f64 / cap as f64);
                 }
             }
         }
@@ -434,62 +472,91 @@ impl Sink for Metrics {
             }
             Observation::Decode(d) => {
                 let o = &d.origin;
-                let h = hot_for(&mut self.hot, o.pid, &o.model);
+                let h = hot_for(&mut self.hot, o.pid, d.context, &o.model);
                 let pid = || o.pid.to_string();
-                let model = &*o.model;
+                let (model, ctx) = (&*o.model, d.context.label());
                 if d.result == DecodeResult::Ok {
                     h.decode_ok
                         .get_or_insert_with(|| {
-                            self.decode_calls.with_label_values(&[&pid(), model, "ok"])
+                            self.decode_calls
+                                .with_label_values(&[&pid(), model, ctx, "ok"])
                         })
                         .inc();
                 } else {
                     self.decode_calls
-                        .with_label_values(&[&pid(), model, d.result.label()])
+                        .with_label_values(&[&pid(), model, ctx, d.result.label()])
                         .inc();
                 }
                 let (slot, phase) = phase_slot(d.phase);
                 h.decode_duration[slot]
                     .get_or_insert_with(|| {
                         self.decode_duration
-                            .with_label_values(&[&pid(), model, phase])
+                            .with_label_values(&[&pid(), model, ctx, phase])
                     })
                     .observe(o.seconds());
                 if let Some(n) = d.n_tokens {
                     h.batch_tokens[slot]
                         .get_or_insert_with(|| {
-                            self.batch_tokens.with_label_values(&[&pid(), model, phase])
+                            self.batch_tokens
+                                .with_label_values(&[&pid(), model, ctx, phase])
                         })
                         .observe(n as f64);
                 }
                 if d.result == DecodeResult::Ok && d.prompt_tokens > 0 {
                     h.prompt_tokens
                         .get_or_insert_with(|| {
-                            self.tokens.with_label_values(&[&pid(), model, "prompt"])
+                            self.tokens
+                                .with_label_values(&[&pid(), model, ctx, "prompt"])
                         })
                         .inc_by(d.prompt_tokens as u64);
+                }
+                if d.result == DecodeResult::Ok && d.draft_tokens > 0 {
+                    h.draft_tokens
+                        .get_or_insert_with(|| {
+                            self.speculative_draft.with_label_values(&[&pid(), model])
+                        })
+                        .inc_by(d.draft_tokens as u64);
+                    h.drafts
+                        .get_or_insert_with(|| {
+                            self.speculative_drafts.with_label_values(&[&pid(), model])
+                        })
+                        .inc_by(d.drafts as u64);
                 }
             }
             Observation::Sample(s) => {
                 let o = &s.origin;
-                let h = hot_for(&mut self.hot, o.pid, &o.model);
-                let labels = || [o.pid.to_string(), o.model.to_string()];
+                let h = hot_for(&mut self.hot, o.pid, s.context, &o.model);
+                let labels = || {
+                    [
+                        o.pid.to_string(),
+                        o.model.to_string(),
+                        s.context.label().to_string(),
+                    ]
+                };
                 h.sample_duration
                     .get_or_insert_with(|| {
-                        let [p, m] = labels();
-                        self.sample_duration.with_label_values(&[&p, &m])
+                        let [p, m, c] = labels();
+                        self.sample_duration.with_label_values(&[&p, &m, &c])
                     })
                     .observe(o.seconds());
                 h.generated_tokens
                     .get_or_insert_with(|| {
-                        let [p, m] = labels();
-                        self.tokens.with_label_values(&[&p, &m, "generated"])
+                        let [p, m, c] = labels();
+                        self.tokens.with_label_values(&[&p, &m, &c, "generated"])
                     })
                     .inc();
+                if s.accepted_draft {
+                    h.accepted_tokens
+                        .get_or_insert_with(|| {
+                            let [p, m, _] = labels();
+                            self.speculative_accepted.with_label_values(&[&p, &m])
+                        })
+                        .inc();
+                }
             }
             Observation::Synchronize(s) => {
                 let o = &s.origin;
-                let h = hot_for(&mut self.hot, o.pid, &o.model);
+                let h = hot_for(&mut self.hot, o.pid, ContextRole::Main, &o.model);
                 let labels = || [o.pid.to_string(), o.model.to_string()];
                 h.sync_duration
                     .get_or_insert_with(|| {
@@ -522,11 +589,16 @@ impl Sink for Metrics {
                 }
                 let pid = c.origin.pid.to_string();
                 let labels = [pid.as_str(), &*c.origin.model];
+                if let (Some(n), Some(seqs)) = (c.params.n_ctx, c.params.n_seq_max) {
+                    self.seq_capacity
+                        .insert((c.origin.pid, c.context), n / seqs);
+                }
+                // The gauges describe the context that serves requests.
+                if c.context != ContextRole::Main {
+                    return;
+                }
                 if let Some(n) = c.params.n_ctx {
                     self.context_size.with_label_values(&labels).set(n as f64);
-                    if let Some(seqs) = c.params.n_seq_max {
-                        self.seq_capacity.insert(c.origin.pid, n / seqs);
-                    }
                 }
                 for (g, field) in &self.context_params {
                     if let Some(v) = field(&c.params) {
@@ -635,23 +707,29 @@ mod tests {
             last_output: 1,
         };
         for ret in [0, 1] {
-            let obs = a.process(&Event::Decode(Box::new(decode_event(4, &[run], ret))));
+            let obs = a
+                .process(&Event::Decode(Box::new(decode_event(4, &[run], ret))))
+                .unwrap();
             assert!(matches!(obs, Observation::Decode(_)));
             m.observe(&obs);
         }
         let text = m.render();
         assert!(
-            text.contains(r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="ok"} 1"#),
+            text.contains(
+                r#"llamacpp_decode_calls_total{context="main",model="tiny",pid="7",result="ok"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains(
-            r#"llamacpp_decode_calls_total{model="tiny",pid="7",result="no_kv_slot"} 1"#
+            r#"llamacpp_decode_calls_total{context="main",model="tiny",pid="7",result="no_kv_slot"} 1"#
         ));
-        assert!(text.contains(r#"llamacpp_tokens_total{kind="prompt",model="tiny",pid="7"} 4"#));
-        assert!(
-            text.contains(r#"llamacpp_batch_tokens_count{model="tiny",phase="prompt",pid="7"} 2"#)
-        );
-        assert!(text.contains(r#"llamacpp_decode_duration_seconds_bucket{model="tiny",phase="prompt",pid="7",le="0.00005"} 2"#));
+        assert!(text.contains(
+            r#"llamacpp_tokens_total{context="main",kind="prompt",model="tiny",pid="7"} 4"#
+        ));
+        assert!(text.contains(
+            r#"llamacpp_batch_tokens_count{context="main",model="tiny",phase="prompt",pid="7"} 2"#
+        ));
+        assert!(text.contains(r#"llamacpp_decode_duration_seconds_bucket{context="main",model="tiny",phase="prompt",pid="7",le="0.00005"} 2"#));
     }
 
     /// What the decode path did before the handles: format `pid` and look every series up by
@@ -662,24 +740,24 @@ mod tests {
         for s in &d.context_used {
             let seq = s.seq_id.to_string();
             m.context_used
-                .with_label_values(&[pid.as_str(), model, seq.as_str()])
+                .with_label_values(&[pid.as_str(), model, "main", seq.as_str()])
                 .set(s.used as f64);
         }
         m.decode_calls
-            .with_label_values(&[pid.as_str(), model, d.result.label()])
+            .with_label_values(&[pid.as_str(), model, "main", d.result.label()])
             .inc();
         let phase = d.phase.map_or("unknown", |p| p.label());
         m.decode_duration
-            .with_label_values(&[pid.as_str(), model, phase])
+            .with_label_values(&[pid.as_str(), model, "main", phase])
             .observe(d.origin.seconds());
         if let Some(n) = d.n_tokens {
             m.batch_tokens
-                .with_label_values(&[pid.as_str(), model, phase])
+                .with_label_values(&[pid.as_str(), model, "main", phase])
                 .observe(n as f64);
         }
         if d.prompt_tokens > 0 {
             m.tokens
-                .with_label_values(&[pid.as_str(), model, "prompt"])
+                .with_label_values(&[pid.as_str(), model, "main", "prompt"])
                 .inc_by(d.prompt_tokens as u64);
         }
     }
@@ -705,7 +783,7 @@ mod tests {
             .collect();
         let mut ev = decode_event(4, &runs, 0);
         ev.header.tgid = 4242;
-        let obs = a.process(&Event::Decode(Box::new(ev)));
+        let obs = a.process(&Event::Decode(Box::new(ev))).unwrap();
         let Observation::Decode(d) = &obs else {
             panic!("not a decode step")
         };

@@ -104,9 +104,29 @@ pub struct LoadSummary {
 pub struct ContextSummary {
     pub pid: u32,
     pub ok: bool,
+    pub context: crate::model::ContextRole,
     pub duration_ms: f64,
     #[serde(flatten)]
     pub params: ContextParams,
+}
+
+/// What a speculative draft model's context did (apart from the main context's figures).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DraftContextSummary {
+    pub decode_calls: u64,
+    pub tokens: u64,
+    pub sampled_tokens: u64,
+}
+
+/// Speculative decoding in the main context.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct SpeculativeSummary {
+    /// Draft tokens verified.
+    pub draft_tokens: u64,
+    /// Draft tokens accepted by the sampler.
+    pub accepted_tokens: u64,
+    /// Drafts verified (one per sequence and verification step).
+    pub drafts: u64,
 }
 
 /// Everything the summary reports; serialised by `--summary-json`.
@@ -162,6 +182,9 @@ pub struct Summary {
     pub unserved: crate::model::Unserved,
     /// Context shifts (a generating sequence outgrew its share of the context).
     pub context_shifts: u64,
+    /// A speculative draft model's context (the figures above are the main context's).
+    pub draft_context: Option<DraftContextSummary>,
+    pub speculative: SpeculativeSummary,
     /// How the process's facts were learnt: observed by the probes, or recovered from the
     /// process when llamaprobe attached after they happened.
     pub facts: Vec<String>,
@@ -200,6 +223,8 @@ pub struct Stats {
     requests_by_type: BTreeMap<&'static str, u64>,
     unserved: crate::model::Unserved,
     context_shifts: u64,
+    draft: Option<DraftContextSummary>,
+    speculative: SpeculativeSummary,
 }
 
 impl Stats {
@@ -224,6 +249,26 @@ impl Stats {
             Observation::ModelInfo(f) => return self.note(f.fact.clone()),
             _ => {}
         }
+        // A draft model's context has its own line; every other figure is the main context's.
+        match obs {
+            Observation::Decode(d) if d.context == crate::model::ContextRole::Draft => {
+                let n = d.n_tokens.unwrap_or(0) as u64;
+                let dr = self.draft.get_or_insert_with(Default::default);
+                dr.decode_calls += 1;
+                dr.tokens += n;
+                return;
+            }
+            Observation::Sample(s) if s.context == crate::model::ContextRole::Draft => {
+                self.draft
+                    .get_or_insert_with(Default::default)
+                    .sampled_tokens += 1;
+                return;
+            }
+            Observation::Memory(m) if m.context == Some(crate::model::ContextRole::Draft) => {
+                return;
+            }
+            _ => {}
+        }
         if let Some(origin) = obs.origin() {
             for s in obs.context_used() {
                 self.context_used.insert((origin.pid, s.seq_id), s.used);
@@ -234,6 +279,10 @@ impl Stats {
         match obs {
             Observation::Decode(d) => {
                 self.decode_calls += 1;
+                if d.result == DecodeResult::Ok {
+                    self.speculative.draft_tokens += d.draft_tokens as u64;
+                    self.speculative.drafts += d.drafts as u64;
+                }
                 *self.results.entry(d.result.label()).or_default() += 1;
                 if d.result != DecodeResult::Ok {
                     *self.errors.entry(d.ret).or_default() += 1;
@@ -253,7 +302,10 @@ impl Stats {
                     self.generation_tokens += d.generated_tokens as u64;
                 }
             }
-            Observation::Sample(s) => self.sample.record(s.origin.duration_ns()),
+            Observation::Sample(s) => {
+                self.sample.record(s.origin.duration_ns());
+                self.speculative.accepted_tokens += u64::from(s.accepted_draft);
+            }
             Observation::Synchronize(s) => {
                 self.sync.record(s.origin.duration_ns());
                 if let Some(c) = s.compute_ns {
@@ -289,6 +341,7 @@ impl Stats {
             Observation::ContextCreate(c) => self.contexts.push(ContextSummary {
                 pid: c.origin.pid,
                 ok: c.ok,
+                context: c.context,
                 duration_ms: c.origin.duration_ns() as f64 / 1e6,
                 params: c.params.clone(),
             }),
@@ -348,6 +401,8 @@ impl Stats {
             requests_by_type: self.requests_by_type.clone(),
             unserved: self.unserved,
             context_shifts: self.context_shifts,
+            draft_context: self.draft.clone(),
+            speculative: self.speculative,
             facts: self.facts.clone(),
             span_s: self
                 .first_ns
@@ -568,6 +623,23 @@ impl Summary {
         }
         if self.context_shifts > 0 {
             let _ = writeln!(s, "context shifts: {}", self.context_shifts);
+        }
+        let spec = &self.speculative;
+        if spec.draft_tokens > 0 {
+            let _ = writeln!(
+                s,
+                "speculative decoding: {} draft tokens verified, {} accepted ({:.1}%)",
+                spec.draft_tokens,
+                spec.accepted_tokens,
+                100.0 * spec.accepted_tokens as f64 / spec.draft_tokens as f64
+            );
+        }
+        if let Some(d) = &self.draft_context {
+            let _ = writeln!(
+                s,
+                "draft context: {} decode steps, {} tokens, {} sampled (not in the figures above)",
+                d.decode_calls, d.tokens, d.sampled_tokens
+            );
         }
         if let Some(m) = self.request_mode {
             let _ = writeln!(s, "requests from: {}", m.describe());
