@@ -40,6 +40,8 @@ pub enum Family {
     Decode,
     ModelLoad,
     ContextCreate,
+    /// Contexts freed: their state (positions, roles) goes with them.
+    ContextFree,
     Sample,
     Synchronize,
     /// KV memory changes (sequence removal, copy, clear): context use.

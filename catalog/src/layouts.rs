@@ -3,7 +3,8 @@
 //! `probe_common::ProcessLayout`.
 
 use probe_common::{
-    BatchExtLayout, ClassicBatchLayout, ContextParamsLayout, ProcessLayout, ServerLayout, ABSENT,
+    BatchExtLayout, ClassicBatchLayout, ContextParamsLayout, ProcessLayout, ServerLayout,
+    TokenDataArrayLayout, ABSENT,
 };
 
 use super::kinds::Generation;
@@ -223,6 +224,16 @@ pub fn server_layout_for(has: impl Fn(&str) -> bool) -> &'static ServerLayoutRow
         .expect("the last server row has no marker")
 }
 
+/// `llama_token_data_array` and `llama_token_data` (llama.h): unchanged since the sampler API
+/// (b3681, `selected` came with it), in every fixture.
+pub const TOKEN_DATA_ARRAY: TokenDataArrayLayout = TokenDataArrayLayout {
+    data: 0,
+    size: 8,
+    selected: 16,
+    entry_size: 12,
+    entry_id: 0,
+};
+
 /// Everything the probes read in one process: its libllama row and its server row.
 pub fn process_layout(llama: &LlamaLayout, server: &ServerLayout) -> ProcessLayout {
     ProcessLayout {
@@ -230,6 +241,7 @@ pub fn process_layout(llama: &LlamaLayout, server: &ServerLayout) -> ProcessLayo
         ext: llama.ext,
         ctx_params: llama.ctx_params,
         server: *server,
+        token_data: TOKEN_DATA_ARRAY,
     }
 }
 

@@ -10,6 +10,9 @@ pub const BATCH_EXT_DECODE: &str = "_ZN13llama_context6decodeERK15llama_batch_ex
 /// Symbol that marks the classic generation (when the batch_ext one is absent).
 pub const CLASSIC_DECODE: &str = "llama_decode";
 
+/// The sampler-chain step probed as a fallback for programs that sample themselves.
+pub const SAMPLER_APPLY: &str = "llama_sampler_apply";
+
 /// The entry program of llama-server's `server_queue::post`: where requests are accepted.
 pub const TASK_POST: &str = "task_post";
 /// The entry program of llama-server's `launch_slot_with_task`: where a slot takes a task.
@@ -77,6 +80,14 @@ pub const PROBES: &[ProbePoint] = &[
         generations: ALL,
     },
     ProbePoint {
+        family: Family::ContextFree,
+        symbol: "llama_free",
+        prototype: "void llama_free(struct llama_context * ctx)",
+        entry: "context_free",
+        ret: None,
+        generations: ALL,
+    },
+    ProbePoint {
         family: Family::Sample,
         symbol: "llama_sampler_sample",
         prototype: "llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx)",
@@ -90,6 +101,19 @@ pub const PROBES: &[ProbePoint] = &[
         prototype: "llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx, bool grammar_first)",
         entry: "sample_enter",
         ret: Some("sample_return"),
+        generations: ALL,
+    },
+    // Programs that apply the sampler chain themselves (node-llama-cpp's addon calls
+    // llama_sampler_apply and takes the token it selected; it accepts only into penalty and
+    // grammar samplers, when it has them): their tokens are seen at the apply's return. The
+    // functions above apply the chain inside (nested: counted once). Detached by the agent
+    // from a process once its tokens are seen through one of them.
+    ProbePoint {
+        family: Family::Sample,
+        symbol: SAMPLER_APPLY,
+        prototype: "void llama_sampler_apply(struct llama_sampler * smpl, llama_token_data_array * cur_p)",
+        entry: "sample_apply",
+        ret: Some("sample_apply_return"),
         generations: ALL,
     },
     ProbePoint {

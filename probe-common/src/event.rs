@@ -17,6 +17,8 @@ pub enum EventKind {
     ModelLoad = 10,
     /// One context creation ([`ContextEvent`]).
     ContextCreate = 20,
+    /// One context freed ([`ContextFreeEvent`]).
+    ContextFree = 21,
     /// One sampled token ([`SampleEvent`]).
     Sample = 30,
     /// One `llama_synchronize` call ([`SyncEvent`]).
@@ -43,12 +45,13 @@ pub struct EventHeader {
     pub tgid: u32,
     /// Thread id that made the call.
     pub tid: u32,
-    /// Nesting depth of the same probe family on this thread while the call ran. Used by the
-    /// probes to count a call through a wrapper once; always 0 in a delivered event.
+    /// Reserved (0). The probes pair a call's entry and return by stack depth (probe-ebpf's
+    /// `enter`), not by a counter.
     pub nest: u32,
     /// Monotonic time of the call's entry, ns.
     pub start_ns: u64,
-    /// Monotonic time of the call's return, ns.
+    /// Monotonic time of the call's return, ns. (While the call runs, the probes keep its
+    /// caller's stack pointer here.)
     pub end_ns: u64,
 }
 
@@ -195,6 +198,21 @@ pub struct SampleEvent {
     pub token: i32,
     /// The output index sampled from.
     pub idx: i32,
+    /// A [`SampleApi`] value.
+    pub api: u32,
+    pub _pad: u32,
+}
+
+/// Which function a sample was seen in.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleApi {
+    /// `llama_sampler_sample` / `common_sampler_sample`: a token sampled from a context's
+    /// output (`ctx`, `idx` valid).
+    Sample = 0,
+    /// `llama_sampler_apply(smpl, cur_p)` called by the program itself: the token the chain
+    /// selected (no context or index: `ctx` 0, `idx` -1; `token` -1: none selected).
+    Apply = 1,
 }
 
 /// One `llama_synchronize(ctx)` call.
@@ -256,6 +274,16 @@ pub struct PostedTask {
     /// `server_task::id_target`: the task a cancel task cancels (-1 otherwise).
     pub id_target: i32,
     pub _pad: i32,
+}
+
+/// One `void llama_free(struct llama_context * ctx)` call: the context and its memory are gone
+/// (a program that sizes its context with a throw-away one frees it before the real one).
+/// Sent from the entry probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ContextFreeEvent {
+    pub header: EventHeader,
+    pub ctx: u64,
 }
 
 /// One `llama_memory_t llama_get_memory(const struct llama_context * ctx)` call (2025+): which
@@ -341,11 +369,12 @@ const _: () = assert!(size_of::<LastToken>() == 12);
 const _: () = assert!(size_of::<DecodeEvent>() == 32 + 8 + 8 + 8 + 12 + 16 * MAX_RUNS + 4);
 const _: () = assert!(size_of::<ModelLoadEvent>() == 32 + 8 + 8 + PATH_CAP);
 const _: () = assert!(size_of::<ContextEvent>() == 32 + 16 + 24);
-const _: () = assert!(size_of::<SampleEvent>() == 32 + 16);
+const _: () = assert!(size_of::<SampleEvent>() == 32 + 24);
 const _: () = assert!(size_of::<SyncEvent>() == 32 + 8);
 const _: () = assert!(size_of::<MemoryEvent>() == 32 + 8 + 32);
 const _: () = assert!(size_of::<PostedTask>() == 16);
 const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 16 + 16 * MAX_POST_TASKS);
 const _: () = assert!(size_of::<SlotLaunchEvent>() == 32 + 16 + 16);
 const _: () = assert!(size_of::<MemoryHandleEvent>() == 32 + 16);
+const _: () = assert!(size_of::<ContextFreeEvent>() == 32 + 8);
 const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8);

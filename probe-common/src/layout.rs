@@ -82,6 +82,24 @@ pub struct ServerLayout {
     pub slot_ctx_dft: u32,
 }
 
+/// `llama_token_data_array` (llama.h: `{ llama_token_data * data; size_t size; int64_t
+/// selected; bool sorted; }`) and its `llama_token_data` entries (`{ llama_token id; float
+/// logit; float p; }`): the token a sampler chain's apply selected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenDataArrayLayout {
+    /// Offset of the `data` pointer.
+    pub data: u32,
+    /// Offset of `size`.
+    pub size: u32,
+    /// Offset of `selected` (an index into `data`, -1: none).
+    pub selected: u32,
+    /// `sizeof(llama_token_data)`.
+    pub entry_size: u32,
+    /// Offset of `id` in an entry.
+    pub entry_id: u32,
+}
+
 /// Everything the probes need to read one process's structs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +108,7 @@ pub struct ProcessLayout {
     pub ext: BatchExtLayout,
     pub ctx_params: ContextParamsLayout,
     pub server: ServerLayout,
+    pub token_data: TokenDataArrayLayout,
 }
 
 #[cfg(feature = "user")]
@@ -100,4 +119,5 @@ const _: () = assert!(size_of::<ClassicBatchLayout>() == 20);
 const _: () = assert!(size_of::<BatchExtLayout>() == 28);
 const _: () = assert!(size_of::<ContextParamsLayout>() == 24);
 const _: () = assert!(size_of::<ServerLayout>() == 36);
-const _: () = assert!(size_of::<ProcessLayout>() == 108);
+const _: () = assert!(size_of::<TokenDataArrayLayout>() == 20);
+const _: () = assert!(size_of::<ProcessLayout>() == 128);

@@ -5,7 +5,7 @@ use std::{collections::HashMap, path::PathBuf};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        uprobe::{UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachPoint, UProbeLinkId, UProbeScope},
         ProgramError, UProbe,
     },
     util::KernelVersion,
@@ -111,6 +111,8 @@ pub struct Probes {
     cookies: bool,
     /// The layouts written into `LAYOUT_TABLE`, by id.
     layouts: Vec<ProcessLayout>,
+    /// Every link, with its program's name (for detaching a family's fallback).
+    links: Vec<(&'static str, UProbeLinkId)>,
 }
 
 impl Probes {
@@ -144,6 +146,7 @@ impl Probes {
             attached: 0,
             cookies,
             layouts: Vec::new(),
+            links: Vec::new(),
         })
     }
 
@@ -208,16 +211,45 @@ impl Probes {
                     location: p.hit.file_offset.into(),
                     cookie,
                 };
-                prog.attach(point, &p.target, scope)
-                    .map_err(|source| AttachError::Attach {
-                        symbol: p.point.symbol,
-                        path: p.path.clone(),
-                        source,
-                    })?;
+                let link =
+                    prog.attach(point, &p.target, scope)
+                        .map_err(|source| AttachError::Attach {
+                            symbol: p.point.symbol,
+                            path: p.path.clone(),
+                            source,
+                        })?;
+                self.links.push((name, link));
                 self.attached += 1;
             }
         }
         Ok(())
+    }
+
+    /// Detaches every link of the programs `names` (a probe that turned out not to be needed,
+    /// which would only cost the traced process its trap); returns how many.
+    pub fn detach_programs(&mut self, names: &[&str]) -> u64 {
+        let mut n = 0;
+        for want in names {
+            let links = std::mem::take(&mut self.links);
+            for (name, link) in links {
+                if name != *want {
+                    self.links.push((name, link));
+                    continue;
+                }
+                match self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut UProbe>::try_from(p).ok())
+                    .map(|p| p.detach(link))
+                {
+                    Some(Ok(())) => n += 1,
+                    Some(Err(e)) => tracing::warn!("detaching {name}: {e}"),
+                    None => tracing::warn!("detaching {name}: no such program"),
+                }
+            }
+        }
+        self.attached -= n;
+        n
     }
 
     pub fn attached(&self) -> u64 {

@@ -3,8 +3,9 @@
 use std::mem::size_of;
 
 use probe_common::{
-    ContextEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent, MemoryHandleEvent,
-    ModelLoadEvent, SampleEvent, SlotLaunchEvent, SlotReleaseEvent, SyncEvent, TaskPostEvent,
+    ContextEvent, ContextFreeEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent,
+    MemoryHandleEvent, ModelLoadEvent, SampleEvent, SlotLaunchEvent, SlotReleaseEvent, SyncEvent,
+    TaskPostEvent,
 };
 
 /// A decoded event.
@@ -20,6 +21,7 @@ pub enum Event {
     TaskPost(Box<TaskPostEvent>),
     SlotLaunch(SlotLaunchEvent),
     SlotRelease(SlotReleaseEvent),
+    ContextFree(ContextFreeEvent),
 }
 
 /// A record that could not be decoded (a build mismatch between agent and probes).
@@ -68,6 +70,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::TaskPost => Event::TaskPost(Box::new(read(bytes, kind)?)),
         EventKind::SlotLaunch => Event::SlotLaunch(read(bytes, kind)?),
         EventKind::SlotRelease => Event::SlotRelease(read(bytes, kind)?),
+        EventKind::ContextFree => Event::ContextFree(read(bytes, kind)?),
     })
 }
 

@@ -3,14 +3,15 @@
 //!                                              struct llama_context_params params)` (b4463+)
 //! and the deprecated `llama_new_context_with_model` (same signature; a wrapper in newer builds).
 //! `params` is a large struct passed by value; its field offsets come from the process layout.
+//! And its end: `void llama_free(struct llama_context * ctx)`, sent at entry.
 
 use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use probe_common::{ContextEvent, ABSENT};
+use probe_common::{ContextEvent, ContextFreeEvent, ABSENT};
 
-use super::{byval_arg, enter, layout, leave, read};
+use super::{byval_arg, enter, instant, layout, leave, read, send};
 use crate::maps::CONTEXT_ENTRY;
 
 #[inline(always)]
@@ -24,7 +25,7 @@ fn field(params: u64, off: u32) -> u32 {
 #[uprobe]
 pub fn context_enter(ctx: ProbeContext) -> u32 {
     let mut ev = ContextEvent::default();
-    enter(&CONTEXT_ENTRY, &mut ev, |ev| {
+    enter(&ctx, &CONTEXT_ENTRY, &mut ev, |ev| {
         ev.model = ctx.arg::<u64>(0).unwrap_or(0);
         let params = byval_arg(&ctx, 1).unwrap_or(0);
         match (layout(&ctx), params) {
@@ -53,6 +54,16 @@ pub fn context_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn context_return(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>();
-    leave(&CONTEXT_ENTRY, |ev| ev.ctx = ret);
+    leave(&ctx, &CONTEXT_ENTRY, |ev| ev.ctx = ret);
+    0
+}
+
+#[uprobe]
+pub fn context_free(ctx: ProbeContext) -> u32 {
+    let ev = ContextFreeEvent {
+        header: instant::<ContextFreeEvent>(),
+        ctx: ctx.arg::<u64>(0).unwrap_or(0),
+    };
+    send(&ev);
     0
 }

@@ -256,13 +256,13 @@ fn scan<T: Tokens>(ev: &mut DecodeEvent, src: &T, n_tokens: u32) {
 
 /// Starts a decode event in the per-CPU scratch slot and records it for this thread.
 #[inline(always)]
-fn start(ctx_ptr: u64, api: DecodeApi, fill: impl FnOnce(&mut DecodeEvent)) {
+fn start(ctx: &ProbeContext, ctx_ptr: u64, api: DecodeApi, fill: impl FnOnce(&mut DecodeEvent)) {
     let Some(ev) = DECODE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU scratch slot, used by this program only while it runs.
     let ev = unsafe { &mut *ev };
-    enter(&DECODE_ENTRY, ev, |ev| {
+    enter(ctx, &DECODE_ENTRY, ev, |ev| {
         ev.ctx = ctx_ptr;
         ev.ret = 0;
         ev.n_tokens = -1;
@@ -287,7 +287,7 @@ fn start(ctx_ptr: u64, api: DecodeApi, fill: impl FnOnce(&mut DecodeEvent)) {
 pub fn decode_classic(ctx: ProbeContext) -> u32 {
     let ctx_ptr = ctx.arg::<u64>(0).unwrap_or(0);
     let batch = byval_arg(&ctx, 1).unwrap_or(0);
-    start(ctx_ptr, DecodeApi::Classic, |ev| {
+    start(&ctx, ctx_ptr, DecodeApi::Classic, |ev| {
         let Some(l) = layout(&ctx) else {
             ev.flags |= F::UNREADABLE;
             return;
@@ -319,7 +319,7 @@ pub fn decode_ext(ctx: ProbeContext) -> u32 {
     // C++ method: `this` in the first argument register, the reference in the second.
     let ctx_ptr = ctx.arg::<u64>(0).unwrap_or(0);
     let batch = ctx.arg::<u64>(1).unwrap_or(0);
-    start(ctx_ptr, DecodeApi::BatchExt, |ev| {
+    start(&ctx, ctx_ptr, DecodeApi::BatchExt, |ev| {
         let Some(l) = layout(&ctx) else {
             ev.flags |= F::UNREADABLE;
             return;
@@ -342,6 +342,6 @@ pub fn decode_ext(ctx: ProbeContext) -> u32 {
 pub fn decode_return(ctx: RetProbeContext) -> u32 {
     // int32_t / int: the low 32 bits of the return register.
     let ret = ctx.ret::<u64>() as i32;
-    leave(&DECODE_ENTRY, |ev| ev.ret = ret);
+    leave(&ctx, &DECODE_ENTRY, |ev| ev.ret = ret);
     0
 }

@@ -31,7 +31,7 @@ fn arg_i32(ctx: &ProbeContext, n: usize) -> i32 {
 #[inline(always)]
 fn start(ctx: &ProbeContext, op: MemoryOp, seq: i32, dst: i32, p0: i32, p1: i32, delta: i32) {
     let mut ev = MemoryEvent::default();
-    enter(&MEMORY_ENTRY, &mut ev, |ev| {
+    enter(ctx, &MEMORY_ENTRY, &mut ev, |ev| {
         ev.handle = ctx.arg::<u64>(0).unwrap_or(0);
         ev.op = op as u32;
         ev.seq_id = seq;
@@ -75,7 +75,7 @@ pub fn memory_return(ctx: RetProbeContext) -> u32 {
     // bool for seq_rm (low byte of the return register); void for the others, where the
     // register holds garbage: the agent only reads `ret` for seq_rm.
     let ret = ctx.ret::<u64>() as u8 as u32;
-    leave(&MEMORY_ENTRY, |ev| ev.ret = ret);
+    leave(&ctx, &MEMORY_ENTRY, |ev| ev.ret = ret);
     0
 }
 
@@ -84,7 +84,7 @@ pub fn memory_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn memory_handle(ctx: ProbeContext) -> u32 {
     let mut ev = MemoryHandleEvent::default();
-    enter(&MEMORY_HANDLE_ENTRY, &mut ev, |ev| {
+    enter(&ctx, &MEMORY_HANDLE_ENTRY, &mut ev, |ev| {
         ev.ctx = ctx.arg::<u64>(0).unwrap_or(0);
     });
     0
@@ -93,6 +93,6 @@ pub fn memory_handle(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn memory_handle_return(ctx: RetProbeContext) -> u32 {
     let mem = ctx.ret::<u64>();
-    leave(&MEMORY_HANDLE_ENTRY, |ev| ev.mem = mem);
+    leave(&ctx, &MEMORY_HANDLE_ENTRY, |ev| ev.mem = mem);
     0
 }

@@ -21,7 +21,7 @@ use aya_ebpf::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
     },
     maps::HashMap,
-    programs::ProbeContext,
+    programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use probe_common::{EventHeader, EventKind, ProcessLayout, LOST_ENTRY, LOST_RINGBUF};
@@ -51,6 +51,7 @@ macro_rules! impl_event {
 impl_event!(probe_common::DecodeEvent, EventKind::Decode);
 impl_event!(probe_common::ModelLoadEvent, EventKind::ModelLoad);
 impl_event!(probe_common::ContextEvent, EventKind::ContextCreate);
+impl_event!(probe_common::ContextFreeEvent, EventKind::ContextFree);
 impl_event!(probe_common::SampleEvent, EventKind::Sample);
 impl_event!(probe_common::SyncEvent, EventKind::Synchronize);
 impl_event!(probe_common::MemoryEvent, EventKind::Memory);
@@ -66,22 +67,64 @@ pub fn current() -> (u32, u32) {
     ((id >> 32) as u32, id as u32)
 }
 
+/// The stack pointer the caller has once the probed call returns: at a function's first
+/// instruction, x86-64's `rsp` points at the return address (`ret` pops it: + 8); AArch64's
+/// `sp` is the caller's. At a uretprobe the call has returned: the stack pointer as it is.
+/// A call nested in another (made from inside it) returns to a deeper frame: a lower value.
+#[inline(always)]
+fn caller_sp(ctx: &impl EbpfContext, at_entry: bool) -> u64 {
+    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    #[cfg(bpf_target_arch = "x86_64")]
+    {
+        // SAFETY: a probe's context is the probed task's saved registers.
+        let sp = unsafe { (*regs).rsp };
+        if at_entry {
+            sp + 8
+        } else {
+            sp
+        }
+    }
+    #[cfg(bpf_target_arch = "aarch64")]
+    {
+        let _ = at_entry;
+        // SAFETY: as above.
+        unsafe { (*regs).sp }
+    }
+    #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+    {
+        let _ = (regs, at_entry);
+        0
+    }
+}
+
 /// Starts a call of family `T` on this thread. Returns `false` if the call is nested in one of
 /// the same family (nothing more to record) or if it could not be recorded.
+///
+/// Calls are paired by stack depth, not by counting: the entry keeps the stack pointer its
+/// caller will have after the return (in `end_ns` until then). A call whose frame lies below
+/// the one in progress is nested in it (a deprecated wrapper calling its replacement, a sampler
+/// chain applying its samplers) and is not recorded; one at the same depth or above finds a
+/// leftover whose return was never seen (a probe detached mid-call, an exception, an earlier
+/// process with this thread id) and replaces it. A missed return thus costs one event, never
+/// the calls after it.
 ///
 /// `fill` writes the family's fields into `ev`, which the caller provides (stack or scratch
 /// map); the header is written here.
 #[inline(always)]
-pub fn enter<T: Event>(map: &HashMap<u32, T>, ev: &mut T, fill: impl FnOnce(&mut T)) -> bool {
+pub fn enter<T: Event>(
+    ctx: &ProbeContext,
+    map: &HashMap<u32, T>,
+    ev: &mut T,
+    fill: impl FnOnce(&mut T),
+) -> bool {
     let (tgid, tid) = current();
+    let sp = caller_sp(ctx, true);
     if let Some(prev) = map.get_ptr_mut(&tid) {
         // SAFETY: map value pointer valid while the program runs.
         let prev = unsafe { &mut *prev };
-        if prev.header().tgid == tgid {
-            prev.header().nest += 1;
+        if prev.header().tgid == tgid && sp < prev.header().end_ns {
             return false;
         }
-        // A leftover of an earlier process that had this thread id: overwrite it.
     }
     *ev.header() = EventHeader {
         kind: T::KIND as u32,
@@ -89,7 +132,7 @@ pub fn enter<T: Event>(map: &HashMap<u32, T>, ev: &mut T, fill: impl FnOnce(&mut
         tid,
         nest: 0,
         start_ns: unsafe { bpf_ktime_get_ns() },
-        end_ns: 0,
+        end_ns: sp,
     };
     fill(ev);
     if map.insert(&tid, ev, 0).is_err() {
@@ -99,19 +142,18 @@ pub fn enter<T: Event>(map: &HashMap<u32, T>, ev: &mut T, fill: impl FnOnce(&mut
     true
 }
 
-/// Ends a call of family `T` on this thread: `fill` writes the return value, then the event is
-/// sent (outermost call only).
+/// Ends a call of family `T` on this thread: the return of the recorded call (not of one nested
+/// in it: see [`enter`]) gets `fill` to write its return value, and the event is sent.
 #[inline(always)]
-pub fn leave<T: Event>(map: &HashMap<u32, T>, fill: impl FnOnce(&mut T)) {
+pub fn leave<T: Event>(ctx: &RetProbeContext, map: &HashMap<u32, T>, fill: impl FnOnce(&mut T)) {
     let (_, tid) = current();
     let Some(ev) = map.get_ptr_mut(&tid) else {
         return; // entered before the probes were attached
     };
     // SAFETY: map value pointer valid while the program runs.
     let ev = unsafe { &mut *ev };
-    if ev.header().nest > 0 {
-        ev.header().nest -= 1;
-        return;
+    if caller_sp(ctx, false) < ev.header().end_ns {
+        return; // a nested call returned
     }
     ev.header().end_ns = unsafe { bpf_ktime_get_ns() };
     fill(ev);

@@ -18,13 +18,13 @@ use super::{enter, leave, read};
 use crate::maps::{MODEL_ENTRY, MODEL_SCRATCH};
 
 #[inline(always)]
-fn start(path_ptr: u64, api: ModelLoadApi) {
+fn start(ctx: &ProbeContext, path_ptr: u64, api: ModelLoadApi) {
     let Some(ev) = MODEL_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU scratch slot, used by this program only while it runs.
     let ev = unsafe { &mut *ev };
-    enter(&MODEL_ENTRY, ev, |ev| {
+    enter(ctx, &MODEL_ENTRY, ev, |ev| {
         ev.model = 0;
         ev.api = api as u32;
         ev.path_len = 0;
@@ -41,20 +41,20 @@ fn start(path_ptr: u64, api: ModelLoadApi) {
 
 #[uprobe]
 pub fn model_load_file(ctx: ProbeContext) -> u32 {
-    start(ctx.arg::<u64>(0).unwrap_or(0), ModelLoadApi::File);
+    start(&ctx, ctx.arg::<u64>(0).unwrap_or(0), ModelLoadApi::File);
     0
 }
 
 #[uprobe]
 pub fn model_load_splits(ctx: ProbeContext) -> u32 {
     let paths = ctx.arg::<u64>(0).unwrap_or(0);
-    start(read::<u64>(paths).unwrap_or(0), ModelLoadApi::Splits);
+    start(&ctx, read::<u64>(paths).unwrap_or(0), ModelLoadApi::Splits);
     0
 }
 
 #[uretprobe]
 pub fn model_load_return(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>();
-    leave(&MODEL_ENTRY, |ev| ev.model = ret);
+    leave(&ctx, &MODEL_ENTRY, |ev| ev.model = ret);
     0
 }

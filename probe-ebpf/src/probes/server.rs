@@ -94,7 +94,7 @@ pub fn slot_launch(ctx: ProbeContext) -> u32 {
     let task = ctx.arg::<u64>(2).unwrap_or(0);
     let l = server_layout(&ctx);
     let mut ev = SlotLaunchEvent::default();
-    enter(&SLOT_LAUNCH_ENTRY, &mut ev, |ev| {
+    enter(&ctx, &SLOT_LAUNCH_ENTRY, &mut ev, |ev| {
         ev.slot_id = -1;
         ev.task_id = -1;
         if let Some(l) = l {
@@ -111,7 +111,7 @@ pub fn slot_launch(ctx: ProbeContext) -> u32 {
 pub fn slot_launch_return(ctx: RetProbeContext) -> u32 {
     // bool: the low byte of the return register.
     let ok = ctx.ret::<u64>() as u8 != 0;
-    leave(&SLOT_LAUNCH_ENTRY, |ev| ev.ok = ok as u32);
+    leave(&ctx, &SLOT_LAUNCH_ENTRY, |ev| ev.ok = ok as u32);
     0
 }
 

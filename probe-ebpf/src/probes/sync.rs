@@ -13,14 +13,14 @@ use crate::maps::SYNC_ENTRY;
 #[uprobe]
 pub fn sync_enter(ctx: ProbeContext) -> u32 {
     let mut ev = SyncEvent::default();
-    enter(&SYNC_ENTRY, &mut ev, |ev| {
+    enter(&ctx, &SYNC_ENTRY, &mut ev, |ev| {
         ev.ctx = ctx.arg::<u64>(0).unwrap_or(0)
     });
     0
 }
 
 #[uretprobe]
-pub fn sync_return(_ctx: RetProbeContext) -> u32 {
-    leave(&SYNC_ENTRY, |_| {});
+pub fn sync_return(ctx: RetProbeContext) -> u32 {
+    leave(&ctx, &SYNC_ENTRY, |_| {});
     0
 }
