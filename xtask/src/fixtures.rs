@@ -99,6 +99,9 @@ pub struct NpmPrebuilt {
     pub libllama: &'static str,
     /// Our driver's C source, relative to the workspace root.
     pub driver_source: &'static str,
+    /// The npm binding whose prebuilt library this is, installed (same version) beside it so
+    /// that the tests drive libllama through the binding's own JavaScript API.
+    pub binding: &'static str,
 }
 
 pub enum Source {
@@ -272,6 +275,7 @@ pub const FIXTURES: &[Fixture] = &[
             lib_dir: "package/bins/linux-x64",
             libllama: "libllama.v0.5.0.so",
             driver_source: "agent/tests/embedded/driver.c",
+            binding: "node-llama-cpp",
         }),
         llama_cpp: "v0.5.0 (release tag; no commit recorded)",
         date: "2026-09",
@@ -412,6 +416,8 @@ pub struct Built {
     pub lib_dir: Option<PathBuf>,
     pub env: Vec<(&'static str, PathBuf)>,
     pub symbols_from: Option<PathBuf>,
+    /// A directory whose `node_modules` holds the npm binding (npm fixtures).
+    pub node_app: Option<PathBuf>,
 }
 
 /// Prepares the fixtures, prints them as `KEY=VALUE` lines and writes `cache/fixtures.env`.
@@ -565,6 +571,7 @@ fn prepare_fixture(
                 libllama,
                 env: Vec::new(),
                 symbols_from: None,
+                node_app: None,
             })
         }
         Source::Npm(npm) => prepare_npm(cache, npm, model),
@@ -618,6 +625,7 @@ fn fixtures_json(built: &[(&Fixture, Built)]) -> String {
                 ("libllama", path(&b.libllama)),
                 ("env", Value::Object(env).to_string()),
                 ("symbols_from", path(&b.symbols_from)),
+                ("node_app", path(&b.node_app)),
                 ("server_code", json!(f.server_code).to_string()),
             ];
             format!("  {}", ordered_object(&fields, "  "))
@@ -1026,6 +1034,7 @@ fn strip_libllama(cache: &Path, name: &str, from: &Built) -> Result<Built> {
         lib_dir: Some(lib.clone()),
         env: vec![("LD_LIBRARY_PATH", lib)],
         symbols_from: None,
+        node_app: None,
     })
 }
 
@@ -1198,12 +1207,74 @@ fn prepare_npm(cache: &Path, npm: &NpmPrebuilt, model: &Path) -> Result<Built> {
         check_driver(&driver, model)?;
         fs::write(&driver_stamp_file, driver_stamp)?;
     }
+    let node_app = prepare_node_app(cache, npm)?;
     Ok(Built {
         driver: Some(driver),
         libllama: Some(libllama),
         lib_dir: Some(lib_dir),
+        node_app: Some(node_app),
         ..Built::default()
     })
+}
+
+/// `cache/npm/<binding>-<version>-app/`: the binding and its prebuilt package installed with
+/// the machine's npm (`--ignore-scripts`: the prebuilt binaries are used as they are, nothing
+/// is built or downloaded at install), checked by loading it with node.
+fn prepare_node_app(cache: &Path, npm: &NpmPrebuilt) -> Result<PathBuf> {
+    let dir = cache
+        .join("npm")
+        .join(format!("{}-{}-app", npm.binding, npm.version));
+    let specs = [
+        format!("{}@{}", npm.binding, npm.version),
+        format!("{}@{}", npm.package, npm.version),
+    ];
+    let stamp = format!("npm install -E --omit=optional {}\n", specs.join(" "));
+    let stamp_file = dir.join(".llamaprobe-stamp");
+    if fs::read_to_string(&stamp_file).ok().as_deref() == Some(&stamp) {
+        progress!("  {} is installed (stamp matches)", dir.display());
+        return Ok(dir);
+    }
+    for tool in ["node", "npm"] {
+        if !util::command_exists(tool) {
+            bail!(
+                "the npm fixture drives {} through Node.js: `{tool}` is not on PATH \
+                 (install Node.js 20 or newer with npm)",
+                npm.binding
+            );
+        }
+    }
+    let _ = fs::remove_file(&stamp_file);
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("package.json"), "{\"private\": true}\n")?;
+    progress!("installing npm {} (about 85 MB)", specs.join(" "));
+    util::run(
+        Command::new("npm")
+            .current_dir(&dir)
+            .args(["install", "--no-audit", "--no-fund", "--ignore-scripts"])
+            .args(["--omit=optional", "--save-exact"])
+            .args(&specs),
+    )
+    .with_context(|| format!("npm install {} failed", specs.join(" ")))?;
+    // The binding loads and finds its prebuilt library (from a file: the binding tests its
+    // binary in a child process, which an `-e` script cannot start).
+    let check = dir.join("check.mjs");
+    fs::write(
+        &check,
+        format!(
+            "import {{getLlama}} from '{}';\n\
+             await getLlama({{gpu: false, build: 'never', logLevel: 'error'}});\n",
+            npm.binding
+        ),
+    )?;
+    util::run(Command::new("node").current_dir(&dir).arg(&check)).with_context(|| {
+        format!(
+            "{} installed in {} does not load",
+            npm.binding,
+            dir.display()
+        )
+    })?;
+    fs::write(&stamp_file, stamp)?;
+    Ok(dir)
 }
 
 /// Runs the driver on the model and checks its report.
@@ -1505,6 +1576,7 @@ mod tests {
             "libllama",
             "env",
             "symbols_from",
+            "node_app",
             "server_code",
         ];
         let mut at = 0;

@@ -143,6 +143,11 @@ fn announce(t: &Traced, attached: u64, opts: &ProfileOpts, gpu_status: &str) {
     }
 }
 
+/// The programs of the sampler chain's apply (the fallback for programs that sample
+/// themselves), in the order they are detached (a call caught between the two is paired by its
+/// stack depth: see probe-ebpf's `enter`).
+const SAMPLE_APPLY_PROGRAMS: [&str; 2] = ["sample_apply_return", "sample_apply"];
+
 /// How often the ring buffer is drained when the probes did not wake the agent.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -206,7 +211,7 @@ async fn sinks(opts: &ProfileOpts) -> anyhow::Result<Vec<Box<dyn Sink>>> {
 async fn event_loop(
     traced: Traced,
     opts: ProfileOpts,
-    probes: Probes,
+    mut probes: Probes,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
 ) -> anyhow::Result<i32> {
     // Created once, first: a signal that arrives while no listener exists is lost (or, before
@@ -244,6 +249,8 @@ async fn event_loop(
         // Attached after the load: the model is found in the process.
         pipe.recover_model(pid);
     }
+    let pid = traced.pid;
+    let mut apply_fallback = traced.plan.probes_entry(SAMPLE_APPLY_PROGRAMS[1]);
     session.add(traced, exit_tx);
     let launched = session.launched();
 
@@ -277,6 +284,14 @@ async fn event_loop(
                 let rb = ring.get_mut();
                 while let Some(item) = rb.next() {
                     pipe.handle(&item);
+                }
+                if apply_fallback && pipe.assembler.samples_by_function(pid) {
+                    // Its tokens come from a sampling function: the applies would only cost
+                    // the traced process traps per token.
+                    let n = probes.detach_programs(&SAMPLE_APPLY_PROGRAMS);
+                    tracing::info!("pid {pid}: sampling seen through a sampling function; {n} sampler-chain probes detached");
+                    pipe.stats.probes_attached = probes.attached();
+                    apply_fallback = false;
                 }
             }
             _ = ticker.tick() => {
@@ -499,6 +514,7 @@ impl Pipeline {
         self.stats.requests_active = self.requests.active() as u64;
         self.stats.unserved = self.requests.unserved;
         self.stats.tasks_waiting = self.requests.tasks_waiting() as u64;
+        self.stats.warmups = self.requests.warmups;
         let (gpus, processes) = self.sampler.sample(&session.pids());
         Snapshot {
             stats: self.stats,

@@ -35,6 +35,22 @@ impl ContextUse {
         self.seqs.retain(|k, _| k.0 != pid);
     }
 
+    /// Drops the sequences of a context that was freed; returns them, now holding nothing.
+    pub fn free(&mut self, pid: u32, ctx: u64) -> Vec<SeqUsed> {
+        let mut gone: Vec<SeqUsed> = self
+            .seqs
+            .keys()
+            .filter(|k| k.0 == pid && k.1 == ctx)
+            .map(|k| SeqUsed {
+                seq_id: k.2,
+                used: 0,
+            })
+            .collect();
+        self.seqs.retain(|k, _| !(k.0 == pid && k.1 == ctx));
+        gone.sort_by_key(|s| s.seq_id);
+        gone
+    }
+
     /// Counts the tokens a successful decode step added.
     pub fn after_decode(&mut self, pid: u32, ctx: u64, parts: &[Part]) -> Vec<SeqUsed> {
         let mut changed: Vec<SeqUsed> = Vec::new();

@@ -36,6 +36,9 @@ struct ProcessState {
     model: Option<Arc<str>>,
     /// Its sampling is probed and has been seen.
     sampler_seen: bool,
+    /// Its tokens were seen through a sampling function (`llama_sampler_sample`,
+    /// `common_sampler_sample`): its sampler chain's applies are not counted.
+    sampled_by_function: bool,
     /// Sequences a llama-server slot has just taken a new task on: their next tokens are a
     /// prompt, whatever they look like (a prompt served from the cache but for its last token
     /// is one token at a later position).
@@ -89,6 +92,10 @@ struct ContextState {
     sampled: Option<Vec<Pending>>,
     /// Which sequence holds each batch index of the latest successful step.
     batch: BatchMap,
+    /// Sampler-chain applies that can still be this step's samples (one per output). Others
+    /// are not samples: a program may apply the chain for other ends (probabilities of a
+    /// prompt's tokens).
+    applies_due: u32,
 }
 
 /// A token sampled since the context's last successful step: (its sequence, if known; id).
@@ -189,6 +196,14 @@ impl Assembler {
             .unwrap_or_else(|| self.unknown.clone())
     }
 
+    /// Whether the tokens of `pid` are seen through a sampling function (then the fallback
+    /// at the sampler chain's accept is not needed for it).
+    pub fn samples_by_function(&self, pid: u32) -> bool {
+        self.processes
+            .get(&pid)
+            .is_some_and(|p| p.sampled_by_function)
+    }
+
     /// Drops everything kept of a process that is gone.
     pub fn forget(&mut self, pid: u32) {
         self.processes.remove(&pid);
@@ -226,6 +241,7 @@ impl Assembler {
                 let context = ctx.map(|c| proc_.role(c));
                 // Unknown yet: the main context's (what a program's first memory calls touch).
                 let key = ctx.or(proc_.main_ctx).unwrap_or(0);
+                let truncated = self.truncate(pid, key, m);
                 Observation::Memory(MemoryChange {
                     origin: self.origin(&m.header),
                     op: crate::catalog::memory_op_name(m.op),
@@ -235,6 +251,8 @@ impl Assembler {
                     p1: m.p1,
                     delta: m.delta,
                     context,
+                    ctx: key,
+                    truncated,
                     context_used: self.context_use.apply(pid, key, m),
                 })
             }
@@ -244,6 +262,7 @@ impl Assembler {
                 return None;
             }
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
+            Event::ContextFree(f) => return self.context_free(f),
             Event::SlotRelease(r) => Observation::SlotRelease(SlotRelease {
                 origin: self.origin(&r.header),
                 slot_id: r.slot_id,
@@ -288,17 +307,38 @@ impl Assembler {
                     .collect(),
             }),
             Event::Sample(s) => {
-                let context = self.process_mut(s.header.tgid).role(s.ctx);
-                let c = self.context_mut(s.header.tgid, s.ctx);
+                let proc_ = self.process_mut(s.header.tgid);
+                let ctx = if s.api == probe_common::SampleApi::Apply as u32 {
+                    // A program that samples itself: the token of its main context's latest
+                    // output; none when its tokens are seen through a sampling function, or
+                    // when the chain selected none.
+                    if proc_.sampled_by_function || s.token < 0 {
+                        return None;
+                    }
+                    let ctx = proc_.main_ctx.unwrap_or(0);
+                    let c = proc_.contexts.entry(ctx).or_default();
+                    if c.applies_due == 0 {
+                        return None;
+                    }
+                    c.applies_due -= 1;
+                    ctx
+                } else {
+                    proc_.sampled_by_function = true;
+                    s.ctx
+                };
+                let context = proc_.role(ctx);
+                let c = self.context_mut(s.header.tgid, ctx);
                 let seq_id = c.batch.seq_at(s.idx);
                 let accepted_draft = c.batch.accepts_draft(s.idx);
                 let pending = c.sampled.get_or_insert_with(Vec::new);
-                if pending.len() < MAX_PENDING_SAMPLES {
-                    pending.push((seq_id, s.token));
+                if pending.len() >= MAX_PENDING_SAMPLES {
+                    // Bounded: the oldest, never fed back, goes.
+                    pending.remove(0);
                 }
+                pending.push((seq_id, s.token));
                 Observation::Sample(Sample {
                     origin: self.origin(&s.header),
-                    ctx: s.ctx,
+                    ctx,
                     context,
                     accepted_draft,
                     idx: s.idx,
@@ -345,6 +385,39 @@ impl Assembler {
             path,
             ok,
         }
+    }
+
+    /// A context freed: its state goes, its sequences are cut (a memory change `free`); a
+    /// freed main context leaves the role to the next context that is used.
+    fn context_free(&mut self, f: &probe_common::ContextFreeEvent) -> Option<Observation> {
+        let pid = f.header.tgid;
+        let proc_ = self.process_mut(pid);
+        let state = proc_.contexts.remove(&f.ctx)?;
+        let context = Some(if proc_.draft_ctxs.remove(&f.ctx) {
+            ContextRole::Draft
+        } else if proc_.main_ctx == Some(f.ctx) {
+            proc_.main_ctx = None;
+            ContextRole::Main
+        } else {
+            ContextRole::Draft
+        });
+        proc_.memory_ctx.retain(|_, c| *c != f.ctx);
+        proc_.pending_compute.retain(|_, (c, _)| *c != f.ctx);
+        let mut truncated: Vec<i32> = state.last_pos.keys().copied().collect();
+        truncated.sort();
+        Some(Observation::Memory(MemoryChange {
+            origin: self.origin(&f.header),
+            op: "free",
+            seq_id: -1,
+            seq_dst: -1,
+            p0: -1,
+            p1: -1,
+            delta: 0,
+            context,
+            ctx: f.ctx,
+            truncated,
+            context_used: self.context_use.free(pid, f.ctx),
+        }))
     }
 
     fn context(&mut self, c: &ContextEvent) -> ContextCreate {
@@ -480,6 +553,18 @@ impl Assembler {
             if samplers_seen {
                 self.process_mut(pid).sampler_seen = true;
             }
+            if result == DecodeResult::Ok {
+                // Tokens sampled for sequences this step did not touch stay pending: a program
+                // that decodes its sequences one call each feeds them back later.
+                let kept: Vec<Pending> = sampled
+                    .into_iter()
+                    .flatten()
+                    .filter(|&(s, _)| s.is_some_and(|s| !step.parts.iter().any(|p| p.seq_id == s)))
+                    .collect();
+                if !kept.is_empty() {
+                    self.context_mut(pid, d.ctx).sampled = Some(kept);
+                }
+            }
             let scanned: u32 = step.parts.iter().map(|p| p.n_tokens).sum();
             step.unscanned_tokens = n.saturating_sub(scanned);
             if step.unscanned_tokens > 0 {
@@ -538,7 +623,9 @@ impl Assembler {
             for p in &step.parts {
                 proc_.launched.remove(&p.seq_id);
             }
-            self.context_mut(pid, d.ctx).batch = BatchMap::of(&step);
+            let c = self.context_mut(pid, d.ctx);
+            c.batch = BatchMap::of(&step);
+            c.applies_due = step.parts.iter().map(|p| p.n_outputs).sum();
         }
         step
     }
@@ -561,6 +648,42 @@ impl Assembler {
             Some(&last) => pos > last,
             None => pos > 0,
         }
+    }
+
+    /// The sequences of context `ctx` whose held end a memory call cuts off (see
+    /// [`MemoryChange::truncated`]); their known ends move back.
+    fn truncate(&mut self, pid: u32, ctx: u64, m: &probe_common::MemoryEvent) -> Vec<i32> {
+        use probe_common::MemoryOp;
+        let c = self.context_mut(pid, ctx);
+        let last_pos = &mut c.last_pos;
+        let seqs: Vec<i32> = last_pos
+            .keys()
+            .copied()
+            .filter(|&s| m.seq_id < 0 || s == m.seq_id)
+            .collect();
+        let mut cut = Vec::new();
+        if m.op == MemoryOp::Clear as u32 {
+            // What was decoded is gone: nothing is due to be sampled.
+            c.applies_due = 0;
+            cut = last_pos.keys().copied().collect();
+            last_pos.clear();
+        } else if m.op == MemoryOp::SeqRm as u32 && m.ret != 0 {
+            let p0 = m.p0.max(0);
+            for s in seqs {
+                let last = last_pos[&s];
+                // From a held position to (at least) the end.
+                if p0 <= last && (m.p1 < 0 || m.p1 > last) {
+                    cut.push(s);
+                    if p0 == 0 {
+                        last_pos.remove(&s);
+                    } else {
+                        last_pos.insert(s, p0 - 1);
+                    }
+                }
+            }
+        }
+        cut.sort();
+        cut
     }
 
     /// Records where each sequence ends after a successful step.
@@ -597,6 +720,8 @@ mod tests {
     fn sample(a: &mut Assembler, token: i32) {
         let ev = probe_common::SampleEvent {
             header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
+            api: 0,
+            _pad: 0,
             ctx: 0x1000,
             token,
             idx: 0,
@@ -622,6 +747,164 @@ mod tests {
         let mut ev = decode_event(1, &[run(0, 6, 1, 1, true)], 0);
         ev.runs[0].tok0 = 106;
         assert_eq!(step(&mut a, ev).phase, Some(Phase::Prompt));
+    }
+
+    /// A program that decodes its sequences one call each: a token sampled for one sequence
+    /// waits for that sequence's next step, whatever is decoded in between.
+    #[test]
+    fn samples_wait_for_their_own_sequence() {
+        let mut a = Assembler::new();
+        let sample_seq = |a: &mut Assembler, token| {
+            let ev = probe_common::SampleEvent {
+                header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
+                ctx: 0x1000,
+                token,
+                idx: -1,
+                ..Default::default()
+            };
+            a.process(&Event::Sample(ev));
+        };
+        step(&mut a, decode_event(4, &[run(1, 0, 4, 1, true)], 0));
+        sample_seq(&mut a, 104);
+        step(&mut a, decode_event(3, &[run(2, 0, 3, 1, true)], 0));
+        sample_seq(&mut a, 103);
+        // seq 1 feeds back 104 at pos 4, then seq 2 its 103 at pos 3.
+        let s = step(&mut a, decode_event(1, &[run(1, 4, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Generation));
+        let s = step(&mut a, decode_event(1, &[run(2, 3, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Generation));
+    }
+
+    fn memory(
+        a: &mut Assembler,
+        op: probe_common::MemoryOp,
+        seq: i32,
+        p0: i32,
+        p1: i32,
+    ) -> Vec<i32> {
+        let ev = probe_common::MemoryEvent {
+            header: crate::decode::tests::header(probe_common::EventKind::Memory, 0, 1),
+            op: op as u32,
+            seq_id: seq,
+            seq_dst: -1,
+            p0,
+            p1,
+            ret: 1,
+            // The older names take the context itself.
+            handle: 0x1000,
+            ..Default::default()
+        };
+        match a.process(&Event::Memory(ev)) {
+            Some(Observation::Memory(m)) => m.truncated,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A memory call cuts a sequence only where it removes held positions up to the end (or
+    /// clears): "remove from the current end on", a removal in the middle, a copy and a shift
+    /// cut nothing.
+    #[test]
+    fn memory_cuts_only_what_a_sequence_holds() {
+        use probe_common::MemoryOp::{Clear, SeqAdd, SeqCp, SeqRm};
+        let mut a = Assembler::new();
+        step(&mut a, decode_event(6, &[run(0, 0, 6, 1, true)], 0));
+        step(&mut a, decode_event(3, &[run(1, 0, 3, 1, true)], 0));
+        // seq 0 holds 0..5, seq 1 0..2.
+        assert_eq!(memory(&mut a, SeqRm, -1, 6, -1), Vec::<i32>::new());
+        assert_eq!(memory(&mut a, SeqRm, 0, 1, 3), Vec::<i32>::new());
+        assert_eq!(memory(&mut a, SeqCp, 0, 0, -1), Vec::<i32>::new());
+        assert_eq!(memory(&mut a, SeqAdd, 0, 3, -1), Vec::<i32>::new());
+        // Keep 0..3 of seq 0: cut; again: nothing left to cut.
+        assert_eq!(memory(&mut a, SeqRm, 0, 4, -1), [0]);
+        assert_eq!(memory(&mut a, SeqRm, 0, 4, -1), Vec::<i32>::new());
+        // Every sequence from 3 on: seq 0 ends at 3, seq 1 at 2: only seq 0.
+        assert_eq!(memory(&mut a, SeqRm, -1, 3, -1), [0]);
+        // Negative p0 means from the start.
+        assert_eq!(memory(&mut a, SeqRm, 1, -1, -1), [1]);
+        step(&mut a, decode_event(2, &[run(2, 0, 2, 1, true)], 0));
+        assert_eq!(memory(&mut a, Clear, -1, -1, -1), [0, 2]);
+    }
+
+    /// A program that sizes its parameters with a throw-away context frees it before creating
+    /// the real one: the context it uses next is the main one, and a freed context cuts its
+    /// sequences.
+    #[test]
+    fn a_freed_context_hands_the_main_role_on() {
+        use probe_common::{ContextEvent, ContextFreeEvent, EventKind};
+        let mut a = Assembler::new();
+        let create = |a: &mut Assembler, ctx| {
+            let ev = ContextEvent {
+                header: crate::decode::tests::header(EventKind::ContextCreate, 0, 1),
+                ctx,
+                ..Default::default()
+            };
+            match a.process(&Event::Context(ev)) {
+                Some(Observation::ContextCreate(c)) => c.context,
+                o => panic!("{o:?}"),
+            }
+        };
+        let free = |a: &mut Assembler, ctx| {
+            let ev = ContextFreeEvent {
+                header: crate::decode::tests::header(EventKind::ContextFree, 0, 1),
+                ctx,
+            };
+            a.process(&Event::ContextFree(ev))
+        };
+        assert_eq!(create(&mut a, 0x2000), ContextRole::Main);
+        match free(&mut a, 0x2000) {
+            Some(Observation::Memory(m)) => {
+                assert_eq!((m.op, m.context), ("free", Some(ContextRole::Main)));
+                assert!(m.truncated.is_empty());
+            }
+            o => panic!("{o:?}"),
+        }
+        // The real context (here at the address the helpers decode on) is main.
+        assert_eq!(create(&mut a, 0x1000), ContextRole::Main);
+        step(&mut a, decode_event(3, &[run(0, 0, 3, 1, true)], 0));
+        match free(&mut a, 0x1000) {
+            Some(Observation::Memory(m)) => {
+                assert_eq!(m.truncated, [0]);
+                assert_eq!(m.context_used[0].used, 0);
+            }
+            o => panic!("{o:?}"),
+        }
+        // A context never seen created or used: nothing.
+        assert!(free(&mut a, 0x3000).is_none());
+    }
+
+    /// The sampler chain's apply (a program that samples itself) is a sample at most once per
+    /// output of the latest step, none after a clear, none with nothing selected; once a
+    /// sampling function is seen, applies are not samples at all.
+    #[test]
+    fn applies_are_samples_only_where_due() {
+        let mut a = Assembler::new();
+        let apply = |a: &mut Assembler, token| {
+            let ev = probe_common::SampleEvent {
+                header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
+                api: probe_common::SampleApi::Apply as u32,
+                token,
+                idx: -1,
+                ..Default::default()
+            };
+            a.process(&Event::Sample(ev)).is_some()
+        };
+        // Before any step: none due (a prompt's tokens given to the sampler).
+        assert!(!apply(&mut a, 5));
+        step(&mut a, decode_event(4, &[run(0, 0, 4, 1, true)], 0));
+        assert!(!apply(&mut a, -1));
+        assert!(apply(&mut a, 104));
+        assert!(!apply(&mut a, 104));
+        // The token fed back is generation.
+        let s = step(&mut a, decode_event(1, &[run(0, 4, 1, 1, true)], 0));
+        assert_eq!(s.phase, Some(Phase::Generation));
+        memory(&mut a, probe_common::MemoryOp::Clear, -1, -1, -1);
+        assert!(!apply(&mut a, 105));
+        // A sampling function takes over.
+        step(&mut a, decode_event(2, &[run(0, 0, 2, 1, true)], 0));
+        sample(&mut a, 7);
+        assert!(a.samples_by_function(7));
+        step(&mut a, decode_event(1, &[run(0, 2, 1, 1, true)], 0));
+        assert!(!apply(&mut a, 8));
     }
 
     fn step(a: &mut Assembler, ev: DecodeEvent) -> DecodeStep {
@@ -701,6 +984,8 @@ mod tests {
         for (idx, token) in [(0, 150), (1, 160)] {
             let mut ev = probe_common::SampleEvent {
                 header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
+                api: 0,
+                _pad: 0,
                 ctx: 0x1000,
                 token,
                 idx,
@@ -744,6 +1029,8 @@ mod tests {
         let sample_on = |a: &mut Assembler, ctx, idx, token| -> Sample {
             let ev = probe_common::SampleEvent {
                 header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
+                api: 0,
+                _pad: 0,
                 ctx,
                 token,
                 idx,

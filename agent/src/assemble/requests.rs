@@ -50,6 +50,9 @@ struct Open {
     last_activity_ns: u64,
 }
 
+/// Prompt tokens of a warm-up decode at most (llama.cpp's is BOS and EOS, or one of them).
+const MAX_WARMUP_TOKENS: u32 = 2;
+
 /// A request silent for this long is closed (its last token was sampled long ago).
 const IDLE_CLOSE_NS: u64 = 2_000_000_000;
 
@@ -99,6 +102,8 @@ pub struct Requests {
     pub unserved: Unserved,
     /// Context shifts seen.
     pub context_shifts: u64,
+    /// Warm-ups seen (see [`Requests::is_warmup`]): not requests.
+    pub warmups: u64,
     /// Start of the latest decode step seen, per process.
     last_step_ns: HashMap<u32, u64>,
 }
@@ -116,6 +121,7 @@ impl Requests {
             next_id: 0,
             unserved: Unserved::default(),
             context_shifts: 0,
+            warmups: 0,
             last_step_ns: HashMap::new(),
         }
     }
@@ -265,6 +271,10 @@ impl Requests {
     fn close(&mut self, key: Key, why: &'static str) -> Option<Request> {
         let mut o = self.open.remove(&key)?;
         o.req.closed_by = why;
+        if self.is_warmup(&o.req) {
+            self.warmups += 1;
+            return None;
+        }
         // A request whose prompt was never completed has no end of its own.
         if o.req.end_ns == 0 {
             o.req.end_ns = o.last_activity_ns;
@@ -277,6 +287,22 @@ impl Requests {
             };
         }
         Some(o.req)
+    }
+
+    /// Start-up, not traffic: llama.cpp warms a context up after loading (a decode of one or
+    /// two tokens, then the memory is cleared, no sample), and in llama-server a request exists
+    /// only for a task.
+    fn is_warmup(&self, r: &Request) -> bool {
+        let no_token = r.first_token_ns.is_none() && r.generated_tokens == 0;
+        match self.mode {
+            Mode::ServerTasks => r.task_id.is_none() && no_token,
+            _ => {
+                no_token
+                    && matches!(r.closed_by, "memory_reused" | "context_freed")
+                    && r.decode_steps <= 1
+                    && r.prompt_tokens <= MAX_WARMUP_TOKENS
+            }
+        }
     }
 
     /// A new request on `key`, starting with step `d`: its task and acceptance time.
@@ -421,22 +447,26 @@ impl Requests {
             .open
             .iter()
             .filter(|(k, o)| {
-                k.0 == pid
-                    && generating(o)
-                    && match m.op {
-                        "clear" => true,
-                        // A removal to the end reuses the sequence; one in the middle is a
-                        // context shift within the request.
-                        "seq_rm" => m.p1 < 0 && (m.seq_id < 0 || k.2 == m.seq_id),
-                        _ => k.2 == m.seq_dst,
-                    }
+                // Only a call that changes what the sequence holds ends its request: a
+                // removal of held positions to the end, a clear. A removal past the end (a
+                // binding's "remove from the current end on" before every eval), one in the
+                // middle (a context shift), a copy or a shift keep it open.
+                // A clear or a free cuts every sequence (also those whose positions were never
+                // seen: `llama_batch_get_one` batches carry none).
+                let all = matches!(m.op, "clear" | "free");
+                k.0 == pid && k.1 == m.ctx && o.generating && (all || m.truncated.contains(&k.2))
             })
             .map(|(k, _)| *k)
             .collect();
-        // Only a generating request is closed by its memory being reused (filtered above); a
-        // removal during the prompt (cache reuse at the request's start) belongs to it.
+        // Only a request whose prompt was decoded is closed by its memory being cut (filtered
+        // above); a removal during a long prompt belongs to it.
+        let why = if m.op == "free" {
+            "context_freed"
+        } else {
+            "memory_reused"
+        };
         keys.into_iter()
-            .filter_map(|k| self.close(k, "memory_reused"))
+            .filter_map(|k| self.close(k, why))
             .map(Observation::Request)
             .collect()
     }
@@ -975,6 +1005,8 @@ mod tests {
         Observation::Memory(MemoryChange {
             origin: origin(at, at + 1),
             context: None,
+            ctx: 7,
+            truncated: vec![],
             op,
             seq_id,
             seq_dst: -1,
@@ -1005,6 +1037,45 @@ mod tests {
         r.observe(&sample(50, -1));
         let q = r.finish().remove(0);
         assert_eq!((q.generated_tokens, q.context_shifts), (2, 1));
+    }
+
+    /// Start-up is not traffic: a decode of one or two tokens cut without a sample is a
+    /// warm-up; a cut only of a sequence the call names ends its request; a free ends them all.
+    #[test]
+    fn warm_ups_are_not_requests_and_only_cuts_end_requests() {
+        let mut r = Requests::new(Mode::BatchView);
+        r.observe(&step(0, vec![part(0, 0, 2, PartKind::FinalPromptChunk)]));
+        let mut clear = memory(5, "clear", -1, -1, -1, 0);
+        assert!(r.observe(&clear).is_empty());
+        assert_eq!(r.warmups, 1);
+        // Two requests, on seqs 0 and 1.
+        r.observe(&step(10, vec![part(0, 0, 5, PartKind::FinalPromptChunk)]));
+        r.observe(&sample(15, -1));
+        r.observe(&step(20, vec![part(1, 0, 3, PartKind::FinalPromptChunk)]));
+        r.observe(&sample(25, -1));
+        // A removal that cuts nothing (the assembler found none), then one cutting seq 1.
+        assert!(r.observe(&memory(30, "seq_rm", -1, 5, -1, 0)).is_empty());
+        let mut cut = memory(31, "seq_rm", 1, 2, -1, 0);
+        if let Observation::Memory(m) = &mut cut {
+            m.truncated = vec![1];
+        }
+        let got = closed(r.observe(&cut));
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].seq_id, got[0].closed_by), (1, "memory_reused"));
+        // A free ends what is left.
+        if let Observation::Memory(m) = &mut clear {
+            m.op = "free";
+        }
+        let got = closed(r.observe(&clear));
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].seq_id, got[0].closed_by), (0, "context_freed"));
+        assert_eq!(got[0].generated_tokens, 1);
+        assert_eq!(r.warmups, 1);
+        // In llama-server mode, a request exists only for a task.
+        let mut r = Requests::new(Mode::ServerTasks);
+        r.observe(&step(0, vec![part(0, 0, 7, PartKind::FinalPromptChunk)]));
+        assert!(r.finish().is_empty());
+        assert_eq!(r.warmups, 1);
     }
 
     /// A process that is gone takes its requests and its waiting tasks with it.

@@ -74,6 +74,12 @@ pub struct MemoryChange {
     pub delta: i32,
     /// The context whose memory changed (`None`: not known yet).
     pub context: Option<ContextRole>,
+    /// That context (the main one's while not known yet).
+    pub ctx: u64,
+    /// The sequences whose held tokens it cut off at the end (a `seq_rm` from a position the
+    /// sequence holds to its end, a `clear`): what they held next is another text. A removal
+    /// past the end, or in the middle (a context shift), cuts none.
+    pub truncated: Vec<i32>,
     /// Tokens of each sequence the change touched, afterwards.
     pub context_used: Vec<SeqUsed>,
 }

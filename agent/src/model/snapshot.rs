@@ -24,6 +24,8 @@ pub struct SelfStats {
     pub unserved: Unserved,
     /// Tasks llama-server accepted that no slot has taken yet (by task id).
     pub tasks_waiting: u64,
+    /// Warm-up decodes seen (start-up, not requests).
+    pub warmups: u64,
 }
 
 impl SelfStats {

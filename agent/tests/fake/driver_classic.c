@@ -220,11 +220,113 @@ static int run_two_contexts(const char * model_path, struct llama_model_params m
     return driver_finish();
 }
 
+/*
+ * `driver_classic MODEL_PATH eval-loops`: the eval loops of programs on libllama (after the same
+ * loads and context, #1-3; m = llama_get_memory(ctx)). A sample after every decode
+ * (sample(-1) -> 999 after a prompt, sample(0) -> 1000 after a generation step); generation
+ * steps feed the last sampled id back, one token, output on.
+ *   W  warm-up: 2 tokens ids 1, 2, seq 0, pos 0..1, output last; llama_memory_clear(m, true);
+ *      no sample
+ *   A  a binding's loop that truncates at its end before every step:
+ *      seq_rm(m, -1, n_past, -1) then decode, for: prompt 6 tokens ids 100..105 pos 0..5,
+ *      4 generation steps pos 6..9 (n_past 0, 6, 7, 8, 9: nothing held is removed)
+ *   B  a prefix cache: seq_rm(m, 0, 4, -1) (keeps pos 0..3), prompt 3 tokens ids 110..112
+ *      pos 4..6, 2 generation steps pos 7..8
+ *   C  no memory calls, two sequences interleaved: prompt seq 1 (4 tokens ids 120..123 pos
+ *      0..3), prompt seq 2 (3 tokens ids 130..132 pos 0..2), then twice: a generation step on
+ *      seq 1 (pos 4, 5), one on seq 2 (pos 3, 4); then a new prompt on seq 1 (3 tokens ids
+ *      140..142 pos 6..8)
+ * Requests: 1 warm-up (not a request), then
+ *   R1 seq 0 prompt 6 cached 0 generated 5, 5 steps, closed by B's seq_rm (memory_reused)
+ *   R2 seq 0 prompt 3 cached 4 generated 3, 3 steps (open at the end)
+ *   R3 seq 1 prompt 4 cached 0 generated 3, 3 steps, closed by the new prompt (next_request)
+ *   R4 seq 2 prompt 3 cached 0 generated 3, 3 steps (open at the end)
+ *   R5 seq 1 prompt 3 cached 6 generated 1, 1 step (open at the end)
+ * Totals: 16 decodes, 15 samples, 6 seq_rm, 1 clear.
+ */
+static int run_eval_loops(struct llama_context * ctx, struct llama_sampler * smpl) {
+    llama_memory_t mem = llama_get_memory(ctx);
+    printf("call llama_get_memory ret=%s\n", mem != NULL ? "nonnull" : "null");
+    llama_token last = 0;
+    /* W */
+    cb_clear();
+    cb_add(1, 0, 0, 0);
+    cb_add(2, 1, 0, 1);
+    decode(ctx, cb.b, 0);
+    llama_memory_clear(mem, true);
+    printf("call llama_memory_clear ret=void\n");
+    /* A */
+    int n_past = 0;
+    for (int step = 0; step < 5; step++) {
+        bool ok = llama_memory_seq_rm(mem, -1, n_past, -1);
+        printf("call llama_memory_seq_rm ret=%d\n", ok ? 1 : 0);
+        cb_clear();
+        if (step == 0) {
+            for (int i = 0; i < 6; i++) {
+                cb_add(100 + i, i, 0, i == 5);
+            }
+        } else {
+            cb_add(last, n_past, 0, 1);
+        }
+        decode(ctx, cb.b, 0);
+        n_past += cb.b.n_tokens;
+        last = llama_sampler_sample(smpl, ctx, -1 + (step > 0));
+        driver_sample(last, step == 0 ? 999 : 1000);
+    }
+    /* B */
+    bool ok = llama_memory_seq_rm(mem, 0, 4, -1);
+    printf("call llama_memory_seq_rm ret=%d\n", ok ? 1 : 0);
+    for (int step = 0; step < 3; step++) {
+        cb_clear();
+        if (step == 0) {
+            for (int i = 0; i < 3; i++) {
+                cb_add(110 + i, 4 + i, 0, i == 2);
+            }
+        } else {
+            cb_add(last, 6 + step, 0, 1);
+        }
+        decode(ctx, cb.b, 0);
+        last = llama_sampler_sample(smpl, ctx, -1 + (step > 0));
+        driver_sample(last, step == 0 ? 999 : 1000);
+    }
+    /* C */
+    struct { llama_seq_id seq; int first_id, n_prompt; llama_token last; } s[2] = {
+        { 1, 120, 4, 0 },
+        { 2, 130, 3, 0 },
+    };
+    for (int k = 0; k < 2; k++) {
+        cb_clear();
+        for (int i = 0; i < s[k].n_prompt; i++) {
+            cb_add(s[k].first_id + i, i, s[k].seq, i == s[k].n_prompt - 1);
+        }
+        decode(ctx, cb.b, 0);
+        s[k].last = llama_sampler_sample(smpl, ctx, -1);
+        driver_sample(s[k].last, 999);
+    }
+    for (int g = 0; g < 2; g++) {
+        for (int k = 0; k < 2; k++) {
+            cb_clear();
+            cb_add(s[k].last, s[k].n_prompt + g, s[k].seq, 1);
+            decode(ctx, cb.b, 0);
+            s[k].last = llama_sampler_sample(smpl, ctx, 0);
+            driver_sample(s[k].last, 1000);
+        }
+    }
+    cb_clear();
+    for (int i = 0; i < 3; i++) {
+        cb_add(140 + i, 6 + i, 1, i == 2);
+    }
+    decode(ctx, cb.b, 0);
+    driver_sample(llama_sampler_sample(smpl, ctx, -1), 999);
+    return driver_finish();
+}
+
 int main(int argc, char ** argv) {
     int retry = argc == 3 && strcmp(argv[2], "retry") == 0;
     int two = argc == 3 && strcmp(argv[2], "two-contexts") == 0;
-    if (argc != 2 && !retry && !two) {
-        fprintf(stderr, "usage: %s MODEL_PATH [retry | two-contexts]\n", argv[0]);
+    int loops = argc == 3 && strcmp(argv[2], "eval-loops") == 0;
+    if (argc != 2 && !retry && !two && !loops) {
+        fprintf(stderr, "usage: %s MODEL_PATH [retry | two-contexts | eval-loops]\n", argv[0]);
         return 2;
     }
     driver_wait_for_start();
@@ -274,6 +376,9 @@ int main(int argc, char ** argv) {
     llama_token last = 0;
     if (retry) {
         return run_retries(ctx, smpl);
+    }
+    if (loops) {
+        return run_eval_loops(ctx, smpl);
     }
 
     /* 4-6: prompt of 12 tokens, seq 0 */

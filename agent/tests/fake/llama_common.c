@@ -114,6 +114,28 @@ FAKE_API struct llama_context * llama_new_context_with_model(struct llama_model 
     return c;
 }
 
+/* every context has its memory: its own pointer, as llama.cpp's llama_get_memory gives */
+static long fake_memory_storage[8];
+
+FAKE_API llama_memory_t llama_get_memory(const struct llama_context * ctx) {
+    long i = ((const long *) (const void *) ctx - fake_context_storage) % 8;
+    return (llama_memory_t) (void *) &fake_memory_storage[i < 0 ? 0 : i];
+}
+
+FAKE_API bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0,
+                                  llama_pos p1) {
+    (void) mem;
+    (void) seq_id;
+    (void) p0;
+    (void) p1;
+    return true;
+}
+
+FAKE_API void llama_memory_clear(llama_memory_t mem, bool data) {
+    (void) mem;
+    (void) data;
+}
+
 FAKE_API llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx,
                                           int32_t idx) {
     (void) smpl;

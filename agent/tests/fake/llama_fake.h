@@ -166,6 +166,12 @@ bool    llama_batch_ext_set_output_logits(struct llama_batch_ext * batch, int32_
 bool    llama_batch_ext_set_pos(struct llama_batch_ext * batch, int32_t idx, const llama_pos * pos);
 int32_t llama_process(struct llama_context * ctx, enum llama_process_type type, struct llama_batch_ext * batch);
 
+/* KV memory (2025+ API) */
+typedef struct llama_memory_i * llama_memory_t;
+llama_memory_t llama_get_memory(const struct llama_context * ctx);
+bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+void llama_memory_clear(llama_memory_t mem, bool data);
+
 /* ---- test hook of the fake (exported, not a llama.cpp function) ---- */
 /* the next decode returns rc (then decodes go by token id again) */
 void fake_fail_next_decode(int32_t rc);

@@ -334,7 +334,7 @@ fn stripped_static_binary_is_explained_and_symbols_from_restores_it() {
             .unwrap();
         let shown = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{}", text(&out));
-        assert!(shown.contains("would probe (7 functions)"), "{shown}");
+        assert!(shown.contains("would probe (10 functions)"), "{shown}");
         assert!(shown.contains("(SymbolsFrom)"), "{shown}");
     }
     if !root_or_skip("stripped_static_binary_is_explained_and_symbols_from_restores_it") {
@@ -505,4 +505,71 @@ fn two_contexts_are_counted_apart() {
     };
     assert_eq!((last_used("main"), last_used("draft")), (Some(8), Some(5)));
     assert_eq!(sum["context_used"]["0"], 8);
+}
+
+/// The eval loops of programs on libllama (`driver_classic MODEL eval-loops`, see its
+/// comment): a binding that truncates at its end before every step, one that trims to a common
+/// prefix and continues, and two interleaved sequences with no memory calls at all give one
+/// request per prompt, each with its exact prompt, cached and generated tokens; the warm-up
+/// (a decode cleared without a sample) is counted apart, not as a request.
+#[test]
+fn eval_loops_give_one_request_per_prompt() {
+    if !root_or_skip("eval_loops_give_one_request_per_prompt") {
+        return;
+    }
+    let _serial = serial();
+    let (sum, events) = profile_with(
+        "classic/driver_classic",
+        &["eval-loops"],
+        "eval_loops_give_one_request_per_prompt",
+    );
+    assert_eq!(sum["decode_calls"], 16);
+    assert_eq!(sum["sampled_tokens"], 15);
+    assert_eq!(sum["requests"], 5, "{sum}");
+    assert_eq!(sum["warmups"], 1, "{sum}");
+    let memory = of_kind(&events, "memory");
+    let ops: Vec<&str> = memory.iter().map(|m| m["op"].as_str().unwrap()).collect();
+    assert_eq!(
+        ops,
+        ["clear", "seq_rm", "seq_rm", "seq_rm", "seq_rm", "seq_rm", "seq_rm"]
+    );
+    let mut requests: Vec<_> = of_kind(&events, "request")
+        .iter()
+        .map(|r| {
+            (
+                r["seq_id"].as_i64().unwrap(),
+                r["prompt_tokens"].as_u64().unwrap(),
+                r["cached_tokens"].as_u64().unwrap(),
+                r["generated_tokens"].as_u64().unwrap(),
+                r["decode_steps"].as_u64().unwrap(),
+                r["closed_by"].as_str().unwrap().to_string(),
+                r["start_ns"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    requests.sort_by_key(|r| r.6);
+    let got: Vec<_> = requests
+        .iter()
+        .map(|r| (r.0, r.1, r.2, r.3, r.4, r.5.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, 6, 0, 5, 5, "memory_reused"),
+            (0, 3, 4, 3, 3, "session_end"),
+            (1, 4, 0, 3, 3, "next_request"),
+            (2, 3, 0, 3, 3, "session_end"),
+            (1, 3, 6, 1, 1, "session_end"),
+        ]
+    );
+    // Time to first token for all five, time per output token for the four that generated
+    // more than one: the fake samples in 1 ms, so a token is at least that apart.
+    assert_eq!(sum["time_to_first_token"]["count"], 5, "{sum}");
+    assert_eq!(sum["time_per_output_token"]["count"], 4, "{sum}");
+    for r in of_kind(&events, "request") {
+        let first = r["first_token_ns"].as_u64().unwrap();
+        let n = r["generated_tokens"].as_u64().unwrap();
+        let per_token = (r["end_ns"].as_u64().unwrap() - first) / (n - 1).max(1);
+        assert!(n == 1 || per_token >= 1_000_000, "{r}");
+    }
 }

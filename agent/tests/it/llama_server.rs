@@ -263,6 +263,9 @@ fn run_sees_load(f: &Fixture, model: &std::path::Path) {
     assert_eq!(c["n_threads_batch"], 2);
     // From the start, the warm-up decode and the request are all seen; 6 tokens sampled.
     assert_eq!(s["sampled_tokens"], 6);
+    // Start-up is not traffic: one completion is one request, the warm-up counted apart.
+    assert_eq!(s["requests"], 1, "{s}");
+    assert!(s["warmups"].as_u64().unwrap() >= 1, "{s}");
     // A CPU build has no GPU backend: llama_synchronize is left alone (--sync auto).
     assert_eq!(s["synchronize"]["count"], 0);
     assert!(

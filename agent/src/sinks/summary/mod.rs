@@ -180,6 +180,9 @@ pub struct Summary {
     pub requests_by_type: BTreeMap<&'static str, u64>,
     /// Accepted work that never became a request, by reason.
     pub unserved: crate::model::Unserved,
+    /// Warm-up decodes (start-up: a short prompt decoded and cleared without a sample, or in
+    /// llama-server a decode for no task): not requests.
+    pub warmups: u64,
     /// Context shifts (a generating sequence outgrew its share of the context).
     pub context_shifts: u64,
     /// A speculative draft model's context (the figures above are the main context's).
@@ -222,6 +225,7 @@ pub struct Stats {
     slot_launches: u64,
     requests_by_type: BTreeMap<&'static str, u64>,
     unserved: crate::model::Unserved,
+    warmups: u64,
     context_shifts: u64,
     draft: Option<DraftContextSummary>,
     speculative: SpeculativeSummary,
@@ -231,6 +235,11 @@ impl Stats {
     /// Records the work that never became a request (from the request stage).
     pub fn set_unserved(&mut self, unserved: crate::model::Unserved) {
         self.unserved = unserved;
+    }
+
+    /// Records the warm-ups the request stage left out.
+    pub fn set_warmups(&mut self, n: u64) {
+        self.warmups = n;
     }
 
     /// Records how a fact about the process was learnt (shown in the summary).
@@ -270,7 +279,10 @@ impl Stats {
             _ => {}
         }
         if let Some(origin) = obs.origin() {
-            for s in obs.context_used() {
+            // What each sequence held last while its context lived (a program's exit frees
+            // the context: that empties nothing here).
+            let freed = matches!(obs, Observation::Memory(m) if m.op == "free");
+            for s in obs.context_used().iter().filter(|_| !freed) {
                 self.context_used.insert((origin.pid, s.seq_id), s.used);
             }
             self.first_ns.get_or_insert(origin.start_ns);
@@ -400,6 +412,7 @@ impl Stats {
             slot_launches: self.slot_launches,
             requests_by_type: self.requests_by_type.clone(),
             unserved: self.unserved,
+            warmups: self.warmups,
             context_shifts: self.context_shifts,
             draft_context: self.draft.clone(),
             speculative: self.speculative,
@@ -462,6 +475,7 @@ impl Sink for SummarySink {
 
     fn tick(&mut self, now: &Snapshot) {
         self.stats.set_unserved(now.stats.unserved);
+        self.stats.set_warmups(now.stats.warmups);
         if let Some(t) = self.terminal.as_mut() {
             t.tick(&self.stats.summary(), &now.stats);
         }
@@ -470,6 +484,7 @@ impl Sink for SummarySink {
     fn finish(&mut self, last: &Snapshot) -> anyhow::Result<()> {
         use anyhow::Context as _;
         self.stats.set_unserved(last.stats.unserved);
+        self.stats.set_warmups(last.stats.warmups);
         let summary = self.stats.summary();
         let s = &last.stats;
         let ended_by = last.ended_by.unwrap_or("ended");
@@ -623,6 +638,13 @@ impl Summary {
         }
         if self.context_shifts > 0 {
             let _ = writeln!(s, "context shifts: {}", self.context_shifts);
+        }
+        if self.warmups > 0 {
+            let _ = writeln!(
+                s,
+                "warm-ups (start-up decodes, not requests): {}",
+                self.warmups
+            );
         }
         let spec = &self.speculative;
         if spec.draft_tokens > 0 {

@@ -11,6 +11,8 @@ pub struct Fixture {
     pub name: String,
     pub generation: String,
     pub server: Option<PathBuf>,
+    /// Its llama-cli, when built.
+    pub cli: Option<PathBuf>,
     pub driver: Option<PathBuf>,
     pub libllama: Option<PathBuf>,
     pub env: HashMap<String, String>,
@@ -18,6 +20,8 @@ pub struct Fixture {
     pub dwarf: bool,
     pub stripped: bool,
     pub linkage: String,
+    /// A directory whose `node_modules` holds the npm binding (the npm fixture).
+    pub node_app: Option<PathBuf>,
 }
 
 fn path(v: &Value) -> Option<PathBuf> {
@@ -30,6 +34,7 @@ impl Fixture {
             name: v["name"].as_str().unwrap_or("?").to_string(),
             generation: v["generation"].as_str().unwrap_or("?").to_string(),
             server: path(&v["server"]),
+            cli: path(&v["cli"]),
             driver: path(&v["driver"]),
             libllama: path(&v["libllama"]),
             env: v["env"]
@@ -44,6 +49,7 @@ impl Fixture {
             dwarf: v["dwarf"].as_bool().unwrap_or(false),
             stripped: v["stripped"].as_bool().unwrap_or(false),
             linkage: v["linkage"].as_str().unwrap_or("shared").to_string(),
+            node_app: path(&v["node_app"]),
         }
     }
 
@@ -74,6 +80,7 @@ pub fn all(test: &str) -> Vec<Fixture> {
             name: "newest".into(),
             generation: "batch_ext".into(),
             server: Some(server),
+            cli: None,
             driver: None,
             libllama: None,
             env: HashMap::new(),
@@ -81,6 +88,7 @@ pub fn all(test: &str) -> Vec<Fixture> {
             dwarf: false,
             stripped: false,
             linkage: "shared".into(),
+            node_app: None,
         }];
     }
     vec![]
