@@ -10,6 +10,8 @@
 //! - [`Sampler`]: one round of GPU and process readings.
 
 pub mod gguf;
+pub mod identity;
+pub mod k8s;
 pub mod model_path;
 pub mod nvml;
 pub mod procfs;
