@@ -33,6 +33,9 @@ pub enum EventKind {
     SlotRelease = 61,
     /// One task launched on (or refused by) a llama-server slot ([`SlotLaunchEvent`]).
     SlotLaunch = 62,
+    /// A process exec'd a new program, or a watched process exited ([`ProcessEvent`]; the
+    /// host agent's discovery, from the `sched` tracepoints).
+    Process = 70,
 }
 
 /// First field of every event.
@@ -286,6 +289,26 @@ pub struct ContextFreeEvent {
     pub ctx: u64,
 }
 
+/// What a [`ProcessEvent`] reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessChange {
+    /// `sched/sched_process_exec`: the process (header `tgid`) now runs a new program.
+    Exec = 0,
+    /// `sched/sched_process_exit` of a watched process's main thread.
+    Exit = 1,
+}
+
+/// A process's exec or exit, sent by the host agent's tracepoint programs (an instant).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessEvent {
+    pub header: EventHeader,
+    /// A [`ProcessChange`] value.
+    pub change: u32,
+    pub _pad: u32,
+}
+
 /// One `llama_memory_t llama_get_memory(const struct llama_context * ctx)` call (2025+): which
 /// memory handle the memory events of a context carry.
 #[repr(C)]
@@ -377,4 +400,5 @@ const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 16 + 16 * MAX_POST_
 const _: () = assert!(size_of::<SlotLaunchEvent>() == 32 + 16 + 16);
 const _: () = assert!(size_of::<MemoryHandleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<ContextFreeEvent>() == 32 + 8);
+const _: () = assert!(size_of::<ProcessEvent>() == 32 + 8);
 const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8);

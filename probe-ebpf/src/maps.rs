@@ -32,6 +32,10 @@ pub static LAYOUT_TABLE: Array<ProcessLayout> = Array::with_max_entries(64, 0);
 #[map]
 pub static LAYOUTS: HashMap<u32, ProcessLayout> = HashMap::with_max_entries(1024, 0);
 
+/// Processes whose exit the host agent wants to hear of (`probes::process`), by tgid.
+#[map]
+pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
 /// Calls in progress, by thread id, one map per family.
 #[map]
 pub static DECODE_ENTRY: HashMap<u32, DecodeEvent> = HashMap::with_max_entries(4096, 0);

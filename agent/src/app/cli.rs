@@ -4,6 +4,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+use super::select::Selector;
 use crate::sinks::{events_out, otlp, prometheus, summary, trace_file};
 
 #[derive(Parser, Debug)]
@@ -21,14 +22,17 @@ use crate::sinks::{events_out, otlp, prometheus, summary, trace_file};
     after_help = "Examples:\n  \
         sudo llamaprobe attach --pid $(pgrep -n llama-server)\n  \
         sudo llamaprobe run -- llama-server -m model.gguf\n  \
+        sudo llamaprobe daemon --exclude comm:llama-bench\n  \
+        sudo llamaprobe ps\n  \
         llamaprobe symbols /usr/local/lib/libllama.so"
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log filter for llamaprobe's own diagnostics (e.g. info, debug).
-    #[arg(long, global = true, env = "LLAMAPROBE_LOG", default_value = "warn")]
-    pub log: String,
+    /// Log filter for llamaprobe's own diagnostics (e.g. info, debug; default: warn, and info
+    /// for the daemon).
+    #[arg(long, global = true, env = "LLAMAPROBE_LOG")]
+    pub log: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,6 +53,17 @@ pub enum Command {
         /// The program and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
+    },
+    /// The host agent: trace every llama.cpp process on this host (running now or started
+    /// later, containers included) until stopped, with Prometheus metrics on 0.0.0.0:9464
+    /// (`/metrics`, `/healthz`, `/readyz`). Run it as a systemd service or a DaemonSet.
+    Daemon(Box<DaemonOpts>),
+    /// List the llama.cpp processes on this host (pid, executable, API generation, model,
+    /// container, pod) without attaching anything.
+    Ps {
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print what llamaprobe finds in a process or a file: API generation, the functions it
     /// would probe (file, offset, symbol table) and those missing. Needs no privileges for a file.
@@ -107,6 +122,68 @@ pub struct ProfileOpts {
     pub otlp: otlp::Options,
 }
 
+/// Options of `llamaprobe daemon`.
+#[derive(Args, Debug, Clone)]
+pub struct DaemonOpts {
+    /// Seconds between rescans of every process's maps: libraries loaded after a program
+    /// started (dlopen by Python or Node), and exits the tracepoint did not report.
+    #[arg(
+        long,
+        default_value_t = 2.0,
+        value_name = "SECS",
+        env = "LLAMAPROBE_RESCAN"
+    )]
+    pub rescan: f64,
+    /// Trace at most this many processes; more are refused (counted, said once).
+    #[arg(
+        long,
+        default_value_t = 256,
+        value_name = "N",
+        env = "LLAMAPROBE_MAX_PROCESSES"
+    )]
+    pub max_processes: usize,
+    /// Trace only processes matching one of these selectors (comma-separated or repeated):
+    /// `exe:GLOB`, `comm:NAME`, `container:ID`, `namespace:NS`, `pod-label:KEY=VALUE`.
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        value_delimiter = ',',
+        env = "LLAMAPROBE_INCLUDE"
+    )]
+    pub include: Vec<Selector>,
+    /// Never trace processes matching one of these selectors (as for --include).
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        value_delimiter = ',',
+        env = "LLAMAPROBE_EXCLUDE"
+    )]
+    pub exclude: Vec<Selector>,
+    /// Log lines as text or as one JSON object per line (for node log collectors).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "LLAMAPROBE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// A TOML file of options (keys are the long option names: `rescan = 5`,
+    /// `exclude = ["comm:llama-bench"]`); default /etc/llamaprobe/llamaprobe.toml when present.
+    /// A flag or a LLAMAPROBE_* variable overrides the file.
+    #[arg(long, value_name = "FILE", env = "LLAMAPROBE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub profile: ProfileOpts,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 /// When to probe llama_synchronize.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
@@ -143,7 +220,7 @@ mod tests {
                 assert_eq!(opts.duration, Some(3.0));
                 assert_eq!(command, ["llama-server", "-m", "x.gguf"]);
                 assert_eq!(
-                    opts.prometheus.metrics_addr,
+                    opts.prometheus.addr(),
                     prometheus::MetricsAddr::On("127.0.0.1:9464".parse().unwrap())
                 );
             }
@@ -156,7 +233,7 @@ mod tests {
         let parse = |a: &str| {
             Cli::try_parse_from(["llamaprobe", "attach", "--pid", "1", "--metrics-addr", a]).map(
                 |c| match c.command {
-                    Command::Attach { opts, .. } => opts.prometheus.metrics_addr,
+                    Command::Attach { opts, .. } => opts.prometheus.addr(),
                     _ => unreachable!(),
                 },
             )

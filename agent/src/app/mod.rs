@@ -2,7 +2,12 @@
 //! session ([`session`]) that drives the stages for the traced processes.
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
+mod host;
 pub mod launch;
+mod ps;
+mod select;
 pub mod session;
 
 use crate::{
@@ -39,6 +44,8 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
             let held = launch::spawn_held(&exe, &command)?;
             session::run(session::Target::Launched(held), plan, opts)
         }
+        Command::Daemon(opts) => daemon::run(*opts),
+        Command::Ps { json } => ps::run(json),
         Command::Layout { path } => {
             let found = dwarf::read(&path)?;
             print!(

@@ -30,7 +30,10 @@ use crate::{
     attach::Probes,
     catalog::{self, Family},
     decode, discover,
-    model::{clock, Mode, ModelFacts, ModelInfo, Observation, ProcessReading, TracedProcess},
+    model::{
+        clock, Mode, ModelFacts, ModelInfo, Observation, ProcessIdentity, ProcessReading,
+        TracedProcess,
+    },
     resolve::Plan,
     sinks::{
         events_out::EventsOut,
@@ -80,7 +83,7 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 
 /// How requests are reconstructed: by llama-server's task ids if its queue and slot launches
 /// are probed, by timing with the queue alone, else from the batches.
-fn request_mode(plan: &Plan) -> Mode {
+pub(super) fn request_mode(plan: &Plan) -> Mode {
     match (
         plan.probes_entry(catalog::TASK_POST),
         plan.probes_entry(catalog::SLOT_LAUNCH),
@@ -92,11 +95,23 @@ fn request_mode(plan: &Plan) -> Mode {
 }
 
 /// Whether llama_synchronize is probed (see `--sync`).
-fn sync_probed(plan: &Plan, opts: &ProfileOpts) -> bool {
-    match (opts.no_sync, opts.sync) {
-        (true, _) | (_, SyncMode::Off) => false,
-        (_, SyncMode::On) => true,
-        (_, SyncMode::Auto) => plan.gpu_backend.is_some(),
+pub(super) fn sync_probed(plan: &Plan, opts: &ProfileOpts) -> bool {
+    sync_wanted(
+        plan,
+        if opts.no_sync {
+            SyncMode::Off
+        } else {
+            opts.sync
+        },
+    )
+}
+
+/// Whether llama_synchronize is probed with `--sync mode`.
+pub(super) fn sync_wanted(plan: &Plan, mode: SyncMode) -> bool {
+    match mode {
+        SyncMode::Off => false,
+        SyncMode::On => true,
+        SyncMode::Auto => plan.gpu_backend.is_some(),
     }
 }
 
@@ -138,7 +153,7 @@ fn announce(t: &Traced, attached: u64, opts: &ProfileOpts, gpu_status: &str) {
                     .to_string(),
         }
     );
-    if let MetricsAddr::On(addr) = opts.prometheus.metrics_addr {
+    if let MetricsAddr::On(addr) = opts.prometheus.addr() {
         eprintln!("llamaprobe: Prometheus metrics at http://{addr}/metrics");
     }
 }
@@ -146,7 +161,7 @@ fn announce(t: &Traced, attached: u64, opts: &ProfileOpts, gpu_status: &str) {
 /// The programs of the sampler chain's apply (the fallback for programs that sample
 /// themselves), in the order they are detached (a call caught between the two is paired by its
 /// stack depth: see probe-ebpf's `enter`).
-const SAMPLE_APPLY_PROGRAMS: [&str; 2] = ["sample_apply_return", "sample_apply"];
+pub(super) const SAMPLE_APPLY_PROGRAMS: [&str; 2] = ["sample_apply_return", "sample_apply"];
 
 /// How often the ring buffer is drained when the probes did not wake the agent.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
@@ -185,12 +200,18 @@ pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32>
 }
 
 /// The sinks of a session's options, the summary last (it prints at the end, after the others
-/// have flushed).
-async fn sinks(opts: &ProfileOpts) -> anyhow::Result<Vec<Box<dyn Sink>>> {
-    let metrics = prometheus::Metrics::new();
-    if let MetricsAddr::On(addr) = opts.prometheus.metrics_addr {
+/// have flushed; the host agent has none: its processes come and go), and the registry the
+/// Prometheus sink serves (with the host agent's health, where given).
+pub(super) async fn sinks(
+    opts: &ProfileOpts,
+    metrics_addr: MetricsAddr,
+    health: Option<Arc<prometheus::Health>>,
+    summary: bool,
+) -> anyhow::Result<(Vec<Box<dyn Sink>>, ::prometheus::Registry)> {
+    let metrics = prometheus::Metrics::new().series_grace(opts.prometheus.series_grace);
+    if let MetricsAddr::On(addr) = metrics_addr {
         let listener = prometheus::bind(addr).await?;
-        tokio::spawn(prometheus::serve(listener, metrics.registry.clone()));
+        tokio::spawn(prometheus::serve(listener, metrics.exposition(health)));
     }
     let registry = metrics.registry.clone();
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(metrics)];
@@ -204,8 +225,10 @@ async fn sinks(opts: &ProfileOpts) -> anyhow::Result<Vec<Box<dyn Sink>>> {
         let interval = Duration::from_secs_f64(opts.summary.interval.max(1.0));
         sinks.push(Box::new(otlp::Otlp::start(settings, &registry, interval)?));
     }
-    sinks.push(Box::new(SummarySink::new(opts.summary.clone())));
-    Ok(sinks)
+    if summary {
+        sinks.push(Box::new(SummarySink::new(opts.summary.clone())));
+    }
+    Ok((sinks, registry))
 }
 
 async fn event_loop(
@@ -220,19 +243,12 @@ async fn event_loop(
     let mut sigint = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mode = request_mode(&traced.plan);
-    let mut pipe = Pipeline {
-        assembler: Assembler::new(),
-        requests: Requests::new(mode).keep_steps(opts.otlp.otlp_step_spans),
-        sinks: sinks(&opts).await?,
-        sampler: sources::Sampler::new(opts.nvml_lib.clone()),
-        stats: SelfStats {
-            probes_attached: probes.attached(),
-            ..Default::default()
-        },
-    };
+    let (sinks, _) = sinks(&opts, opts.prometheus.addr(), None, true).await?;
+    let mut pipe = Pipeline::new(Requests::new(mode), &opts, sinks);
+    pipe.stats.probes_attached = probes.attached();
     let mut session = Session::default();
     let (exit_tx, mut exits) = mpsc::unbounded_channel::<u32>();
-    announce(&traced, probes.attached(), &opts, pipe.sampler.gpu_status());
+    announce(&traced, probes.attached(), &opts, pipe.gpu_status());
     pipe.emit(&Observation::Traced(TracedProcess {
         pid: traced.pid,
         name: traced.name.clone(),
@@ -243,6 +259,11 @@ async fn event_loop(
             "attach_cookie"
         } else {
             "pid"
+        },
+        // The ad-hoc modes label series by pid and model only (the host agent adds who).
+        identity: ProcessIdentity {
+            labels: Vec::new(),
+            service_name: traced.name.clone(),
         },
     }));
     if let Target::Pid(pid) = traced.target {
@@ -296,7 +317,7 @@ async fn event_loop(
             }
             _ = ticker.tick() => {
                 (pipe.stats.lost_ringbuf, pipe.stats.lost_entry) = probes.lost();
-                pipe.tick(&session, None);
+                pipe.tick(&session.pids(), None);
             }
             Some(pid) = exits.recv() => {
                 session.exited(pid);
@@ -327,7 +348,7 @@ async fn event_loop(
     }
     (pipe.stats.lost_ringbuf, pipe.stats.lost_entry) = probes.lost();
     drop(probes); // detaches every probe
-    pipe.finish(&session, ended_by)?;
+    pipe.finish(&session.pids(), ended_by)?;
     Ok(session.end(ended_by))
 }
 
@@ -410,49 +431,75 @@ impl Session {
 }
 
 /// The one-way path of an event: decoder → assembler → requests → sinks.
-struct Pipeline {
-    assembler: Assembler,
-    requests: Requests,
+pub(super) struct Pipeline {
+    pub(super) assembler: Assembler,
+    pub(super) requests: Requests,
     sinks: Vec<Box<dyn Sink>>,
     sampler: sources::Sampler,
-    stats: SelfStats,
+    pub(super) stats: SelfStats,
 }
 
 impl Pipeline {
-    fn emit(&mut self, obs: &Observation) {
+    pub(super) fn new(requests: Requests, opts: &ProfileOpts, sinks: Vec<Box<dyn Sink>>) -> Self {
+        Self {
+            assembler: Assembler::new(),
+            requests: requests.keep_steps(opts.otlp.otlp_step_spans),
+            sinks,
+            sampler: sources::Sampler::new(opts.nvml_lib.clone()),
+            stats: SelfStats::default(),
+        }
+    }
+
+    pub(super) fn gpu_status(&self) -> &str {
+        self.sampler.gpu_status()
+    }
+
+    pub(super) fn emit(&mut self, obs: &Observation) {
         for s in self.sinks.iter_mut() {
             s.observe(obs);
         }
     }
 
     fn handle(&mut self, bytes: &[u8]) {
+        if let Some(ev) = self.decode(bytes) {
+            self.handle_event(&ev);
+        }
+    }
+
+    /// One record decoded (an undecodable one counted, warned of once).
+    pub(super) fn decode(&mut self, bytes: &[u8]) -> Option<decode::Event> {
         match decode::decode(bytes) {
-            Ok(ev) => {
-                let Some(obs) = self.assembler.process(&ev) else {
-                    return;
-                };
-                let made = self.requests.observe(&obs);
-                self.emit(&obs);
-                self.model_loaded(&obs);
-                for o in &made {
-                    self.emit(o);
-                }
-            }
+            Ok(ev) => Some(ev),
             Err(e) => {
                 if self.stats.undecodable == 0 {
                     tracing::warn!("undecodable event (agent/probe build mismatch?): {e}");
                 }
                 self.stats.undecodable += 1;
+                None
             }
         }
     }
 
-    /// A traced process is gone (others are still traced): its requests close, its state goes.
-    fn forget(&mut self, pid: u32) {
+    pub(super) fn handle_event(&mut self, ev: &decode::Event) {
+        let Some(obs) = self.assembler.process(ev) else {
+            return;
+        };
+        let made = self.requests.observe(&obs);
+        self.emit(&obs);
+        self.model_loaded(&obs);
+        for o in &made {
+            self.emit(o);
+        }
+    }
+
+    /// A traced process is gone (others are still traced): its requests close, its state goes,
+    /// the sinks hear of it.
+    pub(super) fn forget(&mut self, pid: u32) {
         for r in self.requests.forget(pid) {
             self.emit(&Observation::Request(r));
         }
         self.assembler.forget(pid);
+        self.emit(&Observation::Released { pid });
     }
 
     /// The metadata of a model the process loaded, read from its file.
@@ -475,7 +522,7 @@ impl Pipeline {
     }
 
     /// The model of a process that loaded it before llamaprobe attached.
-    fn recover_model(&mut self, pid: u32) {
+    pub(super) fn recover_model(&mut self, pid: u32) {
         let (label, fact, info) = match sources::recover_model(pid) {
             Ok(Some((found, info))) => {
                 let label = found.label();
@@ -510,12 +557,12 @@ impl Pipeline {
     }
 
     /// The state of things now: the agent's counters and one round of readings.
-    fn snapshot(&mut self, session: &Session, ended_by: Option<&'static str>) -> Snapshot {
+    fn snapshot(&mut self, pids: &[u32], ended_by: Option<&'static str>) -> Snapshot {
         self.stats.requests_active = self.requests.active() as u64;
         self.stats.unserved = self.requests.unserved;
         self.stats.tasks_waiting = self.requests.tasks_waiting() as u64;
         self.stats.warmups = self.requests.warmups;
-        let (gpus, processes) = self.sampler.sample(&session.pids());
+        let (gpus, processes) = self.sampler.sample(pids);
         Snapshot {
             stats: self.stats,
             gpus: Arc::new(gpus),
@@ -532,18 +579,18 @@ impl Pipeline {
     }
 
     /// About once a second: requests silent too long are closed, then every sink ticks.
-    fn tick(&mut self, session: &Session, ended_by: Option<&'static str>) {
+    pub(super) fn tick(&mut self, pids: &[u32], ended_by: Option<&'static str>) {
         for r in self.requests.expire(clock::monotonic_ns()) {
             self.emit(&Observation::Request(r));
         }
-        let now = self.snapshot(session, ended_by);
+        let now = self.snapshot(pids, ended_by);
         for s in self.sinks.iter_mut() {
             s.tick(&now);
         }
     }
 
     /// The end: every request closes, every sink finishes with the last snapshot.
-    fn finish(&mut self, session: &Session, ended_by: &'static str) -> anyhow::Result<()> {
+    pub(super) fn finish(&mut self, pids: &[u32], ended_by: &'static str) -> anyhow::Result<()> {
         for r in self.requests.finish() {
             self.emit(&Observation::Request(r));
         }
@@ -555,7 +602,7 @@ impl Pipeline {
             );
         }
         self.stats.probes_attached = 0;
-        let mut last = self.snapshot(session, Some(ended_by));
+        let mut last = self.snapshot(pids, Some(ended_by));
         last.stats.requests_active = 0;
         for s in self.sinks.iter_mut() {
             s.finish(&last)?;

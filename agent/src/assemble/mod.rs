@@ -263,6 +263,8 @@ impl Assembler {
             }
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
             Event::ContextFree(f) => return self.context_free(f),
+            // Discovery's, not llama.cpp's: the session acts on it before the assembler.
+            Event::Process { .. } => return None,
             Event::SlotRelease(r) => Observation::SlotRelease(SlotRelease {
                 origin: self.origin(&r.header),
                 slot_id: r.slot_id,

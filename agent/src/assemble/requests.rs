@@ -85,7 +85,10 @@ struct Launched {
 
 /// The reconstruction state.
 pub struct Requests {
+    /// The mode of processes not given one ([`Requests::set_mode`]).
     mode: Mode,
+    /// Each process's mode, where set (the host agent traces servers and other programs).
+    modes: HashMap<u32, Mode>,
     /// Keep each request's decode steps (for per-step spans).
     keep_steps: bool,
     /// Steps not kept: over [`MAX_STEPS_PER_REQUEST`] in one request.
@@ -112,6 +115,7 @@ impl Requests {
     pub fn new(mode: Mode) -> Self {
         Self {
             mode,
+            modes: HashMap::new(),
             keep_steps: false,
             steps_dropped: 0,
             open: HashMap::new(),
@@ -124,6 +128,15 @@ impl Requests {
             warmups: 0,
             last_step_ns: HashMap::new(),
         }
+    }
+
+    /// How requests of process `pid` are reconstructed (else the mode given at creation).
+    pub fn set_mode(&mut self, pid: u32, mode: Mode) {
+        self.modes.insert(pid, mode);
+    }
+
+    fn mode(&self, pid: u32) -> Mode {
+        self.modes.get(&pid).copied().unwrap_or(self.mode)
     }
 
     /// Keeps each request's decode steps on it ([`Request::steps`]), at most
@@ -178,7 +191,7 @@ impl Requests {
             return;
         }
         let at = p.origin.start_ns;
-        if self.mode == Mode::ServerTasks {
+        if self.mode(pid) == Mode::ServerTasks {
             // Requests only: other work (slot saves, LoRA changes, …) never reaches a slot.
             let is_request = |t: &str| t == "unknown" || crate::catalog::is_request_type(t);
             for t in p
@@ -294,7 +307,7 @@ impl Requests {
     /// only for a task.
     fn is_warmup(&self, r: &Request) -> bool {
         let no_token = r.first_token_ns.is_none() && r.generated_tokens == 0;
-        match self.mode {
+        match self.mode(r.pid) {
             Mode::ServerTasks => r.task_id.is_none() && no_token,
             _ => {
                 no_token
@@ -309,7 +322,7 @@ impl Requests {
     fn opened(&mut self, key: Key, d: &DecodeStep, pos0: i32) -> Open {
         self.next_id += 1;
         let (pid, start) = (key.0, d.origin.start_ns);
-        let (task_id, queued_ns, task_type) = match self.mode {
+        let (task_id, queued_ns, task_type) = match self.mode(pid) {
             Mode::ServerTasks => match self.launched.remove(&(pid, key.2)) {
                 Some(l) => {
                     self.posted.remove(&(pid, l.task_id));
@@ -440,7 +453,7 @@ impl Requests {
         }
         // llama-server says when a request ends (its slot's release): its memory calls
         // (trimming rejected drafts, reusing a cached prefix) end none.
-        if self.mode != Mode::BatchView {
+        if self.mode(pid) != Mode::BatchView {
             return vec![];
         }
         let keys: Vec<_> = self
@@ -477,12 +490,12 @@ impl Requests {
     pub fn expire(&mut self, now_ns: u64) -> Vec<Request> {
         // llama-server says when a request ends (its slot's release): a server stalled for
         // seconds on a busy node still has its requests in progress.
-        let by_silence = self.mode == Mode::BatchView;
+        let by_silence = |pid: u32| self.mode(pid) == Mode::BatchView;
         let keys: Vec<_> = self
             .open
             .iter()
-            .filter(|(_, o)| {
-                by_silence && o.generating && o.last_activity_ns + IDLE_CLOSE_NS < now_ns
+            .filter(|(k, o)| {
+                by_silence(k.0) && o.generating && o.last_activity_ns + IDLE_CLOSE_NS < now_ns
             })
             .map(|(k, _)| *k)
             .collect();
@@ -520,6 +533,7 @@ impl Requests {
         self.launched.retain(|k, _| k.0 != pid);
         self.posts.remove(&pid);
         self.last_step_ns.remove(&pid);
+        self.modes.remove(&pid);
         out
     }
 

@@ -5,8 +5,8 @@ use std::{collections::HashMap, path::PathBuf};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        uprobe::{UProbeAttachPoint, UProbeLinkId, UProbeScope},
-        ProgramError, UProbe,
+        uprobe::{UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
+        ProgramError, TracePoint, UProbe,
     },
     util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
@@ -51,7 +51,74 @@ pub enum AttachError {
     },
     #[error("eBPF map {0} is missing")]
     Map(&'static str),
+    #[error(
+        "tracefs is not available at {TRACEFS} and cannot be mounted there ({reason}): the host \
+         agent needs the sched tracepoints to see new processes; mount it \
+         (`mount -t tracefs nodev {TRACEFS}`) or, in a container, mount the host's /sys/kernel/tracing"
+    )]
+    Tracefs { reason: String },
+    #[error("cannot attach to the tracepoint sched/{name}")]
+    TracePoint {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
 }
+
+impl AttachError {
+    /// A short reason, for `llamaprobe_attach_errors_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AttachError::Privileges => "privileges",
+            AttachError::KernelTooOld { .. } => "kernel",
+            AttachError::Load { .. } | AttachError::Program { .. } => "program",
+            AttachError::Attach { .. } => "uprobe",
+            AttachError::Map(_) => "map",
+            AttachError::Tracefs { .. } | AttachError::TracePoint { .. } => "tracepoint",
+        }
+    }
+}
+
+/// Where tracefs is expected (the sched tracepoints' ids are read from it).
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Makes sure tracefs is mounted (at [`TRACEFS`], or the older debugfs place); mounts it if
+/// not. Returns what was done, for the log.
+pub fn ensure_tracefs() -> Result<&'static str, AttachError> {
+    let has_events = |p: &str| std::path::Path::new(p).join("events/sched").is_dir();
+    if has_events(TRACEFS) || has_events("/sys/kernel/debug/tracing") {
+        return Ok("tracefs mounted");
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, dir, fstype) = (c("nodev"), c(TRACEFS), c("tracefs"));
+    // SAFETY: valid C strings; no data argument.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dir.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(AttachError::Tracefs {
+            reason: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    if !has_events(TRACEFS) {
+        return Err(AttachError::Tracefs {
+            reason: "mounted, but it has no sched events".into(),
+        });
+    }
+    Ok("tracefs mounted by llamaprobe")
+}
+
+/// The discovery tracepoints: program name and `sched` event.
+const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
+    ("process_exec", "sched_process_exec"),
+    ("process_exit", "sched_process_exit"),
+];
 
 /// Checks the kernel version and the process's privileges before touching the kernel.
 pub fn preflight() -> Result<(), AttachError> {
@@ -111,8 +178,12 @@ pub struct Probes {
     cookies: bool,
     /// The layouts written into `LAYOUT_TABLE`, by id.
     layouts: Vec<ProcessLayout>,
-    /// Every link, with its program's name (for detaching a family's fallback).
-    links: Vec<(&'static str, UProbeLinkId)>,
+    /// Every link, with its program's name (for detaching a family's fallback) and its group
+    /// (the file it was attached for, in the host agent; 0 otherwise).
+    links: Vec<(&'static str, UProbeLinkId, u64)>,
+    /// Where detached links go to be closed (see `detach_links`), and how many are pending.
+    reaper: Option<std::sync::mpsc::Sender<Vec<UProbeLink>>>,
+    reaping: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Probes {
@@ -147,6 +218,8 @@ impl Probes {
             cookies,
             layouts: Vec::new(),
             links: Vec::new(),
+            reaper: None,
+            reaping: Default::default(),
         })
     }
 
@@ -191,13 +264,44 @@ impl Probes {
         layout: &ProcessLayout,
         skip: &[Family],
     ) -> Result<(), AttachError> {
+        self.attach_group(0, probes, pid, layout, skip)
+    }
+
+    /// [`Probes::attach`], the links kept under `group` for [`Probes::detach_group`]. On an
+    /// error, the links this call made are removed again (nothing half-attached stays).
+    pub fn attach_group(
+        &mut self,
+        group: u64,
+        probes: &[PlannedProbe],
+        pid: Option<u32>,
+        layout: &ProcessLayout,
+        skip: &[Family],
+    ) -> Result<(), AttachError> {
+        let before = self.links.len();
+        let r = self.attach_links(group, probes, pid, layout, skip);
+        if r.is_err() {
+            let made: Vec<_> = self.links.drain(before..).collect();
+            self.detach_links(made);
+        }
+        r
+    }
+
+    fn attach_links(
+        &mut self,
+        group: u64,
+        probes: &[PlannedProbe],
+        pid: Option<u32>,
+        layout: &ProcessLayout,
+        skip: &[Family],
+    ) -> Result<(), AttachError> {
         let cookie = if self.cookies {
             Some(self.layout_id(layout)? as u64 + 1)
         } else {
-            let pid = pid.ok_or(AttachError::Map(
-                "LAYOUTS (a pid is needed without cookies)",
-            ))?;
-            self.set_layout(pid, layout)?;
+            // Without cookies the probes look the layout up by process: registered here for
+            // one process, by the host agent per process (`register_process`) for a file's.
+            if let Some(pid) = pid {
+                self.set_layout(pid, layout)?;
+            }
             None
         };
         let scope = match pid.and_then(std::num::NonZeroU32::new) {
@@ -218,7 +322,7 @@ impl Probes {
                             path: p.path.clone(),
                             source,
                         })?;
-                self.links.push((name, link));
+                self.links.push((name, link, group));
                 self.attached += 1;
             }
         }
@@ -226,30 +330,161 @@ impl Probes {
     }
 
     /// Detaches every link of the programs `names` (a probe that turned out not to be needed,
-    /// which would only cost the traced process its trap); returns how many.
+    /// which would only cost the traced process its trap), in that order; returns how many.
     pub fn detach_programs(&mut self, names: &[&str]) -> u64 {
         let mut n = 0;
         for want in names {
-            let links = std::mem::take(&mut self.links);
-            for (name, link) in links {
-                if name != *want {
-                    self.links.push((name, link));
-                    continue;
-                }
-                match self
-                    .ebpf
-                    .program_mut(name)
-                    .and_then(|p| <&mut UProbe>::try_from(p).ok())
-                    .map(|p| p.detach(link))
-                {
-                    Some(Ok(())) => n += 1,
-                    Some(Err(e)) => tracing::warn!("detaching {name}: {e}"),
-                    None => tracing::warn!("detaching {name}: no such program"),
-                }
+            let (gone, kept) = std::mem::take(&mut self.links)
+                .into_iter()
+                .partition(|(name, _, _)| name == want);
+            self.links = kept;
+            n += self.detach_links(gone);
+        }
+        n
+    }
+
+    /// Detaches the links of the programs `names` in `group` only; returns how many.
+    pub fn detach_programs_in(&mut self, group: u64, names: &[&str]) -> u64 {
+        let mut n = 0;
+        for want in names {
+            let (gone, kept) = std::mem::take(&mut self.links)
+                .into_iter()
+                .partition(|(name, _, g)| name == want && *g == group);
+            self.links = kept;
+            n += self.detach_links(gone);
+        }
+        n
+    }
+
+    /// Detaches every link of `group` (a file whose last process is gone); returns how many.
+    pub fn detach_group(&mut self, group: u64) -> u64 {
+        let (gone, kept) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(_, _, g)| *g == group);
+        self.links = kept;
+        self.detach_links(gone)
+    }
+
+    /// Takes `links` from their programs and hands them to the reaper thread, which closes
+    /// them: the kernel's uprobe teardown waits for RCU grace periods (about 0.1 s per link
+    /// on a busy 2-CPU machine), which must not stall the event loop. The count drops now.
+    fn detach_links(&mut self, links: Vec<(&'static str, UProbeLinkId, u64)>) -> u64 {
+        let mut taken = Vec::with_capacity(links.len());
+        for (name, link, _) in links {
+            match self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+                .map(|p| p.take_link(link))
+            {
+                Some(Ok(l)) => taken.push(l),
+                Some(Err(e)) => tracing::warn!("detaching {name}: {e}"),
+                None => tracing::warn!("detaching {name}: no such program"),
             }
         }
+        let n = taken.len() as u64;
         self.attached -= n;
+        if !taken.is_empty() {
+            let reaper = self.reaper.get_or_insert_with(|| {
+                let (tx, rx) = std::sync::mpsc::channel::<Vec<UProbeLink>>();
+                let pending = self.reaping.clone();
+                std::thread::Builder::new()
+                    .name("llamaprobe-detach".into())
+                    .spawn(move || {
+                        for links in rx {
+                            let k = links.len();
+                            drop(links);
+                            pending.fetch_sub(k, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    })
+                    .expect("spawn the detach thread");
+                tx
+            });
+            self.reaping
+                .fetch_add(taken.len(), std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = reaper.send(taken) {
+                drop(e.0); // the thread is gone: close them here
+            }
+        }
         n
+    }
+
+    /// Links handed to the reaper and not closed yet.
+    pub fn detaching(&self) -> usize {
+        self.reaping.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Loads and attaches the exec and exit tracepoints of the host agent's discovery
+    /// (tracefs must be mounted: [`ensure_tracefs`]).
+    pub fn attach_process_tracepoints(&mut self) -> Result<(), AttachError> {
+        for (program, event) in PROCESS_TRACEPOINTS {
+            let prog: &mut TracePoint = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(AttachError::Program {
+                    program,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(|source| AttachError::Program { program, source })?;
+            prog.load().map_err(|source| {
+                if is_eperm(&source) {
+                    AttachError::Privileges
+                } else {
+                    AttachError::Program { program, source }
+                }
+            })?;
+            prog.attach("sched", event)
+                .map_err(|source| AttachError::TracePoint {
+                    name: event,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn watched(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, AttachError> {
+        self.ebpf
+            .map_mut("WATCHED")
+            .ok_or(AttachError::Map("WATCHED"))?
+            .try_into()
+            .map_err(|_| AttachError::Map("WATCHED"))
+    }
+
+    /// Asks the exit tracepoint to report `pid`'s exit (once).
+    pub fn watch(&mut self, pid: u32) -> Result<(), AttachError> {
+        self.watched()?
+            .insert(pid, 1, 0)
+            .map_err(|_| AttachError::Map("WATCHED (full)"))
+    }
+
+    /// Forgets `pid` in the probes' per-process maps (its exit was handled).
+    pub fn forget_process(&mut self, pid: u32) {
+        if let Ok(mut m) = self.watched() {
+            let _ = m.remove(&pid);
+        }
+        if !self.cookies {
+            if let Some(Ok(mut m)) = self
+                .ebpf
+                .map_mut("LAYOUTS")
+                .map(BpfHashMap::<_, u32, ProcessLayout>::try_from)
+            {
+                let _ = m.remove(&pid);
+            }
+        }
+    }
+
+    /// Registers `pid`'s layout where the probes look without cookies (else nothing to do: the
+    /// file's links name it).
+    pub fn register_process(
+        &mut self,
+        pid: u32,
+        layout: &ProcessLayout,
+    ) -> Result<(), AttachError> {
+        if self.cookies {
+            return Ok(());
+        }
+        self.set_layout(pid, layout)
     }
 
     pub fn attached(&self) -> u64 {

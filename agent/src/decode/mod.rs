@@ -4,8 +4,8 @@ use std::mem::size_of;
 
 use probe_common::{
     ContextEvent, ContextFreeEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent,
-    MemoryHandleEvent, ModelLoadEvent, SampleEvent, SlotLaunchEvent, SlotReleaseEvent, SyncEvent,
-    TaskPostEvent,
+    MemoryHandleEvent, ModelLoadEvent, ProcessChange, ProcessEvent, SampleEvent, SlotLaunchEvent,
+    SlotReleaseEvent, SyncEvent, TaskPostEvent,
 };
 
 /// A decoded event.
@@ -22,6 +22,31 @@ pub enum Event {
     SlotLaunch(SlotLaunchEvent),
     SlotRelease(SlotReleaseEvent),
     ContextFree(ContextFreeEvent),
+    /// An exec or a watched process's exit (the host agent's discovery; not a llama.cpp call).
+    Process {
+        pid: u32,
+        change: ProcessChange,
+    },
+}
+
+impl Event {
+    /// The process it came from.
+    pub fn pid(&self) -> u32 {
+        match self {
+            Event::Decode(e) => e.header.tgid,
+            Event::ModelLoad(e) => e.header.tgid,
+            Event::Context(e) => e.header.tgid,
+            Event::Sample(e) => e.header.tgid,
+            Event::Sync(e) => e.header.tgid,
+            Event::Memory(e) => e.header.tgid,
+            Event::MemoryHandle(e) => e.header.tgid,
+            Event::TaskPost(e) => e.header.tgid,
+            Event::SlotLaunch(e) => e.header.tgid,
+            Event::SlotRelease(e) => e.header.tgid,
+            Event::ContextFree(e) => e.header.tgid,
+            Event::Process { pid, .. } => *pid,
+        }
+    }
 }
 
 /// A record that could not be decoded (a build mismatch between agent and probes).
@@ -31,6 +56,8 @@ pub enum DecodeError {
     Short { len: usize },
     #[error("unknown event kind {kind}")]
     UnknownKind { kind: u32 },
+    #[error("process event with unknown change {change}")]
+    ProcessChange { change: u32 },
     #[error("event of kind {kind:?} has {len} bytes, expected {expected}")]
     Size {
         kind: EventKind,
@@ -71,6 +98,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::SlotLaunch => Event::SlotLaunch(read(bytes, kind)?),
         EventKind::SlotRelease => Event::SlotRelease(read(bytes, kind)?),
         EventKind::ContextFree => Event::ContextFree(read(bytes, kind)?),
+        EventKind::Process => {
+            let ev: ProcessEvent = read(bytes, kind)?;
+            let change = match ev.change {
+                c if c == ProcessChange::Exec as u32 => ProcessChange::Exec,
+                c if c == ProcessChange::Exit as u32 => ProcessChange::Exit,
+                change => return Err(DecodeError::ProcessChange { change }),
+            };
+            Event::Process {
+                pid: ev.header.tgid,
+                change,
+            }
+        }
     })
 }
 

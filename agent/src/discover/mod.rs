@@ -35,9 +35,38 @@ pub enum DiscoverError {
 pub struct MappedFile {
     /// Path as the process sees it.
     pub path: PathBuf,
-    /// Path to open from here (through `/proc/PID/root`).
+    /// Path to open from here (through `/proc/PID/root`, or `/proc/PID/map_files`).
     pub host_path: PathBuf,
+    /// Device (`makedev(major, minor)`) and inode: which file it is, whatever its path.
+    pub dev: u64,
     pub inode: u64,
+}
+
+impl MappedFile {
+    /// The file's identity: two containers' `/usr/bin/llama-server` are two files.
+    pub fn key(&self) -> FileKey {
+        FileKey {
+            dev: self.dev,
+            inode: self.inode,
+        }
+    }
+}
+
+/// A file by device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileKey {
+    pub dev: u64,
+    pub inode: u64,
+}
+
+/// How a process's files are opened from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenVia {
+    /// `/proc/PID/root` + the path: the process's view of its mount namespace.
+    Root,
+    /// `/proc/PID/map_files/START-END`: the very file mapped, whatever has become of its path
+    /// (needs CAP_SYS_ADMIN; the host agent's way).
+    MapFiles,
 }
 
 /// The process `pid` (procfs), or why it cannot be read.
@@ -55,12 +84,17 @@ fn proc_error(pid: u32, e: procfs::ProcError) -> DiscoverError {
 /// The file-backed mappings of `pid` (`/proc/PID/maps`, through the `procfs` crate), one entry
 /// per file, in address order. The one reader of a process's maps in llamaprobe.
 pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>, DiscoverError> {
+    mapped_files_via(pid, OpenVia::Root)
+}
+
+/// [`mapped_files`], opened `via`.
+pub fn mapped_files_via(pid: u32, via: OpenVia) -> Result<Vec<MappedFile>, DiscoverError> {
     let maps = process(pid)?.maps().map_err(|e| proc_error(pid, e))?;
-    Ok(files(pid, maps))
+    Ok(files(pid, maps, via))
 }
 
 /// The files of parsed maps, each once (by inode and path), deleted files left out.
-fn files(pid: u32, maps: procfs::process::MemoryMaps) -> Vec<MappedFile> {
+fn files(pid: u32, maps: procfs::process::MemoryMaps, via: OpenVia) -> Vec<MappedFile> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for m in maps {
@@ -74,11 +108,19 @@ fn files(pid: u32, maps: procfs::process::MemoryMaps) -> Vec<MappedFile> {
         {
             continue;
         }
-        let host_path =
-            Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
+        let host_path = match via {
+            OpenVia::Root => Path::new(&format!("/proc/{pid}/root"))
+                .join(path.strip_prefix("/").unwrap_or(&path)),
+            OpenVia::MapFiles => PathBuf::from(format!(
+                "/proc/{pid}/map_files/{:x}-{:x}",
+                m.address.0, m.address.1
+            )),
+        };
+        let (major, minor) = m.dev;
         out.push(MappedFile {
             path,
             host_path,
+            dev: libc::makedev(major as u32, minor as u32),
             inode: m.inode,
         });
     }
@@ -161,9 +203,10 @@ pub fn planned_files(exe: &Path) -> Result<Vec<MappedFile>, DiscoverError> {
         .filter_map(|p| fs::canonicalize(&p).ok())
         .filter(|p| seen.insert(p.clone()))
         .filter_map(|p| {
-            let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&p).ok()?);
+            let meta = fs::metadata(&p).ok()?;
             Some(MappedFile {
-                inode,
+                dev: std::os::unix::fs::MetadataExt::dev(&meta),
+                inode: std::os::unix::fs::MetadataExt::ino(&meta),
                 host_path: p.clone(),
                 path: p,
             })
@@ -184,10 +227,14 @@ mod tests {
             7f40-7f50 r--s 00000000 fd:01 98 /tmp/old.gguf (deleted)\n\
             7ffd-7ffe rw-p 00000000 00:00 0                          [stack]\n";
         assert_eq!(
-            files(1, procfs::FromRead::from_read(&maps[..]).unwrap())
-                .into_iter()
-                .map(|f| f.path)
-                .collect::<Vec<_>>(),
+            files(
+                1,
+                procfs::FromRead::from_read(&maps[..]).unwrap(),
+                OpenVia::Root
+            )
+            .into_iter()
+            .map(|f| f.path)
+            .collect::<Vec<_>>(),
             [
                 PathBuf::from("/models/my model.gguf"),
                 PathBuf::from("/usr/lib/libc.so.6")

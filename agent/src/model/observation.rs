@@ -31,6 +31,10 @@ pub enum Observation {
     Request(Request),
     /// A process llamaprobe began to trace.
     Traced(TracedProcess),
+    /// A traced process is gone (exited, or no longer probed); its requests were closed.
+    Released {
+        pid: u32,
+    },
     /// What is known of a process's model: its GGUF facts, observed at its load or recovered
     /// from the process.
     ModelInfo(ModelFacts),
@@ -48,6 +52,18 @@ pub struct TracedProcess {
     pub probes_attached: u64,
     /// How its probes find its struct layouts: `attach_cookie` (kernels 5.15+) or `pid`.
     pub layouts_by: &'static str,
+    /// Who it is, as labels for every series of it (`exe`, `container_id`, `k8s_*`; those
+    /// known only), and the OpenTelemetry resource attributes of its spans.
+    pub identity: ProcessIdentity,
+}
+
+/// Who a traced process is (the host agent's labels; the ad-hoc modes know the `exe`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ProcessIdentity {
+    /// Prometheus label name → value, non-empty values only, in a fixed order.
+    pub labels: Vec<(&'static str, String)>,
+    /// OpenTelemetry `service.name`: the target's `OTEL_SERVICE_NAME`, else its executable.
+    pub service_name: String,
 }
 
 /// What is known of a process's model, and how it was learnt.
@@ -76,9 +92,10 @@ impl Observation {
             Observation::SlotLaunch(l) => &l.origin,
             Observation::SlotRelease(r) => &r.origin,
             Observation::ContextShift(c) => &c.origin,
-            Observation::Request(_) | Observation::Traced(_) | Observation::ModelInfo(_) => {
-                return None
-            }
+            Observation::Request(_)
+            | Observation::Traced(_)
+            | Observation::Released { .. }
+            | Observation::ModelInfo(_) => return None,
         })
     }
 

@@ -267,14 +267,34 @@ impl Plan {
         what: &str,
         from: Option<&SymbolsFrom>,
     ) -> Result<Plan, ElfError> {
+        let mut from_applied = false;
+        let plan = Self::build_with(files, what, |f| {
+            let r = resolve_file(f, from)?;
+            from_applied |= r.symbols_from;
+            Ok(r)
+        });
+        if let (Some(from), false) = (from, from_applied) {
+            return Err(ElfError::SymbolsFromUnmatched {
+                path: from.path.clone(),
+                what: what.to_string(),
+            });
+        }
+        plan
+    }
+
+    /// [`Plan::build`] with each file's symbols from `resolve` (the host agent reads a file
+    /// once for every process that maps it).
+    pub fn build_with(
+        files: &[MappedFile],
+        what: &str,
+        mut resolve: impl FnMut(&MappedFile) -> Result<FileSymbols, ElfError>,
+    ) -> Result<Plan, ElfError> {
         let mut resolved = Vec::new();
         let mut stripped = Vec::new();
-        let mut from_applied = false;
         let mut linked_gpu = None;
         for f in files {
-            match resolve_file(f, from) {
+            match resolve(f) {
                 Ok(r) => {
-                    from_applied |= r.symbols_from;
                     if let (None, Some(init)) = (&linked_gpu, r.gpu_init) {
                         linked_gpu = Some(format!("{init} in {}", r.file.path.display()));
                     }
@@ -286,12 +306,6 @@ impl Plan {
                 }
                 Err(e) => tracing::debug!("skipping {}: {e}", f.host_path.display()),
             }
-        }
-        if let (Some(from), false) = (from, from_applied) {
-            return Err(ElfError::SymbolsFromUnmatched {
-                path: from.path.clone(),
-                what: what.to_string(),
-            });
         }
         let has = |s: &str| resolved.iter().any(|r| r.hits.contains_key(s));
         let Some(generation) = targets::detect_generation(has) else {
@@ -425,6 +439,7 @@ mod tests {
         MappedFile {
             path: path.to_path_buf(),
             host_path: path.to_path_buf(),
+            dev: 0,
             inode: 0,
         }
     }

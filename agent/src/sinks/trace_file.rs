@@ -197,7 +197,10 @@ impl Sink for TraceFile {
                     (start, end),
                     json!({"seq_id": c.seq_id, "discarded": c.discarded, "request": c.request_id}),
                 ),
-                Observation::Request(_) | Observation::Traced(_) | Observation::ModelInfo(_) => {}
+                Observation::Request(_)
+                | Observation::Traced(_)
+                | Observation::Released { .. }
+                | Observation::ModelInfo(_) => {}
             }
             return;
         }

@@ -6,6 +6,7 @@ mod common;
 
 mod architecture;
 mod bad_input;
+mod daemon;
 mod embedders;
 mod fake_targets;
 mod llama_server;

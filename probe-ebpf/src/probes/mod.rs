@@ -1,16 +1,20 @@
 //! Probe families and the entry/return machinery they share.
 //!
 //! [`enter`] and [`leave`] implement the per-thread protocol once for every family:
-//! - an entry while the same family is already in progress on the thread (a deprecated wrapper
-//!   calling its replacement, e.g. `llama_load_model_from_file` → `llama_model_load_from_file`)
-//!   only bumps the nesting depth, so the call is counted once, with the outer timing;
-//! - the return of a nested call drops the depth; the outermost return sends the event and
-//!   removes the entry.
+//! - an entry made from inside a call of the same family in progress on the thread (a
+//!   deprecated wrapper calling its replacement, e.g. `llama_load_model_from_file` →
+//!   `llama_model_load_from_file`) is recognised by its deeper stack and not recorded, so the
+//!   call is counted once, with the outer timing;
+//! - the return of that nested call is recognised the same way; the outer return sends the
+//!   event and removes the entry.
+//!
+//! `process` is not a uprobe family: the host agent's exec and exit tracepoints.
 
 pub mod context;
 pub mod decode;
 pub mod memory;
 pub mod model;
+pub mod process;
 pub mod sampler;
 pub mod server;
 pub mod sync;
@@ -52,6 +56,7 @@ impl_event!(probe_common::DecodeEvent, EventKind::Decode);
 impl_event!(probe_common::ModelLoadEvent, EventKind::ModelLoad);
 impl_event!(probe_common::ContextEvent, EventKind::ContextCreate);
 impl_event!(probe_common::ContextFreeEvent, EventKind::ContextFree);
+impl_event!(probe_common::ProcessEvent, EventKind::Process);
 impl_event!(probe_common::SampleEvent, EventKind::Sample);
 impl_event!(probe_common::SyncEvent, EventKind::Synchronize);
 impl_event!(probe_common::MemoryEvent, EventKind::Memory);

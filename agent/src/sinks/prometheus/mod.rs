@@ -2,16 +2,31 @@
 //! `llamaprobe_` (the agent itself), served at `http://ADDR/metrics`.
 //!
 //! Every `llamacpp_` series carries `pid` and `model` (the model file's stem once a load was
-//! seen, else empty).
+//! seen, else empty), and the process's identity labels where known (`exe`, `container_id`,
+//! `k8s_namespace`, `k8s_pod`, `k8s_container`): those are joined at exposition from the
+//! table of traced processes ([`Exposition`]), so an event never pays for them. A process that
+//! is gone keeps its series for `--series-grace` seconds (a last scrape sees its final
+//! counts), then they are removed.
 
-use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, RwLock,
+    },
+    time::{Duration, Instant},
+};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    core::Collector, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    core::{Collector, MetricVec, MetricVecBuilder},
+    proto::{LabelPair, MetricFamily},
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub mod resources;
@@ -25,8 +40,29 @@ use crate::model::{ContextRole, DecodeResult, Observation, Phase};
 #[command(next_help_heading = "Prometheus")]
 pub struct Options {
     /// Prometheus endpoint address (`off` to disable).
-    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR")]
-    pub metrics_addr: MetricsAddr,
+    /// (`attach`/`run`: 127.0.0.1:9464; `daemon`: 0.0.0.0:9464, a scrape target.)
+    #[arg(long, value_parser = parse_metrics_addr, value_name = "ADDR", env = "LLAMAPROBE_METRICS_ADDR")]
+    pub metrics_addr: Option<MetricsAddr>,
+    /// Seconds a gone process's series stay on /metrics before they are removed.
+    #[arg(
+        long,
+        default_value_t = 60.0,
+        value_name = "SECS",
+        env = "LLAMAPROBE_SERIES_GRACE"
+    )]
+    pub series_grace: f64,
+}
+
+impl Options {
+    /// The address to serve on, `default` where none was given.
+    pub fn addr_or(&self, default: SocketAddr) -> MetricsAddr {
+        self.metrics_addr.unwrap_or(MetricsAddr::On(default))
+    }
+
+    /// The address of the ad-hoc modes.
+    pub fn addr(&self) -> MetricsAddr {
+        self.addr_or(SocketAddr::from(([127, 0, 0, 1], 9464)))
+    }
 }
 
 /// Where to serve Prometheus metrics.
@@ -132,6 +168,39 @@ pub struct Metrics {
     /// GPUs, processes and models.
     resources: resources::ResourceSeries,
     events_lost: IntCounterVec,
+    /// Every family with a `pid` label, for removing a gone process's series.
+    by_pid: Vec<Box<dyn PidSeries>>,
+    /// Identity labels by pid, joined at exposition.
+    identities: Identities,
+    /// Gone processes, since when.
+    released: HashMap<u32, Instant>,
+    series_grace: Duration,
+}
+
+/// The identity labels of each traced process, by pid (as its `pid` label reads).
+pub type Identities = Arc<RwLock<HashMap<String, Vec<(&'static str, String)>>>>;
+
+/// A metric family whose series carry `pid`.
+trait PidSeries: Send {
+    /// Removes every series of `pid`.
+    fn remove_pid(&self, pid: &str);
+}
+
+impl<T: MetricVecBuilder> PidSeries for MetricVec<T> {
+    fn remove_pid(&self, pid: &str) {
+        for family in self.collect() {
+            for m in family.get_metric() {
+                let labels: HashMap<&str, &str> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                if labels.get("pid") == Some(&pid) {
+                    let _ = self.remove(&labels);
+                }
+            }
+        }
+    }
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -153,7 +222,7 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let m = Self {
+        let mut m = Self {
             registry: registry.clone(),
             decode_duration: hist(
                 "llamacpp_decode_duration_seconds",
@@ -327,7 +396,38 @@ impl Metrics {
                 "Events dropped rather than slowing the traced process, by reason (ringbuf_full, entry_map_full, undecodable).",
                 &["reason"],
             ),
+            by_pid: Vec::new(),
+            identities: Identities::default(),
+            released: HashMap::new(),
+            series_grace: Duration::from_secs(60),
         };
+        let mut by_pid: Vec<Box<dyn PidSeries>> = vec![
+            Box::new(m.decode_duration.clone()),
+            Box::new(m.batch_tokens.clone()),
+            Box::new(m.sample_duration.clone()),
+            Box::new(m.sync_duration.clone()),
+            Box::new(m.compute_duration.clone()),
+            Box::new(m.model_load.clone()),
+            Box::new(m.ttft.clone()),
+            Box::new(m.tpot.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.request_prompt_tokens.clone()),
+            Box::new(m.request_generated_tokens.clone()),
+            Box::new(m.request_queue.clone()),
+            Box::new(m.decode_calls.clone()),
+            Box::new(m.tokens.clone()),
+            Box::new(m.context_shifts.clone()),
+            Box::new(m.speculative_draft.clone()),
+            Box::new(m.speculative_accepted.clone()),
+            Box::new(m.speculative_drafts.clone()),
+            Box::new(m.context_size.clone()),
+            Box::new(m.context_used.clone()),
+            Box::new(m.context_utilization.clone()),
+        ];
+        for (g, _) in &m.context_params {
+            by_pid.push(Box::new(g.clone()));
+        }
+        m.by_pid = by_pid;
         let mut all: Vec<Box<dyn Collector>> = vec![
             Box::new(m.ttft.clone()),
             Box::new(m.tpot.clone()),
@@ -372,6 +472,36 @@ impl Metrics {
             m.unserved.with_label_values(&[reason]);
         }
         m
+    }
+
+    /// Gone processes' series stay this long.
+    pub fn series_grace(mut self, secs: f64) -> Self {
+        self.series_grace = Duration::from_secs_f64(secs.max(0.0));
+        self
+    }
+
+    /// What [`serve`] exposes: this sink's registry with the identity labels.
+    pub fn exposition(&self, health: Option<Arc<Health>>) -> Exposition {
+        Exposition {
+            registry: self.registry.clone(),
+            identities: self.identities.clone(),
+            health,
+        }
+    }
+
+    /// Removes every series of `pid` and what the sink keeps for it.
+    fn remove_process(&mut self, pid: u32) {
+        let pid_s = pid.to_string();
+        for f in &self.by_pid {
+            f.remove_pid(&pid_s);
+        }
+        self.hot.retain(|k, _| k.0 != pid);
+        self.seq_capacity.retain(|k, _| k.0 != pid);
+        self.resources.forget(pid);
+        self.identities
+            .write()
+            .expect("identities lock")
+            .remove(&pid_s);
     }
 
     /// The text exposition of every metric.
@@ -437,8 +567,22 @@ impl Sink for Metrics {
                     self.resources.set_model(f.pid, &f.label, info);
                 }
             }
+            Observation::Traced(t) => {
+                // A reused pid: the old process's series go now.
+                if self.released.remove(&t.pid).is_some() {
+                    self.remove_process(t.pid);
+                }
+                if !t.identity.labels.is_empty() {
+                    self.identities
+                        .write()
+                        .expect("identities lock")
+                        .insert(t.pid.to_string(), t.identity.labels.clone());
+                }
+            }
+            Observation::Released { pid } => {
+                self.released.insert(*pid, Instant::now());
+            }
             Observation::Memory(_)
-            | Observation::Traced(_)
             | Observation::TaskPost(_)
             | Observation::SlotLaunch(_)
             | Observation::SlotRelease(_) => {}
@@ -610,6 +754,17 @@ impl Sink for Metrics {
     }
 
     fn tick(&mut self, now: &Snapshot) {
+        let grace = self.series_grace;
+        let due: Vec<u32> = self
+            .released
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= grace)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in due {
+            self.released.remove(&pid);
+            self.remove_process(pid);
+        }
         self.resources.update(now);
         let s = &now.stats;
         self.probes_attached.set(s.probes_attached as i64);
@@ -642,31 +797,120 @@ impl Sink for Metrics {
     }
 }
 
-/// Serves `/metrics` on `listener` until the runtime ends.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) {
+/// The host agent's health, for `/healthz` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Monotonic seconds (since `started`) of the event loop's latest turn.
+    turned: AtomicU64,
+    ready: AtomicBool,
+    started: std::sync::OnceLock<Instant>,
+}
+
+/// A loop that has not turned for this long is not healthy.
+const STALL_SECS: u64 = 10;
+
+impl Health {
+    fn now(&self) -> u64 {
+        self.started.get_or_init(Instant::now).elapsed().as_secs()
+    }
+    /// The event loop turned.
+    pub fn turned(&self) {
+        self.turned.store(self.now(), Ordering::Relaxed);
+    }
+    /// Probes loaded and discovery ran once.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+    fn healthy(&self) -> bool {
+        self.now()
+            .saturating_sub(self.turned.load(Ordering::Relaxed))
+            < STALL_SECS
+    }
+}
+
+/// What the endpoint serves: a registry, with the identity labels joined to every `llamacpp_`
+/// series of a traced process, and, in the host agent, its health.
+#[derive(Clone)]
+pub struct Exposition {
+    pub registry: Registry,
+    identities: Identities,
+    health: Option<Arc<Health>>,
+}
+
+impl Exposition {
+    /// The registry's families with the identity labels added.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        let mut families = self.registry.gather();
+        let ids = self.identities.read().expect("identities lock");
+        if ids.is_empty() {
+            return families;
+        }
+        for f in families
+            .iter_mut()
+            .filter(|f| f.name().starts_with("llamacpp_"))
+        {
+            for m in f.mut_metric() {
+                let Some(extra) = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "pid")
+                    .and_then(|l| ids.get(l.value()))
+                else {
+                    continue;
+                };
+                let mut labels = m.get_label().to_vec();
+                for (k, v) in extra {
+                    let mut l = LabelPair::default();
+                    l.set_name((*k).to_string());
+                    l.set_value(v.clone());
+                    labels.push(l);
+                }
+                labels.sort_by(|a, b| a.name().cmp(b.name()));
+                m.set_label(labels);
+            }
+        }
+        families
+    }
+
+    fn respond(&self, path: &str) -> (u16, &'static str, Vec<u8>) {
+        let text = |code, body: &str| (code, "text/plain", body.as_bytes().to_vec());
+        match (path, &self.health) {
+            ("/metrics", _) => {
+                let mut buf = Vec::new();
+                let _ = TextEncoder::new().encode(&self.gather(), &mut buf);
+                (200, prometheus::TEXT_FORMAT, buf)
+            }
+            ("/healthz", Some(h)) if h.healthy() => text(200, "ok\n"),
+            ("/healthz", Some(_)) => text(503, "the event loop has not turned for 10 s\n"),
+            ("/readyz", Some(h)) if h.ready.load(Ordering::Relaxed) => text(200, "ready\n"),
+            ("/readyz", Some(_)) => text(
+                503,
+                "not ready: probes loading or first discovery running\n",
+            ),
+            _ => text(404, "llamaprobe: metrics are at /metrics\n"),
+        }
+    }
+}
+
+/// Serves `/metrics` (and, with a [`Health`], `/healthz` and `/readyz`) on `listener` until
+/// the runtime ends.
+pub async fn serve(listener: tokio::net::TcpListener, exposition: Exposition) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let registry = registry.clone();
+        let exposition = exposition.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
+                let (code, ctype, body) = exposition.respond(req.uri().path());
                 async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        let mut buf = Vec::new();
-                        let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+                    Ok::<_, Infallible>(
                         Response::builder()
-                            .header("content-type", prometheus::TEXT_FORMAT)
-                            .body(Full::new(Bytes::from(buf)))
-                    } else {
-                        Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from_static(
-                                b"llamaprobe: metrics are at /metrics\n",
-                            )))
-                    };
-                    Ok::<_, Infallible>(resp.expect("valid response"))
+                            .status(code)
+                            .header("content-type", ctype)
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("valid response"),
+                    )
                 }
             });
             let _ = http1::Builder::new()

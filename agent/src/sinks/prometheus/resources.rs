@@ -343,6 +343,20 @@ impl ResourceSeries {
         );
     }
 
+    /// Removes the model series of `pid` (the process is gone; its process series go with the
+    /// next round, which no longer reads it).
+    pub fn forget(&mut self, pid: u32) {
+        let (Some(f), Some(old)) = (&self.families, self.models.remove(&pid)) else {
+            return;
+        };
+        let pid_s = pid.to_string();
+        let _ = f.model_info.remove_label_values(&old.info);
+        let _ = f.model_size.remove_label_values(&[&pid_s, &old.model]);
+        let _ = f
+            .model_parameters
+            .remove_label_values(&[&pid_s, &old.model]);
+    }
+
     /// The series of one round of readings: the processes and GPUs in `now`; a series whose
     /// source is no longer in it is removed.
     pub fn update(&mut self, now: &Snapshot) {

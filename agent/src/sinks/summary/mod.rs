@@ -349,7 +349,7 @@ impl Stats {
                 ok: m.ok,
                 duration_ms: m.origin.duration_ns() as f64 / 1e6,
             }),
-            Observation::Traced(_) | Observation::ModelInfo(_) => {}
+            Observation::Traced(_) | Observation::Released { .. } | Observation::ModelInfo(_) => {}
             Observation::ContextCreate(c) => self.contexts.push(ContextSummary {
                 pid: c.origin.pid,
                 ok: c.ok,

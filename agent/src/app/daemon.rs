@@ -1,0 +1,410 @@
+//! `llamaprobe daemon`: the host agent. Traces every llama.cpp process of the node, those
+//! running at start and every new one, containers included, until it is stopped.
+//!
+//! New programs are seen at exec (the `sched_process_exec` tracepoint; a dynamically linked
+//! program maps its libraries a moment later, so a new process is looked at again a few times
+//! in its first seconds), libraries loaded later (`dlopen` by Python or Node) by a rescan of
+//! every process's maps each `--rescan` seconds, and exits by the `sched_process_exit`
+//! tracepoint (and the rescan). Files are probed once for all their processes ([`Host`]).
+//! Events flow as in the ad-hoc modes: ring buffer → decode → assemble → sinks; the
+//! Prometheus sink serves on `0.0.0.0:9464` by default, with `/healthz` and `/readyz`.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use super::{
+    cli::DaemonOpts,
+    host::{Host, Seen},
+    select::Selection,
+    session::{self, Pipeline},
+};
+use crate::{
+    assemble::requests::Requests,
+    attach::{self, Probes},
+    decode::Event,
+    model::{Mode, Observation, TracedProcess},
+    sinks::prometheus::Health,
+    sources::k8s::K8sMetadata,
+};
+use probe_common::ProcessChange;
+
+/// The metrics address of the host agent when none is given: a scrape target.
+const DAEMON_METRICS_ADDR: ([u8; 4], u16) = ([0, 0, 0, 0], 9464);
+
+/// A new process is looked at again after these delays (its libraries are mapped after exec).
+const EXEC_RECHECKS_MS: [u64; 7] = [2, 10, 40, 100, 250, 600, 1500];
+
+/// The host agent's own series.
+struct DaemonMetrics {
+    processes_traced: IntGauge,
+    files_probed: IntGauge,
+    attach_errors: IntCounterVec,
+    refused: IntGauge,
+    discovery: Histogram,
+}
+
+impl DaemonMetrics {
+    fn register(registry: &Registry) -> anyhow::Result<Self> {
+        let m = Self {
+            processes_traced: IntGauge::new(
+                "llamaprobe_processes_traced",
+                "llama.cpp processes traced now.",
+            )?,
+            files_probed: IntGauge::new(
+                "llamaprobe_files_probed",
+                "Executables and libraries probed now (each once, for all the processes that map it).",
+            )?,
+            attach_errors: IntCounterVec::new(
+                Opts::new(
+                    "llamaprobe_attach_errors_total",
+                    "Files of llama.cpp processes that could not be probed, by reason.",
+                ),
+                &["reason"],
+            )?,
+            refused: IntGauge::new(
+                "llamaprobe_processes_refused_total",
+                "llama.cpp processes not traced because --max-processes were traced already.",
+            )?,
+            discovery: Histogram::with_opts(
+                HistogramOpts::new(
+                    "llamaprobe_discovery_seconds",
+                    "Duration of one look at every process of the host (start and each rescan).",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )?,
+        };
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "llamaprobe_build_info",
+                "llamaprobe's version and the kernel it runs on (value 1).",
+            ),
+            &["version", "kernel"],
+        )?;
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), &kernel])
+            .set(1);
+        registry.register(Box::new(m.processes_traced.clone()))?;
+        registry.register(Box::new(m.files_probed.clone()))?;
+        registry.register(Box::new(m.attach_errors.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.discovery.clone()))?;
+        registry.register(Box::new(build))?;
+        Ok(m)
+    }
+}
+
+/// Runs the host agent until SIGTERM, SIGINT or `--duration`.
+pub fn run(opts: DaemonOpts) -> anyhow::Result<i32> {
+    attach::preflight()?;
+    let tracefs = attach::ensure_tracefs()?;
+    let mut probes = Probes::load()?;
+    // Before the first scan: a program started while it runs is seen at its exec.
+    probes.attach_process_tracepoints()?;
+    tracing::info!("{tracefs}; exec and exit tracepoints attached");
+    let ring = probes.ring_buffer()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(event_loop(opts, probes, ring))
+}
+
+/// The daemon's state between events.
+struct Daemon {
+    host: Host,
+    probes: Probes,
+    pipe: Pipeline,
+    metrics: DaemonMetrics,
+    /// New processes to look at again, by when.
+    rechecks: BTreeMap<Instant, Vec<(u32, usize)>>,
+    /// Processes left out (selection, refusal): their events are not for us.
+    ignored: HashSet<u32>,
+    errors_counted: usize,
+}
+
+async fn event_loop(
+    opts: DaemonOpts,
+    probes: Probes,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+) -> anyhow::Result<i32> {
+    let mut sigint = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let health = Arc::new(Health::default());
+    health.turned();
+    let addr = opts
+        .profile
+        .prometheus
+        .addr_or(std::net::SocketAddr::from(DAEMON_METRICS_ADDR));
+    let (sinks, registry) =
+        session::sinks(&opts.profile, addr, Some(health.clone()), false).await?;
+    if let crate::sinks::prometheus::MetricsAddr::On(a) = addr {
+        tracing::info!("Prometheus metrics at http://{a}/metrics (/healthz, /readyz)");
+    }
+    let metrics = DaemonMetrics::register(&registry)?;
+    let (k8s, k8s_line) = K8sMetadata::start(std::env::var("NODE_NAME").ok()).await;
+    tracing::info!("{k8s_line}");
+    let selection = Selection {
+        include: opts.include.clone(),
+        exclude: opts.exclude.clone(),
+    };
+    let mut d = Daemon {
+        host: Host::new(selection, opts.max_processes, opts.profile.sync, k8s),
+        probes,
+        pipe: Pipeline::new(Requests::new(Mode::BatchView), &opts.profile, sinks),
+        metrics,
+        rechecks: BTreeMap::new(),
+        ignored: HashSet::new(),
+        errors_counted: 0,
+    };
+    d.scan(true);
+    health.set_ready();
+
+    // SAFETY: the ring buffer's fd is owned by the AsyncFd and stays open until it is dropped.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut drain = tokio::time::interval(Duration::from_millis(50));
+    let mut rescan = tokio::time::interval(Duration::from_secs_f64(opts.rescan.max(0.1)));
+    rescan.tick().await; // the first scan ran above
+    let deadline = async {
+        match opts.profile.duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let ended_by = loop {
+        let next_recheck = d.rechecks.keys().next().copied();
+        let recheck = async {
+            match next_recheck {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("ring buffer")?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    d.handle(&item);
+                }
+                guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    d.handle(&item);
+                }
+                let assembler = &d.pipe.assembler;
+                let n = d.host.detach_unneeded_applies(&mut d.probes, |pid| assembler.samples_by_function(pid));
+                if n > 0 {
+                    tracing::debug!("{n} sampler-chain probes detached (their processes sample through a sampling function)");
+                }
+            }
+            _ = recheck => d.recheck(),
+            _ = rescan.tick() => d.scan(false),
+            _ = ticker.tick() => {
+                health.turned();
+                d.tick();
+            }
+            _ = &mut deadline => break "--duration elapsed",
+            _ = sigterm.recv() => break "terminated",
+            _ = sigint.recv() => break "interrupted",
+        }
+    };
+    tracing::info!("stopping: {ended_by}");
+    {
+        let rb = ring.get_mut();
+        while let Some(item) = rb.next() {
+            d.handle(&item);
+        }
+    }
+    (d.pipe.stats.lost_ringbuf, d.pipe.stats.lost_entry) = d.probes.lost();
+    let pids = d.host.pids();
+    drop(d.probes);
+    d.pipe.finish(&pids, ended_by)?;
+    Ok(0)
+}
+
+impl Daemon {
+    /// One ring-buffer record.
+    fn handle(&mut self, bytes: &[u8]) {
+        let Some(ev) = self.pipe.decode(bytes) else {
+            return;
+        };
+        match ev {
+            Event::Process {
+                pid,
+                change: ProcessChange::Exec,
+            } => self.exec(pid),
+            Event::Process {
+                pid,
+                change: ProcessChange::Exit,
+            } => {
+                tracing::debug!(pid, "exit event");
+                self.release(pid, "exited")
+            }
+            ev => {
+                if !self.ignored.contains(&ev.pid()) {
+                    self.pipe.handle_event(&ev);
+                }
+            }
+        }
+    }
+
+    /// A process exec'd a program: whatever it ran before is released; it is looked at now
+    /// and again over its first seconds.
+    fn exec(&mut self, pid: u32) {
+        self.release(pid, "exec'd another program");
+        self.ignored.remove(&pid);
+        self.host.forget_other(pid);
+        if !self.look(pid, false) {
+            self.schedule(pid, 0);
+        }
+    }
+
+    fn schedule(&mut self, pid: u32, attempt: usize) {
+        if let Some(ms) = EXEC_RECHECKS_MS.get(attempt) {
+            let at = Instant::now() + Duration::from_millis(*ms);
+            self.rechecks.entry(at).or_default().push((pid, attempt));
+        }
+    }
+
+    fn recheck(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Instant> = self.rechecks.range(..=now).map(|(k, _)| *k).collect();
+        for at in due {
+            for (pid, attempt) in self.rechecks.remove(&at).unwrap_or_default() {
+                if !self.host.processes.contains_key(&pid) && !self.look(pid, false) {
+                    self.schedule(pid, attempt + 1);
+                }
+            }
+        }
+    }
+
+    /// Looks at one process; returns whether it is settled (traced, gone or left out).
+    fn look(&mut self, pid: u32, running_before: bool) -> bool {
+        let seen = self.host.consider(pid, &mut self.probes);
+        tracing::trace!(pid, ?seen, "looked");
+        self.count_errors();
+        match seen {
+            Seen::Traced => {
+                self.traced(pid, running_before);
+                true
+            }
+            Seen::Unchanged | Seen::Gone => true,
+            Seen::Refused => {
+                self.ignored.insert(pid);
+                true
+            }
+            Seen::Failed(_) | Seen::Other => false,
+        }
+    }
+
+    fn count_errors(&mut self) {
+        for reason in &self.host.attach_errors[self.errors_counted..] {
+            self.metrics
+                .attach_errors
+                .with_label_values(&[reason])
+                .inc();
+        }
+        self.errors_counted = self.host.attach_errors.len();
+    }
+
+    /// A process is traced from now on.
+    fn traced(&mut self, pid: u32, running_before: bool) {
+        let Some(p) = self.host.processes.get(&pid) else {
+            return;
+        };
+        self.pipe.requests.set_mode(pid, p.mode);
+        let labels = &p.labels.labels;
+        let label = |k: &str| {
+            labels
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        tracing::info!(
+            pid,
+            exe = %p.identity.exe,
+            container_id = label("container_id"),
+            k8s_pod = label("k8s_pod"),
+            generation = p.plan.generation.as_str(),
+            requests = p.mode.describe(),
+            "traced"
+        );
+        let traced = Observation::Traced(TracedProcess {
+            pid,
+            name: p.identity.exe.clone(),
+            generation: p.plan.generation,
+            request_mode: p.mode,
+            probes_attached: self.probes.attached(),
+            layouts_by: if self.probes.uses_cookies() {
+                "attach_cookie"
+            } else {
+                "pid"
+            },
+            identity: p.labels.clone(),
+        });
+        self.pipe.emit(&traced);
+        if running_before {
+            self.pipe.recover_model(pid);
+        }
+    }
+
+    /// A process is gone (or runs another program now).
+    fn release(&mut self, pid: u32, why: &str) {
+        self.ignored.remove(&pid);
+        if let Some(p) = self.host.release(pid, &mut self.probes) {
+            tracing::info!(pid, exe = %p.identity.exe, "released: {why}");
+            self.pipe.forget(pid);
+        }
+    }
+
+    /// Looks at every process of the host.
+    fn scan(&mut self, first: bool) {
+        let t0 = Instant::now();
+        for pid in Host::all_pids() {
+            if !self.ignored.contains(&pid) {
+                self.look(pid, first || !self.host.processes.contains_key(&pid));
+            }
+        }
+        let (traced_gone, others_gone) = self.host.vanished();
+        for pid in traced_gone {
+            self.release(pid, "exited");
+        }
+        for pid in others_gone {
+            self.host.forget_other(pid);
+            self.ignored.remove(&pid);
+        }
+        self.metrics.discovery.observe(t0.elapsed().as_secs_f64());
+    }
+
+    /// About once a second.
+    fn tick(&mut self) {
+        (self.pipe.stats.lost_ringbuf, self.pipe.stats.lost_entry) = self.probes.lost();
+        self.pipe.stats.probes_attached = self.probes.attached();
+        self.metrics
+            .processes_traced
+            .set(self.host.processes.len() as i64);
+        self.metrics
+            .files_probed
+            .set(self.host.files_probed() as i64);
+        self.metrics.refused.set(self.host.refused as i64);
+        let pids = self.host.pids();
+        self.pipe.tick(&pids, None);
+    }
+}

@@ -1,0 +1,413 @@
+//! `llamaprobe daemon`, the host agent: real llama-servers started before and after it, short
+//! processes coming and going (the fake llama.cpp's driver, copied under a name of its own so
+//! that no other test's processes are selected), and its bad input.
+
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::common::{server::*, *};
+
+/// A running daemon, its metrics port and its log.
+struct Daemon {
+    probe: Probe,
+    port: u16,
+}
+
+impl Daemon {
+    /// Starts `llamaprobe daemon` with `args` on a free metrics port; returns once /readyz
+    /// says ready.
+    fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let mut cmd = llamaprobe();
+        cmd.args(["daemon", "--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env("LLAMAPROBE_LOG", "info");
+        let probe = Probe::spawn(&mut cmd);
+        let t0 = Instant::now();
+        while get(&format!("http://127.0.0.1:{port}/readyz")).as_deref() != Some("ready\n") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "daemon not ready after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { probe, port }
+    }
+
+    /// Waits for the log line saying `pid` is traced (or released): one seen already, or the
+    /// next.
+    fn wait_line(&mut self, what: &str, pid: u32) -> String {
+        let needle = format!("pid={pid}");
+        if let Some(l) = self
+            .probe
+            .lines
+            .iter()
+            .find(|l| l.contains(what) && l.contains(&needle))
+        {
+            return l.clone();
+        }
+        loop {
+            let line = self.probe.wait_for(what);
+            if line.contains(&needle) {
+                return line;
+            }
+        }
+    }
+
+    fn metrics(&self) -> HashMap<String, f64> {
+        parse_metrics(&get(&format!("http://127.0.0.1:{}/metrics", self.port)).unwrap_or_default())
+    }
+
+    /// The metrics once two reads 300 ms apart agree on the counters that matter here (the
+    /// agent drains its ring buffer on a short timer).
+    fn settled(&self, names: &[&str]) -> HashMap<String, f64> {
+        let pick = |m: &HashMap<String, f64>| -> Vec<f64> {
+            names.iter().map(|n| sum_of(m, n, "")).collect()
+        };
+        let mut prev = self.metrics();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let cur = self.metrics();
+            if pick(&cur) == pick(&prev) {
+                return cur;
+            }
+            prev = cur;
+        }
+    }
+}
+
+/// A process's open file descriptors and resident memory (kB).
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+const COUNTED: [&str; 3] = [
+    "llamacpp_decode_calls_total",
+    "llamacpp_tokens_total",
+    "llamacpp_sample_duration_seconds_count",
+];
+
+#[test]
+fn daemon_traces_servers_started_before_and_after_it() {
+    let Some((f, model, _guard)) =
+        first_server("daemon_traces_servers_started_before_and_after_it")
+    else {
+        return;
+    };
+    let bin = f.server.as_ref().unwrap();
+    let before = Server::start(bin, &model, &f.env);
+    let mut d = Daemon::start(&["--include", "exe:llama-server", "--series-grace", "1"]);
+    let line = d.wait_line("traced", before.child.id());
+    assert!(line.contains("exe=llama-server"), "{line}");
+    let after = Server::start(bin, &model, &f.env);
+    d.wait_line("traced", after.child.id());
+
+    let servers = [&before, &after];
+    let pid = |s: &Server| format!("pid=\"{}\"", s.child.id());
+    let base_server: Vec<_> = servers.iter().map(|s| s.settled_metrics()).collect();
+    let base = d.settled(&COUNTED);
+    // The later one's model load was seen (its probes were live from its exec); the earlier
+    // one's model is recovered from its maps.
+    let loads: Vec<_> = base
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("llamacpp_model_load_duration_seconds_count{") && k.contains(&pid(&after))
+        })
+        .collect();
+    assert_eq!(loads.len(), 1, "{loads:?}");
+    assert!(
+        loads[0].0.contains("result=\"ok\"") && *loads[0].1 == 1.0,
+        "{loads:?}"
+    );
+    for (k, _) in base.iter().filter(|(k, _)| k.contains(&pid(&before))) {
+        assert!(k.contains("exe=\"llama-server\""), "{k}");
+    }
+
+    for (s, prompts) in [(&before, 0..3), (&after, 3..5)] {
+        for i in prompts {
+            completion(
+                s.port,
+                &format!("daemon prompt {i} alpha bravo"),
+                6 + i as u32,
+            );
+        }
+    }
+    let now_server: Vec<_> = servers.iter().map(|s| s.settled_metrics()).collect();
+    let ours = d.settled(&COUNTED);
+    for (n, s) in servers.iter().enumerate() {
+        let delta = |k: &str| {
+            now_server[n][&format!("llamacpp:{k}")] - base_server[n][&format!("llamacpp:{k}")]
+        };
+        // The series of this server (and of `filter`, if given).
+        let ours_delta = |name: &str, filter: &str| {
+            let of = |m: &HashMap<String, f64>| -> f64 {
+                m.iter()
+                    .filter(|(k, _)| {
+                        k.starts_with(&format!("{name}{{"))
+                            && k.contains(&pid(s))
+                            && k.contains(filter)
+                    })
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            of(&ours) - of(&base)
+        };
+        assert_eq!(
+            ours_delta("llamacpp_decode_calls_total", ""),
+            delta("n_decode_total"),
+            "decode steps of server {n}"
+        );
+        assert_eq!(
+            ours_delta("llamacpp_tokens_total", "kind=\"prompt\""),
+            delta("prompt_tokens_total"),
+            "prompt tokens of server {n}"
+        );
+        assert_eq!(
+            ours_delta("llamacpp_tokens_total", "kind=\"generated\""),
+            delta("tokens_predicted_total"),
+            "generated tokens of server {n}"
+        );
+        assert!(delta("n_decode_total") > 0.0);
+    }
+    assert!(sum_of(&ours, "llamaprobe_processes_traced", "") >= 2.0);
+    assert_eq!(sum_of(&ours, "llamaprobe_events_lost_total", ""), 0.0);
+
+    // A server that exits is released, its series removed after the grace.
+    let gone = before.child.id();
+    drop(before);
+    d.wait_line("released", gone);
+    let t0 = Instant::now();
+    while d
+        .metrics()
+        .keys()
+        .any(|k| k.contains(&format!("pid=\"{gone}\"")))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "series of pid {gone} still there"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(d.metrics().keys().any(|k| k.contains(&pid(&after))));
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn daemon_follows_twenty_short_processes_and_leaves_nothing_behind() {
+    if !root_or_skip("daemon_follows_twenty_short_processes_and_leaves_nothing_behind") {
+        return;
+    }
+    let _serial = serial();
+    // A copy under a name of its own: other tests run the fake's drivers too.
+    let dir = scratch("daemon-churn");
+    let exe = dir.join("churn_driver");
+    std::fs::copy(fakes().join("classic/driver_classic"), &exe).unwrap();
+    std::fs::copy(fakes().join("classic/libllama.so"), dir.join("libllama.so")).unwrap();
+    let events = dir.join("events.jsonl");
+    let mut d = Daemon::start(&[
+        "--include",
+        "exe:churn_driver",
+        "--series-grace",
+        "1",
+        "--rescan",
+        "1",
+        "--sync",
+        "on",
+        "--events-out",
+        path(&events),
+    ]);
+    let me = d.probe.child.id();
+    let idle = d.metrics();
+    assert_eq!(sum_of(&idle, "llamaprobe_files_probed", ""), 0.0);
+    let run = |n: usize| -> Vec<u32> {
+        let children: Vec<_> = (0..n)
+            .map(|_| {
+                Command::new(&exe)
+                    .arg("/models/tiny-model.gguf")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|c| {
+                let pid = c.id();
+                let out = c.wait_with_output().unwrap();
+                assert!(out.status.success(), "driver {pid} failed");
+                pid
+            })
+            .collect()
+    };
+    // One first, so that what stays for good is there (each eBPF program is loaded at its
+    // first use): the baseline.
+    let first = run(1)[0];
+    d.wait_line("released", first);
+    let settle_fds = |want: Option<usize>| {
+        let t0 = Instant::now();
+        let mut prev = fds_and_rss(me).0;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let cur = fds_and_rss(me).0;
+            if want.map_or(cur == prev, |w| cur == w) || t0.elapsed() > Duration::from_secs(60) {
+                return cur;
+            }
+            prev = cur;
+        }
+    };
+    // Detached links are closed by a thread of their own (the kernel's teardown is slow).
+    let fds0 = settle_fds(None);
+    let rss0 = fds_and_rss(me).1;
+
+    let mut pids = Vec::new();
+    for _ in 0..5 {
+        pids.extend(run(4));
+    }
+    for pid in &pids {
+        d.wait_line("released", *pid);
+    }
+    // After the grace: no series of theirs, no probe, no file.
+    let t0 = Instant::now();
+    let m = loop {
+        let m = d.metrics();
+        let left = m
+            .keys()
+            .filter(|k| pids.iter().any(|p| k.contains(&format!("pid=\"{p}\""))))
+            .count();
+        if left == 0 && sum_of(&m, "llamaprobe_processes_traced", "") == 0.0 {
+            break m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{left} series left");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(sum_of(&m, "llamaprobe_files_probed", ""), 0.0);
+    assert_eq!(sum_of(&m, "llamaprobe_probes_attached", ""), 0.0);
+    settle_fds(Some(fds0));
+    let (fds1, rss1) = fds_and_rss(me);
+    eprintln!("daemon fds {fds0} -> {fds1}, RSS {rss0} kB -> {rss1} kB after 20 processes");
+    assert_eq!(fds1, fds0, "file descriptors left behind");
+    assert!(
+        rss1 < rss0 + 16 * 1024,
+        "RSS grew from {rss0} kB to {rss1} kB"
+    );
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+
+    // Every one of the twenty was traced from its start: all its calls seen (the fake's
+    // sequence: 15 decodes, a load through the deprecated wrapper and a failing one).
+    let events = json_lines(&events);
+    for pid in &pids {
+        let mine = |kind: &str| {
+            of_kind(&events, kind)
+                .into_iter()
+                .filter(|e| e["origin"]["pid"] == *pid)
+                .count()
+        };
+        assert_eq!(mine("decode"), 15, "decodes of pid {pid}");
+        assert_eq!(mine("model_load"), 2, "model loads of pid {pid}");
+        assert_eq!(mine("context_create"), 1, "contexts of pid {pid}");
+    }
+}
+
+/// Runs llamaprobe expecting failure; (exit code, stderr).
+fn fails(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = llamaprobe()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn daemon_config_files_with_unknown_keys_or_bad_values_are_refused() {
+    let dir = scratch("daemon-config");
+    for (name, body, says) in [
+        (
+            "unknown.toml",
+            "rescan = 1\nrescna = 2\n",
+            "unknown key `rescna`",
+        ),
+        ("bad.toml", "max-processes = \"many\"\n", "`max-processes`"),
+        (
+            "selector.toml",
+            "exclude = [\"image:x\"]\n",
+            "unknown selector kind",
+        ),
+        ("syntax.toml", "rescan = = 1\n", "not valid TOML"),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        let (code, err) = fails(&["daemon", "--config", path(&p)], &[]);
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(err.contains(says) && err.contains(name), "{name}: {err}");
+    }
+    let (code, err) = fails(&["daemon", "--config", "/nonexistent/llamaprobe.toml"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot read the configuration file"), "{err}");
+    // A good file passes its check; the command line is still judged on its own.
+    let p = dir.join("good.toml");
+    std::fs::write(&p, "include = [\"exe:nothing-here\"]\nrescan = 0.5\n").unwrap();
+    let (code, err) = fails(&["daemon", "--config", path(&p), "--rescan", "x"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--rescan"), "{err}");
+}
+
+#[test]
+fn daemon_without_privileges_or_tracefs_says_what_to_do() {
+    if !root_or_skip("daemon_without_privileges_or_tracefs_says_what_to_do") {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_llamaprobe");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin,
+            "daemon",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing privileges"),
+        "{}",
+        text(&out)
+    );
+    // tracefs hidden in a mount namespace of its own, and no right to mount it.
+    let script = format!(
+        "mount -t tmpfs none /sys/kernel/tracing && \
+         (mount -t tmpfs none /sys/kernel/debug 2>/dev/null || true) && \
+         exec capsh --drop=cap_sys_admin -- -c 'exec {bin} daemon --metrics-addr off'"
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tracefs is not available") && err.contains("mount -t tracefs"),
+        "{}",
+        text(&out)
+    );
+}
