@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs what building and testing need, skipping what is there.
 //!
 //! - Debian packages for missing commands (cmake, a C/C++ compiler, binutils, make, curl,
-//!   python3);
+//!   python3, podman and runc);
 //! - the nightly toolchain's `rust-src` component (`-Z build-std=core` for the BPF target);
 //! - `bpf-linker`, linked against the nightly toolchain's own libLLVM, under the cache's `tools/`.
 
@@ -27,6 +27,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("readelf", "binutils"),
     ("curl", "curl"),
     ("python3", "python3"),
+    // The daemon's container test: podman with runc (crun refuses this hybrid cgroup layout).
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 pub fn run() -> Result<()> {

@@ -41,6 +41,10 @@ use probe_common::ProcessChange;
 /// The metrics address of the host agent when none is given: a scrape target.
 const DAEMON_METRICS_ADDR: ([u8; 4], u16) = ([0, 0, 0, 0], 9464);
 
+/// A process traced at its start whose model load was not seen by then: its model is looked
+/// for in its maps.
+const MODEL_CHECK_AFTER: Duration = Duration::from_secs(2);
+
 /// A new process is looked at again after these delays (its libraries are mapped after exec).
 const EXEC_RECHECKS_MS: [u64; 7] = [2, 10, 40, 100, 250, 600, 1500];
 
@@ -132,6 +136,10 @@ struct Daemon {
     rechecks: BTreeMap<Instant, Vec<(u32, usize)>>,
     /// Processes left out (selection, refusal): their events are not for us.
     ignored: HashSet<u32>,
+    /// Processes traced at their start, and when to look for their model if no load was seen
+    /// by then (the first process of a file is probed a few hundred ms after its exec, and a
+    /// small model loads faster).
+    model_checks: Vec<(Instant, u32)>,
     errors_counted: usize,
 }
 
@@ -156,6 +164,15 @@ async fn event_loop(
     let metrics = DaemonMetrics::register(&registry)?;
     let (k8s, k8s_line) = K8sMetadata::start(std::env::var("NODE_NAME").ok()).await;
     tracing::info!("{k8s_line}");
+    // The first scan's processes get their pod's labels if the pods are listed by then.
+    if let Some(k) = k8s.as_ref() {
+        if !k.wait_ready(Duration::from_secs(5)).await {
+            tracing::warn!(
+                "the pods of node {} are not listed after 5 s: processes traced before they are get their Kubernetes labels at a later rescan",
+                k.node()
+            );
+        }
+    }
     let selection = Selection {
         include: opts.include.clone(),
         exclude: opts.exclude.clone(),
@@ -167,6 +184,7 @@ async fn event_loop(
         metrics,
         rechecks: BTreeMap::new(),
         ignored: HashSet::new(),
+        model_checks: Vec::new(),
         errors_counted: 0,
     };
     d.scan(true);
@@ -249,10 +267,12 @@ impl Daemon {
             Event::Process {
                 pid,
                 change: ProcessChange::Exec,
-            } => self.exec(pid),
+                at_ns,
+            } => self.exec(pid, at_ns),
             Event::Process {
                 pid,
                 change: ProcessChange::Exit,
+                ..
             } => {
                 tracing::debug!(pid, "exit event");
                 self.release(pid, "exited")
@@ -266,8 +286,17 @@ impl Daemon {
     }
 
     /// A process exec'd a program: whatever it ran before is released; it is looked at now
-    /// and again over its first seconds.
-    fn exec(&mut self, pid: u32) {
+    /// and again over its first seconds. (A scan may have found it after this exec already,
+    /// before the event was read: then it stays as it is.)
+    fn exec(&mut self, pid: u32, at_ns: u64) {
+        if self
+            .host
+            .processes
+            .get(&pid)
+            .is_some_and(|p| p.since_ns > at_ns)
+        {
+            return;
+        }
         self.release(pid, "exec'd another program");
         self.ignored.remove(&pid);
         self.host.forget_other(pid);
@@ -362,6 +391,9 @@ impl Daemon {
         self.pipe.emit(&traced);
         if running_before {
             self.pipe.recover_model(pid);
+        } else {
+            self.model_checks
+                .push((Instant::now() + MODEL_CHECK_AFTER, pid));
         }
     }
 
@@ -404,6 +436,19 @@ impl Daemon {
             .files_probed
             .set(self.host.files_probed() as i64);
         self.metrics.refused.set(self.host.refused as i64);
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .model_checks
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, pid)| *pid)
+            .collect();
+        self.model_checks.retain(|(at, _)| *at > now);
+        for pid in due {
+            if self.host.processes.contains_key(&pid) && self.pipe.assembler.model(pid).is_empty() {
+                self.pipe.recover_model(pid);
+            }
+        }
         let pids = self.host.pids();
         self.pipe.tick(&pids, None);
     }

@@ -40,6 +40,8 @@ pub struct HostProcess {
     files: BTreeSet<FileKey>,
     /// Every file it maps (its maps' signature: unchanged maps need no new plan).
     signature: u64,
+    /// When it was first looked at and traced (monotonic ns).
+    pub since_ns: u64,
 }
 
 /// A probed file.
@@ -53,7 +55,8 @@ struct ProbedFile {
 /// What looking at one process gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Seen {
-    /// Newly traced.
+    /// Newly traced, or traced already and its labels are new: its pod, not known when it
+    /// was traced, is now (published again as a newly traced process is).
     Traced,
     /// Traced already; nothing new mapped.
     Unchanged,
@@ -160,7 +163,7 @@ impl Host {
         let sig = signature(&files);
         if let Some(p) = self.processes.get(&pid) {
             if p.signature == sig {
-                return Seen::Unchanged;
+                return self.relabel(pid);
             }
             // Something new mapped (a library loaded later): planned again below; the files
             // already probed for it stay.
@@ -291,6 +294,7 @@ impl Host {
                     mode,
                     files: probed,
                     signature: sig,
+                    since_ns: crate::model::clock::monotonic_ns(),
                 });
                 Seen::Traced
             }
@@ -353,6 +357,27 @@ impl Host {
     fn pod_of(&self, ident: &Identity) -> Option<crate::sources::k8s::PodMeta> {
         let (k8s, uid) = (self.k8s.as_ref()?, ident.pod_uid.as_deref()?);
         k8s.lookup(uid, ident.container_id.as_deref())
+    }
+
+    /// A traced process in a pod that was not known when it was traced (the pod watch had not
+    /// seen it yet): [`Seen::Traced`] with its labels made again once the pod is known, else
+    /// [`Seen::Unchanged`]. A map lookup, for such processes only.
+    fn relabel(&mut self, pid: u32) -> Seen {
+        let Some(p) = self.processes.get(&pid) else {
+            return Seen::Unchanged;
+        };
+        let has_pod = p.labels.labels.iter().any(|(k, _)| *k == "k8s_pod");
+        if self.k8s.is_none() || p.identity.pod_uid.is_none() || has_pod {
+            return Seen::Unchanged;
+        }
+        let labels = self.labels(&p.identity);
+        if !labels.labels.iter().any(|(k, _)| *k == "k8s_pod") {
+            return Seen::Unchanged;
+        }
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.labels = labels;
+        }
+        Seen::Traced
     }
 
     /// The labels of a process's series.

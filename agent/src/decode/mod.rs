@@ -26,6 +26,8 @@ pub enum Event {
     Process {
         pid: u32,
         change: ProcessChange,
+        /// When (monotonic ns).
+        at_ns: u64,
     },
 }
 
@@ -108,6 +110,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             Event::Process {
                 pid: ev.header.tgid,
                 change,
+                at_ns: ev.header.start_ns,
             }
         }
     })

@@ -9,12 +9,20 @@
 //! `docker://<id>`, with the scheme stripped). Lookups read that map and never wait on the
 //! network. The service account needs `list` and `watch` on `pods` (cluster-wide: a field
 //! selector is no namespace).
+//!
+//! Outside a cluster (llamaprobe as a systemd service on a node, or on a developer's machine
+//! next to kind or minikube), where there is no in-cluster configuration
+//! (`KUBERNETES_SERVICE_HOST` unset, or no service account token), the kubeconfig file named by
+//! the standard `KUBECONFIG` variable is used instead, with its current context (a list of
+//! files, `:`-separated, is merged as kubectl does). That is only when `NODE_NAME` is set as
+//! well: the node is never guessed. Its user needs the same `list` and `watch` on `pods`.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    ffi::OsStr,
+    ffi::{OsStr, OsString},
     path::Path,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::Duration,
 };
 
 use futures::StreamExt;
@@ -81,32 +89,59 @@ struct PodEntry {
 impl K8sMetadata {
     /// Starts watching the pods of node `node_name` (`NODE_NAME`, set from the downward API)
     /// with the in-cluster configuration (`KUBERNETES_SERVICE_HOST`/`_PORT` and the pod's
-    /// service account). Returns at once, before the first list; [`Self::ready`] tells when
-    /// it is done. Outside a cluster, or if the client cannot be made, returns `None`. The
-    /// line says in either case what came of it ("Kubernetes labels off: NODE_NAME is not
-    /// set (set it from the downward API, spec.nodeName)").
+    /// service account), or, where there is none, with the kubeconfig file(s) `KUBECONFIG`
+    /// names. Returns at once, before the first list; [`Self::ready`] tells when it is done.
+    /// Without a node name, outside a cluster without `KUBECONFIG`, or if the client cannot be
+    /// made, returns `None`. The line says in either case what came of it ("Kubernetes labels
+    /// off: NODE_NAME is not set (set it from the downward API, spec.nodeName)", "Kubernetes
+    /// labels on: watching the pods of node n1 (kubeconfig /etc/llamaprobe/kubeconfig)").
     pub async fn start(node_name: Option<String>) -> (Option<K8sMetadata>, String) {
-        let node = node_name.as_deref().map(str::trim).unwrap_or_default();
-        if let Some(reason) = off_reason(
-            node,
+        Self::start_from(
+            node_name.as_deref(),
             std::env::var_os("KUBERNETES_SERVICE_HOST").as_deref(),
             Path::new(TOKEN_FILE),
-        ) {
-            return (None, format!("Kubernetes labels off: {reason}"));
-        }
-        let config = match kube::Config::incluster() {
-            Ok(c) => c,
-            Err(e) => {
-                return (
-                    None,
-                    format!("Kubernetes labels off: no in-cluster configuration: {e}"),
-                )
+            std::env::var_os("KUBECONFIG").as_deref(),
+        )
+        .await
+    }
+
+    /// [`Self::start`] with the environment given: the node name, `KUBERNETES_SERVICE_HOST`,
+    /// the service account token's path and `KUBECONFIG`.
+    async fn start_from(
+        node_name: Option<&str>,
+        service_host: Option<&OsStr>,
+        token: &Path,
+        kubeconfig: Option<&OsStr>,
+    ) -> (Option<K8sMetadata>, String) {
+        let node = node_name.map(str::trim).unwrap_or_default();
+        let (config, from) = match source(node, service_host, token, kubeconfig) {
+            Err(reason) => return (None, format!("Kubernetes labels off: {reason}")),
+            Ok(Source::InCluster) => match kube::Config::incluster() {
+                Ok(c) => (c, String::new()),
+                Err(e) => {
+                    return (
+                        None,
+                        format!("Kubernetes labels off: no in-cluster configuration: {e}"),
+                    )
+                }
+            },
+            Ok(Source::Kubeconfig(files)) => {
+                let shown = files.to_string_lossy().into_owned();
+                match kubeconfig_config(&files).await {
+                    Ok(c) => (c, format!(" (kubeconfig {shown})")),
+                    Err(e) => {
+                        return (
+                            None,
+                            format!("Kubernetes labels off: cannot use KUBECONFIG={shown}: {e}"),
+                        )
+                    }
+                }
             }
         };
         match Self::start_with_config(config, node.to_string()).await {
             Ok(m) => (
                 Some(m),
-                format!("Kubernetes labels on: watching the pods of node {node}"),
+                format!("Kubernetes labels on: watching the pods of node {node}{from}"),
             ),
             Err(e) => (None, format!("Kubernetes labels off: {e:#}")),
         }
@@ -161,6 +196,18 @@ impl K8sMetadata {
         self.read().ready
     }
 
+    /// Waits until [`Self::ready`], at most `within`; returns whether it is.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.ready() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// The node whose pods are watched.
     pub fn node(&self) -> &str {
         &self.node
@@ -171,8 +218,51 @@ impl K8sMetadata {
     }
 }
 
-/// Why Kubernetes metadata is off, if it is: no node name, not in a pod, or no service
-/// account token.
+/// Where the client's configuration comes from.
+#[derive(Debug, PartialEq, Eq)]
+enum Source {
+    /// The pod's service account and the API server's service.
+    InCluster,
+    /// The kubeconfig file(s) of `KUBECONFIG` (a `:`-separated list, as `PATH`).
+    Kubeconfig(OsString),
+}
+
+/// The configuration to use for node `node`: the in-cluster one where there is one, else the
+/// kubeconfig of `KUBECONFIG` if it names any file; else why Kubernetes metadata is off.
+fn source(
+    node: &str,
+    service_host: Option<&OsStr>,
+    token: &Path,
+    kubeconfig: Option<&OsStr>,
+) -> Result<Source, String> {
+    let Some(reason) = off_reason(node, service_host, token) else {
+        return Ok(Source::InCluster);
+    };
+    if node.is_empty() {
+        return Err(reason);
+    }
+    match kubeconfig {
+        Some(files) if std::env::split_paths(files).any(|p| !p.as_os_str().is_empty()) => {
+            Ok(Source::Kubeconfig(files.to_owned()))
+        }
+        _ => Err(format!("{reason}, and KUBECONFIG is not set")),
+    }
+}
+
+/// The client configuration of the kubeconfig file(s) `files` (merged in order, the first to
+/// set a value wins), with their current context.
+async fn kubeconfig_config(files: &OsStr) -> Result<kube::Config, kube::config::KubeconfigError> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let merged = std::env::split_paths(files)
+        .filter(|p| !p.as_os_str().is_empty())
+        .try_fold(Kubeconfig::default(), |merged, p| {
+            Kubeconfig::read_from(p).and_then(|c| merged.merge(c))
+        })?;
+    kube::Config::from_custom_kubeconfig(merged, &KubeConfigOptions::default()).await
+}
+
+/// Why the in-cluster configuration cannot be used, if it cannot: no node name, not in a pod,
+/// or no service account token.
 fn off_reason(node: &str, service_host: Option<&OsStr>, token: &Path) -> Option<String> {
     if node.is_empty() {
         Some("NODE_NAME is not set (set it from the downward API, spec.nodeName)".to_string())
@@ -595,14 +685,136 @@ mod tests {
 
     #[tokio::test]
     async fn start_outside_a_cluster_is_off() {
-        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-            return; // In a pod: the reasons are checked by `off_reasons` below.
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none()
+            && std::env::var_os("KUBECONFIG").is_none()
+        {
+            let (meta, line) = K8sMetadata::start(Some(NODE.into())).await;
+            assert!(meta.is_none());
+            assert_eq!(
+                line,
+                "Kubernetes labels off: not in a Kubernetes pod (KUBERNETES_SERVICE_HOST is not set), and KUBECONFIG is not set"
+            );
         }
-        let (meta, line) = K8sMetadata::start(Some(NODE.into())).await;
+        // The same, whatever this environment is.
+        let token = Path::new("/nonexistent/serviceaccount/token");
+        let (meta, line) = K8sMetadata::start_from(Some(NODE), None, token, None).await;
         assert!(meta.is_none());
         assert_eq!(
             line,
-            "Kubernetes labels off: not in a Kubernetes pod (KUBERNETES_SERVICE_HOST is not set)"
+            "Kubernetes labels off: not in a Kubernetes pod (KUBERNETES_SERVICE_HOST is not set), and KUBECONFIG is not set"
+        );
+        let (meta, line) =
+            K8sMetadata::start_from(Some(NODE), None, token, Some(OsStr::new(""))).await;
+        assert!(meta.is_none());
+        assert!(line.ends_with("and KUBECONFIG is not set"), "{line}");
+    }
+
+    /// A kubeconfig file whose current context is the API server at `server`, without a user.
+    fn kubeconfig_file(name: &str, server: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "llamaprobe-kubeconfig-{name}-{}",
+            std::process::id()
+        ));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\ncurrent-context: fake\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn outside_a_cluster_the_kubeconfig_file_is_used() {
+        let list = json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "100"},
+            "items": [pod_json("inference", "llama-0", UID_A, NODE, vec![
+                container_status("server", &format!("containerd://{ID_A}")),
+            ])]
+        });
+        let mut added = pod_json("batch", "llama-2", UID_C, NODE, vec![]);
+        added["apiVersion"] = json!("v1");
+        added["kind"] = json!("Pod");
+        let (addr, uris) = fake_api_server(list, added).await;
+        let file = kubeconfig_file("on", &format!("http://{addr}"));
+        // A list as KUBECONFIG allows; the missing first entry is an error, an empty one is not.
+        let missing = std::env::temp_dir().join("llamaprobe-no-such-kubeconfig");
+        let (meta, line) = K8sMetadata::start_from(
+            Some(NODE),
+            None,
+            Path::new("/nonexistent/serviceaccount/token"),
+            Some(OsStr::new(&format!("{}:", missing.display()))),
+        )
+        .await;
+        assert!(meta.is_none());
+        assert!(
+            line.starts_with(&format!(
+                "Kubernetes labels off: cannot use KUBECONFIG={}:",
+                missing.display()
+            )),
+            "{line}"
+        );
+
+        let value = format!(":{}", file.display());
+        let (meta, line) = K8sMetadata::start_from(
+            Some(NODE),
+            None,
+            Path::new("/nonexistent/serviceaccount/token"),
+            Some(OsStr::new(&value)),
+        )
+        .await;
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            line,
+            format!("Kubernetes labels on: watching the pods of node {NODE} (kubeconfig {value})")
+        );
+        let meta = meta.unwrap();
+        assert!(
+            meta.wait_ready(Duration::from_secs(10)).await,
+            "the watcher did not list the fake API server within 10 s (requests: {:?})",
+            uris.lock().unwrap()
+        );
+        let pod = meta.lookup(UID_A, Some(ID_A)).unwrap();
+        assert_eq!(
+            (
+                pod.namespace.as_str(),
+                pod.pod.as_str(),
+                pod.container.as_deref()
+            ),
+            ("inference", "llama-0", Some("server"))
+        );
+        let uris = uris.lock().unwrap().clone();
+        assert!(!uris.is_empty());
+        for uri in &uris {
+            let query = uri.split_once('?').map_or("", |q| q.1);
+            assert_eq!(
+                query_param(query, "fieldSelector").as_deref(),
+                Some("spec.nodeName=node-a"),
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_in_cluster_configuration_wins_over_kubeconfig() {
+        let token = std::env::current_exe().unwrap();
+        let missing = Path::new("/nonexistent/serviceaccount/token");
+        let host = Some(OsStr::new("10.96.0.1"));
+        let kc = Some(OsStr::new("/etc/llamaprobe/kubeconfig"));
+        let from_file = Ok(Source::Kubeconfig("/etc/llamaprobe/kubeconfig".into()));
+        assert_eq!(source(NODE, host, &token, kc), Ok(Source::InCluster));
+        assert_eq!(source(NODE, host, &token, None), Ok(Source::InCluster));
+        assert_eq!(source(NODE, None, &token, kc), from_file);
+        assert_eq!(source(NODE, host, missing, kc), from_file);
+        // Never without a node name.
+        assert!(source("", None, &token, kc)
+            .unwrap_err()
+            .contains("NODE_NAME"));
+        assert!(source("", host, &token, kc)
+            .unwrap_err()
+            .contains("NODE_NAME"));
+        let err = source(NODE, host, missing, Some(OsStr::new(":"))).unwrap_err();
+        assert!(
+            err.contains("no service account token") && err.ends_with("KUBECONFIG is not set"),
+            "{err}"
         );
     }
 

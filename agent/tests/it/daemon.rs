@@ -411,3 +411,235 @@ fn daemon_without_privileges_or_tracefs_says_what_to_do() {
         text(&out)
     );
 }
+
+/// One OpenAI-style completion of `model` through a router.
+fn routed_completion(port: u16, model: &str, prompt: &str, n: u32) -> serde_json::Value {
+    let mut r = http()
+        .post(&format!("http://127.0.0.1:{port}/v1/completions"))
+        .send_json(
+            serde_json::json!({"model": model, "prompt": prompt, "max_tokens": n, "seed": 1}),
+        )
+        .expect("routed completion");
+    r.body_mut().read_json().unwrap()
+}
+
+#[test]
+fn daemon_traces_the_children_of_a_router_each_with_its_model() {
+    let Some((f, model, _guard)) =
+        first_server("daemon_traces_the_children_of_a_router_each_with_its_model")
+    else {
+        return;
+    };
+    let bin = f.server.as_ref().unwrap();
+    if !help(bin).contains("--models-dir") {
+        eprintln!("SKIPPED: fixture {} has no router mode", f.name);
+        return;
+    }
+    let dir = scratch("daemon-router");
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    for m in ["tiny-a", "tiny-b"] {
+        std::fs::copy(&model, models.join(format!("{m}.gguf"))).unwrap();
+    }
+    let mut d = Daemon::start(&["--include", "exe:llama-server", "--series-grace", "30"]);
+    let port = free_port();
+    let router = Command::new(bin)
+        .args(["--models-dir", path(&models), "--host", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "-c", "512", "-t", "2"])
+        .envs(&f.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut router = Server {
+        child: router,
+        port,
+    };
+    wait_healthy(port, &mut router.child);
+    d.wait_line("traced", router.child.id());
+
+    // Each model's first request starts its child; the child is traced from its exec, with
+    // the model it loads.
+    let mut usage = HashMap::new();
+    for (m, n) in [("tiny-a", 5u32), ("tiny-b", 7)] {
+        let r = routed_completion(port, m, &format!("router prompt for {m}"), n);
+        usage.insert(m, r["usage"].clone());
+    }
+    // Started by one of the router's threads: the children of all its tasks.
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{}/task", router.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    assert_eq!(children.len(), 2, "router children: {children:?}");
+    for pid in &children {
+        d.wait_line("traced", *pid);
+    }
+    let t0 = Instant::now();
+    let m = loop {
+        let m = d.metrics();
+        let done = ["tiny-a", "tiny-b"].iter().all(|model| {
+            sum_of(
+                &m,
+                "llamacpp_request_generated_tokens_count",
+                &format!("model=\"{model}\""),
+            ) >= 1.0
+        });
+        if done || t0.elapsed() > Duration::from_secs(20) {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for (model, u) in &usage {
+        let of = |name: &str| sum_of(&m, name, &format!("model=\"{model}\""));
+        assert_eq!(
+            of("llamacpp_request_generated_tokens_count"),
+            1.0,
+            "{model}"
+        );
+        assert_eq!(
+            of("llamacpp_request_generated_tokens_sum"),
+            u["completion_tokens"].as_f64().unwrap(),
+            "generated tokens of {model}"
+        );
+        assert_eq!(
+            of("llamacpp_request_prompt_tokens_sum"),
+            u["prompt_tokens"].as_f64().unwrap(),
+            "prompt tokens of {model}"
+        );
+        // One child per model, and its series are its own.
+        let pids: std::collections::HashSet<&str> = m
+            .keys()
+            .filter(|k| k.starts_with("llamacpp_request_generated_tokens_count{"))
+            .filter(|k| k.contains(&format!("model=\"{model}\"")))
+            .filter_map(|k| k.split("pid=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(pids.len(), 1, "{model}: {pids:?}");
+        let pid: u32 = pids.into_iter().next().unwrap().parse().unwrap();
+        assert!(
+            children.contains(&pid),
+            "{model} served by {pid}, not a child"
+        );
+    }
+    // The router stops its children.
+    for pid in &children {
+        unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+    }
+    drop(router);
+    for pid in &children {
+        d.wait_line("released", *pid);
+    }
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
+    use crate::embedders::{NODE_COMPLETIONS, NODE_SCRIPT};
+    use std::io::{BufRead, BufReader, Write};
+    let test = "daemon_finds_a_program_that_loads_libllama_after_it_started";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(model) = crate::common::fixtures::model(test) else {
+        return;
+    };
+    let Some(f) = crate::common::fixtures::all(test)
+        .into_iter()
+        .find(|f| f.node_app.is_some())
+    else {
+        assert!(
+            std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_none(),
+            "{test}: no fixture with node-llama-cpp installed (the npm fixture)"
+        );
+        return;
+    };
+    let _serial = serial();
+    let dir = scratch(test);
+    std::os::unix::fs::symlink(
+        f.node_app.as_ref().unwrap().join("node_modules"),
+        dir.join("node_modules"),
+    )
+    .unwrap();
+    let script = dir.join("completions.mjs");
+    std::fs::write(&script, NODE_SCRIPT).unwrap();
+    let events = dir.join("events.jsonl");
+    let mut d = Daemon::start(&[
+        "--include",
+        "exe:node",
+        "--rescan",
+        "1",
+        "--events-out",
+        path(&events),
+    ]);
+    let mut node = Command::new("node")
+        .arg(&script)
+        .arg(&model)
+        .args(NODE_COMPLETIONS.map(|n| n.to_string()))
+        .env("WAIT_BEFORE_LOAD", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start node");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = node.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            eprintln!("[node] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let next = |what: &str| {
+        lines
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("node never printed {what}: {e}"))
+    };
+    let started = next("started");
+    let pid: u32 = started
+        .strip_prefix("started pid=")
+        .expect(&started)
+        .parse()
+        .unwrap();
+    let mut stdin = node.stdin.take().unwrap();
+    // Running, libllama not loaded: not traced. Then it loads the binding.
+    assert!(!d
+        .probe
+        .lines
+        .iter()
+        .any(|l| l.contains(&format!("traced pid={pid}"))));
+    stdin.write_all(b"load\n").unwrap();
+    next("ready");
+    d.wait_line("traced", pid);
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin); // its end lets node exit once the script is done
+    let generated: Vec<u64> = (0..NODE_COMPLETIONS.len())
+        .map(|i| {
+            let line = next("done");
+            line.strip_prefix(&format!("done {i} generated="))
+                .unwrap_or_else(|| panic!("{line}"))
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(node.wait().unwrap().success());
+    d.wait_line("released", pid);
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+    let events = json_lines(&events);
+    let mut requests: Vec<_> = of_kind(&events, "request")
+        .into_iter()
+        .filter(|r| r["pid"] == pid)
+        .collect();
+    requests.sort_by_key(|r| r["start_ns"].as_u64());
+    let got: Vec<u64> = requests
+        .iter()
+        .map(|r| r["generated_tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, generated, "{requests:?}");
+}

@@ -102,20 +102,26 @@ fn llama_cli_one_completion_is_one_request() {
 }
 
 /// Completions of node-llama-cpp's `LlamaCompletion`: (max tokens, prompt).
-const NODE_COMPLETIONS: [u32; 3] = [12, 16, 20];
+pub(crate) const NODE_COMPLETIONS: [u32; 3] = [12, 16, 20];
 
 /// The script: loads the model through the binding's API, prints `ready pid=N`, waits for a
 /// byte on stdin, then makes the completions, printing `done I generated=N` with the tokens
-/// its `onToken` callback received.
-const NODE_SCRIPT: &str = r#"
+/// its `onToken` callback received. With `WAIT_BEFORE_LOAD=1` it first prints `started
+/// pid=N` and waits for a byte before it loads the binding (libllama is dlopen'ed then).
+pub(crate) const NODE_SCRIPT: &str = r#"
 import {getLlama, LlamaCompletion} from "node-llama-cpp";
 const [modelPath, ...limits] = process.argv.slice(2);
+const byte = () => new Promise((resolve) => process.stdin.once("data", resolve));
+if (process.env.WAIT_BEFORE_LOAD === "1") {
+  console.log(`started pid=${process.pid}`);
+  await byte();
+}
 const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
 const model = await llama.loadModel({modelPath});
 const context = await model.createContext({contextSize: 512});
 const completion = new LlamaCompletion({contextSequence: context.getSequence()});
 console.log(`ready pid=${process.pid}`);
-await new Promise((resolve) => process.stdin.once("data", resolve));
+await byte();
 for (const [i, n] of limits.entries()) {
   let generated = 0;
   await completion.generateCompletion(`completion number ${i} of ${limits.length}`, {

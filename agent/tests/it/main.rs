@@ -7,6 +7,8 @@ mod common;
 mod architecture;
 mod bad_input;
 mod daemon;
+mod daemon_container;
+mod daemon_k8s;
 mod embedders;
 mod fake_targets;
 mod llama_server;
