@@ -10,7 +10,7 @@
 //! Prometheus sink serves on `0.0.0.0:9464` by default, with `/healthz` and `/readyz`.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -140,6 +140,8 @@ struct Daemon {
     /// by then (the first process of a file is probed a few hundred ms after its exec, and a
     /// small model loads faster).
     model_checks: Vec<(Instant, u32)>,
+    /// Exec times (monotonic ns) of processes being looked at since their exec.
+    exec_at: HashMap<u32, u64>,
     errors_counted: usize,
 }
 
@@ -185,6 +187,7 @@ async fn event_loop(
         rechecks: BTreeMap::new(),
         ignored: HashSet::new(),
         model_checks: Vec::new(),
+        exec_at: HashMap::new(),
         errors_counted: 0,
     };
     d.scan(true);
@@ -300,8 +303,11 @@ impl Daemon {
         self.release(pid, "exec'd another program");
         self.ignored.remove(&pid);
         self.host.forget_other(pid);
+        self.exec_at.insert(pid, at_ns);
         if !self.look(pid, false) {
             self.schedule(pid, 0);
+        } else {
+            self.exec_at.remove(&pid);
         }
     }
 
@@ -318,7 +324,13 @@ impl Daemon {
         for at in due {
             for (pid, attempt) in self.rechecks.remove(&at).unwrap_or_default() {
                 if !self.host.processes.contains_key(&pid) && !self.look(pid, false) {
-                    self.schedule(pid, attempt + 1);
+                    if attempt + 1 < EXEC_RECHECKS_MS.len() {
+                        self.schedule(pid, attempt + 1);
+                    } else {
+                        self.exec_at.remove(&pid);
+                    }
+                } else {
+                    self.exec_at.remove(&pid);
                 }
             }
         }
@@ -366,9 +378,19 @@ impl Daemon {
                 .find(|(n, _)| *n == k)
                 .map_or("", |(_, v)| v.as_str())
         };
+        // From its exec to its probes being live (0 when its files were probed already: it
+        // was covered from its first instruction).
+        let live_ms = self.exec_at.get(&pid).map(|at| {
+            if p.newly_probed == 0 {
+                0.0
+            } else {
+                crate::model::clock::monotonic_ns().saturating_sub(*at) as f64 / 1e6
+            }
+        });
         tracing::info!(
             pid,
             exe = %p.identity.exe,
+            probes_live_ms = live_ms.map(|ms| format!("{ms:.1}")).unwrap_or_default(),
             container_id = label("container_id"),
             k8s_pod = label("k8s_pod"),
             generation = p.plan.generation.as_str(),
@@ -400,6 +422,7 @@ impl Daemon {
     /// A process is gone (or runs another program now).
     fn release(&mut self, pid: u32, why: &str) {
         self.ignored.remove(&pid);
+        self.exec_at.remove(&pid);
         if let Some(p) = self.host.release(pid, &mut self.probes) {
             tracing::info!(pid, exe = %p.identity.exe, "released: {why}");
             self.pipe.forget(pid);

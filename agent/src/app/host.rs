@@ -42,6 +42,9 @@ pub struct HostProcess {
     signature: u64,
     /// When it was first looked at and traced (monotonic ns).
     pub since_ns: u64,
+    /// Files probed for it when it was traced (0: they were probed already, for other
+    /// processes, so it was covered from its first instruction).
+    pub newly_probed: usize,
 }
 
 /// A probed file.
@@ -223,6 +226,7 @@ impl Host {
             &[Family::Synchronize]
         };
         let mut probed = BTreeSet::new();
+        let mut newly_probed = 0;
         for (key, probes_of_file) in by_file(&files, &plan) {
             if let Some(f) = self.files.get_mut(&key) {
                 f.users.insert(pid);
@@ -253,6 +257,7 @@ impl Host {
                         },
                     );
                     probed.insert(key);
+                    newly_probed += 1;
                 }
                 Err(e) => {
                     tracing::warn!(pid, exe = %ident.exe, "cannot probe {}: {}", probes_of_file[0].path.display(), chain(&e));
@@ -295,6 +300,7 @@ impl Host {
                     files: probed,
                     signature: sig,
                     since_ns: crate::model::clock::monotonic_ns(),
+                    newly_probed,
                 });
                 Seen::Traced
             }

@@ -8,76 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{server::*, *};
-
-/// A running daemon, its metrics port and its log.
-struct Daemon {
-    probe: Probe,
-    port: u16,
-}
-
-impl Daemon {
-    /// Starts `llamaprobe daemon` with `args` on a free metrics port; returns once /readyz
-    /// says ready.
-    fn start(args: &[&str]) -> Self {
-        let port = free_port();
-        let mut cmd = llamaprobe();
-        cmd.args(["daemon", "--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env("LLAMAPROBE_LOG", "info");
-        let probe = Probe::spawn(&mut cmd);
-        let t0 = Instant::now();
-        while get(&format!("http://127.0.0.1:{port}/readyz")).as_deref() != Some("ready\n") {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "daemon not ready after 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { probe, port }
-    }
-
-    /// Waits for the log line saying `pid` is traced (or released): one seen already, or the
-    /// next.
-    fn wait_line(&mut self, what: &str, pid: u32) -> String {
-        let needle = format!("pid={pid}");
-        if let Some(l) = self
-            .probe
-            .lines
-            .iter()
-            .find(|l| l.contains(what) && l.contains(&needle))
-        {
-            return l.clone();
-        }
-        loop {
-            let line = self.probe.wait_for(what);
-            if line.contains(&needle) {
-                return line;
-            }
-        }
-    }
-
-    fn metrics(&self) -> HashMap<String, f64> {
-        parse_metrics(&get(&format!("http://127.0.0.1:{}/metrics", self.port)).unwrap_or_default())
-    }
-
-    /// The metrics once two reads 300 ms apart agree on the counters that matter here (the
-    /// agent drains its ring buffer on a short timer).
-    fn settled(&self, names: &[&str]) -> HashMap<String, f64> {
-        let pick = |m: &HashMap<String, f64>| -> Vec<f64> {
-            names.iter().map(|n| sum_of(m, n, "")).collect()
-        };
-        let mut prev = self.metrics();
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let cur = self.metrics();
-            if pick(&cur) == pick(&prev) {
-                return cur;
-            }
-            prev = cur;
-        }
-    }
-}
+use crate::common::{
+    daemon::{driver_copy, Daemon},
+    server::*,
+    *,
+};
 
 /// A process's open file descriptors and resident memory (kB).
 fn fds_and_rss(pid: u32) -> (usize, u64) {
@@ -117,7 +52,7 @@ fn daemon_traces_servers_started_before_and_after_it() {
     let servers = [&before, &after];
     let pid = |s: &Server| format!("pid=\"{}\"", s.child.id());
     let base_server: Vec<_> = servers.iter().map(|s| s.settled_metrics()).collect();
-    let base = d.settled(&COUNTED);
+    let base = d.settled(&COUNTED, "");
     // The later one's model load was seen (its probes were live from its exec); the earlier
     // one's model is recovered from its maps.
     let loads: Vec<_> = base
@@ -145,7 +80,7 @@ fn daemon_traces_servers_started_before_and_after_it() {
         }
     }
     let now_server: Vec<_> = servers.iter().map(|s| s.settled_metrics()).collect();
-    let ours = d.settled(&COUNTED);
+    let ours = d.settled(&COUNTED, "");
     for (n, s) in servers.iter().enumerate() {
         let delta = |k: &str| {
             now_server[n][&format!("llamacpp:{k}")] - base_server[n][&format!("llamacpp:{k}")]
@@ -213,9 +148,7 @@ fn daemon_follows_twenty_short_processes_and_leaves_nothing_behind() {
     let _serial = serial();
     // A copy under a name of its own: other tests run the fake's drivers too.
     let dir = scratch("daemon-churn");
-    let exe = dir.join("churn_driver");
-    std::fs::copy(fakes().join("classic/driver_classic"), &exe).unwrap();
-    std::fs::copy(fakes().join("classic/libllama.so"), dir.join("libllama.so")).unwrap();
+    let exe = driver_copy(&dir, "churn_driver");
     let events = dir.join("events.jsonl");
     let mut d = Daemon::start(&[
         "--include",
@@ -642,4 +575,87 @@ fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
         .map(|r| r["generated_tokens"].as_u64().unwrap())
         .collect();
     assert_eq!(got, generated, "{requests:?}");
+}
+
+/// A copy of the fake driver under `name`, started and waiting on stdin (its library mapped).
+fn waiting_driver(dir: &std::path::Path, name: &str) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let exe = driver_copy(dir, name);
+    let mut child = Command::new(&exe)
+        .arg("/models/tiny-model.gguf")
+        .env("FAKE_WAIT_STDIN", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("ready pid="), "{line}");
+    child
+}
+
+#[test]
+fn ps_lists_llama_cpp_processes_without_attaching() {
+    if !root_or_skip("ps_lists_llama_cpp_processes_without_attaching") {
+        return;
+    }
+    let dir = scratch("daemon-ps");
+    let mut driver = waiting_driver(&dir, "ps_driver");
+    let out = llamaprobe().args(["ps", "--json"]).output().unwrap();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let _ = driver.kill();
+    let _ = driver.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let mine: Vec<_> = rows.iter().filter(|r| r["pid"] == driver.id()).collect();
+    assert_eq!(mine.len(), 1, "{rows:?}");
+    assert_eq!(mine[0]["exe"], "ps_driver");
+    assert_eq!(mine[0]["generation"], "classic");
+    assert_eq!(mine[0]["container_id"], "");
+    // Nothing of llamaprobe stays in the process: no uprobe was ever attached by ps.
+    let table = llamaprobe().arg("ps").output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("     PID  EXE"));
+}
+
+#[test]
+fn daemon_json_logs_carry_each_processs_identity() {
+    if !root_or_skip("daemon_json_logs_carry_each_processs_identity") {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("daemon-json");
+    let mut driver = waiting_driver(&dir, "json_driver");
+    let mut d = Daemon::start(&["--include", "exe:json_driver", "--log-format", "json"]);
+    let pid = driver.id();
+    let traced = loop {
+        let line = d.probe.wait_for("\"traced\"");
+        let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+        if v["pid"] == pid {
+            break v;
+        }
+    };
+    assert_eq!(traced["level"], "INFO", "{traced}");
+    assert_eq!(traced["exe"], "json_driver", "{traced}");
+    assert_eq!(traced["generation"], "classic", "{traced}");
+    let _ = driver.kill();
+    let _ = driver.wait();
+    let released = loop {
+        let line = d.probe.wait_for("released");
+        let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+        if v["pid"] == pid {
+            break v;
+        }
+    };
+    assert_eq!(released["exe"], "json_driver", "{released}");
+    // Every line the daemon wrote is one JSON object.
+    for l in &d.probe.lines {
+        assert!(serde_json::from_str::<serde_json::Value>(l).is_ok(), "{l}");
+    }
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
 }

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
-use crate::common::{fixtures::Fixture, server::*, *};
+use crate::common::{daemon::Daemon, fixtures::Fixture, server::*, *};
 
 /// The image's name; its tag names the fixture and the build of the files in it.
 const IMAGE: &str = "llamaprobe-test-server";
@@ -247,79 +247,6 @@ fn run_server(image: &str, f: &Fixture, bin: &Path, model: &Path) -> (Container,
     let pid: u32 = inspect(&id, "{{.State.Pid}}").parse().unwrap();
     assert!(pid > 0, "container {id} has no process");
     (container, server, pid)
-}
-
-/// A running daemon and its metrics port.
-struct Daemon {
-    probe: Probe,
-    port: u16,
-}
-
-impl Daemon {
-    /// Starts `llamaprobe daemon` with `args` on a free metrics port; returns once /readyz
-    /// says ready.
-    fn start(args: &[&str]) -> Self {
-        let port = free_port();
-        let mut cmd = llamaprobe();
-        cmd.args(["daemon", "--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env("LLAMAPROBE_LOG", "info");
-        let probe = Probe::spawn(&mut cmd);
-        let t0 = Instant::now();
-        while get(&format!("http://127.0.0.1:{port}/readyz")).as_deref() != Some("ready\n") {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "daemon not ready after 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { probe, port }
-    }
-
-    /// The log line saying `what` of `pid`: one seen already, or the next.
-    fn wait_line(&mut self, what: &str, pid: u32) -> String {
-        let needle = format!("pid={pid}");
-        if let Some(l) = self
-            .probe
-            .lines
-            .iter()
-            .find(|l| l.contains(what) && l.contains(&needle))
-        {
-            return l.clone();
-        }
-        loop {
-            let line = self.probe.wait_for(what);
-            if line.contains(&needle) {
-                return line;
-            }
-        }
-    }
-
-    fn metrics(&self) -> HashMap<String, f64> {
-        parse_metrics(&get(&format!("http://127.0.0.1:{}/metrics", self.port)).unwrap_or_default())
-    }
-
-    /// The metrics once two reads 300 ms apart agree on the series of `names` with `filter`
-    /// (the daemon drains its ring buffer on a short timer).
-    fn settled(&self, names: &[&str], filter: &str) -> HashMap<String, f64> {
-        let pick = |m: &HashMap<String, f64>| -> Vec<f64> {
-            names.iter().map(|n| sum_of(m, n, filter)).collect()
-        };
-        let t0 = Instant::now();
-        let mut prev = self.metrics();
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let cur = self.metrics();
-            if pick(&cur) == pick(&prev) {
-                return cur;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "the daemon's counters never settled"
-            );
-            prev = cur;
-        }
-    }
 }
 
 /// What a container's process shows the host, for failure messages.

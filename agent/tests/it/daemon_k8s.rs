@@ -26,7 +26,11 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
-use crate::common::{server::*, *};
+use crate::common::{
+    daemon::{driver_copy, Daemon},
+    server::*,
+    *,
+};
 
 const NODE: &str = "node-test";
 const POD_UID: &str = "5f0c3a9e-7b21-4d8e-9a6f-0123456789ab";
@@ -268,31 +272,22 @@ fn metrics(port: u16) -> HashMap<String, f64> {
     parse_metrics(&get(&format!("http://127.0.0.1:{port}/metrics")).unwrap_or_default())
 }
 
-/// The fake driver copied as `k8s_driver` (a name no other test's processes have).
-fn driver_copy(dir: &Path) -> PathBuf {
-    let exe = dir.join("k8s_driver");
-    std::fs::copy(fakes().join("classic/driver_classic"), &exe).unwrap();
-    std::fs::copy(fakes().join("classic/libllama.so"), dir.join("libllama.so")).unwrap();
-    exe
-}
-
 /// `llamaprobe daemon` for node `NODE` with a kubeconfig (in `dir`) of `api` and `extra`
 /// options, once /readyz says ready; and its metrics port.
 fn start_daemon(dir: &Path, api: &FakeApiServer, extra: &[&str]) -> (Probe, u16) {
     let kubeconfig = dir.join("kubeconfig");
     write_kubeconfig(&kubeconfig, &format!("http://{}", api.addr));
-    let port = free_port();
-    let mut cmd = llamaprobe();
-    cmd.args(["daemon", "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(["--include", "exe:k8s_driver", "--series-grace", "30"])
-        .args(extra)
-        .env("LLAMAPROBE_LOG", "info")
-        .env("NODE_NAME", NODE)
-        .env("KUBECONFIG", &kubeconfig)
-        // The kubeconfig is used where there is no in-cluster configuration.
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let mut daemon = Probe::spawn(&mut cmd);
-    let line = daemon.wait_for("Kubernetes labels");
+    let args: Vec<&str> = ["--include", "exe:k8s_driver", "--series-grace", "30"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let Daemon { mut probe, port } = Daemon::start_with(&args, |cmd| {
+        cmd.env("NODE_NAME", NODE)
+            .env("KUBECONFIG", &kubeconfig)
+            // The kubeconfig is used where there is no in-cluster configuration.
+            .env_remove("KUBERNETES_SERVICE_HOST");
+    });
+    let line = probe.wait_for("Kubernetes labels");
     assert_eq!(
         line.split_once("Kubernetes labels").map(|(_, l)| l),
         Some(
@@ -304,15 +299,7 @@ fn start_daemon(dir: &Path, api: &FakeApiServer, extra: &[&str]) -> (Probe, u16)
         ),
         "{line}"
     );
-    let t0 = Instant::now();
-    while get(&format!("http://127.0.0.1:{port}/readyz")).as_deref() != Some("ready\n") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "daemon not ready after 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (daemon, port)
+    (probe, port)
 }
 
 /// Starts `exe` in `cgroup` (moved there before it runs the program, as a runtime starts a
@@ -428,7 +415,7 @@ fn fake_k8s_pod_labels_on_every_series_of_a_process_in_a_pod() {
         "no cgroup v2 hierarchy at {UNIFIED}"
     );
     let dir = scratch("daemon-k8s");
-    let exe = driver_copy(&dir);
+    let exe = driver_copy(&dir, "k8s_driver");
     let api = FakeApiServer::start(pod_list(), true);
     let (mut daemon, port) = start_daemon(&dir, &api, &[]);
     // Ready once the pods were listed (it waits for the list before its first scan).
@@ -469,7 +456,7 @@ fn fake_k8s_pod_labels_come_at_a_rescan_when_the_pods_are_listed_late() {
         "no cgroup v2 hierarchy at {UNIFIED}"
     );
     let dir = scratch("daemon-k8s-late");
-    let exe = driver_copy(&dir);
+    let exe = driver_copy(&dir, "k8s_driver");
     // The list is not answered until the process is traced.
     let api = FakeApiServer::start(pod_list(), false);
     let (mut daemon, port) = start_daemon(&dir, &api, &["--rescan", "1"]);

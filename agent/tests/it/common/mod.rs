@@ -101,6 +101,7 @@ pub fn dur_ms(e: &Value) -> f64 {
     let o = &e["origin"];
     (o["end_ns"].as_u64().unwrap() - o["start_ns"].as_u64().unwrap()) as f64 / 1e6
 }
+pub mod daemon;
 pub mod fixtures;
 pub mod otlp_receiver;
 pub mod server;
