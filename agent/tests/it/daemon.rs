@@ -230,6 +230,13 @@ fn daemon_follows_twenty_short_processes_and_leaves_nothing_behind() {
     };
     assert_eq!(sum_of(&m, "llamaprobe_files_probed", ""), 0.0);
     assert_eq!(sum_of(&m, "llamaprobe_probes_attached", ""), 0.0);
+    let series = |m: &HashMap<String, f64>| m.keys().filter(|k| k.starts_with("llamacpp_")).count();
+    eprintln!(
+        "llamacpp_ series: {} before the 20 processes, {} after them",
+        series(&idle),
+        series(&m)
+    );
+    assert_eq!(series(&m), series(&idle));
     settle_fds(Some(fds0));
     let (fds1, rss1) = fds_and_rss(me);
     eprintln!("daemon fds {fds0} -> {fds1}, RSS {rss0} kB -> {rss1} kB after 20 processes");
@@ -473,8 +480,7 @@ fn daemon_traces_the_children_of_a_router_each_with_its_model() {
 
 #[test]
 fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
-    use crate::embedders::{NODE_COMPLETIONS, NODE_SCRIPT};
-    use std::io::{BufRead, BufReader, Write};
+    use crate::embedders::{node_fixture, NodeScript, NODE_COMPLETIONS};
     let test = "daemon_finds_a_program_that_loads_libllama_after_it_started";
     if !root_or_skip(test) {
         return;
@@ -482,25 +488,11 @@ fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
     let Some(model) = crate::common::fixtures::model(test) else {
         return;
     };
-    let Some(f) = crate::common::fixtures::all(test)
-        .into_iter()
-        .find(|f| f.node_app.is_some())
-    else {
-        assert!(
-            std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_none(),
-            "{test}: no fixture with node-llama-cpp installed (the npm fixture)"
-        );
+    let Some(f) = node_fixture(test) else {
         return;
     };
     let _serial = serial();
     let dir = scratch(test);
-    std::os::unix::fs::symlink(
-        f.node_app.as_ref().unwrap().join("node_modules"),
-        dir.join("node_modules"),
-    )
-    .unwrap();
-    let script = dir.join("completions.mjs");
-    std::fs::write(&script, NODE_SCRIPT).unwrap();
     let events = dir.join("events.jsonl");
     let mut d = Daemon::start(&[
         "--include",
@@ -510,57 +502,33 @@ fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
         "--events-out",
         path(&events),
     ]);
-    let mut node = Command::new("node")
-        .arg(&script)
-        .arg(&model)
-        .args(NODE_COMPLETIONS.map(|n| n.to_string()))
-        .env("WAIT_BEFORE_LOAD", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start node");
-    let (tx, lines) = std::sync::mpsc::channel();
-    let stdout = node.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("[node] {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let next = |what: &str| {
-        lines
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("node never printed {what}: {e}"))
-    };
-    let started = next("started");
+    let mut node = NodeScript::start(&f, &dir, &model, &[("WAIT_BEFORE_LOAD", "1")]);
+    let started = node.next("started");
     let pid: u32 = started
         .strip_prefix("started pid=")
         .expect(&started)
         .parse()
         .unwrap();
-    let mut stdin = node.stdin.take().unwrap();
     // Running, libllama not loaded: not traced. Then it loads the binding.
     assert!(!d
         .probe
         .lines
         .iter()
         .any(|l| l.contains(&format!("traced pid={pid}"))));
-    stdin.write_all(b"load\n").unwrap();
-    next("ready");
+    node.send(b"load\n", false);
+    node.next("ready");
     d.wait_line("traced", pid);
-    stdin.write_all(b"go\n").unwrap();
-    drop(stdin); // its end lets node exit once the script is done
+    node.send(b"go\n", true);
     let generated: Vec<u64> = (0..NODE_COMPLETIONS.len())
         .map(|i| {
-            let line = next("done");
+            let line = node.next("done");
             line.strip_prefix(&format!("done {i} generated="))
                 .unwrap_or_else(|| panic!("{line}"))
                 .parse()
                 .unwrap()
         })
         .collect();
-    assert!(node.wait().unwrap().success());
+    assert!(node.wait().success());
     d.wait_line("released", pid);
     let (code, _) = d.probe.terminate();
     assert_eq!(code, 0);

@@ -133,6 +133,87 @@ await context.dispose();
 await model.dispose();
 "#;
 
+/// The fixture with node-llama-cpp installed (the npm fixture), or `None`: skipped (a failure
+/// when fixtures are required).
+pub(crate) fn node_fixture(test: &str) -> Option<Fixture> {
+    let f = fixtures::all(test)
+        .into_iter()
+        .find(|f| f.node_app.is_some());
+    if f.is_none() {
+        assert!(
+            std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_none(),
+            "{test}: no fixture with node-llama-cpp installed (the npm fixture)"
+        );
+    }
+    f
+}
+
+/// Node running [`NODE_SCRIPT`] from `dir` (its `node_modules` the fixture's) on `model` with
+/// [`NODE_COMPLETIONS`], `env` added; its stdout lines as they come.
+pub(crate) struct NodeScript {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl NodeScript {
+    pub(crate) fn start(
+        f: &Fixture,
+        dir: &std::path::Path,
+        model: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let modules = dir.join("node_modules");
+        let _ = std::fs::remove_file(&modules);
+        std::os::unix::fs::symlink(f.node_app.as_ref().unwrap().join("node_modules"), &modules)
+            .unwrap();
+        let script = dir.join("completions.mjs");
+        std::fs::write(&script, NODE_SCRIPT).unwrap();
+        let mut child = Command::new("node")
+            .arg(&script)
+            .arg(model)
+            .args(NODE_COMPLETIONS.map(|n| n.to_string()))
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start node");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("[node] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The next line (`what` names it for the failure message).
+    pub(crate) fn next(&self, what: &str) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("node never printed {what}: {e}"))
+    }
+
+    /// Writes `bytes` to its stdin; `last`: then closes it (node exits once the script ends).
+    pub(crate) fn send(&mut self, bytes: &[u8], last: bool) {
+        self.child
+            .stdin
+            .as_mut()
+            .expect("stdin open")
+            .write_all(bytes)
+            .unwrap();
+        if last {
+            drop(self.child.stdin.take());
+        }
+    }
+
+    pub(crate) fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
 /// node-llama-cpp (npm) generating three completions through its JavaScript API, attached by
 /// pid (libllama is loaded by the addon, so `run` has nothing to plan before it starts): one
 /// request per completion, each with the generated tokens the API reported, its time to first
@@ -149,47 +230,13 @@ fn node_llama_cpp_completions_are_one_request_each() {
     let Some(model) = fixtures::model(test) else {
         return;
     };
-    let Some(f) = fixtures::all(test)
-        .into_iter()
-        .find(|f| f.node_app.is_some())
-    else {
-        assert!(
-            std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_none(),
-            "{test}: no fixture with node-llama-cpp installed (the npm fixture)"
-        );
+    let Some(f) = node_fixture(test) else {
         return;
     };
     let _serial = serial();
     let dir = scratch(test);
-    let modules = dir.join("node_modules");
-    let _ = std::fs::remove_file(&modules);
-    std::os::unix::fs::symlink(f.node_app.as_ref().unwrap().join("node_modules"), &modules)
-        .unwrap();
-    let script = dir.join("completions.mjs");
-    std::fs::write(&script, NODE_SCRIPT).unwrap();
-    let mut node = Command::new("node")
-        .arg(&script)
-        .arg(&model)
-        .args(NODE_COMPLETIONS.map(|n| n.to_string()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start node");
-    let (tx, lines) = mpsc::channel();
-    let stdout = node.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("[node] {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let next = |what: &str| {
-        lines
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("node never printed {what}: {e}"))
-    };
-    let ready = next("ready");
+    let mut node = NodeScript::start(&f, &dir, &model, &[]);
+    let ready = node.next("ready");
     let pid = ready.strip_prefix("ready pid=").expect(&ready).to_string();
     let (sum, ev) = (dir.join("summary.json"), dir.join("events.jsonl"));
     let mut probe = Probe::spawn(llamaprobe().args([
@@ -205,17 +252,17 @@ fn node_llama_cpp_completions_are_one_request_each() {
         path(&ev),
     ]));
     probe.wait_for("probes attached");
-    node.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    node.send(b"go\n", true);
     let generated: Vec<u64> = (0..NODE_COMPLETIONS.len())
         .map(|i| {
-            let line = next("done");
+            let line = node.next("done");
             let rest = line
                 .strip_prefix(&format!("done {i} generated="))
                 .unwrap_or_else(|| panic!("{line}"));
             rest.parse().unwrap()
         })
         .collect();
-    assert!(node.wait().unwrap().success());
+    assert!(node.wait().success());
     // The process exited: llamaprobe ends with it.
     let (code, stdout) = probe.finish();
     assert_eq!(code, 0, "{stdout}");
