@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::otlp_receiver::{grpc_receiver, http_receiver, Received};
-use crate::common::{fixtures::Fixture, server::*};
+use crate::common::otlp_receiver::{grpc_receiver, http_receiver, Received, ResourceAttrs};
+use crate::common::{daemon::*, fixtures::Fixture, root_or_skip, scratch, serial, server::*};
 use opentelemetry_proto::tonic::{
     common::v1::{any_value::Value as Any, KeyValue},
     trace::v1::Span,
@@ -460,4 +460,136 @@ fn run_exports_model_load_and_context_spans() {
     // The context is created after the load, in the same process.
     assert!(c.start_time_unix_nano >= load.end_time_unix_nano);
     assert_eq!(int(c, "process.pid"), int(load, "process.pid"));
+}
+
+/// A resource attribute, as a string or an integer's decimal.
+fn resource_attr(resource: &[(String, Any)], key: &str) -> Option<String> {
+    resource
+        .iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| match v {
+            Any::StringValue(s) => Some(s.clone()),
+            Any::IntValue(i) => Some(i.to_string()),
+            _ => None,
+        })
+}
+
+/// The host agent exports each process under a resource of its own: two copies of the fake
+/// driver, one naming its service in its environment, the other known by its executable.
+/// Every span of a process sits under its resource (the children with their parent), none
+/// under the other's, and its request histograms too.
+#[test]
+fn daemon_exports_each_process_under_its_own_resource() {
+    if !root_or_skip("daemon_exports_each_process_under_its_own_resource") {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("otlp-daemon-resources");
+    let exe = driver_copy(&dir, "otlp_res_driver");
+    let port = free_port();
+    let receiver = grpc_receiver(port);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut d = Daemon::start(&[
+        "--include",
+        "exe:otlp_res_driver",
+        "--otlp-endpoint",
+        &endpoint,
+    ]);
+    let spawn = |service: Option<&str>| {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("/models/tiny-model.gguf")
+            .env_remove("OTEL_SERVICE_NAME")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if let Some(s) = service {
+            cmd.env("OTEL_SERVICE_NAME", s);
+        }
+        cmd.spawn().unwrap()
+    };
+    let children = [spawn(Some("svc-a")), spawn(None)];
+    let expect: Vec<(u32, &str)> = children
+        .iter()
+        .map(|c| c.id())
+        .zip(["svc-a", "otlp_res_driver"])
+        .collect();
+    for c in children {
+        let pid = c.id();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "driver {pid} failed");
+    }
+    for (pid, _) in &expect {
+        d.wait_line("released", *pid);
+    }
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+
+    let spans = receiver.got.spans_by_resource();
+    let pid_of = |resource: &[(String, Any)]| resource_attr(resource, "process.pid");
+    for (pid, service) in &expect {
+        let pid_s = pid.to_string();
+        let mine: Vec<&(ResourceAttrs, Span)> = spans
+            .iter()
+            .filter(|(r, _)| pid_of(r).as_deref() == Some(pid_s.as_str()))
+            .collect();
+        let names: Vec<&str> = mine.iter().map(|(_, s)| s.name.as_str()).collect();
+        for name in ["llama.model_load", "llama.context_create"] {
+            assert!(names.contains(&name), "{pid}: {names:?}");
+        }
+        assert!(
+            names.iter().any(|n| n.starts_with("text_completion")),
+            "{pid}: {names:?}"
+        );
+        for (r, s) in &mine {
+            let a = |k: &str| resource_attr(r, k);
+            assert_eq!(a("service.name").as_deref(), Some(*service), "{r:?}");
+            assert_eq!(
+                a("process.executable.name").as_deref(),
+                Some("otlp_res_driver")
+            );
+            assert_eq!(a("telemetry.distro.name").as_deref(), Some("llamaprobe"));
+            assert_eq!(
+                a("telemetry.distro.version").as_deref(),
+                Some(env!("CARGO_PKG_VERSION"))
+            );
+            assert!(a("host.name").is_some(), "{r:?}");
+            assert_eq!(a("service.version"), None, "{r:?}");
+            // A span that names its process names this one.
+            if let Some(Any::IntValue(p)) = attr(s, "process.pid") {
+                assert_eq!(*p, *pid as i64, "{}", s.name);
+            }
+        }
+    }
+    // No span of a traced process under another resource: every root span names its pid,
+    // and every child sits with its parent.
+    for (r, s) in &spans {
+        if let Some(Any::IntValue(p)) = attr(s, "process.pid") {
+            assert_eq!(pid_of(r), Some(p.to_string()), "{}", s.name);
+        }
+        if !s.parent_span_id.is_empty() {
+            let parent = spans
+                .iter()
+                .find(|(_, p)| p.span_id == s.parent_span_id)
+                .unwrap_or_else(|| panic!("{}: no parent", s.name));
+            assert_eq!(pid_of(r), pid_of(&parent.0), "{}", s.name);
+        }
+    }
+    // The request histograms of each process, under its resource.
+    let metrics = receiver.got.metrics_by_resource();
+    for (pid, service) in &expect {
+        let pid_s = pid.to_string();
+        let theirs: Vec<&(ResourceAttrs, Vec<String>)> = metrics
+            .iter()
+            .filter(|(r, _)| resource_attr(r, "process.pid").as_deref() == Some(pid_s.as_str()))
+            .collect();
+        assert!(
+            theirs
+                .iter()
+                .any(|(_, names)| names.iter().any(|n| n == "gen_ai.server.request.duration")),
+            "{pid}: {theirs:?}"
+        );
+        for (r, _) in theirs {
+            assert_eq!(resource_attr(r, "service.name").as_deref(), Some(*service));
+        }
+    }
 }

@@ -8,6 +8,24 @@
 //! hardware conventions' `hw.gpu.*`, `hw.power` and `hw.temperature` ([`gpu`]), from each
 //! tick's GPU readings.
 //!
+//! Resources: the ad-hoc modes (`attach`, `run`) export under one resource, llamaprobe's
+//! (`service.name` `llamaprobe` unless `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name
+//! one, and its `service.version`). The host agent (`daemon`) describes who each process is
+//! ([`Observation::Traced`] with non-empty identity labels, which only it sends): each such
+//! process is a resource of its own, as one service per process, with `service.name` (the
+//! target's `OTEL_SERVICE_NAME`, else its executable), `process.pid`,
+//! `process.executable.name`, `container.id`, `k8s.namespace.name`, `k8s.pod.name`,
+//! `k8s.container.name` (those known), `k8s.node.name` (`NODE_NAME`), `host.name`, and
+//! llamaprobe itself as `telemetry.distro.name` / `telemetry.distro.version` (not
+//! `service.version`, which would describe the process). Its spans and its `gen_ai.*`
+//! histograms are exported under it: each such process has a tracer provider and a meter
+//! provider of its own (a batch span processor and a periodic reader, a thread each), made at
+//! its `Traced` and shut down at its `Released` on a helper thread, which exports what it
+//! still holds (so at most as many as processes traced, and no series of a gone process stays
+//! in memory). They all share one span exporter and one metric exporter (one connection),
+//! each export under its provider's resource. What concerns no process (the GPU instruments)
+//! stays under llamaprobe's resource.
+//!
 //! Nothing here blocks the event loop: spans go to the SDK's batch processor (a bounded queue,
 //! exported from its own thread; a full queue drops spans) and metrics to a periodic reader
 //! (its own thread). The gRPC client (tonic) runs its connections on a small tokio runtime of
@@ -15,6 +33,7 @@
 //! Prometheus registry) and logged at most once per interval.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -35,13 +54,14 @@ use opentelemetry_sdk::{
         data::ResourceMetrics, exporter::PushMetricExporter, PeriodicReader, SdkMeterProvider,
         Temporality,
     },
+    resource::{EnvResourceDetector, ResourceDetector, TelemetryResourceDetector},
     trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter},
     Resource,
 };
 use prometheus::{IntCounterVec, Opts, Registry};
 
 use super::{names::*, Sink, Snapshot};
-use crate::model::{clock, Observation, Request};
+use crate::model::{clock, Observation, Request, TracedProcess};
 
 pub mod gpu;
 
@@ -211,6 +231,191 @@ impl<E: PushMetricExporter> PushMetricExporter for CountedMetrics<E> {
     }
 }
 
+/// The span exporter every tracer provider exports through: one connection, each provider's
+/// batches under its own resource (set on the shared exporter before each of its exports; the
+/// exports of the providers' threads take turns).
+#[derive(Debug)]
+struct SharedSpans {
+    inner: Arc<tokio::sync::Mutex<CountedSpans<opentelemetry_otlp::SpanExporter>>>,
+    resource: Resource,
+}
+
+impl SpanExporter for SharedSpans {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut inner = self.inner.lock().await;
+        inner.set_resource(&self.resource);
+        inner.export(batch).await
+    }
+    /// The shared exporter is shut down by the sink, at its end.
+    fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+    /// The provider's resource (the SDK sets it when the provider is built).
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = resource.clone();
+    }
+}
+
+/// The metric exporter every meter provider's reader exports through (each export carries its
+/// provider's resource).
+struct SharedMetrics(Arc<CountedMetrics<opentelemetry_otlp::MetricExporter>>);
+
+impl PushMetricExporter for SharedMetrics {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        self.0.export(metrics).await
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+    /// The shared exporter is shut down by the sink, at its end.
+    fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+    fn temporality(&self) -> Temporality {
+        self.0.temporality()
+    }
+}
+
+/// The exporters the providers share.
+#[derive(Clone)]
+struct Exporters {
+    spans: Arc<tokio::sync::Mutex<CountedSpans<opentelemetry_otlp::SpanExporter>>>,
+    metrics: Arc<CountedMetrics<opentelemetry_otlp::MetricExporter>>,
+}
+
+/// A tracer provider, its tracer, a meter provider and its instruments, under one resource.
+struct Providers {
+    tracer_provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    meter_provider: SdkMeterProvider,
+    instruments: Instruments,
+}
+
+impl Providers {
+    /// Builds them on the shared exporters (a batch span processor and a periodic reader:
+    /// a thread each; neither blocks).
+    fn build(exporters: &Exporters, resource: Resource, sample_ratio: Option<f64>) -> Self {
+        let spans = SharedSpans {
+            inner: exporters.spans.clone(),
+            resource: resource.clone(),
+        };
+        // Bounded queue (OTEL_BSP_MAX_QUEUE_SIZE, default 2048), exported from its own thread.
+        let processor = BatchSpanProcessor::builder(spans).build();
+        let mut tracer_provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource.clone());
+        if let Some(r) = sample_ratio {
+            tracer_provider = tracer_provider.with_sampler(Sampler::ParentBased(Box::new(
+                Sampler::TraceIdRatioBased(r),
+            )));
+        }
+        let tracer_provider = tracer_provider.build();
+        let tracer = tracer_provider.tracer("llamaprobe");
+
+        let mut reader = PeriodicReader::builder(SharedMetrics(exporters.metrics.clone()));
+        if std::env::var_os("OTEL_METRIC_EXPORT_INTERVAL").is_none() {
+            reader = reader.with_interval(Duration::from_secs(10));
+        }
+        let meter_provider = SdkMeterProvider::builder()
+            .with_reader(reader.build())
+            .with_resource(resource)
+            .build();
+        let instruments = Instruments::new(&meter_provider.meter("llamaprobe"));
+        Self {
+            tracer_provider,
+            tracer,
+            meter_provider,
+            instruments,
+        }
+    }
+
+    /// Exports what they hold and stops their threads (bounded by `timeout` each).
+    fn shutdown(&self, timeout: Duration) {
+        if let Err(e) = self.tracer_provider.shutdown_with_timeout(timeout) {
+            tracing::warn!("OTLP: flushing spans: {e}");
+        }
+        if let Err(e) = self.meter_provider.shutdown_with_timeout(timeout) {
+            tracing::warn!("OTLP: flushing metrics: {e}");
+        }
+    }
+}
+
+/// A process traced by the host agent: who it is, and the providers of its resource.
+struct Process {
+    labels: Vec<(&'static str, String)>,
+    service_name: String,
+    providers: Providers,
+}
+
+/// The resource attributes of the host (`host.name`, `k8s.node.name`), read once.
+fn host_attributes() -> Vec<KeyValue> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it, or
+    // the last byte stays 0.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) } == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+        if !name.is_empty() {
+            out.push(KeyValue::new("host.name", name));
+        }
+    }
+    if let Some(node) = std::env::var("NODE_NAME").ok().filter(|v| !v.is_empty()) {
+        out.push(KeyValue::new("k8s.node.name", node));
+    }
+    out
+}
+
+/// The OpenTelemetry resource attribute of an identity label.
+fn resource_key(label: &str) -> Option<&'static str> {
+    Some(match label {
+        "exe" => "process.executable.name",
+        "container_id" => "container.id",
+        "k8s_namespace" => "k8s.namespace.name",
+        "k8s_pod" => "k8s.pod.name",
+        "k8s_container" => "k8s.container.name",
+        _ => return None,
+    })
+}
+
+/// The attributes of a traced process's own resource (after the SDK's `telemetry.sdk.*` and
+/// the agent's `OTEL_RESOURCE_ATTRIBUTES`, which they override).
+fn process_attributes(t: &TracedProcess, host: &[KeyValue]) -> Vec<KeyValue> {
+    let service = match t.identity.service_name.as_str() {
+        "" => t.name.clone(),
+        s => s.to_string(),
+    };
+    let mut attrs = vec![
+        KeyValue::new("service.name", service),
+        KeyValue::new("process.pid", t.pid as i64),
+    ];
+    for (label, value) in &t.identity.labels {
+        if let Some(key) = resource_key(label) {
+            attrs.push(KeyValue::new(key, value.clone()));
+        }
+    }
+    attrs.extend(host.iter().cloned());
+    attrs.extend([
+        KeyValue::new("telemetry.distro.name", "llamaprobe"),
+        KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+    ]);
+    attrs
+}
+
+fn process_resource(t: &TracedProcess, host: &[KeyValue]) -> Resource {
+    let detectors: [Box<dyn ResourceDetector>; 2] = [
+        Box::new(TelemetryResourceDetector),
+        Box::new(EnvResourceDetector::new()),
+    ];
+    Resource::builder_empty()
+        .with_detectors(&detectors)
+        .with_attributes(process_attributes(t, host))
+        .build()
+}
+
 /// The GenAI histograms.
 struct Instruments {
     duration: Histogram<f64>,
@@ -219,13 +424,58 @@ struct Instruments {
     tokens: Histogram<u64>,
 }
 
+impl Instruments {
+    fn new(meter: &opentelemetry::metrics::Meter) -> Self {
+        let seconds = |name: &'static str, desc: &'static str, bounds: &[f64]| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(desc)
+                .with_boundaries(bounds.to_vec())
+                .build()
+        };
+        Self {
+            duration: seconds(
+                "gen_ai.server.request.duration",
+                "Time from the request's first prompt step to its last token",
+                REQUEST_BUCKETS,
+            ),
+            ttft: seconds(
+                "gen_ai.server.time_to_first_token",
+                "Time from the request's first prompt step to its first token",
+                TTFT_BUCKETS,
+            ),
+            tpot: seconds(
+                "gen_ai.server.time_per_output_token",
+                "Mean time per output token after the first",
+                TPOT_BUCKETS,
+            ),
+            tokens: meter
+                .u64_histogram("gen_ai.client.token.usage")
+                .with_unit("{token}")
+                .with_description("Input and output tokens per request")
+                .with_boundaries(TOKEN_BUCKETS.to_vec())
+                .build(),
+        }
+    }
+}
+
+/// How long a provider's or exporter's shutdown may wait for its last export.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The OTLP sink.
 pub struct Otlp {
     settings: Settings,
-    tracer_provider: SdkTracerProvider,
-    meter_provider: SdkMeterProvider,
-    tracer: SdkTracer,
-    instruments: Instruments,
+    /// llamaprobe's resource: everything in the ad-hoc modes, what concerns no process in the
+    /// host agent.
+    shared: Providers,
+    /// The processes of the host agent, each under its own resource.
+    processes: HashMap<u32, Process>,
+    exporters: Exporters,
+    /// `host.name`, `k8s.node.name`.
+    host: Vec<KeyValue>,
+    /// The helper threads shutting down the providers of released processes.
+    retiring: Vec<std::thread::JoinHandle<()>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, in ns, taken once at start.
     offset_ns: i128,
     /// The latest GPU readings, which the GPU instruments observe when metrics are collected.
@@ -282,67 +532,18 @@ impl Otlp {
             let _entered = runtime.enter();
             build_exporters(&settings)?
         };
-        let span_exporter = CountedSpans {
-            inner: span_exporter,
-            failures: failures.clone(),
+        let exporters = Exporters {
+            spans: Arc::new(tokio::sync::Mutex::new(CountedSpans {
+                inner: span_exporter,
+                failures: failures.clone(),
+            })),
+            metrics: Arc::new(CountedMetrics {
+                inner: metric_exporter,
+                failures: failures.clone(),
+            }),
         };
-        let metric_exporter = CountedMetrics {
-            inner: metric_exporter,
-            failures: failures.clone(),
-        };
-        // Bounded queue (OTEL_BSP_MAX_QUEUE_SIZE, default 2048), exported from its own thread.
-        let processor = BatchSpanProcessor::builder(span_exporter).build();
-        let mut tracer_provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_resource(resource.clone());
-        if let Some(r) = settings.sample_ratio {
-            tracer_provider = tracer_provider.with_sampler(Sampler::ParentBased(Box::new(
-                Sampler::TraceIdRatioBased(r),
-            )));
-        }
-        let tracer_provider = tracer_provider.build();
-        let tracer = tracer_provider.tracer("llamaprobe");
-
-        let mut reader = PeriodicReader::builder(metric_exporter);
-        if std::env::var_os("OTEL_METRIC_EXPORT_INTERVAL").is_none() {
-            reader = reader.with_interval(Duration::from_secs(10));
-        }
-        let meter_provider = SdkMeterProvider::builder()
-            .with_reader(reader.build())
-            .with_resource(resource)
-            .build();
-        let meter = meter_provider.meter("llamaprobe");
-        let seconds = |name: &'static str, desc: &'static str, bounds: &[f64]| {
-            meter
-                .f64_histogram(name)
-                .with_unit("s")
-                .with_description(desc)
-                .with_boundaries(bounds.to_vec())
-                .build()
-        };
-        let instruments = Instruments {
-            duration: seconds(
-                "gen_ai.server.request.duration",
-                "Time from the request's first prompt step to its last token",
-                REQUEST_BUCKETS,
-            ),
-            ttft: seconds(
-                "gen_ai.server.time_to_first_token",
-                "Time from the request's first prompt step to its first token",
-                TTFT_BUCKETS,
-            ),
-            tpot: seconds(
-                "gen_ai.server.time_per_output_token",
-                "Mean time per output token after the first",
-                TPOT_BUCKETS,
-            ),
-            tokens: meter
-                .u64_histogram("gen_ai.client.token.usage")
-                .with_unit("{token}")
-                .with_description("Input and output tokens per request")
-                .with_boundaries(TOKEN_BUCKETS.to_vec())
-                .build(),
-        };
+        let shared = Providers::build(&exporters, resource, settings.sample_ratio);
+        let meter = shared.meter_provider.meter("llamaprobe");
         let gpus = gpu::Latest::default();
         gpu::register(&meter, &gpus);
 
@@ -385,10 +586,11 @@ impl Otlp {
             offset_ns: clock::realtime_offset_ns(),
             gpus,
             settings,
-            tracer_provider,
-            meter_provider,
-            tracer,
-            instruments,
+            shared,
+            processes: HashMap::new(),
+            exporters,
+            host: host_attributes(),
+            retiring: Vec::new(),
             failures,
             spans_sent: 0,
             prom_failures,
@@ -407,22 +609,84 @@ impl Otlp {
         UNIX_EPOCH + Duration::from_nanos(ns)
     }
 
-    /// Starts a span at a probe timestamp.
+    /// The providers of a process's spans and metrics: its own under the host agent, else
+    /// llamaprobe's.
+    fn providers(&self, pid: u32) -> &Providers {
+        self.processes
+            .get(&pid)
+            .map_or(&self.shared, |p| &p.providers)
+    }
+
+    /// Starts a span of process `pid` at a probe timestamp.
     fn start_span(
         &self,
+        pid: u32,
         name: impl Into<std::borrow::Cow<'static, str>>,
         kind: SpanKind,
         start_ns: u64,
         attributes: Vec<KeyValue>,
         parent: &Context,
     ) -> opentelemetry_sdk::trace::Span {
-        let builder = self
-            .tracer
+        let tracer = &self.providers(pid).tracer;
+        let builder = tracer
             .span_builder(name)
             .with_kind(kind)
             .with_start_time(self.wall(start_ns))
             .with_attributes(attributes);
-        self.tracer.build_with_context(builder, parent)
+        tracer.build_with_context(builder, parent)
+    }
+
+    /// A process began to be traced: one traced by the host agent (its identity has labels)
+    /// gets providers under its own resource, made anew when its identity changed.
+    fn traced(&mut self, t: &TracedProcess) {
+        if let Some(p) = self.processes.get(&t.pid) {
+            if p.labels == t.identity.labels && p.service_name == t.identity.service_name {
+                return;
+            }
+        }
+        self.release(t.pid);
+        if t.identity.labels.is_empty() {
+            return;
+        }
+        let resource = process_resource(t, &self.host);
+        let providers = Providers::build(&self.exporters, resource, self.settings.sample_ratio);
+        self.processes.insert(
+            t.pid,
+            Process {
+                labels: t.identity.labels.clone(),
+                service_name: t.identity.service_name.clone(),
+                providers,
+            },
+        );
+    }
+
+    /// A process is gone: its providers export what they hold and stop, on a helper thread
+    /// (their shutdown waits for their export).
+    fn release(&mut self, pid: u32) {
+        let Some(p) = self.processes.remove(&pid) else {
+            return;
+        };
+        self.retiring.retain(|h| !h.is_finished());
+        let cell = Arc::new(Mutex::new(Some(p.providers)));
+        let moved = cell.clone();
+        let spawned = std::thread::Builder::new()
+            .name("llamaprobe-otlp-release".into())
+            .spawn(move || {
+                let providers = moved.lock().ok().and_then(|mut p| p.take());
+                if let Some(p) = providers {
+                    p.shutdown(SHUTDOWN_TIMEOUT);
+                }
+            });
+        match spawned {
+            Ok(h) => self.retiring.push(h),
+            Err(e) => {
+                // No thread: the shutdown happens here (dropping the providers would too).
+                tracing::warn!("OTLP: releasing the providers of process {pid}: {e}");
+                if let Some(p) = cell.lock().ok().and_then(|mut p| p.take()) {
+                    p.shutdown(SHUTDOWN_TIMEOUT);
+                }
+            }
+        }
     }
 
     /// Ends a span at a probe timestamp.
@@ -443,6 +707,7 @@ impl Otlp {
         error: &'static str,
     ) {
         let mut span = self.start_span(
+            origin.pid,
             name,
             SpanKind::Internal,
             origin.start_ns,
@@ -471,17 +736,18 @@ impl Otlp {
             common.push(KeyValue::new("gen_ai.request.model", model));
         }
         // Metrics (every request, whatever the sampling).
-        self.instruments.duration.record(r.duration_s(), &common);
+        let instruments = &self.providers(r.pid).instruments;
+        instruments.duration.record(r.duration_s(), &common);
         if let Some(t) = r.ttft_s() {
-            self.instruments.ttft.record(t, &common);
+            instruments.ttft.record(t, &common);
         }
         if let Some(t) = r.tpot_s() {
-            self.instruments.tpot.record(t, &common);
+            instruments.tpot.record(t, &common);
         }
         for (kind, n) in [("input", r.input_tokens()), ("output", r.generated_tokens)] {
             let mut a = common.clone();
             a.push(KeyValue::new("gen_ai.token.type", kind));
-            self.instruments.tokens.record(n as u64, &a);
+            instruments.tokens.record(n as u64, &a);
         }
 
         // The steps the request stage kept for it (`--otlp-step-spans`).
@@ -512,7 +778,9 @@ impl Otlp {
         if let Some(t) = r.queue_s() {
             attrs.push(KeyValue::new("llama.request.queue_seconds", t));
         }
+        let pid = r.pid;
         let span = self.start_span(
+            pid,
             name,
             SpanKind::Server,
             r.arrival_ns(),
@@ -526,11 +794,12 @@ impl Otlp {
         let cx = Context::new().with_span(span);
         if let Some(q) = r.queued_ns {
             // Accepted by llama-server's task queue, waiting for a slot.
-            let mut queue = self.start_span("queue", SpanKind::Internal, q, vec![], &cx);
+            let mut queue = self.start_span(pid, "queue", SpanKind::Internal, q, vec![], &cx);
             self.end_span(&mut queue, r.start_ns);
         }
         let prompt_end = r.first_token_ns.or(r.prompt_end_ns).unwrap_or(r.end_ns);
         let mut prompt = self.start_span(
+            pid,
             "prompt",
             SpanKind::Internal,
             r.start_ns,
@@ -543,6 +812,7 @@ impl Otlp {
         self.end_span(&mut prompt, prompt_end);
         if prompt_end < r.end_ns || r.generated_tokens > 1 {
             let mut generation = self.start_span(
+                pid,
                 "generation",
                 SpanKind::Internal,
                 prompt_end,
@@ -564,8 +834,14 @@ impl Otlp {
             if let Some(n) = s.n_tokens {
                 attrs.push(KeyValue::new("llama.decode.n_tokens", n as i64));
             }
-            let mut step =
-                self.start_span("llama.decode", SpanKind::Internal, s.start_ns, attrs, &cx);
+            let mut step = self.start_span(
+                pid,
+                "llama.decode",
+                SpanKind::Internal,
+                s.start_ns,
+                attrs,
+                &cx,
+            );
             self.end_span(&mut step, s.end_ns);
         }
         let span = cx.span();
@@ -702,12 +978,15 @@ impl Sink for Otlp {
                 self.call_span("llama.context_create", &c.origin, attrs, c.ok, failed);
             }
             Observation::Request(r) => self.request(r),
+            Observation::Traced(t) => self.traced(t),
+            Observation::Released { pid } => self.release(*pid),
             _ => {}
         }
     }
 
     fn tick(&mut self, now: &Snapshot) {
         self.gpus.set(now.gpus.clone());
+        self.retiring.retain(|h| !h.is_finished());
         let failures = self.report();
         if self.last_log.elapsed() < self.log_interval {
             return;
@@ -727,19 +1006,23 @@ impl Sink for Otlp {
     }
 
     fn finish(&mut self, _: &Snapshot) -> anyhow::Result<()> {
-        // Exports what is queued (bounded by the timeouts; the receiver may be down).
-        if let Err(e) = self
-            .tracer_provider
-            .shutdown_with_timeout(Duration::from_secs(10))
-        {
-            tracing::warn!("OTLP: flushing spans: {e}");
+        // Exports what is queued (bounded by the timeouts; the receiver may be down): the
+        // processes' providers side by side, then llamaprobe's, then the shared exporters.
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.release(pid);
         }
-        if let Err(e) = self
-            .meter_provider
-            .shutdown_with_timeout(Duration::from_secs(10))
-        {
-            tracing::warn!("OTLP: flushing metrics: {e}");
+        self.shared.shutdown(SHUTDOWN_TIMEOUT);
+        for h in self.retiring.drain(..) {
+            let _ = h.join();
         }
+        if let Ok(spans) = self.exporters.spans.try_lock() {
+            let _ = spans.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+        }
+        let _ = self
+            .exporters
+            .metrics
+            .shutdown_with_timeout(SHUTDOWN_TIMEOUT);
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -836,6 +1119,62 @@ mod tests {
             |_| None
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_processs_resource_says_who_it_is_and_names_llamaprobe_as_the_distro() {
+        let t = TracedProcess {
+            pid: 4242,
+            name: "llama-server".into(),
+            generation: crate::catalog::Generation::Classic,
+            request_mode: crate::model::Mode::BatchView,
+            probes_attached: 0,
+            layouts_by: "pid",
+            identity: crate::model::ProcessIdentity {
+                labels: vec![
+                    ("exe", "llama-server".into()),
+                    ("container_id", "abc123".into()),
+                    ("k8s_namespace", "ml".into()),
+                    ("k8s_pod", "chat-0".into()),
+                    ("k8s_container", "server".into()),
+                ],
+                service_name: "chat".into(),
+            },
+        };
+        let host = vec![
+            KeyValue::new("host.name", "node-1"),
+            KeyValue::new("k8s.node.name", "node-1"),
+        ];
+        let attrs = process_attributes(&t, &host);
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        for (k, v) in [
+            ("service.name", "chat"),
+            ("process.pid", "4242"),
+            ("process.executable.name", "llama-server"),
+            ("container.id", "abc123"),
+            ("k8s.namespace.name", "ml"),
+            ("k8s.pod.name", "chat-0"),
+            ("k8s.container.name", "server"),
+            ("host.name", "node-1"),
+            ("k8s.node.name", "node-1"),
+            ("telemetry.distro.name", "llamaprobe"),
+            ("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+        ] {
+            assert_eq!(get(k).as_deref(), Some(v), "{k}");
+        }
+        assert_eq!(get("service.version"), None);
+        // Without a service name, the program's.
+        let mut t = t;
+        t.identity.service_name.clear();
+        assert_eq!(
+            process_attributes(&t, &[])[0].value.to_string(),
+            "llama-server"
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ use opentelemetry_proto::tonic::{
     trace::v1::Span,
 };
 
+/// The attributes of a resource, in the request's order.
+pub type ResourceAttrs = Vec<(String, Any)>;
+
 /// What a receiver got.
 #[derive(Clone, Default)]
 pub struct Received {
@@ -81,6 +84,53 @@ impl Received {
             .flat_map(|r| &r.resource_spans)
             .flat_map(|r| &r.scope_spans)
             .flat_map(|s| s.spans.clone())
+            .collect()
+    }
+
+    /// Every span with the attributes of the resource it was exported under.
+    pub fn spans_by_resource(&self) -> Vec<(ResourceAttrs, Span)> {
+        self.traces
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| {
+                let resource = attributes(
+                    r.resource
+                        .as_ref()
+                        .map(|r| r.attributes.as_slice())
+                        .unwrap_or_default(),
+                );
+                r.scope_spans
+                    .iter()
+                    .flat_map(|s| s.spans.clone())
+                    .map(move |span| (resource.clone(), span))
+            })
+            .collect()
+    }
+
+    /// The names of the metrics of every export, with the attributes of their resource.
+    pub fn metrics_by_resource(&self) -> Vec<(ResourceAttrs, Vec<String>)> {
+        self.metrics
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|req| &req.resource_metrics)
+            .map(|r| {
+                let resource = attributes(
+                    r.resource
+                        .as_ref()
+                        .map(|r| r.attributes.as_slice())
+                        .unwrap_or_default(),
+                );
+                let names = r
+                    .scope_metrics
+                    .iter()
+                    .flat_map(|s| &s.metrics)
+                    .map(|m| m.name.clone())
+                    .collect();
+                (resource, names)
+            })
             .collect()
     }
 
