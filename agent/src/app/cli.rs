@@ -92,7 +92,7 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ProfileOpts {
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", env = "LLAMAPROBE_DURATION")]
     pub duration: Option<f64>,
     /// NVML library for GPU metrics (default: libnvidia-ml.so.1 from the loader's search path).
     /// Without one, GPU metrics are off (said once).
@@ -101,14 +101,14 @@ pub struct ProfileOpts {
     /// Probe llama_synchronize (where a GPU step completes): `auto` does when a GPU backend of
     /// ggml is mapped or installed beside it; on the CPU a decode step is synchronous and the
     /// probe would only add hits (two per call, several calls per step).
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "LLAMAPROBE_SYNC")]
     pub sync: SyncMode,
     /// Same as --sync off.
     #[arg(long, hide = true)]
     pub no_sync: bool,
     /// Take symbols from this file: an unstripped copy of a stripped binary of the same build,
     /// or its separate debug file (matched by GNU build id, else by file name).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "LLAMAPROBE_SYMBOLS_FROM")]
     pub symbols_from: Option<PathBuf>,
     #[command(flatten)]
     pub prometheus: prometheus::Options,

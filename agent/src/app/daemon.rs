@@ -158,8 +158,10 @@ async fn event_loop(
         .profile
         .prometheus
         .addr_or(std::net::SocketAddr::from(DAEMON_METRICS_ADDR));
-    let (sinks, registry) =
+    let (mut sinks, registry) =
         session::sinks(&opts.profile, addr, Some(health.clone()), false).await?;
+    // With a terminal on stdout, a live table of the traced processes.
+    sinks.push(Box::new(crate::sinks::host_table::HostTable::new()));
     if let crate::sinks::prometheus::MetricsAddr::On(a) = addr {
         tracing::info!("Prometheus metrics at http://{a}/metrics (/healthz, /readyz)");
     }

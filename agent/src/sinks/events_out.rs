@@ -15,7 +15,7 @@ use crate::model::Observation;
 #[command(next_help_heading = "Files")]
 pub struct Options {
     /// Write every observation (decode step, sample, load, ...) as a JSON line to FILE.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "LLAMAPROBE_EVENTS_OUT")]
     pub events_out: Option<std::path::PathBuf>,
 }
 

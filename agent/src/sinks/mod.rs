@@ -6,6 +6,7 @@
 //! resource readings) and a last one at the end ([`Sink::finish`]).
 
 pub mod events_out;
+pub mod host_table;
 pub mod names;
 pub mod otlp;
 pub mod prometheus;

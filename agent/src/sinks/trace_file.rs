@@ -29,7 +29,7 @@ pub struct Options {
     /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing) to FILE:
     /// a track per thread (decode steps, sampling, synchronize, loads) and per sequence
     /// (requests).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "LLAMAPROBE_TRACE_OUT")]
     pub trace_out: Option<std::path::PathBuf>,
 }
 

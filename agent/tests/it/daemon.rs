@@ -136,6 +136,48 @@ fn daemon_traces_servers_started_before_and_after_it() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(d.metrics().keys().any(|k| k.contains(&pid(&after))));
+    // Restarted (a new pid): traced again from its exec, its model load seen.
+    let restarted = Server::start(bin, &model, &f.env);
+    d.wait_line("traced", restarted.child.id());
+    let m = d.settled(&["llamacpp_model_load_duration_seconds_count"], "");
+    let loads: Vec<_> = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("llamacpp_model_load_duration_seconds_count{")
+                && k.contains(&pid(&restarted))
+        })
+        .collect();
+    assert_eq!(loads.len(), 1, "{loads:?}");
+    assert!(
+        loads[0].0.contains("result=\"ok\"") && *loads[0].1 == 1.0,
+        "{loads:?}"
+    );
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn daemon_refuses_processes_over_max_processes_and_counts_them() {
+    if !root_or_skip("daemon_refuses_processes_over_max_processes_and_counts_them") {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("daemon-max");
+    let exe = driver_copy(&dir, "max_driver");
+    let mut first = start_waiting(&exe);
+    let mut second = start_waiting(&exe);
+    let mut d = Daemon::start(&["--include", "exe:max_driver", "--max-processes", "1"]);
+    let m = d.metrics();
+    assert_eq!(sum_of(&m, "llamaprobe_processes_traced", ""), 1.0);
+    assert_eq!(sum_of(&m, "llamaprobe_processes_refused_total", ""), 1.0);
+    assert!(
+        d.probe.wait_for("--max-processes").contains("not traced"),
+        "the refusal is said once"
+    );
+    for c in [&mut first, &mut second] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     let (code, _) = d.probe.terminate();
     assert_eq!(code, 0);
 }
@@ -547,9 +589,13 @@ fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
 
 /// A copy of the fake driver under `name`, started and waiting on stdin (its library mapped).
 fn waiting_driver(dir: &std::path::Path, name: &str) -> std::process::Child {
+    start_waiting(&driver_copy(dir, name))
+}
+
+/// The fake driver `exe` started, waiting on stdin.
+fn start_waiting(exe: &std::path::Path) -> std::process::Child {
     use std::io::{BufRead, BufReader};
-    let exe = driver_copy(dir, name);
-    let mut child = Command::new(&exe)
+    let mut child = Command::new(exe)
         .arg("/models/tiny-model.gguf")
         .env("FAKE_WAIT_STDIN", "1")
         .stdin(Stdio::piped())

@@ -431,10 +431,15 @@ impl Stats {
 #[command(next_help_heading = "Summary and live view")]
 pub struct Options {
     /// Seconds between one-line summaries when stdout is not a terminal.
-    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        value_name = "SECS",
+        env = "LLAMAPROBE_INTERVAL"
+    )]
     pub interval: f64,
     /// Write the final summary as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "LLAMAPROBE_SUMMARY_JSON")]
     pub summary_json: Option<PathBuf>,
     /// No live view or periodic lines; only the final summary.
     #[arg(long, short)]
