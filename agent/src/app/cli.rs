@@ -24,6 +24,7 @@ use crate::sinks::{events_out, otlp, prometheus, summary, trace_file};
         sudo llamaprobe run -- llama-server -m model.gguf\n  \
         sudo llamaprobe daemon --exclude comm:llama-bench\n  \
         sudo llamaprobe ps\n  \
+        llamaprobe doctor\n  \
         llamaprobe symbols /usr/local/lib/libllama.so"
 )]
 pub struct Cli {
@@ -62,6 +63,14 @@ pub enum Command {
     /// container, pod) without attaching anything.
     Ps {
         /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check whether llamaprobe can run on this machine (kernel, uprobes, tracefs, lockdown,
+    /// capabilities, cgroups, NVML, visible processes), each ok / warn / fail with the fix.
+    /// Exit 0 when the daemon can run, 1 when something it needs is missing.
+    Doctor {
+        /// Print the checks as JSON.
         #[arg(long)]
         json: bool,
     },

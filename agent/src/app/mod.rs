@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+mod doctor;
 mod host;
 pub mod launch;
 mod ps;
@@ -46,6 +47,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
         }
         Command::Daemon(opts) => daemon::run(*opts),
         Command::Ps { json } => ps::run(json),
+        Command::Doctor { json } => doctor::run(json),
         Command::Layout { path } => {
             let found = dwarf::read(&path)?;
             print!(

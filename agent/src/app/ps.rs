@@ -12,7 +12,7 @@ use crate::{
 
 /// One llama.cpp process.
 #[derive(Debug, serde::Serialize)]
-struct Row {
+pub(super) struct Row {
     pid: u32,
     exe: String,
     generation: &'static str,
@@ -21,8 +21,9 @@ struct Row {
     pod_uid: String,
 }
 
-/// Lists them (a table, or JSON lines); exit code 0, or 1 when there is none.
-pub fn run(json: bool) -> anyhow::Result<i32> {
+/// The llama.cpp processes of the host (those whose maps can be read), and how many could not
+/// be read.
+pub(super) fn survey() -> (Vec<Row>, usize) {
     let me = std::process::id();
     let mut cache = HashMap::new();
     let mut rows = Vec::new();
@@ -53,6 +54,17 @@ pub fn run(json: bool) -> anyhow::Result<i32> {
             pod_uid: ident.pod_uid.unwrap_or_default(),
         });
     }
+    (rows, unreadable)
+}
+
+/// The llama.cpp processes of the host.
+pub(super) fn llama_processes() -> Vec<Row> {
+    survey().0
+}
+
+/// Lists them (a table, or JSON lines); exit code 0, or 1 when there is none.
+pub fn run(json: bool) -> anyhow::Result<i32> {
+    let (rows, unreadable) = survey();
     if json {
         for r in &rows {
             println!("{}", serde_json::to_string(r)?);

@@ -9,6 +9,7 @@ mod bad_input;
 mod daemon;
 mod daemon_container;
 mod daemon_k8s;
+mod doctor;
 mod embedders;
 mod fake_targets;
 mod llama_server;
