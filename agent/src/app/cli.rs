@@ -181,6 +181,10 @@ pub struct DaemonOpts {
     /// A flag or a LLAMAPROBE_* variable overrides the file.
     #[arg(long, value_name = "FILE", env = "LLAMAPROBE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Check the configuration (file, variables, flags) and exit: 0 if the daemon accepts it,
+    /// 2 with the reason if not. Nothing is loaded or attached.
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub profile: ProfileOpts,
 }

@@ -112,6 +112,27 @@ impl DaemonMetrics {
 
 /// Runs the host agent until SIGTERM, SIGINT or `--duration`.
 pub fn run(opts: DaemonOpts) -> anyhow::Result<i32> {
+    if opts.check_config {
+        // Parsed and checked already (the file, the variables, the flags): say what it is.
+        println!(
+            "configuration ok: metrics {}, rescan {} s, series grace {} s, at most {} processes, include [{}], exclude [{}], logs {:?}",
+            match opts
+                .profile
+                .prometheus
+                .addr_or(std::net::SocketAddr::from(DAEMON_METRICS_ADDR))
+            {
+                crate::sinks::prometheus::MetricsAddr::On(a) => a.to_string(),
+                crate::sinks::prometheus::MetricsAddr::Off => "off".into(),
+            },
+            opts.rescan,
+            opts.profile.prometheus.series_grace,
+            opts.max_processes,
+            opts.include.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
+            opts.exclude.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
+            opts.log_format,
+        );
+        return Ok(0);
+    }
     attach::preflight()?;
     let tracefs = attach::ensure_tracefs()?;
     let mut probes = Probes::load()?;

@@ -345,7 +345,33 @@ fn daemon_config_files_with_unknown_keys_or_bad_values_are_refused() {
     let (code, err) = fails(&["daemon", "--config", "/nonexistent/llamaprobe.toml"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot read the configuration file"), "{err}");
-    // A good file passes its check; the command line is still judged on its own.
+    // A good file passes the check, and --check-config says what it holds.
+    let p = dir.join("good.toml");
+    std::fs::write(&p, "include = [\"exe:llama-server\"]\nrescan = 0.5\n").unwrap();
+    let out = llamaprobe()
+        .args(["daemon", "--config", path(&p), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("rescan 0.5 s") && said.contains("include [exe:llama-server]"),
+        "{said}"
+    );
+    // A flag beats the file.
+    let out = llamaprobe()
+        .args([
+            "daemon",
+            "--config",
+            path(&p),
+            "--rescan",
+            "3",
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rescan 3 s"));
+    // The command line is still judged on its own.
     let p = dir.join("good.toml");
     std::fs::write(&p, "include = [\"exe:nothing-here\"]\nrescan = 0.5\n").unwrap();
     let (code, err) = fails(&["daemon", "--config", path(&p), "--rescan", "x"], &[]);
