@@ -133,7 +133,7 @@ pub fn run(opts: DaemonOpts) -> anyhow::Result<i32> {
         );
         return Ok(0);
     }
-    attach::preflight()?;
+    attach::host_agent_preflight()?;
     let tracefs = attach::ensure_tracefs()?;
     let mut probes = Probes::load()?;
     // Before the first scan: a program started while it runs is seen at its exec.

@@ -57,6 +57,11 @@ pub enum AttachError {
          (`mount -t tracefs nodev {TRACEFS}`) or, in a container, mount the host's /sys/kernel/tracing"
     )]
     Tracefs { reason: String },
+    #[error(
+        "the host agent is missing {missing}: run it as root, or grant these capabilities (the \
+         systemd unit's AmbientCapabilities=, the DaemonSet's securityContext.capabilities.add)"
+    )]
+    HostAgentCapabilities { missing: String },
     #[error("cannot attach to the tracepoint sched/{name}")]
     TracePoint {
         name: &'static str,
@@ -69,7 +74,7 @@ impl AttachError {
     /// A short reason, for `llamaprobe_attach_errors_total{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
-            AttachError::Privileges => "privileges",
+            AttachError::Privileges | AttachError::HostAgentCapabilities { .. } => "privileges",
             AttachError::KernelTooOld { .. } => "kernel",
             AttachError::Load { .. } | AttachError::Program { .. } => "program",
             AttachError::Attach { .. } => "uprobe",
@@ -122,6 +127,15 @@ const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
 
 /// Checks the kernel version and the process's privileges before touching the kernel.
 pub fn preflight() -> Result<(), AttachError> {
+    kernel_check()?;
+    if !has_bpf_privileges() {
+        return Err(AttachError::Privileges);
+    }
+    Ok(())
+}
+
+/// Linux 5.8 or newer.
+fn kernel_check() -> Result<(), AttachError> {
     if let Ok(v) = aya::util::KernelVersion::current() {
         if v < aya::util::KernelVersion::new(5, 8, 0) {
             let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -130,10 +144,43 @@ pub fn preflight() -> Result<(), AttachError> {
             return Err(AttachError::KernelTooOld { release });
         }
     }
-    if !has_bpf_privileges() {
-        return Err(AttachError::Privileges);
-    }
     Ok(())
+}
+
+/// What the host agent needs on top of loading eBPF, measured on Linux 6.18 (see
+/// deploy/systemd): uprobes as a non-root user need CAP_SYS_ADMIN (which covers CAP_BPF and
+/// CAP_PERFMON there), and every process's files are read through /proc/PID/map_files.
+const HOST_AGENT_CAPS: [(caps::Capability, &str); 3] = [
+    (
+        caps::Capability::CAP_SYS_ADMIN,
+        "CAP_SYS_ADMIN (uprobes and tracepoints, /proc/PID/map_files, mounting tracefs)",
+    ),
+    (
+        caps::Capability::CAP_SYS_PTRACE,
+        "CAP_SYS_PTRACE (other users' /proc/PID/maps and map_files: without it nothing is traced)",
+    ),
+    (
+        caps::Capability::CAP_DAC_READ_SEARCH,
+        "CAP_DAC_READ_SEARCH (tracefs and other users' files)",
+    ),
+];
+
+/// The host agent's check before it starts: each capability it needs is in the effective set
+/// (a daemon that started without one would trace nothing, silently).
+pub fn host_agent_preflight() -> Result<(), AttachError> {
+    kernel_check()?;
+    let missing: Vec<&str> = HOST_AGENT_CAPS
+        .iter()
+        .filter(|(c, _)| !caps::has_cap(None, caps::CapSet::Effective, *c).unwrap_or(false))
+        .map(|(_, what)| *what)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(AttachError::HostAgentCapabilities {
+            missing: missing.join(", "),
+        })
+    }
 }
 
 /// Root, or CAP_SYS_ADMIN, or CAP_BPF + CAP_PERFMON in the effective set.
