@@ -9,6 +9,8 @@ mod bad_input;
 mod daemon;
 mod daemon_container;
 mod daemon_k8s;
+mod deploy_kubernetes;
+mod deploy_systemd;
 mod doctor;
 mod embedders;
 mod fake_targets;
