@@ -45,6 +45,9 @@ const DAEMON_METRICS_ADDR: ([u8; 4], u16) = ([0, 0, 0, 0], 9464);
 /// for in its maps.
 const MODEL_CHECK_AFTER: Duration = Duration::from_secs(2);
 
+/// How long a released process's late events are ignored.
+const RELEASED_KEPT_SECS: u64 = 30;
+
 /// A new process is looked at again after these delays (its libraries are mapped after exec).
 const EXEC_RECHECKS_MS: [u64; 7] = [2, 10, 40, 100, 250, 600, 1500];
 
@@ -163,6 +166,11 @@ struct Daemon {
     model_checks: Vec<(Instant, u32)>,
     /// Exec times (monotonic ns) of processes being looked at since their exec.
     exec_at: HashMap<u32, u64>,
+    /// Traced processes a rescan found gone, released after the next drain.
+    vanished: Vec<u32>,
+    /// Processes released lately: an event of theirs read after the release (a rescan that
+    /// saw the exit before its events were read) must not bring them back.
+    released: HashMap<u32, Instant>,
     errors_counted: usize,
 }
 
@@ -211,6 +219,8 @@ async fn event_loop(
         ignored: HashSet::new(),
         model_checks: Vec::new(),
         exec_at: HashMap::new(),
+        vanished: Vec::new(),
+        released: HashMap::new(),
         errors_counted: 0,
     };
     d.scan(true);
@@ -251,6 +261,9 @@ async fn event_loop(
                 let rb = ring.get_mut();
                 while let Some(item) = rb.next() {
                     d.handle(&item);
+                }
+                for pid in std::mem::take(&mut d.vanished) {
+                    d.release(pid, "exited");
                 }
                 let assembler = &d.pipe.assembler;
                 let n = d.host.detach_unneeded_applies(&mut d.probes, |pid| assembler.samples_by_function(pid));
@@ -304,7 +317,8 @@ impl Daemon {
                 self.release(pid, "exited")
             }
             ev => {
-                if !self.ignored.contains(&ev.pid()) {
+                let pid = ev.pid();
+                if !self.ignored.contains(&pid) && !self.released.contains_key(&pid) {
                     self.pipe.handle_event(&ev);
                 }
             }
@@ -324,6 +338,7 @@ impl Daemon {
             return;
         }
         self.release(pid, "exec'd another program");
+        self.released.remove(&pid); // a new program: its events count
         self.ignored.remove(&pid);
         self.host.forget_other(pid);
         self.exec_at.insert(pid, at_ns);
@@ -449,6 +464,7 @@ impl Daemon {
         if let Some(p) = self.host.release(pid, &mut self.probes) {
             tracing::info!(pid, exe = %p.identity.exe, "released: {why}");
             self.pipe.forget(pid);
+            self.released.insert(pid, Instant::now());
         }
     }
 
@@ -461,9 +477,9 @@ impl Daemon {
             }
         }
         let (traced_gone, others_gone) = self.host.vanished();
-        for pid in traced_gone {
-            self.release(pid, "exited");
-        }
+        // Released at the next drain, after the events it sent before it exited (still in the
+        // ring buffer now) are read.
+        self.vanished.extend(traced_gone);
         for pid in others_gone {
             self.host.forget_other(pid);
             self.ignored.remove(&pid);
@@ -473,6 +489,9 @@ impl Daemon {
 
     /// About once a second.
     fn tick(&mut self) {
+        // Long enough for any event a released process sent before it went.
+        self.released
+            .retain(|_, at| at.elapsed() < Duration::from_secs(RELEASED_KEPT_SECS));
         (self.pipe.stats.lost_ringbuf, self.pipe.stats.lost_entry) = self.probes.lost();
         self.pipe.stats.probes_attached = self.probes.attached();
         self.metrics

@@ -495,11 +495,14 @@ fn daemon_exports_each_process_under_its_own_resource() {
         "--otlp-endpoint",
         &endpoint,
     ]);
+    // Held until both are traced (the first look at a file not probed yet can take longer
+    // than the driver's own start on a busy machine).
     let spawn = |service: Option<&str>| {
         let mut cmd = std::process::Command::new(&exe);
         cmd.arg("/models/tiny-model.gguf")
             .env_remove("OTEL_SERVICE_NAME")
-            .stdin(std::process::Stdio::null())
+            .env("FAKE_WAIT_STDIN", "1")
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
         if let Some(s) = service {
@@ -507,12 +510,19 @@ fn daemon_exports_each_process_under_its_own_resource() {
         }
         cmd.spawn().unwrap()
     };
-    let children = [spawn(Some("svc-a")), spawn(None)];
+    let mut children = [spawn(Some("svc-a")), spawn(None)];
     let expect: Vec<(u32, &str)> = children
         .iter()
         .map(|c| c.id())
         .zip(["svc-a", "otlp_res_driver"])
         .collect();
+    for (pid, _) in &expect {
+        d.wait_line("traced", *pid);
+    }
+    for c in children.iter_mut() {
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(b"g").unwrap();
+    }
     for c in children {
         let pid = c.id();
         let out = c.wait_with_output().unwrap();
