@@ -22,6 +22,7 @@ pub fn run(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Attach { pid, opts } => {
             attach::preflight()?;
+            attach::check_process_access(pid)?;
             let from = symbols_from(opts.symbols_from.as_deref())?;
             let files = discover::mapped_files(pid)?;
             let plan = Plan::build(

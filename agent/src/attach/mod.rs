@@ -23,7 +23,8 @@ pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub enum AttachError {
     #[error(
         "missing privileges to load eBPF programs: run llamaprobe as root (sudo), or give it \
-         CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (CAP_SYS_ADMIN on kernels before 5.8)"
+         CAP_SYS_ADMIN (as non-root, uprobes need it on Linux 6.18; CAP_BPF + CAP_PERFMON may \
+         do on other kernels), and CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH for other users' processes"
     )]
     Privileges,
     #[error(
@@ -62,6 +63,16 @@ pub enum AttachError {
          systemd unit's AmbientCapabilities=, the DaemonSet's securityContext.capabilities.add)"
     )]
     HostAgentCapabilities { missing: String },
+    #[error(
+        "the kernel refused the uprobes (EACCES): as a non-root user this kernel needs \
+         CAP_SYS_ADMIN for them (CAP_BPF and CAP_PERFMON are not enough); grant it, or run as root"
+    )]
+    UprobesNeedSysAdmin,
+    #[error(
+        "process {pid} belongs to uid {uid}: reading its maps and files needs CAP_SYS_PTRACE \
+         (or run llamaprobe as that user, or as root)"
+    )]
+    NeedsPtrace { pid: u32, uid: u32 },
     #[error("cannot attach to the tracepoint sched/{name}")]
     TracePoint {
         name: &'static str,
@@ -74,7 +85,10 @@ impl AttachError {
     /// A short reason, for `llamaprobe_attach_errors_total{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
-            AttachError::Privileges | AttachError::HostAgentCapabilities { .. } => "privileges",
+            AttachError::Privileges
+            | AttachError::HostAgentCapabilities { .. }
+            | AttachError::UprobesNeedSysAdmin
+            | AttachError::NeedsPtrace { .. } => "privileges",
             AttachError::KernelTooOld { .. } => "kernel",
             AttachError::Load { .. } | AttachError::Program { .. } => "program",
             AttachError::Attach { .. } => "uprobe",
@@ -194,19 +208,47 @@ fn has_bpf_privileges() -> bool {
     has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON))
 }
 
-/// An EPERM from the kernel means missing privileges (the verifier rejects programs with
-/// EACCES, which is not a privilege problem).
-fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether the effective set holds `c`.
+fn has(c: caps::Capability) -> bool {
+    caps::has_cap(None, caps::CapSet::Effective, c).unwrap_or(false)
+}
+
+/// `attach --pid`: another user's process can be read only with CAP_SYS_PTRACE (without it its
+/// files would look missing, and the process not llama.cpp).
+pub fn check_process_access(pid: u32) -> Result<(), AttachError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(format!("/proc/{pid}")) else {
+        return Ok(()); // not there: discovery says so
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if me != 0 && meta.uid() != me && !has(caps::Capability::CAP_SYS_PTRACE) {
+        return Err(AttachError::NeedsPtrace {
+            pid,
+            uid: meta.uid(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether the error chain holds the OS error `errno`.
+fn is_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(libc::EPERM) {
+            if io.raw_os_error() == Some(errno) {
                 return true;
             }
         }
         cur = err.source();
     }
     false
+}
+
+/// An EPERM from the kernel means missing privileges (the verifier rejects programs with
+/// EACCES, which is not a privilege problem).
+fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+    is_errno(e, libc::EPERM)
 }
 
 /// Kernels with attach cookies on uprobes (`bpf_get_attach_cookie` in uprobe programs).
@@ -362,13 +404,17 @@ impl Probes {
                     location: p.hit.file_offset.into(),
                     cookie,
                 };
-                let link =
-                    prog.attach(point, &p.target, scope)
-                        .map_err(|source| AttachError::Attach {
+                let link = prog.attach(point, &p.target, scope).map_err(|source| {
+                    if is_errno(&source, libc::EACCES) && !has(caps::Capability::CAP_SYS_ADMIN) {
+                        AttachError::UprobesNeedSysAdmin
+                    } else {
+                        AttachError::Attach {
                             symbol: p.point.symbol,
                             path: p.path.clone(),
                             source,
-                        })?;
+                        }
+                    }
+                })?;
                 self.links.push((name, link, group));
                 self.attached += 1;
             }

@@ -40,6 +40,15 @@ pub enum ElfError {
         hint: String,
     },
     #[error(
+        "{what}: {n} of its files cannot be read (permission denied, e.g. {example}): reading \
+         another user's files needs CAP_DAC_READ_SEARCH (or run llamaprobe as root)"
+    )]
+    FilesUnreadable {
+        what: String,
+        n: usize,
+        example: PathBuf,
+    },
+    #[error(
         "--symbols-from {path} matches none of the files of {what} (compared GNU build ids, \
          then file names): give the unstripped copy or the debug file of the same build"
     )]

@@ -292,6 +292,7 @@ impl Plan {
         let mut resolved = Vec::new();
         let mut stripped = Vec::new();
         let mut linked_gpu = None;
+        let mut denied = Vec::new();
         for f in files {
             match resolve(f) {
                 Ok(r) => {
@@ -304,10 +305,22 @@ impl Plan {
                         stripped.push(r.file.path.clone());
                     }
                 }
+                Err(ElfError::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    denied.push(f.path.clone());
+                }
                 Err(e) => tracing::debug!("skipping {}: {e}", f.host_path.display()),
             }
         }
         let has = |s: &str| resolved.iter().any(|r| r.hits.contains_key(s));
+        if targets::detect_generation(has).is_none() && !denied.is_empty() {
+            return Err(ElfError::FilesUnreadable {
+                what: what.to_string(),
+                n: denied.len(),
+                example: denied[0].clone(),
+            });
+        }
         let Some(generation) = targets::detect_generation(has) else {
             let hint = if stripped.is_empty() {
                 "Is this a llama.cpp program (llama-server, llama-cli, or a program linked with \
