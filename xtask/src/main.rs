@@ -1,4 +1,4 @@
-//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo|compat>`.
+//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo|compat|image>`.
 //!
 //! Everything is idempotent and cached under `~/.cache/llamaprobe` (or `$LLAMAPROBE_CACHE`).
 
@@ -6,6 +6,7 @@ mod bench;
 mod compat;
 mod demo;
 mod fixtures;
+mod image;
 mod proc;
 mod server;
 mod setup;
@@ -65,6 +66,13 @@ enum Task {
         #[arg(long)]
         write: bool,
     },
+    /// Build the node agent's OCI image `llamaprobe:<version>` from scratch with podman
+    /// (deploy/Containerfile); print its id.
+    Image {
+        /// The image's tag instead of the workspace's version.
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +98,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(args),
         Task::Compat { write } => compat::run(write),
+        Task::Image { tag } => image::run(tag),
     }
 }
 

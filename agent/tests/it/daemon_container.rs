@@ -29,7 +29,7 @@ const COUNTED: [&str; 2] = ["llamacpp_decode_calls_total", "llamacpp_tokens_tota
 
 /// podman with the runtime and cgroup manager that work on these hosts (crun refuses the hybrid
 /// cgroup layout; cgroupfs needs no systemd).
-fn podman() -> Command {
+pub(crate) fn podman() -> Command {
     let mut cmd = Command::new("podman");
     cmd.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
     cmd
@@ -37,7 +37,7 @@ fn podman() -> Command {
 
 /// True when podman and runc are installed; a skip otherwise (a failure when fixtures are
 /// required: `cargo xtask setup` installs them).
-fn podman_or_skip(test: &str) -> bool {
+pub(crate) fn podman_or_skip(test: &str) -> bool {
     let works = |bin: &str| {
         Command::new(bin)
             .arg("--version")
@@ -65,7 +65,7 @@ fn podman_or_skip(test: &str) -> bool {
 }
 
 /// The files `ldd` lists for `bin` (its libraries and the dynamic loader), as it reports them.
-fn ldd(bin: &Path, env: &HashMap<String, String>) -> Vec<PathBuf> {
+pub(crate) fn ldd(bin: &Path, env: &HashMap<String, String>) -> Vec<PathBuf> {
     let out = Command::new("ldd").arg(bin).envs(env).output().unwrap();
     assert!(
         out.status.success(),
@@ -89,7 +89,7 @@ fn ldd(bin: &Path, env: &HashMap<String, String>) -> Vec<PathBuf> {
 /// Copies `from` to the same absolute path under `root`, symbolic links included: the file
 /// itself lies at its real path and the path asked for, if it differs, is an absolute link to it
 /// (as a distribution's image has them, e.g. the loader in /lib64).
-fn place(root: &Path, from: &Path) {
+pub(crate) fn place(root: &Path, from: &Path) {
     let real = std::fs::canonicalize(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
     let under = |p: &Path| root.join(p.strip_prefix("/").unwrap());
     let dest = under(&real);
@@ -107,7 +107,7 @@ fn place(root: &Path, from: &Path) {
 }
 
 /// The local image holding `bin` (with its libraries) and `model`, built unless it exists.
-fn server_image(f: &Fixture, bin: &Path, model: &Path) -> String {
+pub(crate) fn server_image(f: &Fixture, bin: &Path, model: &Path) -> String {
     let mut files = vec![bin.to_path_buf()];
     files.extend(ldd(bin, &f.env));
     // Tagged by the files' identities (path, size, modification time) and the model: a rebuilt
@@ -158,8 +158,8 @@ fn server_image(f: &Fixture, bin: &Path, model: &Path) -> String {
 }
 
 /// A container, removed (stopped first) on drop.
-struct Container {
-    id: String,
+pub(crate) struct Container {
+    pub(crate) id: String,
 }
 
 impl Drop for Container {
@@ -173,7 +173,7 @@ impl Drop for Container {
 }
 
 /// `podman inspect --format FORMAT` of a container.
-fn inspect(id: &str, format: &str) -> String {
+pub(crate) fn inspect(id: &str, format: &str) -> String {
     let out = podman()
         .args(["inspect", "--format", format, id])
         .output()
@@ -186,7 +186,12 @@ fn inspect(id: &str, format: &str) -> String {
 /// network; returns once it is healthy: the container, the server (whose child is a `podman
 /// wait` on the container: it ends when the container does) and the container's main process
 /// on the host.
-fn run_server(image: &str, f: &Fixture, bin: &Path, model: &Path) -> (Container, Server, u32) {
+pub(crate) fn run_server(
+    image: &str,
+    f: &Fixture,
+    bin: &Path,
+    model: &Path,
+) -> (Container, Server, u32) {
     let port = free_port();
     let log = scratch("daemon-container").join("server.log");
     let in_image = Path::new(MODEL_DIR).join(model.file_name().unwrap());
