@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::common::{
-    daemon::{driver_copy, Daemon},
+    daemon::{driver_copy, held_driver, Daemon},
     server::*,
     *,
 };
@@ -625,21 +625,7 @@ fn waiting_driver(dir: &std::path::Path, name: &str) -> std::process::Child {
 
 /// The fake driver `exe` started, waiting on stdin.
 fn start_waiting(exe: &std::path::Path) -> std::process::Child {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(exe)
-        .arg("/models/tiny-model.gguf")
-        .env("FAKE_WAIT_STDIN", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("ready pid="), "{line}");
-    child
+    held_driver(exe).0
 }
 
 #[test]

@@ -2,14 +2,14 @@
 //! runs as a non-root user with exactly the unit's capabilities (and with no fewer).
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use crate::common::{
-    daemon::driver_copy,
+    daemon::{driver_copy, held_driver},
     server::{free_port, get, parse_metrics, sum_of, Probe},
     *,
 };
@@ -208,25 +208,7 @@ fn ready_or_exited(d: &mut Probe, port: u16) -> bool {
 
 /// The fake driver, started by root, held before its first call until `release`.
 fn start_waiting(exe: &Path) -> (Child, u32) {
-    let mut child = Command::new(exe)
-        .arg("/models/tiny-model.gguf")
-        .env("FAKE_WAIT_STDIN", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let pid = line
-        .trim()
-        .strip_prefix("ready pid=")
-        .unwrap_or_else(|| panic!("driver said {line:?}"))
-        .parse()
-        .unwrap();
-    (child, pid)
+    held_driver(exe)
 }
 
 fn release(mut driver: Child) {

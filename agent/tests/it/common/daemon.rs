@@ -3,8 +3,9 @@
 
 use std::{
     collections::HashMap,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -98,4 +99,28 @@ pub fn driver_copy(dir: &Path, name: &str) -> PathBuf {
     std::fs::copy(fakes().join("classic/driver_classic"), &exe).unwrap();
     std::fs::copy(fakes().join("classic/libllama.so"), dir.join("libllama.so")).unwrap();
     exe
+}
+
+/// The fake driver `exe` started and held before its first call (`FAKE_WAIT_STDIN=1`: a byte
+/// on its stdin lets it go), once it said it is ready; and its pid.
+pub fn held_driver(exe: &Path) -> (Child, u32) {
+    let mut child = Command::new(exe)
+        .arg("/models/tiny-model.gguf")
+        .env("FAKE_WAIT_STDIN", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = line
+        .trim()
+        .strip_prefix("ready pid=")
+        .unwrap_or_else(|| panic!("driver said {line:?}"))
+        .parse()
+        .unwrap();
+    (child, pid)
 }
