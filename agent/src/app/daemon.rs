@@ -16,7 +16,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -51,22 +53,26 @@ const RELEASED_KEPT_SECS: u64 = 30;
 /// A new process is looked at again after these delays (its libraries are mapped after exec).
 const EXEC_RECHECKS_MS: [u64; 7] = [2, 10, 40, 100, 250, 600, 1500];
 
+/// Whether `pid` maps a model file now.
+fn model_mapped(pid: u32) -> bool {
+    crate::sources::model_path::find(pid).is_ok_and(|found| {
+        found
+            .iter()
+            .any(|m| m.source == crate::sources::model_path::Source::Mapped)
+    })
+}
+
 /// The host agent's own series.
 struct DaemonMetrics {
-    processes_traced: IntGauge,
     files_probed: IntGauge,
     attach_errors: IntCounterVec,
-    refused: IntGauge,
+    refused: IntCounter,
     discovery: Histogram,
 }
 
 impl DaemonMetrics {
     fn register(registry: &Registry) -> anyhow::Result<Self> {
         let m = Self {
-            processes_traced: IntGauge::new(
-                "llamaprobe_processes_traced",
-                "llama.cpp processes traced now.",
-            )?,
             files_probed: IntGauge::new(
                 "llamaprobe_files_probed",
                 "Executables and libraries probed now (each once, for all the processes that map it).",
@@ -78,7 +84,7 @@ impl DaemonMetrics {
                 ),
                 &["reason"],
             )?,
-            refused: IntGauge::new(
+            refused: IntCounter::new(
                 "llamaprobe_processes_refused_total",
                 "llama.cpp processes not traced because --max-processes were traced already.",
             )?,
@@ -103,7 +109,6 @@ impl DaemonMetrics {
         build
             .with_label_values(&[env!("CARGO_PKG_VERSION"), &kernel])
             .set(1);
-        registry.register(Box::new(m.processes_traced.clone()))?;
         registry.register(Box::new(m.files_probed.clone()))?;
         registry.register(Box::new(m.attach_errors.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
@@ -449,7 +454,10 @@ impl Daemon {
             identity: p.labels.clone(),
         });
         self.pipe.emit(&traced);
-        if running_before {
+        // A model mapped already was loaded (or is loading) before the probes were live: its
+        // load is not seen, so its label is read now, before its first requests are counted
+        // under an empty one. Otherwise the load probe names it, or a later check does.
+        if running_before || model_mapped(pid) {
             self.pipe.recover_model(pid);
         } else {
             self.model_checks
@@ -495,12 +503,10 @@ impl Daemon {
         (self.pipe.stats.lost_ringbuf, self.pipe.stats.lost_entry) = self.probes.lost();
         self.pipe.stats.probes_attached = self.probes.attached();
         self.metrics
-            .processes_traced
-            .set(self.host.processes.len() as i64);
-        self.metrics
             .files_probed
             .set(self.host.files_probed() as i64);
-        self.metrics.refused.set(self.host.refused as i64);
+        let refused = self.host.refused.saturating_sub(self.metrics.refused.get());
+        self.metrics.refused.inc_by(refused);
         let now = Instant::now();
         let due: Vec<u32> = self
             .model_checks

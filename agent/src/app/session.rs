@@ -563,15 +563,22 @@ impl Pipeline {
         self.stats.tasks_waiting = self.requests.tasks_waiting() as u64;
         self.stats.warmups = self.requests.warmups;
         let (gpus, processes) = self.sampler.sample(pids);
+        let counts = self.requests.counts_by_pid();
         Snapshot {
             stats: self.stats,
             gpus: Arc::new(gpus),
             processes: processes
                 .into_iter()
-                .map(|(pid, sample)| ProcessReading {
-                    pid,
-                    model: self.assembler.model(pid),
-                    sample,
+                .map(|(pid, sample)| {
+                    let (requests_active, tasks_waiting) =
+                        counts.get(&pid).copied().unwrap_or_default();
+                    ProcessReading {
+                        pid,
+                        model: self.assembler.model(pid),
+                        sample,
+                        requests_active,
+                        tasks_waiting,
+                    }
                 })
                 .collect(),
             ended_by,
@@ -604,6 +611,9 @@ impl Pipeline {
         self.stats.probes_attached = 0;
         let mut last = self.snapshot(pids, Some(ended_by));
         last.stats.requests_active = 0;
+        for p in &mut last.processes {
+            (p.requests_active, p.tasks_waiting) = (0, 0);
+        }
         for s in self.sinks.iter_mut() {
             s.finish(&last)?;
         }

@@ -557,6 +557,20 @@ impl Requests {
     pub fn tasks_waiting(&self) -> usize {
         self.posted.values().filter(|p| !p.launched).count()
     }
+
+    /// Requests in progress and tasks waiting, per process (processes with neither absent).
+    pub fn counts_by_pid(&self) -> HashMap<u32, (u64, u64)> {
+        let mut out: HashMap<u32, (u64, u64)> = HashMap::new();
+        for k in self.open.keys() {
+            out.entry(k.0).or_default().0 += 1;
+        }
+        for ((pid, _), p) in &self.posted {
+            if !p.launched {
+                out.entry(*pid).or_default().1 += 1;
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

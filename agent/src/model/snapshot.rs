@@ -42,6 +42,10 @@ pub struct ProcessReading {
     /// Its model label (as on its observations).
     pub model: Arc<str>,
     pub sample: ProcessSample,
+    /// Its requests in progress.
+    pub requests_active: u64,
+    /// Its tasks accepted that no slot has taken yet.
+    pub tasks_waiting: u64,
 }
 
 /// The state of things at one tick (or at the end).

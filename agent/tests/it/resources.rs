@@ -77,6 +77,8 @@ impl ResourceSampler {
                     pid,
                     model: label(pid).into(),
                     sample,
+                    requests_active: 0,
+                    tasks_waiting: 0,
                 })
                 .collect(),
             ..Default::default()
@@ -503,7 +505,7 @@ fn a_process_without_a_model_has_none() {
 // NVML through a FAKE libnvidia-ml.so (no GPU)
 
 /// Builds the fake NVML library once per test binary.
-fn fake_nvml_lib() -> &'static Path {
+pub fn fake_nvml_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fake-nvml");

@@ -160,9 +160,10 @@ pub struct Metrics {
     speculative_draft: IntCounterVec,
     speculative_accepted: IntCounterVec,
     speculative_drafts: IntCounterVec,
-    requests_active: IntGauge,
-    requests_waiting: IntGauge,
+    requests_active: GaugeVec,
+    requests_waiting: GaugeVec,
     probes_attached: IntGauge,
+    processes_traced: IntGauge,
     /// Per-process handles of the per-event series.
     hot: HashMap<(u32, ContextRole), Hot>,
     /// GPUs, processes and models.
@@ -201,6 +202,18 @@ impl<T: MetricVecBuilder> PidSeries for MetricVec<T> {
             }
         }
     }
+}
+
+/// A family to register whose series carry `pid`.
+fn per_pid<T: MetricVecBuilder + 'static>(
+    v: &MetricVec<T>,
+) -> (Box<dyn Collector>, Option<Box<dyn PidSeries>>) {
+    (Box::new(v.clone()), Some(Box::new(v.clone())))
+}
+
+/// A family to register whose series are the agent's (no `pid`).
+fn host_wide(c: impl Collector + 'static) -> (Box<dyn Collector>, Option<Box<dyn PidSeries>>) {
+    (Box::new(c), None)
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -376,19 +389,22 @@ impl Metrics {
                 "Context shifts: a generating sequence outgrew its share of the context and llama.cpp discarded some of its tokens (seq_add with a negative shift).",
                 &["pid", "model"],
             ),
-            requests_active: IntGauge::new(
+            requests_active: gauge(
                 "llamacpp_requests_active",
                 "Requests in progress (reconstructed from the decode batches; in llama-server each ends when its slot is released).",
-            )
-            .expect("valid gauge"),
-            requests_waiting: IntGauge::new(
+            ),
+            requests_waiting: gauge(
                 "llamacpp_requests_waiting",
                 "Tasks llama-server accepted that no slot has taken yet (its queue, by task id; 0 where slot launches are not probed).",
-            )
-            .expect("valid gauge"),
+            ),
             probes_attached: IntGauge::new(
                 "llamaprobe_probes_attached",
                 "Uprobes and uretprobes currently attached.",
+            )
+            .expect("valid gauge"),
+            processes_traced: IntGauge::new(
+                "llamaprobe_processes_traced",
+                "llama.cpp processes traced now (running, probes attached).",
             )
             .expect("valid gauge"),
             events_lost: counter(
@@ -401,68 +417,41 @@ impl Metrics {
             released: HashMap::new(),
             series_grace: Duration::from_secs(60),
         };
-        let mut by_pid: Vec<Box<dyn PidSeries>> = vec![
-            Box::new(m.decode_duration.clone()),
-            Box::new(m.batch_tokens.clone()),
-            Box::new(m.sample_duration.clone()),
-            Box::new(m.sync_duration.clone()),
-            Box::new(m.compute_duration.clone()),
-            Box::new(m.model_load.clone()),
-            Box::new(m.ttft.clone()),
-            Box::new(m.tpot.clone()),
-            Box::new(m.request_duration.clone()),
-            Box::new(m.request_prompt_tokens.clone()),
-            Box::new(m.request_generated_tokens.clone()),
-            Box::new(m.request_queue.clone()),
-            Box::new(m.decode_calls.clone()),
-            Box::new(m.tokens.clone()),
-            Box::new(m.context_shifts.clone()),
-            Box::new(m.speculative_draft.clone()),
-            Box::new(m.speculative_accepted.clone()),
-            Box::new(m.speculative_drafts.clone()),
-            Box::new(m.context_size.clone()),
-            Box::new(m.context_used.clone()),
-            Box::new(m.context_utilization.clone()),
+        // Every family once: registered, and, where its series carry `pid`, removed with a
+        // gone process.
+        let mut families = vec![
+            per_pid(&m.decode_duration),
+            per_pid(&m.batch_tokens),
+            per_pid(&m.sample_duration),
+            per_pid(&m.sync_duration),
+            per_pid(&m.compute_duration),
+            per_pid(&m.model_load),
+            per_pid(&m.ttft),
+            per_pid(&m.tpot),
+            per_pid(&m.request_duration),
+            per_pid(&m.request_prompt_tokens),
+            per_pid(&m.request_generated_tokens),
+            per_pid(&m.request_queue),
+            per_pid(&m.decode_calls),
+            per_pid(&m.tokens),
+            per_pid(&m.context_shifts),
+            per_pid(&m.speculative_draft),
+            per_pid(&m.speculative_accepted),
+            per_pid(&m.speculative_drafts),
+            per_pid(&m.context_size),
+            per_pid(&m.context_used),
+            per_pid(&m.context_utilization),
+            per_pid(&m.requests_active),
+            per_pid(&m.requests_waiting),
+            host_wide(m.unserved.clone()),
+            host_wide(m.probes_attached.clone()),
+            host_wide(m.processes_traced.clone()),
+            host_wide(m.events_lost.clone()),
         ];
-        for (g, _) in &m.context_params {
-            by_pid.push(Box::new(g.clone()));
-        }
-        m.by_pid = by_pid;
-        let mut all: Vec<Box<dyn Collector>> = vec![
-            Box::new(m.ttft.clone()),
-            Box::new(m.tpot.clone()),
-            Box::new(m.request_duration.clone()),
-            Box::new(m.request_prompt_tokens.clone()),
-            Box::new(m.request_generated_tokens.clone()),
-            Box::new(m.request_queue.clone()),
-            Box::new(m.unserved.clone()),
-            Box::new(m.context_shifts.clone()),
-            Box::new(m.speculative_draft.clone()),
-            Box::new(m.speculative_accepted.clone()),
-            Box::new(m.speculative_drafts.clone()),
-            Box::new(m.requests_active.clone()),
-            Box::new(m.requests_waiting.clone()),
-            Box::new(m.context_used.clone()),
-            Box::new(m.context_utilization.clone()),
-        ];
-        for (g, _) in &m.context_params {
-            all.push(Box::new(g.clone()));
-        }
-        all.extend::<[Box<dyn Collector>; 11]>([
-            Box::new(m.decode_duration.clone()),
-            Box::new(m.batch_tokens.clone()),
-            Box::new(m.decode_calls.clone()),
-            Box::new(m.tokens.clone()),
-            Box::new(m.sample_duration.clone()),
-            Box::new(m.sync_duration.clone()),
-            Box::new(m.compute_duration.clone()),
-            Box::new(m.model_load.clone()),
-            Box::new(m.context_size.clone()),
-            Box::new(m.probes_attached.clone()),
-            Box::new(m.events_lost.clone()),
-        ]);
-        for c in all {
-            m.registry.register(c).expect("unique metric names");
+        families.extend(m.context_params.iter().map(|(g, _)| per_pid(g)));
+        for (collector, pid_series) in families {
+            m.registry.register(collector).expect("unique metric names");
+            m.by_pid.extend(pid_series);
         }
 
         for reason in ["ringbuf_full", "entry_map_full", "undecodable"] {
@@ -768,8 +757,17 @@ impl Sink for Metrics {
         self.resources.update(now);
         let s = &now.stats;
         self.probes_attached.set(s.probes_attached as i64);
-        self.requests_active.set(s.requests_active as i64);
-        self.requests_waiting.set(s.tasks_waiting as i64);
+        self.processes_traced.set(now.processes.len() as i64);
+        for p in &now.processes {
+            let labels = [p.pid.to_string(), p.model.to_string()];
+            let labels = [labels[0].as_str(), labels[1].as_str()];
+            self.requests_active
+                .with_label_values(&labels)
+                .set(p.requests_active as f64);
+            self.requests_waiting
+                .with_label_values(&labels)
+                .set(p.tasks_waiting as f64);
+        }
         for (reason, n) in [
             ("cancelled", s.unserved.cancelled),
             ("rejected", s.unserved.rejected),

@@ -400,6 +400,8 @@ mod tests {
                     pid,
                     model: "m".into(),
                     sample,
+                    requests_active: 0,
+                    tasks_waiting: 0,
                 })
                 .collect(),
             ..Default::default()
