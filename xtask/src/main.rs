@@ -1,9 +1,10 @@
-//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo|compat|image>`.
+//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo|compat|dashboards|image>`.
 //!
 //! Everything is idempotent and cached under `~/.cache/llamaprobe` (or `$LLAMAPROBE_CACHE`).
 
 mod bench;
 mod compat;
+mod dashboards;
 mod demo;
 mod fixtures;
 mod image;
@@ -66,6 +67,12 @@ enum Task {
         #[arg(long)]
         write: bool,
     },
+    /// Write the Grafana dashboards (dashboards/grafana/*.json) from xtask/src/dashboards.rs.
+    Dashboards {
+        /// Fail if a committed file differs instead of writing it.
+        #[arg(long)]
+        check: bool,
+    },
     /// Build the node agent's OCI image `llamaprobe:<version>` from scratch with podman
     /// (deploy/Containerfile); print its id.
     Image {
@@ -99,6 +106,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(args) => bench::run(args),
         Task::Compat { write } => compat::run(write),
         Task::Image { tag } => image::run(tag),
+        Task::Dashboards { check } => dashboards::run(check),
     }
 }
 
