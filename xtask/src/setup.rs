@@ -30,6 +30,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // The daemon's container test: podman with runc (crun refuses this hybrid cgroup layout).
     ("podman", "podman"),
     ("runc", "runc"),
+    // The dashboards' and rules' tests: a real Prometheus and promtool; the compose stack is
+    // validated offline by docker-compose.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    ("docker-compose", "docker-compose"),
 ];
 
 pub fn run() -> Result<()> {

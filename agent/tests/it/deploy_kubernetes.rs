@@ -37,22 +37,8 @@ fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
 }
 
-/// True when `kubectl` runs; else the test says it is skipped (and fails when
-/// LLAMAPROBE_REQUIRE_FIXTURES is set).
-fn kubectl_or_skip(test: &str) -> bool {
-    let ok = Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return true;
-    }
-    if std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
-        panic!("{test}: needs `kubectl` (with kustomize) on PATH");
-    }
-    eprintln!("SKIPPED {test}: `kubectl` is not on PATH (renders the manifests with kustomize)");
-    false
-}
+/// `kubectl version --client`: whether kubectl (with its kustomize) runs.
+const KUBECTL: &[&str] = &["kubectl", "version", "--client"];
 
 /// The objects `kubectl kustomize DIR` renders.
 fn render(dir: &str) -> Vec<Value> {
@@ -245,7 +231,10 @@ fn default_metrics_port() -> u16 {
 
 #[test]
 fn every_directory_renders_to_objects_of_their_api_types() {
-    if !kubectl_or_skip("every_directory_renders_to_objects_of_their_api_types") {
+    if !tool_or_skip(
+        "every_directory_renders_to_objects_of_their_api_types",
+        KUBECTL,
+    ) {
         return;
     }
     for dir in DIRS {
@@ -292,7 +281,7 @@ fn the_round_trip_rejects_a_misspelled_field() {
 
 #[test]
 fn the_daemonset_runs_the_daemon_with_what_it_needs() {
-    if !kubectl_or_skip("the_daemonset_runs_the_daemon_with_what_it_needs") {
+    if !tool_or_skip("the_daemonset_runs_the_daemon_with_what_it_needs", KUBECTL) {
         return;
     }
     let port = default_metrics_port();
@@ -474,7 +463,10 @@ fn the_daemonset_runs_the_daemon_with_what_it_needs() {
 
 #[test]
 fn the_configmap_holds_a_configuration_the_daemon_accepts() {
-    if !kubectl_or_skip("the_configmap_holds_a_configuration_the_daemon_accepts") {
+    if !tool_or_skip(
+        "the_configmap_holds_a_configuration_the_daemon_accepts",
+        KUBECTL,
+    ) {
         return;
     }
     let docs = render("base");
@@ -500,7 +492,10 @@ fn the_configmap_holds_a_configuration_the_daemon_accepts() {
 
 #[test]
 fn the_gpu_nodes_overlay_selects_and_tolerates_gpu_nodes() {
-    if !kubectl_or_skip("the_gpu_nodes_overlay_selects_and_tolerates_gpu_nodes") {
+    if !tool_or_skip(
+        "the_gpu_nodes_overlay_selects_and_tolerates_gpu_nodes",
+        KUBECTL,
+    ) {
         return;
     }
     let docs = render("overlays/gpu-nodes");
@@ -525,7 +520,10 @@ fn the_gpu_nodes_overlay_selects_and_tolerates_gpu_nodes() {
 
 #[test]
 fn the_servicemonitor_overlay_scrapes_the_daemonset_pods() {
-    if !kubectl_or_skip("the_servicemonitor_overlay_scrapes_the_daemonset_pods") {
+    if !tool_or_skip(
+        "the_servicemonitor_overlay_scrapes_the_daemonset_pods",
+        KUBECTL,
+    ) {
         return;
     }
     let docs = render("overlays/servicemonitor");

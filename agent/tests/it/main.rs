@@ -6,9 +6,11 @@ mod common;
 
 mod architecture;
 mod bad_input;
+mod compose;
 mod daemon;
 mod daemon_container;
 mod daemon_k8s;
+mod dashboards;
 mod deploy_image;
 mod deploy_kubernetes;
 mod deploy_systemd;
@@ -20,3 +22,4 @@ mod matrix;
 mod otlp;
 mod privileges;
 mod resources;
+mod rules;

@@ -101,9 +101,41 @@ pub fn dur_ms(e: &Value) -> f64 {
     let o = &e["origin"];
     (o["end_ns"].as_u64().unwrap() - o["start_ns"].as_u64().unwrap()) as f64 / 1e6
 }
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The project's Prometheus rules (recording rules and alerts).
+pub fn rules_file() -> PathBuf {
+    repo().join("dashboards/prometheus/llamaprobe.rules.yml")
+}
+
+/// True when `probe` (a program and arguments that only print its version) runs; else the test
+/// says it is skipped (and fails when LLAMAPROBE_REQUIRE_FIXTURES is set: `cargo xtask setup`
+/// installs it).
+pub fn tool_or_skip(test: &str, probe: &[&str]) -> bool {
+    let ok = Command::new(probe[0])
+        .args(&probe[1..])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return true;
+    }
+    if std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
+        panic!("{test}: needs `{}` on PATH", probe[0]);
+    }
+    eprintln!("SKIPPED {test}: `{}` is not on PATH", probe[0]);
+    false
+}
+
 pub mod daemon;
 pub mod fixtures;
 pub mod otlp_receiver;
+pub mod prometheus;
 pub mod server;
 
 /// Background CPU load: `n` busy-loop processes at normal priority, as on a busy node (the
