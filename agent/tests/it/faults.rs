@@ -1,0 +1,236 @@
+//! The traced process is never hurt: llama-server's completions are byte-identical with and
+//! without llamaprobe; `kill -9` of llamaprobe in the middle of a burst leaves every request
+//! answered and nothing of llamaprobe in the kernel (its programs, maps and links, by the ids
+//! its own file descriptors held), and a new llamaprobe counts exactly from then on; two
+//! llamaprobe instances on one process both count exactly.
+
+use std::{collections::HashSet, time::Duration};
+
+use serde_json::json;
+
+use crate::common::{
+    server::{attach, first_server, free_port, on_every_server, sum_of, wait_metrics, Server},
+    *,
+};
+
+/// What a fixed-seed, greedy, uncached completion of each prompt answers: (content, tokens).
+fn answers(server: &Server) -> Vec<(String, u64)> {
+    [
+        "The capital of France is",
+        "Count from one to ten:",
+        "A poem about the sea",
+    ]
+    .iter()
+    .map(|prompt| {
+        let r = server.post(
+            "/completion",
+            &json!({"prompt": prompt, "n_predict": 24, "temperature": 0.0, "seed": 7,
+                    "cache_prompt": false}),
+        );
+        (
+            r["content"].as_str().unwrap().to_string(),
+            r["tokens_predicted"].as_u64().unwrap(),
+        )
+    })
+    .collect()
+}
+
+#[test]
+fn completions_are_byte_identical_with_and_without_llamaprobe() {
+    on_every_server(
+        "completions_are_byte_identical_with_and_without_llamaprobe",
+        |f, model| {
+            let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
+            let before = answers(&server);
+            let probe = attach(f, &server, &[]);
+            let traced = answers(&server);
+            let (code, out) = probe.interrupt();
+            assert_eq!(code, 0, "{out}");
+            let after = answers(&server);
+            let bytes: usize = before.iter().map(|(c, _)| c.len()).sum();
+            eprintln!(
+                "{}: {} completions, {bytes} bytes, the same before, while and after tracing",
+                f.name,
+                before.len()
+            );
+            assert!(bytes > 0);
+            assert_eq!(traced, before, "traced");
+            assert_eq!(after, before, "after detaching");
+        },
+    );
+}
+
+/// The ids of the BPF objects (programs, maps, links) a process holds file descriptors of,
+/// from its `/proc/PID/fdinfo`.
+fn bpf_ids(pid: u32) -> HashSet<(&'static str, u32)> {
+    let mut ids = HashSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            for kind in ["prog_id", "map_id", "link_id"] {
+                if let Some(v) = line.strip_prefix(kind).and_then(|r| r.strip_prefix(':')) {
+                    if let Ok(id) = v.trim().parse() {
+                        ids.insert((kind, id));
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// The ids of every BPF program, map and link the kernel holds now.
+fn kernel_bpf_ids() -> HashSet<(&'static str, u32)> {
+    let progs = aya::programs::loaded_programs()
+        .flatten()
+        .map(|p| ("prog_id", p.id()));
+    let maps = aya::maps::loaded_maps()
+        .flatten()
+        .map(|m| ("map_id", m.id()));
+    let links = aya::programs::loaded_links()
+        .flatten()
+        .map(|l| ("link_id", l.id()));
+    progs.chain(maps).chain(links).collect()
+}
+
+/// Completions sent at once, each to generate exactly `n` tokens; their token counts.
+fn burst(port: u16, requests: usize, n: u32) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..requests)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut r = server::http()
+                    .post(&format!("http://127.0.0.1:{port}/completion"))
+                    .send_json(json!({"prompt": format!("burst {i}"), "n_predict": n,
+                                      "ignore_eos": true, "seed": 1}))
+                    .expect("completion during the kill");
+                let v: Value = r.body_mut().read_json().unwrap();
+                v["tokens_predicted"].as_u64().unwrap()
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn agent_killed_mid_burst_leaves_requests_answered_and_nothing_in_the_kernel() {
+    let Some((f, model, _serial)) =
+        first_server("agent_killed_mid_burst_leaves_requests_answered_and_nothing_in_the_kernel")
+    else {
+        return;
+    };
+    let server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);
+    let port = free_port();
+    let mut probe = attach(
+        &f,
+        &server,
+        &["--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    let held = bpf_ids(probe.child.id());
+    assert!(
+        held.iter().any(|(k, _)| *k == "prog_id") && held.iter().any(|(k, _)| *k == "map_id"),
+        "llamaprobe holds no BPF program or map: {held:?}"
+    );
+    let requests = burst(server.port, 8, 96);
+    // In the middle of the burst: some steps were counted, others are to come.
+    wait_metrics(port, |m| {
+        sum_of(m, "llamacpp_decode_calls_total", "") >= 20.0
+    });
+    probe.child.kill().unwrap();
+    probe.child.wait().unwrap();
+    let tokens: Vec<u64> = requests.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(tokens, vec![96; 8], "every request answered in full");
+    // The kernel frees what the agent's descriptors held once they are closed (programs and
+    // maps after an RCU grace period).
+    let t0 = std::time::Instant::now();
+    let left = loop {
+        let left: Vec<_> = held.intersection(&kernel_bpf_ids()).copied().collect();
+        if left.is_empty() || t0.elapsed() > Duration::from_secs(10) {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        left.is_empty(),
+        "left in the kernel after kill -9: {left:?}"
+    );
+    eprintln!("{} BPF objects held, none left", held.len());
+
+    // A new llamaprobe counts exactly from its start.
+    let base = server.settled_metrics();
+    let port = free_port();
+    let probe = attach(
+        &f,
+        &server,
+        &["--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    for i in 0..3 {
+        server::completion(server.port, &format!("after the kill {i}"), 8);
+    }
+    let now = server.settled_metrics();
+    let delta = |k: &str| now[&format!("llamacpp:{k}")] - base[&format!("llamacpp:{k}")];
+    let ours = wait_metrics(port, |m| {
+        sum_of(m, "llamacpp_decode_calls_total", "") >= delta("n_decode_total")
+    });
+    assert_eq!(
+        sum_of(&ours, "llamacpp_decode_calls_total", ""),
+        delta("n_decode_total")
+    );
+    assert_eq!(
+        sum_of(&ours, "llamacpp_tokens_total", "kind=\"generated\""),
+        delta("tokens_predicted_total")
+    );
+    let (code, out) = probe.interrupt();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn two_instances_on_one_process_both_count_exactly() {
+    let Some((f, model, _serial)) = first_server("two_instances_on_one_process_both_count_exactly")
+    else {
+        return;
+    };
+    let server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);
+    let ports = [free_port(), free_port()];
+    let probes: Vec<_> = ports
+        .iter()
+        .map(|p| attach(&f, &server, &["--metrics-addr", &format!("127.0.0.1:{p}")]))
+        .collect();
+    let base = server.settled_metrics();
+    let requests = burst(server.port, 4, 16);
+    for h in requests {
+        assert_eq!(h.join().unwrap(), 16);
+    }
+    server::completion(server.port, "one more, alone", 8);
+    let now = server.settled_metrics();
+    let delta = |k: &str| now[&format!("llamacpp:{k}")] - base[&format!("llamacpp:{k}")];
+    for port in ports {
+        let ours = wait_metrics(port, |m| {
+            sum_of(m, "llamacpp_decode_calls_total", "") >= delta("n_decode_total")
+        });
+        assert_eq!(
+            sum_of(&ours, "llamacpp_decode_calls_total", ""),
+            delta("n_decode_total"),
+            "decode steps seen by the instance on :{port}"
+        );
+        assert_eq!(
+            sum_of(&ours, "llamacpp_tokens_total", "kind=\"prompt\""),
+            delta("prompt_tokens_total")
+        );
+        assert_eq!(
+            sum_of(&ours, "llamacpp_tokens_total", "kind=\"generated\""),
+            delta("tokens_predicted_total")
+        );
+        assert_eq!(
+            sum_of(&ours, "llamacpp_request_duration_seconds_count", ""),
+            5.0
+        );
+    }
+    for p in probes {
+        let (code, out) = p.interrupt();
+        assert_eq!(code, 0, "{out}");
+    }
+}
