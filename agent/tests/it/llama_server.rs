@@ -564,6 +564,83 @@ fn queue_wait(f: &Fixture, server: &Server, round: usize) {
     );
 }
 
+/// The demo's schedule, at a third of its pace (rows with the same start run at once on the
+/// four slots): repeated prompts served from a slot's cache, a prompt that is a prefix of an
+/// earlier one (one token re-evaluated), a long prompt in several chunks beside short ones.
+const DEMO_SCHEDULE: &[(u64, &str, u32)] = &[
+    (0, "hello world", 8),
+    (0, "The quick brown fox jumps over the lazy dog.", 16),
+    (500, "Once upon a time", 32),
+    (1000, LONG_PROMPT, 24),
+    (1000, "llama", 8),
+    (1000, "What time is it now?", 48),
+    (1700, "Write one word about the model server.", 16),
+    (2200, LONG_PROMPT, 64),
+    (2200, "people find their way", 12),
+    (2700, "hello", 4),
+    (
+        3300,
+        "a long day of work, then some time to look at the number two",
+        40,
+    ),
+    (3300, LONG_PROMPT, 8),
+];
+
+const LONG_PROMPT: &str = "The people who write the first word of a long day can look at the \
+    number of words they made, and then they will find that some of them were more than one \
+    time in the other part of what was said. When we call a model server with a request, each \
+    token is made from the one before it, so the time of a day of work is the time of many \
+    small parts, and if you look at them you can see where the time has gone.";
+
+/// The demo's twelve requests, sent right after the probes are attached, with both CPUs busy:
+/// every request is its posted task with its queue wait (the demo once printed 11 of 12), one
+/// round per fixture (`cargo xtask test --stress`: 20).
+#[test]
+fn the_demos_requests_each_get_their_queue_wait() {
+    on_every_server(
+        "the_demos_requests_each_get_their_queue_wait",
+        |f, model| {
+            let server = Server::start(f.server.as_ref().unwrap(), model, &f.env);
+            let _load = CpuLoad::start(2);
+            for round in 0..rounds(1) {
+                let (summary, events) = recording(&format!("demo-{}-{round}", f.name));
+                let probe = attach_recording(f, &server, &summary, &events);
+                let port = server.port;
+                let start = std::time::Instant::now();
+                let handles: Vec<_> = DEMO_SCHEDULE
+                    .iter()
+                    .map(|&(at_ms, prompt, n)| {
+                        std::thread::spawn(move || {
+                            let at = std::time::Duration::from_millis(at_ms);
+                            std::thread::sleep(at.saturating_sub(start.elapsed()));
+                            completion(port, prompt, n)
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    h.join().unwrap();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let (code, stdout) = probe.interrupt();
+                assert_eq!(code, 0, "{stdout}");
+                let all = json_lines(&events);
+                let requests = of_kind(&all, "request");
+                let without: Vec<_> = requests
+                    .iter()
+                    .filter(|r| r["queued_ns"].is_null() || r["task_id"].is_null())
+                    .collect();
+                assert!(
+                requests.len() == DEMO_SCHEDULE.len() && without.is_empty(),
+                "{} round {round}: {} requests, without their task or queue wait: {without:?}\n{stdout}",
+                f.name,
+                requests.len()
+            );
+                assert!(stdout.contains("queue wait: 12 of 12 requests"), "{stdout}");
+            }
+        },
+    );
+}
+
 /// One `/completion` with an array of three prompts is one post of three tasks: three
 /// requests, each with its own task and a queue wait from that one post.
 #[test]
