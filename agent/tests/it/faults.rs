@@ -234,3 +234,159 @@ fn two_instances_on_one_process_both_count_exactly() {
         assert_eq!(code, 0, "{out}");
     }
 }
+
+/// The storm target (agent/tests/storm/storm.c) on the benchmark's synthetic libllama.so,
+/// compiled once.
+fn storm_bin() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storm");
+        std::fs::create_dir_all(&out).unwrap();
+        let gcc = |args: &[&std::ffi::OsStr]| {
+            let st = std::process::Command::new("gcc")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "gcc {args:?}");
+        };
+        let lib = root.join("../xtask/assets/bench/libllama.c");
+        let so = out.join("libllama.so");
+        gcc(&[
+            "-O2".as_ref(),
+            "-fPIC".as_ref(),
+            "-shared".as_ref(),
+            "-Wl,-soname,libllama.so".as_ref(),
+            "-o".as_ref(),
+            so.as_os_str(),
+            lib.as_os_str(),
+        ]);
+        let bin = out.join("storm");
+        let src = root.join("tests/storm/storm.c");
+        gcc(&[
+            "-O2".as_ref(),
+            "-pthread".as_ref(),
+            "-o".as_ref(),
+            bin.as_os_str(),
+            src.as_os_str(),
+            "-L".as_ref(),
+            out.as_os_str(),
+            "-lllama".as_ref(),
+            "-Wl,-rpath,$ORIGIN".as_ref(),
+        ]);
+        bin
+    })
+}
+
+/// A process's CPU time (user + system) in seconds, and its peak resident memory in KiB.
+fn cpu_and_peak_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime), counted from 1 at the pid.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    (ticks / hz, hwm)
+}
+
+/// Two threads call a probed function as fast as they can for 10 s while llamaprobe is
+/// stopped (SIGSTOP) for 4 s of it: the target is never held up (it ends its storm while the
+/// agent cannot read), every call is either counted or counted as lost (ring buffer full),
+/// and once the storm is over a calm 1000 calls are counted exactly with none lost. The
+/// agent's CPU time and peak memory over the storm are printed (figures for BENCHMARKS.md,
+/// not limits).
+#[test]
+fn an_event_storm_is_dropped_and_counted_and_counts_are_exact_after_it() {
+    use std::io::{BufRead, BufReader, Write};
+    let test = "an_event_storm_is_dropped_and_counted_and_counts_are_exact_after_it";
+    if !root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    let mut target = std::process::Command::new(storm_bin())
+        .args(["2", "10", "1000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = target.stdin.take().unwrap();
+    let mut lines = BufReader::new(target.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().unwrap().unwrap();
+    assert_eq!(next(), "ready");
+    let port = free_port();
+    let mut cmd = llamaprobe();
+    cmd.args(["attach", "--pid", &target.id().to_string(), "--quiet"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let mut probe = server::Probe::spawn(&mut cmd);
+    probe.wait_for("probes attached");
+    let agent = probe.child.id();
+    let counted = |m: &std::collections::HashMap<String, f64>| {
+        (
+            sum_of(m, "llamacpp_decode_calls_total", ""),
+            sum_of(m, "llamaprobe_events_lost_total", ""),
+        )
+    };
+    let (cpu0, _) = cpu_and_peak_rss(agent);
+
+    writeln!(input).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent as i32, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(4));
+    // SAFETY: as above.
+    unsafe { libc::kill(agent as i32, libc::SIGCONT) };
+    let storm: f64 = next()
+        .strip_prefix("storm calls=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let m = wait_metrics(port, |m| {
+        let (c, l) = counted(m);
+        c + l >= storm
+    });
+    let (storm_counted, storm_lost) = counted(&m);
+    let (cpu1, peak_kib) = cpu_and_peak_rss(agent);
+    eprintln!(
+        "storm: {storm} calls in 10 s ({:.0}/s), {storm_counted} counted, {storm_lost} lost \
+         (ring buffer full {}); llamaprobe {:.2} s CPU ({:.2} µs per call), peak RSS {} MiB",
+        storm / 10.0,
+        sum_of(&m, "llamaprobe_events_lost_total", "ringbuf_full"),
+        cpu1 - cpu0,
+        (cpu1 - cpu0) * 1e6 / storm,
+        peak_kib / 1024
+    );
+    assert_eq!(
+        storm_counted + storm_lost,
+        storm,
+        "every call counted or lost"
+    );
+    assert!(
+        storm_lost > 0.0,
+        "the agent was stopped for 4 s: some events must be lost"
+    );
+    assert_eq!(
+        storm_lost,
+        sum_of(&m, "llamaprobe_events_lost_total", "ringbuf_full"),
+        "lost because the ring buffer was full"
+    );
+
+    writeln!(input).unwrap();
+    assert_eq!(next(), "calm calls=1000");
+    let m = wait_metrics(port, |m| counted(m).0 >= storm_counted + 1000.0);
+    assert_eq!(
+        counted(&m),
+        (storm_counted + 1000.0, storm_lost),
+        "the calm calls"
+    );
+    writeln!(input).unwrap();
+    assert!(target.wait().unwrap().success());
+    let (code, out) = probe.finish();
+    assert_eq!(code, 0, "{out}");
+}
