@@ -423,37 +423,26 @@ impl Probes {
     }
 
     /// Detaches every link of the programs `names` (a probe that turned out not to be needed,
-    /// which would only cost the traced process its trap), in that order; returns how many.
+    /// which would only cost the traced process its trap); returns how many.
     pub fn detach_programs(&mut self, names: &[&str]) -> u64 {
-        let mut n = 0;
-        for want in names {
-            let (gone, kept) = std::mem::take(&mut self.links)
-                .into_iter()
-                .partition(|(name, _, _)| name == want);
-            self.links = kept;
-            n += self.detach_links(gone);
-        }
-        n
+        self.detach_where(|name, _| names.contains(&name))
     }
 
     /// Detaches the links of the programs `names` in `group` only; returns how many.
     pub fn detach_programs_in(&mut self, group: u64, names: &[&str]) -> u64 {
-        let mut n = 0;
-        for want in names {
-            let (gone, kept) = std::mem::take(&mut self.links)
-                .into_iter()
-                .partition(|(name, _, g)| name == want && *g == group);
-            self.links = kept;
-            n += self.detach_links(gone);
-        }
-        n
+        self.detach_where(|name, g| g == group && names.contains(&name))
     }
 
     /// Detaches every link of `group` (a file whose last process is gone); returns how many.
     pub fn detach_group(&mut self, group: u64) -> u64 {
+        self.detach_where(|_, g| g == group)
+    }
+
+    /// Detaches the links whose (program, group) `pred` picks; returns how many.
+    fn detach_where(&mut self, pred: impl Fn(&str, u64) -> bool) -> u64 {
         let (gone, kept) = std::mem::take(&mut self.links)
             .into_iter()
-            .partition(|(_, _, g)| *g == group);
+            .partition(|(name, _, g)| pred(name, *g));
         self.links = kept;
         self.detach_links(gone)
     }
