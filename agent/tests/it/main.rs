@@ -17,6 +17,7 @@ mod deploy_systemd;
 mod doctor;
 mod embedders;
 mod fake_targets;
+mod hostile_files;
 mod llama_server;
 mod matrix;
 mod otlp;
