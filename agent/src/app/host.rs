@@ -546,7 +546,7 @@ mod tests {
             path: text.clone(),
             host_path: text.clone(),
             dev: 9,
-            inode: 9,
+            inode: std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&text).unwrap()),
         };
         assert!(cached_symbols(&mut cache, &f).is_err());
         assert!(matches!(cache.get(&f.key()), Some(None)));

@@ -1,8 +1,15 @@
 //! Finding the files a process runs: its mapped executables and libraries (`/proc/PID/maps`),
-//! opened through `/proc/PID/root` so processes in other mount namespaces (containers) work,
-//! and, for a program not started yet, the libraries the dynamic loader would map.
+//! opened through `/proc/PID/root` or `/proc/PID/map_files` so processes in other mount
+//! namespaces (containers) work, and, for a program not started yet, the libraries the dynamic
+//! loader would map. [`inroot`] opens any other file a process names as the process sees it.
+//!
+//! A mapped file opened through `/proc/PID/root/PATH` is walked from here, so a path changed
+//! since it was mapped (a directory mounted over, a symbolic link put in its place) could lead
+//! elsewhere: its inode is checked against the maps' before anything of it is read
+//! ([`elf::map_elf_checked`]); through `/proc/PID/map_files` it is the mapped object itself.
 
 pub mod elf;
+pub mod inroot;
 
 use std::{
     collections::HashSet,
@@ -90,11 +97,18 @@ pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>, DiscoverError> {
 /// [`mapped_files`], opened `via`.
 pub fn mapped_files_via(pid: u32, via: OpenVia) -> Result<Vec<MappedFile>, DiscoverError> {
     let maps = process(pid)?.maps().map_err(|e| proc_error(pid, e))?;
-    Ok(files(pid, maps, via))
+    let root = inroot::RootView::of(pid).unwrap_or(inroot::RootView("/".into()));
+    Ok(files(pid, maps, via, &root))
 }
 
-/// The files of parsed maps, each once (by inode and path), deleted files left out.
-fn files(pid: u32, maps: procfs::process::MemoryMaps, via: OpenVia) -> Vec<MappedFile> {
+/// The files of parsed maps, each once (by inode and path), deleted files left out; paths as
+/// the process sees them (inside its root, for a chrooted process).
+fn files(
+    pid: u32,
+    maps: procfs::process::MemoryMaps,
+    via: OpenVia,
+    root: &inroot::RootView,
+) -> Vec<MappedFile> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for m in maps {
@@ -108,6 +122,7 @@ fn files(pid: u32, maps: procfs::process::MemoryMaps, via: OpenVia) -> Vec<Mappe
         {
             continue;
         }
+        let path = root.inside(&path);
         let host_path = match via {
             OpenVia::Root => Path::new(&format!("/proc/{pid}/root"))
                 .join(path.strip_prefix("/").unwrap_or(&path)),
@@ -230,7 +245,8 @@ mod tests {
             files(
                 1,
                 procfs::FromRead::from_read(&maps[..]).unwrap(),
-                OpenVia::Root
+                OpenVia::Root,
+                &inroot::RootView("/".into())
             )
             .into_iter()
             .map(|f| f.path)

@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::discover::elf::map_elf;
+use crate::discover::{
+    elf::{map_elf, map_elf_checked},
+    MappedFile,
+};
 
 /// Errors of reading ELF files (symbols, DWARF) and of planning what to probe.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,20 @@ pub enum ElfError {
 /// Maps `path`, which must be an ELF file.
 pub fn map(path: &Path) -> Result<memmap2::Mmap, ElfError> {
     map_elf(path)
+        .map_err(|source| ElfError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ok_or_else(|| ElfError::NotElf {
+            path: path.to_path_buf(),
+        })
+}
+
+/// Maps a file a process maps, which must be ELF: the file opened is checked to be the one
+/// its maps name (by inode; 0 is "not known") before anything of it is read.
+pub fn map_mapped(file: &MappedFile) -> Result<memmap2::Mmap, ElfError> {
+    let path = &file.host_path;
+    map_elf_checked(path, (file.inode != 0).then_some(file.inode))
         .map_err(|source| ElfError::Read {
             path: path.to_path_buf(),
             source,

@@ -97,7 +97,7 @@ pub fn resolve_file(
     file: &MappedFile,
     from: Option<&SymbolsFrom>,
 ) -> Result<FileSymbols, ElfError> {
-    let data = error::map(&file.host_path)?;
+    let data = error::map_mapped(file)?;
     resolve_bytes(file.clone(), &data, from)
 }
 

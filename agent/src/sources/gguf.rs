@@ -1,13 +1,22 @@
 //! GGUF model metadata: the header, the key-value section and the tensor infos of a `.gguf`
 //! file, read as a stream and never the tensor data (model files are gigabytes).
 //!
-//! GGUF v2 and v3 (little endian) are read; v1 and big-endian files are refused. Every count
-//! and length is checked against the bytes left in the file and against fixed limits before it
-//! is used, so a malformed or hostile file gives an error, not a huge allocation or a panic.
+//! GGUF v2 and v3 (little endian) are read; v1 and big-endian files are refused. The file is
+//! treated as hostile (it comes from a traced process, maybe a container): every count and
+//! length is checked against the bytes left in the file and against fixed limits before it is
+//! used, nothing is allocated from a claimed length beyond them, and at most
+//! [`MAX_METADATA_BYTES`] of the file are read or skipped over (the metadata of every shard of
+//! a split model together), so a malformed file, or a 100 GB sparse one claiming a 1 TiB
+//! string, gives an error at once, not a huge allocation, a long read or a panic. Only regular
+//! files are opened (the caller's opener decides how: a traced process's files through
+//! `discover::inroot`).
 //! The rules follow llama.cpp's own reader (`ggml/src/gguf.cpp`): no nested arrays, at most 4
 //! dimensions per tensor, no negative dimension, no duplicate key.
 
-use crate::model::{FileType, ModelInfo};
+use crate::{
+    discover::inroot::{self, OpenError},
+    model::{FileType, ModelInfo},
+};
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -29,6 +38,18 @@ pub const MAX_ARRAY: u64 = 1 << 26;
 pub const MAX_KEPT_BYTES: usize = 64 << 20;
 /// Most dimensions of a tensor (`GGML_MAX_DIMS`).
 pub const MAX_DIMS: u32 = 4;
+/// Most bytes of metadata (header, key-value section and tensor infos) read or skipped in one
+/// model, every shard included: real models have a few MiB (a 256k-token vocabulary with its
+/// scores and merges is under 16 MiB).
+pub const MAX_METADATA_BYTES: u64 = 256 << 20;
+/// Largest model file opened (the tensor data is never read; no model is this big).
+pub const MAX_FILE_BYTES: u64 = 4 << 40;
+
+/// What a model file must be before it is read: a regular file of at most
+/// [`MAX_FILE_BYTES`].
+pub fn expect() -> inroot::Expect {
+    inroot::Expect::new("GGUF model", MAX_FILE_BYTES)
+}
 
 /// Reads below this size are skipped by reading (through the buffer), larger ones by seeking.
 const SEEK_THRESHOLD: u64 = 64 << 10;
@@ -43,6 +64,10 @@ pub enum GgufError {
         #[source]
         source: io::Error,
     },
+    /// The file was not opened (not a regular file, not inside the process's root, too
+    /// large).
+    #[error(transparent)]
+    Open(#[from] OpenError),
     /// A read failed in the middle of the file.
     #[error("read error at byte {offset}: {source}")]
     Read {
@@ -198,29 +223,65 @@ impl ModelInfo {
     }
 }
 
-/// Reads the metadata of a model file. For the first shard of a split model
-/// (`NAME-00001-of-00003.gguf` with `split.count`), the other shards' tensor infos are read too
-/// and parameters and size cover the whole model; a missing shard is logged and left out.
+/// Reads the metadata of a model file of this host (a path of llamaprobe's own). For the first
+/// shard of a split model (`NAME-00001-of-00003.gguf` with `split.count`), the other shards'
+/// tensor infos are read too and parameters and size cover the whole model; a missing shard
+/// is logged, and it and the shards after it are left out.
 pub fn read(path: &Path) -> Result<ModelInfo, GgufError> {
-    let (meta, size) = read_file(path)?;
+    read_with(path, |p| inroot::open_object(p, expect()).map(|o| o.file))
+}
+
+/// [`read`] with each file opened by `open` (`path` and the other shards' paths beside it are
+/// names it knows, e.g. paths inside a traced process's root).
+pub fn read_with(
+    path: &Path,
+    mut open: impl FnMut(&Path) -> Result<File, OpenError>,
+) -> Result<ModelInfo, GgufError> {
+    let mut budget = MAX_METADATA_BYTES;
+    let (meta, size) = read_one(path, &mut open, &mut budget)?;
     let mut info = ModelInfo::from_metadata(path.to_path_buf(), &meta, size);
     let count = meta.u64_of("split.count").unwrap_or(1);
     let no = meta.u64_of("split.no").unwrap_or(0);
     if count > 1 && no == 0 {
         for shard in split_siblings(path, count) {
-            match read_file(&shard) {
+            match read_one(&shard, &mut open, &mut budget) {
                 Ok((m, s)) => {
                     info.parameters = info.parameters.saturating_add(m.parameters);
                     info.size_bytes = info.size_bytes.saturating_add(s);
                 }
-                Err(e) => tracing::warn!(
-                    "model shard {}: {e}; its parameters and size are not counted",
-                    shard.display()
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        "model shard {}: {e}; its parameters and size, and those of the shards \
+                         after it, are not counted",
+                        shard.display()
+                    );
+                    break;
+                }
             }
         }
     }
     Ok(info)
+}
+
+/// One file's metadata and size, opened by `open`, within what is left of `budget` (bytes of
+/// metadata), which it uses up.
+fn read_one(
+    path: &Path,
+    open: &mut impl FnMut(&Path) -> Result<File, OpenError>,
+    budget: &mut u64,
+) -> Result<(Metadata, u64), GgufError> {
+    let file = open(path)?;
+    let size = file
+        .metadata()
+        .map_err(|source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let (meta, used) =
+        read_metadata_within(BufReader::with_capacity(1 << 16, file), size, *budget)?;
+    *budget -= used;
+    Ok((meta, size))
 }
 
 /// The other shards of a split model whose first shard is `first` (llama.cpp's
@@ -238,24 +299,33 @@ fn split_siblings(first: &Path, count: u64) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Reads the metadata of one file and its size.
+/// Reads the metadata of one file of this host and its size.
 pub fn read_file(path: &Path) -> Result<(Metadata, u64), GgufError> {
-    let io_err = |source| GgufError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    let size = file.metadata().map_err(io_err)?.len();
-    let meta = read_metadata(BufReader::with_capacity(1 << 16, file), size)?;
-    Ok((meta, size))
+    let mut budget = MAX_METADATA_BYTES;
+    read_one(
+        path,
+        &mut |p: &Path| inroot::open_object(p, expect()).map(|o| o.file),
+        &mut budget,
+    )
 }
 
 /// Reads GGUF metadata from a stream of `len` bytes positioned at the start of the file.
 pub fn read_metadata<R: BufRead + Seek>(r: R, len: u64) -> Result<Metadata, GgufError> {
+    read_metadata_within(r, len, MAX_METADATA_BYTES).map(|(m, _)| m)
+}
+
+/// [`read_metadata`] reading or skipping at most `budget` bytes; the metadata and the bytes
+/// it took.
+pub fn read_metadata_within<R: BufRead + Seek>(
+    r: R,
+    len: u64,
+    budget: u64,
+) -> Result<(Metadata, u64), GgufError> {
     Parser {
         r,
         pos: 0,
         len,
+        budget,
         kept: 0,
     }
     .parse()
@@ -265,12 +335,14 @@ struct Parser<R> {
     r: R,
     pos: u64,
     len: u64,
+    /// Bytes of metadata this file may take ([`MAX_METADATA_BYTES`] or what is left of it).
+    budget: u64,
     /// String bytes kept so far.
     kept: usize,
 }
 
 impl<R: BufRead + Seek> Parser<R> {
-    fn parse(mut self) -> Result<Metadata, GgufError> {
+    fn parse(mut self) -> Result<(Metadata, u64), GgufError> {
         let magic = self.bytes::<4>("magic")?;
         if &magic != b"GGUF" {
             return Err(GgufError::BadMagic {
@@ -344,15 +416,18 @@ impl<R: BufRead + Seek> Parser<R> {
                     reason: "the parameter count overflows 64 bits".into(),
                 })?;
         }
-        Ok(Metadata {
-            version,
-            kv,
-            tensor_count,
-            parameters,
-        })
+        Ok((
+            Metadata {
+                version,
+                kv,
+                tensor_count,
+                parameters,
+            },
+            self.pos,
+        ))
     }
 
-    /// Fails unless `n` more bytes are in the file.
+    /// Fails unless `n` more bytes are in the file and within the metadata budget.
     fn need(&self, n: u64, what: &'static str) -> Result<(), GgufError> {
         let left = self.len.saturating_sub(self.pos);
         if n > left {
@@ -361,6 +436,13 @@ impl<R: BufRead + Seek> Parser<R> {
                 offset: self.pos,
                 needed: n,
                 left,
+            });
+        }
+        if self.pos.saturating_add(n) > self.budget {
+            return Err(GgufError::TooLarge {
+                what: "metadata (bytes read or skipped)",
+                value: self.pos.saturating_add(n),
+                limit: self.budget,
             });
         }
         Ok(())
@@ -888,17 +970,113 @@ mod tests {
         assert_eq!(info.parameters, 10 + 20 + 30);
         assert_eq!(info.size_bytes, sizes);
         assert_eq!(info.architecture.as_deref(), Some("llama"));
-        // A missing shard is left out, not an error.
+        // A missing shard is left out, not an error; and the shards after it.
         std::fs::remove_file(dir.join("m-00003-of-00003.gguf")).unwrap();
         let info = read(&dir.join("m-00001-of-00003.gguf")).unwrap();
         assert_eq!(info.parameters, 10 + 20);
+        std::fs::rename(
+            dir.join("m-00002-of-00003.gguf"),
+            dir.join("m-00003-of-00003.gguf"),
+        )
+        .unwrap();
+        let info = read(&dir.join("m-00001-of-00003.gguf")).unwrap();
+        assert_eq!(info.parameters, 10);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn a_missing_file_is_an_io_error() {
+    fn a_missing_file_is_an_open_error() {
         let err = read(Path::new("/nonexistent/model.gguf")).unwrap_err();
-        assert!(matches!(err, GgufError::Io { .. }), "{err}");
+        assert!(matches!(err, GgufError::Open(_)), "{err}");
         assert!(err.to_string().contains("/nonexistent/model.gguf"), "{err}");
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let err = read(Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a regular file (a character device)"),
+            "{err}"
+        );
+        let err = read(Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("(a directory)"), "{err}");
+    }
+
+    /// A sparse file of `len` bytes starting with `head`.
+    fn sparse(name: &str, head: &[u8], len: u64) -> PathBuf {
+        use std::io::Write;
+        let p = std::env::temp_dir().join(format!("llamaprobe-gguf-{name}-{}", std::process::id()));
+        let mut f = File::create(&p).unwrap();
+        f.write_all(head).unwrap();
+        f.set_len(len).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_100_gb_sparse_file_with_huge_claims_is_refused_at_once() {
+        const GB100: u64 = 100 << 30;
+        // A string claiming 2^40 bytes.
+        let mut w = Writer::new();
+        w.string("general.architecture", "x");
+        let mut b = w.bytes(0);
+        // header 24 + key (8 + 20) + type 4 = 56: the value's length
+        b[56..64].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        // An array of 2^25 u64 (256 MiB, under MAX_ARRAY): beyond the metadata budget.
+        let mut w = Writer::new();
+        w.strings("a", &[]);
+        let mut arr = w.bytes(0);
+        // header 24 + key (8 + 1) + type 4 = 37: element type; 41: the length
+        arr[37..41].copy_from_slice(&10u32.to_le_bytes());
+        arr[41..49].copy_from_slice(&(1u64 << 25).to_le_bytes());
+        // The most tensors a file may declare, every one of them zeros: read, bounded.
+        let mut tensors = Writer::new().bytes(0);
+        tensors[8..16].copy_from_slice(&MAX_TENSORS.to_le_bytes());
+        for (name, head, expect) in [
+            (
+                "string",
+                &b,
+                "string value is 1099511627776 (limit 67108864)",
+            ),
+            (
+                "array",
+                &arr,
+                "metadata (bytes read or skipped) is 268435505",
+            ),
+            ("tensors", &tensors, ""),
+        ] {
+            let p = sparse(name, head, GB100);
+            let t = std::time::Instant::now();
+            let r = read_file(&p);
+            let took = t.elapsed();
+            std::fs::remove_file(&p).unwrap();
+            match (r, expect) {
+                (Err(e), expect) if !expect.is_empty() => {
+                    assert!(matches!(e, GgufError::TooLarge { .. }), "{name}: {e}");
+                    assert!(e.to_string().contains(expect), "{name}: {e}");
+                }
+                (Ok((m, size)), "") => {
+                    assert_eq!(
+                        (m.tensor_count, m.parameters, size),
+                        (MAX_TENSORS, MAX_TENSORS, GB100)
+                    );
+                }
+                (r, _) => panic!("{name}: {:?}", r.map(|(m, _)| m.tensor_count)),
+            }
+            assert!(took < std::time::Duration::from_secs(5), "{name}: {took:?}");
+        }
+    }
+
+    #[test]
+    fn metadata_beyond_the_budget_is_refused() {
+        let b = sample().bytes(0);
+        let meta = sample().meta_len() as u64;
+        let (_, used) = read_metadata_within(Cursor::new(&b), b.len() as u64, meta).unwrap();
+        assert_eq!(used, meta);
+        let err = read_metadata_within(Cursor::new(&b), b.len() as u64, meta - 1).unwrap_err();
+        assert!(
+            err.to_string().contains("metadata (bytes read or skipped)"),
+            "{err}"
+        );
     }
 }

@@ -18,7 +18,10 @@ pub mod procfs;
 
 use std::path::{Path, PathBuf};
 
-use crate::model::{GpuSample, ModelInfo, ProcessSample};
+use crate::{
+    discover::inroot,
+    model::{GpuSample, ModelInfo, ProcessSample},
+};
 
 pub use model_path::ModelPath;
 
@@ -28,6 +31,10 @@ pub enum ResourceError {
     /// The process could not be inspected.
     #[error(transparent)]
     ModelPath(#[from] model_path::ModelPathError),
+    /// The model file was not opened: not a regular file inside the process's root, or too
+    /// large (the reason says which).
+    #[error("model {0}")]
+    Refused(crate::discover::inroot::OpenError),
     /// The model file's metadata could not be read.
     #[error("model {path}: {source}")]
     Gguf {
@@ -37,34 +44,58 @@ pub enum ResourceError {
     },
 }
 
+impl ResourceError {
+    fn of_gguf(path: &Path, e: gguf::GgufError) -> Self {
+        match e {
+            gguf::GgufError::Open(e) => ResourceError::Refused(e),
+            source => ResourceError::Gguf {
+                path: path.display().to_string(),
+                source,
+            },
+        }
+    }
+}
+
 /// The model of `pid`, for a process that loaded it before llamaprobe attached: the most
-/// likely model file of the process ([`model_path::find`]) and its metadata, with
-/// [`ModelInfo::path`] as the process sees it. `Ok(None)` if the process has no model file.
+/// likely model file of the process ([`model_path::search`]) and its metadata, with
+/// [`ModelInfo::path`] as the process sees it. `Ok(None)` if the process has no model file;
+/// [`ResourceError::Refused`] if the only ones it maps, holds or names are not regular files
+/// inside its root.
 pub fn recover_model(pid: u32) -> Result<Option<(ModelPath, ModelInfo)>, ResourceError> {
-    let Some(found) = model_path::find(pid)?.into_iter().next() else {
-        return Ok(None);
+    let found = model_path::search(pid)?;
+    for (path, e) in &found.refused {
+        tracing::debug!("pid {pid}: model {}: {e}", path.display());
+    }
+    let Some(m) = found.models.into_iter().next() else {
+        return match found.refused.into_iter().next() {
+            Some((_, e)) => Err(ResourceError::Refused(e)),
+            None => Ok(None),
+        };
     };
-    let mut info = gguf::read(&found.host_path).map_err(|source| ResourceError::Gguf {
-        path: found.path.display().to_string(),
-        source,
-    })?;
-    info.path = found.path.clone();
-    Ok(Some((found, info)))
+    let mut info = gguf::read_with(&m.path, |p| {
+        if p == m.path {
+            m.open().map(|o| o.file)
+        } else {
+            // Another shard beside it: inside the process's root.
+            inroot::open_in_root(pid, p, gguf::expect()).map(|o| o.file)
+        }
+    })
+    .map_err(|e| ResourceError::of_gguf(&m.path, e))?;
+    info.path = m.path.clone();
+    Ok(Some((m, info)))
 }
 
 /// The metadata of the model a process reported loading (`path` as the process sees it, e.g.
-/// from a model-load event; a relative path is relative to the process's working directory,
-/// and [`ModelInfo::path`] is made absolute with it).
+/// from a model-load event; a relative path is relative to the process's working directory):
+/// opened inside the process's root ([`inroot::open_in_root`]), and [`ModelInfo::path`] made
+/// absolute there.
 pub fn model_from_load(pid: u32, path: &Path) -> Result<ModelInfo, ResourceError> {
-    let mut info =
-        gguf::read(&model_path::host_path(pid, path)).map_err(|source| ResourceError::Gguf {
-            path: path.display().to_string(),
-            source,
-        })?;
-    info.path = match std::fs::read_link(format!("/proc/{pid}/cwd")) {
-        Ok(cwd) if path.is_relative() => cwd.join(path),
-        _ => path.to_path_buf(),
-    };
+    let abs = inroot::absolute(pid, path).map_err(ResourceError::Refused)?;
+    let mut info = gguf::read_with(&abs, |p| {
+        inroot::open_in_root(pid, p, gguf::expect()).map(|o| o.file)
+    })
+    .map_err(|e| ResourceError::of_gguf(path, e))?;
+    info.path = abs;
     Ok(info)
 }
 

@@ -3,9 +3,15 @@
 //! llama.cpp mmaps the model (`/proc/PID/maps`); with `--no-mmap` it reads it and closes it, so
 //! the open files (`/proc/PID/fd`) and finally the command line (`-m`/`--model PATH`) or the
 //! environment (`LLAMA_ARG_MODEL`) are looked at too. A file counts as a model if its name ends
-//! in `.gguf` or it starts with the GGUF magic (Ollama's blobs have no extension). Files are
-//! opened through `/proc/PID/root` (and relative paths through `/proc/PID/cwd`), so processes
-//! in containers work.
+//! in `.gguf` or it starts with the GGUF magic (Ollama's blobs have no extension).
+//!
+//! Files are read as the process sees them, never outside it ([`crate::discover::inroot`]): a
+//! mapped model through `/proc/PID/map_files/START-END` and an open one through
+//! `/proc/PID/fd/N` (the very object; without the privilege `map_files` needs, the path inside
+//! the process's root, checked to be the mapped inode), a named one resolved inside the
+//! process's root (a relative path from its working directory there). Only regular files are
+//! opened for reading. A file the process names or maps as a model that cannot be opened so is
+//! refused with the reason ([`Found::refused`]).
 
 use std::{
     collections::HashSet,
@@ -15,6 +21,8 @@ use std::{
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
+
+use crate::discover::inroot::{self, OpenError, Opened};
 
 /// Errors of looking for the model of a process.
 #[derive(Debug, thiserror::Error)]
@@ -45,10 +53,15 @@ pub enum Source {
 /// A model file of a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelPath {
-    /// The path as the process sees it.
+    /// The process.
+    pub pid: u32,
+    /// The path as the process sees it (absolute, inside its root).
     pub path: PathBuf,
-    /// The path to open from here.
-    pub host_path: PathBuf,
+    /// The object itself, for a mapped or open file: `/proc/PID/map_files/START-END` or
+    /// `/proc/PID/fd/N`. `None`: `path` is opened inside the process's root.
+    pub object: Option<PathBuf>,
+    /// The inode the process's maps name (a mapped file).
+    pub inode: Option<u64>,
     pub source: Source,
 }
 
@@ -57,6 +70,20 @@ impl ModelPath {
     pub fn label(&self) -> String {
         label(&self.path)
     }
+
+    /// Opens the file for reading, as the process sees it ([`crate::discover::inroot`]):
+    /// a regular file of at most [`super::gguf::MAX_FILE_BYTES`].
+    pub fn open(&self) -> Result<Opened, OpenError> {
+        open_model(self.pid, &self.path, self.object.as_deref(), self.inode)
+    }
+}
+
+/// What [`search`] found: the model files, the most likely first, and the files the process
+/// maps, holds or names as a model that were refused, with why.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub models: Vec<ModelPath>,
+    pub refused: Vec<(PathBuf, OpenError)>,
 }
 
 /// The model label of a path: its file stem (`models/qwen2-7b.Q4_K_M.gguf` → `qwen2-7b.Q4_K_M`).
@@ -66,43 +93,73 @@ pub fn label(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The path to open from here for a path seen in process `pid` (e.g. the path of a model-load
-/// event): an absolute path through `/proc/PID/root`, a relative one through `/proc/PID/cwd`.
-pub fn host_path(pid: u32, path: &Path) -> PathBuf {
-    let rel = path.strip_prefix("/").unwrap_or(path);
-    if path.is_absolute() {
-        PathBuf::from(format!("/proc/{pid}/root")).join(rel)
-    } else {
-        PathBuf::from(format!("/proc/{pid}/cwd")).join(rel)
+/// Opens a model file of `pid`: `object` (a magic link) when given, else (or when that needs
+/// a privilege llamaprobe lacks) `path` inside the process's root, checked against `inode`.
+fn open_model(
+    pid: u32,
+    path: &Path,
+    object: Option<&Path>,
+    inode: Option<u64>,
+) -> Result<Opened, OpenError> {
+    let expect = match inode {
+        Some(i) => super::gguf::expect().inode(i),
+        None => super::gguf::expect(),
+    };
+    if let Some(object) = object {
+        match inroot::open_object(object, expect) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {}
+            r => return r,
+        }
     }
+    inroot::open_in_root(pid, path, expect)
+}
+
+/// The model files of `pid`, the most likely first ([`search`]); empty if none is found.
+pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
+    search(pid).map(|f| f.models)
 }
 
 /// The model files of `pid`, the most likely first: mapped files in address order, then open
 /// files, then the `-m`/`--model` argument or `LLAMA_ARG_MODEL`; later shards of a split model
-/// and multimodal projectors (`mmproj*`) after the rest. Empty if none is found.
-pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
-    let mut out = Vec::new();
+/// and multimodal projectors (`mmproj*`) after the rest. Beside them, the refused ones.
+pub fn search(pid: u32) -> Result<Found, ModelPathError> {
+    let mut found = Found::default();
     let mut seen = HashSet::new();
-    let mut add = |out: &mut Vec<ModelPath>, path: PathBuf, source: Source, named: bool| {
-        let host = host_path(pid, &path);
-        if seen.contains(&path) {
+    let root = inroot::RootView::of(pid).unwrap_or(inroot::RootView("/".into()));
+    let mut add = |found: &mut Found, c: ModelPath, named: bool| {
+        if seen.contains(&c.path) {
             return;
         }
-        if (named || is_gguf_name(&path) || has_gguf_magic(&host)) && host.is_file() {
-            seen.insert(path.clone());
-            out.push(ModelPath {
-                path,
-                host_path: host,
-                source,
-            });
+        let gguf_name = is_gguf_name(&c.path);
+        match c.open() {
+            Ok(mut o) => {
+                if named || gguf_name || has_gguf_magic(&mut o.file) {
+                    seen.insert(c.path.clone());
+                    found.models.push(c);
+                }
+            }
+            Err(e) => {
+                if named || gguf_name {
+                    seen.insert(c.path.clone());
+                    found.refused.push((c.path, e));
+                }
+            }
         }
     };
 
     // The process's maps, through discover's one reader of them.
-    let maps_err = match crate::discover::mapped_files(pid) {
+    let maps_err = match crate::discover::mapped_files_via(pid, crate::discover::OpenVia::MapFiles)
+    {
         Ok(files) => {
             for f in files {
-                add(&mut out, f.path, Source::Mapped, false);
+                let c = ModelPath {
+                    pid,
+                    path: f.path,
+                    object: Some(f.host_path),
+                    inode: Some(f.inode),
+                    source: Source::Mapped,
+                };
+                add(&mut found, c, false);
             }
             None
         }
@@ -117,7 +174,14 @@ pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
             for fd in fds.flatten() {
                 if let procfs::process::FDTarget::Path(target) = fd.target {
                     if is_plain_file_path(&target) {
-                        add(&mut out, target, Source::Open, false);
+                        let c = ModelPath {
+                            pid,
+                            path: root.inside(&target),
+                            object: Some(PathBuf::from(format!("/proc/{pid}/fd/{}", fd.fd))),
+                            inode: None,
+                            source: Source::Open,
+                        };
+                        add(&mut found, c, false);
                     }
                 }
             }
@@ -132,11 +196,6 @@ pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
         }
     }
 
-    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok();
-    let absolute = |p: PathBuf| match (&cwd, p.is_absolute()) {
-        (Some(cwd), false) => cwd.join(p),
-        _ => p,
-    };
     let mut named = fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
         .and_then(|c| model_argument(&c));
@@ -146,21 +205,23 @@ pub fn find(pid: u32) -> Result<Vec<ModelPath>, ModelPathError> {
             .and_then(|e| model_env(&e));
     }
     if let Some(p) = named {
-        // Opened through /proc/PID/cwd when relative: correct even if cwd is not reachable.
-        let host = host_path(pid, &p);
-        let path = absolute(p);
-        if !seen.contains(&path) && host.is_file() {
-            seen.insert(path.clone());
-            out.push(ModelPath {
-                path,
-                host_path: host,
-                source: Source::Argument,
-            });
+        match inroot::absolute(pid, &p) {
+            Ok(path) => {
+                let c = ModelPath {
+                    pid,
+                    path,
+                    object: None,
+                    inode: None,
+                    source: Source::Argument,
+                };
+                add(&mut found, c, true);
+            }
+            Err(e) => found.refused.push((p, e)),
         }
     }
     // Stable: the order of discovery is kept within each group.
-    out.sort_by_key(|m| secondary(&m.path));
-    Ok(out)
+    found.models.sort_by_key(|m| secondary(&m.path));
+    Ok(found)
 }
 
 fn is_plain_file_path(p: &Path) -> bool {
@@ -177,17 +238,10 @@ fn is_gguf_name(p: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case(OsStr::new("gguf")))
 }
 
-/// True if `host` is a regular file starting with `GGUF`.
-fn has_gguf_magic(host: &Path) -> bool {
-    // Regular files only: opening a FIFO could block.
-    if !fs::metadata(host).is_ok_and(|m| m.is_file()) {
-        return false;
-    }
+/// True if the file (a regular file, opened) starts with `GGUF`.
+fn has_gguf_magic(f: &mut fs::File) -> bool {
     let mut magic = [0u8; 4];
-    fs::File::open(host)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
+    f.read_exact(&mut magic).is_ok() && &magic == b"GGUF"
 }
 
 /// True for files less likely to be "the" model: later shards of a split model
@@ -247,18 +301,6 @@ fn model_env(environ: &[u8]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_paths_go_through_the_process_root_or_cwd() {
-        assert_eq!(
-            host_path(7, Path::new("/models/a.gguf")),
-            Path::new("/proc/7/root/models/a.gguf")
-        );
-        assert_eq!(
-            host_path(7, Path::new("models/a.gguf")),
-            Path::new("/proc/7/cwd/models/a.gguf")
-        );
-    }
 
     #[test]
     fn model_arguments_and_environment() {

@@ -18,6 +18,7 @@ mod doctor;
 mod embedders;
 mod fake_targets;
 mod faults;
+mod hostile_files;
 mod llama_server;
 mod matrix;
 mod otlp;

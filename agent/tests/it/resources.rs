@@ -419,9 +419,19 @@ fn model_file_of_a_process_is_found_in_its_mappings() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].source, Source::Mapped);
     assert_eq!(found[0].path, model);
+    // Read through the mapping itself, not the path.
+    assert!(
+        found[0]
+            .object
+            .as_ref()
+            .is_some_and(|o| o.starts_with(format!("/proc/{pid}/map_files/"))),
+        "{found:?}"
+    );
     assert_eq!(
-        found[0].host_path,
-        PathBuf::from(format!("/proc/{pid}/root{}", model.display()))
+        found[0].inode,
+        Some(std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(&model).unwrap()
+        ))
     );
     assert_eq!(found[0].label(), "mapped-model");
 
@@ -454,6 +464,11 @@ fn model_file_of_a_process_is_found_among_its_open_files() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].source, Source::Open);
     assert_eq!(found[0].path, model);
+    // Read through the process's descriptor (its stdin), not the path.
+    assert_eq!(
+        found[0].object,
+        Some(PathBuf::from(format!("/proc/{pid}/fd/0")))
+    );
 }
 
 #[test]
@@ -482,10 +497,8 @@ fn model_file_of_a_process_is_found_in_its_command_line() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].source, Source::Argument);
     assert_eq!(found[0].path, dir.join("models/arg-model.gguf"));
-    assert_eq!(
-        found[0].host_path,
-        PathBuf::from(format!("/proc/{pid}/cwd/models/arg-model.gguf"))
-    );
+    // Opened inside the process's root, from its working directory there.
+    assert_eq!(found[0].object, None);
     // A model-load event's relative path is read through the process's working directory.
     let info = resources::model_from_load(pid, Path::new("models/arg-model.gguf")).unwrap();
     assert_eq!(info.name.as_deref(), Some("written by the test"));
