@@ -23,3 +23,4 @@ mod otlp;
 mod privileges;
 mod resources;
 mod rules;
+mod web_config;
