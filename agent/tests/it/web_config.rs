@@ -450,6 +450,38 @@ fn web_config_client_certificates_and_open_health_paths_on_the_daemon() {
     );
     probe.wait_for("read again");
 
+    // client_allowed_sans: a certificate of the CA naming none of them is refused too.
+    let sans = |names: &str| {
+        tls.replace(
+            "  min_version: TLS12\n",
+            &format!("  min_version: TLS12\n  client_allowed_sans: [{names}]\n"),
+        )
+    };
+    std::fs::write(&web, sans("scraper.example, 10.0.0.1")).unwrap();
+    let t0 = Instant::now();
+    let e = loop {
+        match client.get(port, "/healthz", None) {
+            Err(e) => break e,
+            Ok(r) => assert!(t0.elapsed() < Duration::from_secs(10), "{r:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("a SAN not allowed: {e}");
+    assert!(e.contains("received fatal alert"), "{e}");
+    std::fs::write(&web, sans("scraper.example, prometheus.example")).unwrap();
+    let t0 = Instant::now();
+    while client.get(port, "/healthz", None).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        client
+            .get(port, "/metrics", Some(("prometheus", "s3cret")))
+            .unwrap()
+            .status,
+        200
+    );
+
     driver.stdin.take().unwrap().write_all(b"g").unwrap();
     assert!(driver.wait().unwrap().success());
     let (code, _) = probe.terminate();

@@ -804,6 +804,20 @@ impl ClientCertVerifier for AllowedSans {
 /// What identifies a file's content without reading it.
 type Stamp = Option<(u64, u64, i64, i64, u64)>;
 
+/// A changed file is read again once none of its files has changed for this long: a file
+/// being rewritten in place is not read half-written (cut short, it could be a weaker
+/// configuration: the TLS part without the users after it).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether none of `files` changed in the last [`SETTLE`].
+fn settled(files: &[PathBuf]) -> bool {
+    files.iter().all(|f| {
+        std::fs::metadata(f)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t.elapsed().map_or(true, |age| age >= SETTLE))
+    })
+}
+
 fn stamp(p: &Path) -> Stamp {
     std::fs::metadata(p)
         .ok()
@@ -844,19 +858,21 @@ impl WebConfigFile {
         &self.path
     }
 
-    /// The configuration now: read again if a file changed since (the previous one is kept,
-    /// and the failure logged, when the new one does not load).
+    /// The configuration now: read again if a file changed since, once it has settled (the
+    /// previous one is kept, and the failure logged, when the new one does not load).
     pub fn current(&self) -> Arc<WebConfig> {
         let (stale, cfg) = {
             let cur = self.current.read().expect("web config lock");
             let now: Vec<Stamp> = cur.1.files.iter().map(|f| stamp(f)).collect();
             (now != cur.0, cur.1.clone())
         };
-        if !stale {
+        if !stale || !settled(&cfg.files) {
             return cfg;
         }
         let mut cur = self.current.write().expect("web config lock");
         match WebConfig::load(&self.path) {
+            // Files it names anew that are being written: later.
+            Ok(new) if !settled(&new.files) => {}
             Ok(new) => {
                 tracing::info!(
                     "web config {} read again: {}",
@@ -1200,11 +1216,18 @@ mod tests {
             assert!(!f.authorized(&cfg, "/metrics", Some(&bearer)).await);
             assert_eq!(f.cached(), 3);
         });
-        // A changed file is read again (and the cache emptied); a broken one keeps the last.
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // A changed file is read again once it settled (and the cache emptied); a broken one
+        // keeps the last.
         std::fs::write(&p, "basic_auth_users: {}\n# changed\n").unwrap();
+        assert!(
+            f.current().needs_auth("/metrics"),
+            "read while just written"
+        );
+        std::thread::sleep(SETTLE + std::time::Duration::from_millis(100));
         assert!(!f.current().needs_auth("/metrics"));
+        assert_eq!(f.cached(), 0);
         std::fs::write(&p, "basic_auth_userz: {}\n# broken\n").unwrap();
+        std::thread::sleep(SETTLE + std::time::Duration::from_millis(100));
         assert!(!f.current().needs_auth("/metrics"));
     }
 }
