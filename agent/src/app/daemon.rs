@@ -123,7 +123,7 @@ pub fn run(opts: DaemonOpts) -> anyhow::Result<i32> {
     if opts.check_config {
         // Parsed and checked already (the file, the variables, the flags): say what it is.
         println!(
-            "configuration ok: metrics {}, rescan {} s, series grace {} s, at most {} processes, include [{}], exclude [{}], logs {:?}",
+            "configuration ok: metrics {}{}, rescan {} s, series grace {} s, at most {} processes, include [{}], exclude [{}], logs {:?}",
             match opts
                 .profile
                 .prometheus
@@ -132,6 +132,7 @@ pub fn run(opts: DaemonOpts) -> anyhow::Result<i32> {
                 crate::sinks::prometheus::MetricsAddr::On(a) => a.to_string(),
                 crate::sinks::prometheus::MetricsAddr::Off => "off".into(),
             },
+            session::web_config_line(&opts.profile.prometheus),
             opts.rescan,
             opts.profile.prometheus.series_grace,
             opts.max_processes,
@@ -197,7 +198,11 @@ async fn event_loop(
     // With a terminal on stdout, a live table of the traced processes.
     sinks.push(Box::new(crate::sinks::host_table::HostTable::new()));
     if let crate::sinks::prometheus::MetricsAddr::On(a) = addr {
-        tracing::info!("Prometheus metrics at http://{a}/metrics (/healthz, /readyz)");
+        tracing::info!(
+            "Prometheus metrics at {} (/healthz, /readyz){}",
+            opts.profile.prometheus.url(a, "/metrics"),
+            session::web_config_line(&opts.profile.prometheus)
+        );
     }
     let metrics = DaemonMetrics::register(&registry)?;
     let (k8s, k8s_line) = K8sMetadata::start(std::env::var("NODE_NAME").ok()).await;

@@ -154,8 +154,19 @@ fn announce(t: &Traced, attached: u64, opts: &ProfileOpts, gpu_status: &str) {
         }
     );
     if let MetricsAddr::On(addr) = opts.prometheus.addr() {
-        eprintln!("llamaprobe: Prometheus metrics at http://{addr}/metrics");
+        eprintln!(
+            "llamaprobe: Prometheus metrics at {}{}",
+            opts.prometheus.url(addr, "/metrics"),
+            web_config_line(&opts.prometheus)
+        );
     }
+}
+
+/// What the web configuration makes of the endpoint, for the line that gives its address.
+pub(super) fn web_config_line(opts: &prometheus::Options) -> String {
+    opts.web_config.as_ref().map_or_else(String::new, |w| {
+        format!(" ({}: {})", w.path().display(), w.current().describe())
+    })
 }
 
 /// The programs of the sampler chain's apply (the fallback for programs that sample
@@ -211,7 +222,11 @@ pub(super) async fn sinks(
     let metrics = prometheus::Metrics::new().series_grace(opts.prometheus.series_grace);
     if let MetricsAddr::On(addr) = metrics_addr {
         let listener = prometheus::bind(addr).await?;
-        tokio::spawn(prometheus::serve(listener, metrics.exposition(health)));
+        tokio::spawn(prometheus::serve(
+            listener,
+            metrics.exposition(health),
+            opts.prometheus.web_config.clone(),
+        ));
     }
     let registry = metrics.registry.clone();
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(metrics)];

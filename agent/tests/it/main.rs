@@ -25,3 +25,4 @@ mod otlp;
 mod privileges;
 mod resources;
 mod rules;
+mod web_config;

@@ -7,6 +7,9 @@
 //! table of traced processes ([`Exposition`]), so an event never pays for them. A process that
 //! is gone keeps its series for `--series-grace` seconds (a last scrape sees its final
 //! counts), then they are removed.
+//!
+//! With `--web-config FILE` ([`web_config`]) the endpoint is served over TLS and/or behind
+//! basic auth, as the Prometheus exporter toolkit's file says.
 
 use std::{
     collections::HashMap,
@@ -30,6 +33,7 @@ use prometheus::{
 };
 
 pub mod resources;
+pub mod web_config;
 
 use super::{names::*, Sink, Snapshot};
 use crate::model::{ContextRole, DecodeResult, Observation, Phase};
@@ -51,6 +55,17 @@ pub struct Options {
         env = "LLAMAPROBE_SERIES_GRACE"
     )]
     pub series_grace: f64,
+    /// TLS and basic auth for the endpoint: a web configuration file in the Prometheus
+    /// exporter toolkit's format (`tls_server_config`, `basic_auth_users` with bcrypt hashes,
+    /// `http_server_config.headers`; `llamaprobe.unauthenticated_paths` may open /healthz and
+    /// /readyz). Read when the command line is, and again when it or its files change.
+    #[arg(
+        long,
+        value_name = "FILE",
+        value_parser = web_config::parse_arg,
+        env = "LLAMAPROBE_WEB_CONFIG"
+    )]
+    pub web_config: Option<Arc<web_config::WebConfigFile>>,
 }
 
 impl Options {
@@ -62,6 +77,15 @@ impl Options {
     /// The address of the ad-hoc modes.
     pub fn addr(&self) -> MetricsAddr {
         self.addr_or(SocketAddr::from(([127, 0, 0, 1], 9464)))
+    }
+
+    /// The endpoint's URL for `path` at `addr` (`https` with TLS).
+    pub fn url(&self, addr: SocketAddr, path: &str) -> String {
+        let scheme = self
+            .web_config
+            .as_ref()
+            .map_or("http", |w| w.current().scheme());
+        format!("{scheme}://{addr}{path}")
     }
 }
 
@@ -891,31 +915,79 @@ impl Exposition {
 }
 
 /// Serves `/metrics` (and, with a [`Health`], `/healthz` and `/readyz`) on `listener` until
-/// the runtime ends.
-pub async fn serve(listener: tokio::net::TcpListener, exposition: Exposition) {
+/// the runtime ends; with a web configuration, over TLS and/or behind basic auth.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    exposition: Exposition,
+    web: Option<Arc<web_config::WebConfigFile>>,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let exposition = exposition.clone();
+        let web = web.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (code, ctype, body) = exposition.respond(req.uri().path());
-                async move {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(code)
-                            .header("content-type", ctype)
-                            .body(Full::new(Bytes::from(body)))
-                            .expect("valid response"),
-                    )
+            // TLS as configured now (the file is read again if it or its files changed).
+            let cfg = web.as_ref().map(|w| w.current());
+            match cfg.as_ref().and_then(|c| c.tls()) {
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection(TokioIo::new(tls), exposition, web).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {peer} failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {peer} timed out"),
+                    }
                 }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                None => connection(TokioIo::new(stream), exposition, web).await,
+            }
         });
     }
+}
+
+/// A TLS client that has not finished its handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HTTP/1.1 requests on one connection, each checked against the web configuration of
+/// the moment (a user removed from the file is refused on a kept-alive connection too).
+async fn connection<I>(io: I, exposition: Exposition, web: Option<Arc<web_config::WebConfigFile>>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let exposition = exposition.clone();
+        let web = web.clone();
+        async move {
+            let cfg = web.as_ref().map(|w| w.current());
+            let path = req.uri().path().to_string();
+            let allowed = match (&web, &cfg) {
+                (Some(w), Some(c)) => {
+                    w.authorized(c, &path, req.headers().get(hyper::header::AUTHORIZATION))
+                        .await
+                }
+                _ => true,
+            };
+            let (code, ctype, body) = if allowed {
+                exposition.respond(&path)
+            } else {
+                (401, "text/plain", b"Unauthorized\n".to_vec())
+            };
+            let mut resp = Response::builder()
+                .status(code)
+                .header("content-type", ctype);
+            if !allowed {
+                resp = resp.header("www-authenticate", "Basic realm=\"llamaprobe\"");
+            }
+            for (k, v) in cfg.iter().flat_map(|c| c.headers()) {
+                resp = resp.header(k, v);
+            }
+            Ok::<_, Infallible>(
+                resp.body(Full::new(Bytes::from(body)))
+                    .expect("valid response"),
+            )
+        }
+    });
+    let _ = http1::Builder::new().serve_connection(io, service).await;
 }
 
 /// Binds the metrics address, with a message that says what to do when it is taken.
