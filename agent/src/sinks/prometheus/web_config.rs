@@ -1096,57 +1096,43 @@ mod tests {
         std::fs::write(d.join("s.key"), &key).unwrap();
         std::fs::write(d.join("other.key"), &other_key).unwrap();
         std::fs::write(d.join("junk.key"), "not a key\n").unwrap();
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.crt\n  key_file: other.key\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("is not the private key of"), "{e}");
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.crt\n  key_file: junk.key\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("no private key read from it"), "{e}");
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.key\n  key_file: s.key\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("no certificate in it"), "{e}");
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  client_auth_type: RequireAndVerifyClientCert\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("needs client_ca_file"), "{e}");
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  client_ca_file: s.crt\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("client_auth_type is NoClientCert"), "{e}");
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  client_auth_type: Always\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("`Always` is not one of"), "{e}");
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  max_version: TLS11\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("TLS 1.2 and 1.3 only"), "{e}");
-        let e = load(
-            &d,
-            "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  cipher_suites: [TLS_RSA_WITH_AES_128_CBC_SHA]\n",
-        )
-        .unwrap_err();
-        assert!(
-            e.contains("`TLS_RSA_WITH_AES_128_CBC_SHA` is not one llamaprobe offers"),
-            "{e}"
-        );
+        for (yaml, want) in [
+            (
+                "tls_server_config:\n  cert_file: s.crt\n  key_file: other.key\n",
+                "is not the private key of",
+            ),
+            (
+                "tls_server_config:\n  cert_file: s.crt\n  key_file: junk.key\n",
+                "no private key read from it",
+            ),
+            (
+                "tls_server_config:\n  cert_file: s.key\n  key_file: s.key\n",
+                "no certificate in it",
+            ),
+            (
+                "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  client_auth_type: RequireAndVerifyClientCert\n",
+                "needs client_ca_file",
+            ),
+            (
+                "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  client_ca_file: s.crt\n",
+                "client_auth_type is NoClientCert",
+            ),
+            (
+                "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  client_auth_type: Always\n",
+                "`Always` is not one of",
+            ),
+            (
+                "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  max_version: TLS11\n",
+                "TLS 1.2 and 1.3 only",
+            ),
+            (
+                "tls_server_config:\n  cert_file: s.crt\n  key_file: s.key\n  cipher_suites: [TLS_RSA_WITH_AES_128_CBC_SHA]\n",
+                "`TLS_RSA_WITH_AES_128_CBC_SHA` is not one llamaprobe offers",
+            ),
+        ] {
+            let e = load(&d, yaml).unwrap_err();
+            assert!(e.contains(want), "{yaml}: {e}");
+        }
         // What a node exporter's file may hold is taken.
         let c = load(
             &d,
