@@ -93,6 +93,14 @@ pub fn mapped_files_via(pid: u32, via: OpenVia) -> Result<Vec<MappedFile>, Disco
     Ok(files(pid, maps, via))
 }
 
+/// The files named by the text of a `/proc/PID/maps` (what [`mapped_files_via`] reads): the
+/// parsing entry point, for fuzzing and tests. The text is the traced process's to shape (its
+/// mapped paths), so malformed text is an error, never a panic.
+pub fn parse_maps(pid: u32, text: &[u8], via: OpenVia) -> Result<Vec<MappedFile>, DiscoverError> {
+    let maps = procfs::FromRead::from_read(text).map_err(|e| proc_error(pid, e))?;
+    Ok(files(pid, maps, via))
+}
+
 /// The files of parsed maps, each once (by inode and path), deleted files left out.
 fn files(pid: u32, maps: procfs::process::MemoryMaps, via: OpenVia) -> Vec<MappedFile> {
     let mut seen = HashSet::new();

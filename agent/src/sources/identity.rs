@@ -91,8 +91,9 @@ fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 
 /// The value of `name` in the NUL-separated `NAME=value` entries of `/proc/PID/environ`
 /// (the first entry of that name, as `getenv` finds it). With `truncated`, the read stopped
-/// at its limit and the last entry, likely cut, is not looked at.
-fn env_var(environ: &[u8], name: &str, truncated: bool) -> Option<String> {
+/// at its limit and the last entry, likely cut, is not looked at. Public as a parsing entry
+/// point (fuzzing).
+pub fn env_var(environ: &[u8], name: &str, truncated: bool) -> Option<String> {
     let mut entries: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
     if truncated {
         entries.pop();

@@ -215,7 +215,8 @@ fn secondary(p: &Path) -> bool {
 }
 
 /// The value of `-m PATH`, `--model PATH` or `--model=PATH` in a NUL-separated command line.
-fn model_argument(cmdline: &[u8]) -> Option<PathBuf> {
+/// Public as a parsing entry point (fuzzing).
+pub fn model_argument(cmdline: &[u8]) -> Option<PathBuf> {
     let args: Vec<&[u8]> = cmdline
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
@@ -236,7 +237,8 @@ fn model_argument(cmdline: &[u8]) -> Option<PathBuf> {
 }
 
 /// `LLAMA_ARG_MODEL` (llama.cpp's environment form of `--model`) in a NUL-separated environment.
-fn model_env(environ: &[u8]) -> Option<PathBuf> {
+/// Public as a parsing entry point (fuzzing).
+pub fn model_env(environ: &[u8]) -> Option<PathBuf> {
     environ
         .split(|&b| b == 0)
         .find_map(|kv| kv.strip_prefix(b"LLAMA_ARG_MODEL="))
