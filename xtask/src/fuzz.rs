@@ -197,12 +197,10 @@ fn run_targets(targets: &[&str], seconds: u64) -> Result<Vec<Outcome>> {
         let took = started.elapsed();
         let text = fs::read_to_string(&log).unwrap_or_default();
         if !status.success() {
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
             progress!(
-                "fuzz: {target} FAILED ({status}) after {}; the end of its log:\n{}",
+                "fuzz: {target} FAILED ({status}) after {}:\n{}",
                 util::format_duration(took),
-                tail.join("\n")
+                crash_summary(&text)
             );
             failed.push(format!(
                 "{target} (input in {}, log {})",
@@ -226,6 +224,30 @@ fn run_targets(targets: &[&str], seconds: u64) -> Result<Vec<Outcome>> {
         );
     }
     Ok(outcomes)
+}
+
+/// What a failed run's log says went wrong: the panic and its message, the sanitizer's
+/// error, where the input was written; else the end of the log.
+fn crash_summary(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.contains("panicked at") {
+            out.extend(lines[i..].iter().take(2));
+        } else if (line.starts_with("==") && line.contains("ERROR:"))
+            || line.starts_with("SUMMARY:")
+            || line.contains("Test unit written to")
+        {
+            out.push(line);
+        }
+    }
+    if out.is_empty() {
+        out = lines.iter().rev().take(20).rev().collect();
+    }
+    out.iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The final statistics libFuzzer prints with `-print_final_stats=1`.
@@ -314,5 +336,19 @@ mod tests {
         let o = parse_stats(text);
         assert_eq!((o.executions, o.new_units, o.peak_rss_mb), (123456, 17, 48));
         assert_eq!(parse_stats("crash\n"), Outcome::default());
+    }
+
+    #[test]
+    fn a_crash_is_summed_up() {
+        let log = "INFO: Seed: 1\n#2 NEW cov: 3\n\
+                   thread '<unnamed>' (1) panicked at agent/src/x.rs:1:2:\n\
+                   attempt to add with overflow\nstack backtrace:\n   0: x\n\
+                   ==1== ERROR: libFuzzer: deadly signal\n    #0 0x1 in f\n\
+                   SUMMARY: libFuzzer: deadly signal\n\
+                   artifact_prefix='a/'; Test unit written to a/crash-1\n";
+        let s = crash_summary(log);
+        assert_eq!(s.lines().count(), 5, "{s}");
+        assert!(s.contains("attempt to add with overflow") && s.contains("a/crash-1"));
+        assert_eq!(crash_summary("a\nb\n"), "    a\n    b");
     }
 }
