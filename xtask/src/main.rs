@@ -1,4 +1,4 @@
-//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo|compat|dashboards|image>`.
+//! llamaprobe's project tasks: `cargo xtask <setup|fixtures|test|demo|bench|fuzz|compat|dashboards|image>`.
 //!
 //! Everything is idempotent and cached under `~/.cache/llamaprobe` (or `$LLAMAPROBE_CACHE`).
 
@@ -7,6 +7,7 @@ mod compat;
 mod dashboards;
 mod demo;
 mod fixtures;
+mod fuzz;
 mod image;
 mod proc;
 mod server;
@@ -44,7 +45,8 @@ enum Task {
         #[arg(long)]
         large: bool,
     },
-    /// Setup, fixtures, then cargo test, clippy and rustfmt over the workspace (as root).
+    /// Setup, fixtures, then cargo test, a short run of every fuzz target, clippy and rustfmt
+    /// over the workspace (as root).
     Test {
         #[arg(long, value_enum, default_value = "default")]
         matrix: Matrix,
@@ -61,6 +63,9 @@ enum Task {
     /// Measure what llamaprobe costs (per-call cost, llama-server throughput and latency, probe
     /// hits per token, event capacity, footprint) and write docs/BENCHMARKS.md (as root).
     Bench(bench::BenchArgs),
+    /// Fuzz every parser of what a traced process or a file controls (cargo-fuzz, nightly):
+    /// each target for a while, from the committed seeds and the corpus earlier runs grew.
+    Fuzz(fuzz::FuzzArgs),
     /// Print the compatibility table generated from the fixture table (markdown).
     Compat {
         /// Write it into README.md between `<!-- compat:start -->` and `<!-- compat:end -->`.
@@ -104,6 +109,7 @@ fn run(task: Task) -> Result<()> {
         } => test::run(matrix, stress, &cargo_args),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
         Task::Compat { write } => compat::run(write),
         Task::Image { tag } => image::run(tag),
         Task::Dashboards { check } => dashboards::run(check),

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: setup, fixtures, then the workspace's tests, clippy and rustfmt.
+//! `cargo xtask test`: setup, fixtures, then the workspace's tests, a short run of every fuzz
+//! target, clippy and rustfmt.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,7 @@ use anyhow::{bail, Result};
 
 use crate::{
     fixtures::{self, Matrix},
-    setup,
+    fuzz, setup,
     util::{self, progress},
 };
 
@@ -79,6 +80,9 @@ fn run_phases(
             cargo(&["test", "--workspace", "--exclude", "probe-ebpf"]).args(cargo_args),
         )
     })?;
+    // Every fuzz target for a few seconds (one build for all): a parser that panics on what
+    // a traced process or a file holds fails the run here.
+    phase("fuzz", &mut fuzz::short_run)?;
     phase("clippy", &mut || {
         util::run_inherit(&mut cargo(&[
             "clippy",
@@ -93,7 +97,23 @@ fn run_phases(
     })?;
     phase("fmt", &mut || {
         util::run_inherit(&mut cargo(&["fmt", "--all", "--", "--check"]))
-            .map_err(|e| e.context("code is not formatted: run `cargo fmt --all`"))
+            .and_then(|()| {
+                // The fuzz targets are a workspace of their own.
+                util::run_inherit(&mut cargo(&[
+                    "fmt",
+                    "--all",
+                    "--manifest-path",
+                    "fuzz/Cargo.toml",
+                    "--",
+                    "--check",
+                ]))
+            })
+            .map_err(|e| {
+                e.context(
+                    "code is not formatted: run `cargo fmt --all` \
+                     (and `cargo fmt --all --manifest-path fuzz/Cargo.toml`)",
+                )
+            })
     })?;
     Ok(())
 }

@@ -114,6 +114,12 @@ pub fn load(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse(path, &body)
+}
+
+/// [`load`] on the text `body` of the file `path` (named in errors): the parsing entry point,
+/// for fuzzing and tests. Any text gives the variables or an error, never a panic.
+pub fn parse(path: &Path, body: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let table: toml::Table = body
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Toml {

@@ -371,8 +371,8 @@ impl Assembler {
         if ok {
             if let Some(stem) = path
                 .as_deref()
-                .and_then(|p| std::path::Path::new(p).file_stem())
-                .map(|s| s.to_string_lossy().into_owned())
+                .map(|p| crate::sources::model_path::label(std::path::Path::new(p)))
+                .filter(|l| !l.is_empty())
             {
                 // The process's label: its first model, until its main context names one
                 // (a draft model loads after the main one).

@@ -277,4 +277,255 @@ pub(crate) mod tests {
             DecodeError::UnknownKind { kind: 99 }
         );
     }
+
+    /// One record as the decode_event fuzz target frames it: a little-endian `u16` length,
+    /// then the record. A decode event's tail padding is zeroed (it is undefined).
+    fn framed<T: 'static>(out: &mut Vec<u8>, v: &T) {
+        let mut bytes = as_bytes(v);
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<DecodeEvent>() {
+            let end = std::mem::offset_of!(DecodeEvent, runs) + size_of::<[SeqRun; MAX_RUNS]>();
+            bytes[end..].fill(0);
+        }
+        out.extend((bytes.len() as u16).to_le_bytes());
+        out.extend(bytes);
+    }
+
+    /// The decode_event fuzz target's seeds (`fuzz/corpus/decode_event/`): a mode byte, then
+    /// the records of a llama-server session (post, launch, prompt, generation, release, exit)
+    /// and of a plain program. `LLAMAPROBE_WRITE_FUZZ_SEEDS=1` writes them; otherwise the
+    /// committed ones must be these (after a change of an event's layout, write them again).
+    #[test]
+    fn fuzz_seeds() {
+        use probe_common::{decode_flags, MemoryOp, PostedTask, MAX_POST_TASKS};
+        let t = |i: u64| 1_000_000 * i;
+        let mut server = vec![2u8];
+        let mut load = ModelLoadEvent {
+            header: header(EventKind::ModelLoad, t(1), t(2)),
+            model: 0xdead,
+            path_len: 0,
+            api: 1,
+            path: [0; PATH_CAP],
+        };
+        let p = b"/models/qwen2-7b.Q4_K_M.gguf\0";
+        load.path[..p.len()].copy_from_slice(p);
+        load.path_len = p.len() as u32;
+        framed(&mut server, &load);
+        framed(
+            &mut server,
+            &ContextEvent {
+                header: header(EventKind::ContextCreate, t(3), t(4)),
+                model: 0xdead,
+                ctx: 0x1000,
+                n_ctx: 4096,
+                n_batch: 2048,
+                n_ubatch: 512,
+                n_seq_max: 4,
+                n_threads: 2,
+                n_threads_batch: 2,
+            },
+        );
+        framed(
+            &mut server,
+            &MemoryHandleEvent {
+                header: header(EventKind::MemoryHandle, t(4), t(4)),
+                ctx: 0x1000,
+                mem: 0x2000,
+            },
+        );
+        let mut tasks = [PostedTask::default(); MAX_POST_TASKS];
+        tasks[0] = PostedTask {
+            id: 41,
+            task_type: 0,
+            id_target: -1,
+            _pad: 0,
+        };
+        framed(
+            &mut server,
+            &TaskPostEvent {
+                header: header(EventKind::TaskPost, t(5), t(5)),
+                tasks_bytes: 960,
+                front: 0,
+                n_read: 1,
+                n_tasks: 1,
+                _pad: 0,
+                tasks,
+            },
+        );
+        framed(
+            &mut server,
+            &SlotLaunchEvent {
+                header: header(EventKind::SlotLaunch, t(6), t(6)),
+                slot_id: 0,
+                task_id: 41,
+                ok: 1,
+                _pad: 0,
+                ctx: 0x1000,
+                ctx_dft: 0,
+            },
+        );
+        let mut prompt = decode_event(
+            5,
+            &[SeqRun {
+                seq_id: 0,
+                pos0: 0,
+                tok0: 1,
+                n_tokens: 5,
+                n_outputs: 1,
+                last_output: 1,
+            }],
+            0,
+        );
+        prompt.header = header(EventKind::Decode, t(7), t(9));
+        framed(&mut server, &prompt);
+        framed(
+            &mut server,
+            &SyncEvent {
+                header: header(EventKind::Synchronize, t(9), t(10)),
+                ctx: 0x1000,
+            },
+        );
+        framed(
+            &mut server,
+            &SampleEvent {
+                header: header(EventKind::Sample, t(10), t(11)),
+                ctx: 0x1000,
+                token: 42,
+                idx: 0,
+                api: 0,
+                _pad: 0,
+            },
+        );
+        let mut generated = decode_event(
+            1,
+            &[SeqRun {
+                seq_id: 0,
+                pos0: 5,
+                tok0: 42,
+                n_tokens: 1,
+                n_outputs: 1,
+                last_output: 1,
+            }],
+            0,
+        );
+        generated.header = header(EventKind::Decode, t(11), t(12));
+        framed(&mut server, &generated);
+        framed(
+            &mut server,
+            &SampleEvent {
+                header: header(EventKind::Sample, t(12), t(13)),
+                ctx: 0x1000,
+                token: 2,
+                idx: 0,
+                api: 0,
+                _pad: 0,
+            },
+        );
+        framed(
+            &mut server,
+            &SlotReleaseEvent {
+                header: header(EventKind::SlotRelease, t(13), t(13)),
+                slot_id: 0,
+                task_id: 41,
+            },
+        );
+        framed(
+            &mut server,
+            &MemoryEvent {
+                header: header(EventKind::Memory, t(14), t(14)),
+                handle: 0x2000,
+                seq_id: 0,
+                seq_dst: -1,
+                p0: 0,
+                p1: -1,
+                op: MemoryOp::SeqRm as u32,
+                ret: 1,
+                delta: 0,
+                _pad: 0,
+            },
+        );
+        framed(
+            &mut server,
+            &ContextFreeEvent {
+                header: header(EventKind::ContextFree, t(15), t(15)),
+                ctx: 0x1000,
+            },
+        );
+        framed(
+            &mut server,
+            &ProcessEvent {
+                header: header(EventKind::Process, t(16), t(16)),
+                change: ProcessChange::Exit as u32,
+                _pad: 0,
+            },
+        );
+
+        // A program on the classic API with batches of llama_batch_get_one (no sequence ids),
+        // a failed step and a KV shift.
+        let mut plain = vec![0u8];
+        framed(
+            &mut plain,
+            &ProcessEvent {
+                header: header(EventKind::Process, t(1), t(1)),
+                change: ProcessChange::Exec as u32,
+                _pad: 0,
+            },
+        );
+        let p = b"models/tiny.gguf\0";
+        load.header = header(EventKind::ModelLoad, t(2), t(3));
+        load.path = [0; PATH_CAP];
+        load.path[..p.len()].copy_from_slice(p);
+        load.path_len = p.len() as u32;
+        framed(&mut plain, &load);
+        let mut one = decode_event(8, &[], 0);
+        one.flags = decode_flags::NO_SEQ_INFO;
+        one.header = header(EventKind::Decode, t(4), t(6));
+        framed(&mut plain, &one);
+        one.n_tokens = 1;
+        one.ret = 1;
+        one.header = header(EventKind::Decode, t(6), t(7));
+        framed(&mut plain, &one);
+        framed(
+            &mut plain,
+            &MemoryEvent {
+                header: header(EventKind::Memory, t(8), t(8)),
+                handle: 0x1000,
+                seq_id: 0,
+                seq_dst: -1,
+                p0: 4,
+                p1: -1,
+                op: MemoryOp::SeqAdd as u32,
+                ret: 1,
+                delta: -2,
+                _pad: 0,
+            },
+        );
+
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/decode_event");
+        for (name, bytes) in [
+            ("seed-server-session", server),
+            ("seed-plain-program", plain),
+        ] {
+            let path = dir.join(name);
+            // Every record decodes.
+            let mut rest = &bytes[1..];
+            while let [a, b, tail @ ..] = rest {
+                let len = usize::from(u16::from_le_bytes([*a, *b]));
+                decode(&tail[..len]).unwrap();
+                rest = &tail[len..];
+            }
+            if std::env::var_os("LLAMAPROBE_WRITE_FUZZ_SEEDS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            } else {
+                let committed = std::fs::read(&path).unwrap_or_default();
+                assert!(
+                    committed == bytes,
+                    "{} is not current: run LLAMAPROBE_WRITE_FUZZ_SEEDS=1 cargo test -p \
+                     llamaprobe --lib fuzz_seeds",
+                    path.display()
+                );
+            }
+        }
+    }
 }

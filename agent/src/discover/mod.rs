@@ -13,7 +13,10 @@ pub mod inroot;
 
 use std::{
     collections::HashSet,
+    ffi::OsStr,
     fs,
+    io::{self, BufRead},
+    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -35,6 +38,9 @@ pub enum DiscoverError {
     /// The dynamic loader could not list the program's libraries.
     #[error("cannot list the libraries of {path}: {reason}")]
     Loader { path: PathBuf, reason: String },
+    /// A line of `/proc/PID/maps` is not `START-END PERMS OFFSET MAJOR:MINOR INODE [PATH]`.
+    #[error("cannot parse line {line} of /proc/{pid}/maps: {text:?}")]
+    MapsLine { pid: u32, line: usize, text: String },
 }
 
 /// One file mapped into a process.
@@ -88,58 +94,165 @@ fn proc_error(pid: u32, e: procfs::ProcError) -> DiscoverError {
     }
 }
 
-/// The file-backed mappings of `pid` (`/proc/PID/maps`, through the `procfs` crate), one entry
-/// per file, in address order. The one reader of a process's maps in llamaprobe.
+/// The file-backed mappings of `pid` (`/proc/PID/maps`), one entry per file, in address order.
+/// The one reader of a process's maps in llamaprobe.
 pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>, DiscoverError> {
     mapped_files_via(pid, OpenVia::Root)
 }
 
 /// [`mapped_files`], opened `via`.
 pub fn mapped_files_via(pid: u32, via: OpenVia) -> Result<Vec<MappedFile>, DiscoverError> {
-    let maps = process(pid)?.maps().map_err(|e| proc_error(pid, e))?;
+    let path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let file = fs::File::open(&path).map_err(|e| io_error(pid, &path, e))?;
     let root = inroot::RootView::of(pid).unwrap_or(inroot::RootView("/".into()));
-    Ok(files(pid, maps, via, &root))
+    files(pid, io::BufReader::new(file), via, &root).map_err(|e| match e {
+        MapsError::Io(e) => io_error(pid, &path, e),
+        MapsError::Line(e) => e,
+    })
 }
 
-/// The files of parsed maps, each once (by inode and path), deleted files left out; paths as
-/// the process sees them (inside its root, for a chrooted process).
+/// The files named by the text of a `/proc/PID/maps` (what [`mapped_files_via`] reads): the
+/// parsing entry point, for fuzzing and tests. The paths in it are the traced process's to
+/// choose (any bytes but NUL; the kernel escapes a newline), so malformed text is an error,
+/// never a panic.
+pub fn parse_maps(pid: u32, text: &[u8], via: OpenVia) -> Result<Vec<MappedFile>, DiscoverError> {
+    files(pid, text, via, &inroot::RootView("/".into())).map_err(|e| match e {
+        MapsError::Io(e) => io_error(pid, Path::new("maps text"), e),
+        MapsError::Line(e) => e,
+    })
+}
+
+/// The error of a read of `/proc/PID/...` at `path`.
+fn io_error(pid: u32, path: &Path, e: io::Error) -> DiscoverError {
+    if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+        return DiscoverError::NoSuchProcess { pid };
+    }
+    let path = Some(path.to_path_buf());
+    DiscoverError::Proc {
+        pid,
+        error: if e.kind() == io::ErrorKind::PermissionDenied {
+            procfs::ProcError::PermissionDenied(path)
+        } else {
+            procfs::ProcError::Io(e, path)
+        },
+    }
+}
+
+enum MapsError {
+    Io(io::Error),
+    Line(DiscoverError),
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, PartialEq, Eq)]
+struct Mapping<'a> {
+    start: u64,
+    end: u64,
+    major: u32,
+    minor: u32,
+    inode: u64,
+    /// The pathname as the kernel shows it (empty for an anonymous mapping, `[heap]` and the
+    /// like for the kernel's own, ` (deleted)` appended to a file that is gone).
+    path: &'a [u8],
+}
+
+/// The next space-separated field of `rest`, or what is left if there is no space.
+fn field<'a>(rest: &mut &'a [u8]) -> &'a [u8] {
+    let (f, r) = match rest.iter().position(|&b| b == b' ') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (*rest, &[][..]),
+    };
+    *rest = r;
+    f
+}
+
+fn hex<T: TryFrom<u64>>(f: &[u8]) -> Option<T> {
+    let s = std::str::from_utf8(f).ok()?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    T::try_from(u64::from_str_radix(s, 16).ok()?).ok()
+}
+
+/// Parses one line: `START-END PERMS OFFSET MAJOR:MINOR INODE [PATH]` (see proc_pid_maps(5);
+/// the path starts after the padding spaces and runs to the end of the line).
+fn parse_line(line: &[u8]) -> Option<Mapping<'_>> {
+    let mut rest = line;
+    let range = field(&mut rest);
+    let dash = range.iter().position(|&b| b == b'-')?;
+    let (start, end) = (hex(&range[..dash])?, hex(&range[dash + 1..])?);
+    let perms = field(&mut rest);
+    let _offset: u64 = hex(field(&mut rest))?;
+    let dev = field(&mut rest);
+    let colon = dev.iter().position(|&b| b == b':')?;
+    let (major, minor) = (hex(&dev[..colon])?, hex(&dev[colon + 1..])?);
+    let inode = std::str::from_utf8(field(&mut rest)).ok()?;
+    if perms.len() != 4 || inode.is_empty() || !inode.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let inode = inode.parse().ok()?;
+    let first = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    Some(Mapping {
+        start,
+        end,
+        major,
+        minor,
+        inode,
+        path: &rest[first..],
+    })
+}
+
+/// The files of the maps read from `r`, each once (by inode and path), deleted files left out;
+/// paths as the process sees them (inside its `root`, for a chrooted process). Read line by
+/// line: a process can have tens of thousands of mappings.
 fn files(
     pid: u32,
-    maps: procfs::process::MemoryMaps,
+    mut r: impl BufRead,
     via: OpenVia,
     root: &inroot::RootView,
-) -> Vec<MappedFile> {
+) -> Result<Vec<MappedFile>, MapsError> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for m in maps {
-        let procfs::process::MMapPath::Path(path) = m.pathname else {
+    let mut line = Vec::new();
+    for n in 1.. {
+        line.clear();
+        if r.read_until(b'\n', &mut line).map_err(MapsError::Io)? == 0 {
+            break;
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if text.is_empty() {
             continue;
-        };
-        if m.inode == 0
-            || !path.is_absolute()
-            || path.to_string_lossy().ends_with(" (deleted)")
-            || !seen.insert((m.inode, path.clone()))
-        {
+        }
+        let m = parse_line(text).ok_or_else(|| {
+            MapsError::Line(DiscoverError::MapsLine {
+                pid,
+                line: n,
+                text: String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned(),
+            })
+        })?;
+        if m.inode == 0 || !m.path.starts_with(b"/") || m.path.ends_with(b" (deleted)") {
+            continue;
+        }
+        let path = PathBuf::from(OsStr::from_bytes(m.path));
+        if !seen.insert((m.inode, path.clone())) {
             continue;
         }
         let path = root.inside(&path);
         let host_path = match via {
             OpenVia::Root => Path::new(&format!("/proc/{pid}/root"))
                 .join(path.strip_prefix("/").unwrap_or(&path)),
-            OpenVia::MapFiles => PathBuf::from(format!(
-                "/proc/{pid}/map_files/{:x}-{:x}",
-                m.address.0, m.address.1
-            )),
+            OpenVia::MapFiles => {
+                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+            }
         };
-        let (major, minor) = m.dev;
         out.push(MappedFile {
             path,
             host_path,
-            dev: libc::makedev(major as u32, minor as u32),
+            dev: libc::makedev(m.major, m.minor),
             inode: m.inode,
         });
     }
-    out
+    Ok(out)
 }
 
 /// True if `pid` exists.
@@ -242,20 +355,79 @@ mod tests {
             7f40-7f50 r--s 00000000 fd:01 98 /tmp/old.gguf (deleted)\n\
             7ffd-7ffe rw-p 00000000 00:00 0                          [stack]\n";
         assert_eq!(
-            files(
-                1,
-                procfs::FromRead::from_read(&maps[..]).unwrap(),
-                OpenVia::Root,
-                &inroot::RootView("/".into())
-            )
-            .into_iter()
-            .map(|f| f.path)
-            .collect::<Vec<_>>(),
+            parse_maps(1, maps, OpenVia::Root)
+                .unwrap()
+                .into_iter()
+                .map(|f| f.path)
+                .collect::<Vec<_>>(),
             [
                 PathBuf::from("/models/my model.gguf"),
                 PathBuf::from("/usr/lib/libc.so.6")
             ]
         );
+    }
+
+    /// Found by the proc_maps fuzz target: the `procfs` crate (0.18) panics on a mapped file
+    /// whose path starts with `/SYSV` and is short or not ASCII (`&path[5..13]`), which any
+    /// process that can create such a file (root in its container) can map; and it refuses
+    /// maps whose paths are not UTF-8. llamaprobe reads the maps itself.
+    #[test]
+    fn hostile_paths_do_not_break_the_maps() {
+        let maps = b"ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  /SYSVcall]\n\
+            7f00-7f10 r--s 00000000 fd:01 12 /SYSVcall]\n\
+            7f10-7f20 r--p 00000000 fd:01 13 /SYSV\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\n\
+            7f20-7f30 r--p 00000000 fd:01 14 /m/\xff\xfe.gguf\n\
+            7f30-7f40 r--p 00000000 103:2 15     /m/ two  spaces \n\
+            7f40-7f50 rw-p 00000000 00:00 0";
+        let files = parse_maps(9, maps, OpenVia::MapFiles).unwrap();
+        let paths: Vec<&[u8]> = files
+            .iter()
+            .map(|f| f.path.as_os_str().as_bytes())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                &b"/SYSVcall]"[..],
+                b"/SYSV\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9",
+                b"/m/\xff\xfe.gguf",
+                b"/m/ two  spaces ",
+            ]
+        );
+        assert_eq!(files[0].host_path, Path::new("/proc/9/map_files/7f00-7f10"));
+        assert_eq!(files[3].dev, libc::makedev(0x103, 2));
+        assert_eq!(files[3].inode, 15);
+    }
+
+    #[test]
+    fn malformed_maps_lines_are_errors() {
+        for bad in [
+            &b"garbage"[..],
+            b"7f00 r--p 00000000 fd:01 12 /x",
+            b"7f00-7f10 r--p 00000000 fd01 12 /x",
+            b"7f00-7f10 r--p 00000000 fd:01 -12 /x",
+            b"7f00-7f10 r--p zz fd:01 12 /x",
+            b"7f00-7f10 rp 00000000 fd:01 12 /x",
+            b"7f00-7f10-7f20 r--p 00000000 fd:01 12 /x",
+            b"7f00-7f10 r--p 00000000 fd:1ffffffff 12 /x",
+            b"17f00000000000000-7f10 r--p 00000000 fd:01 12 /x",
+            b"3-0  0 e:0 7 /\0",
+        ] {
+            let mut text = b"7f00-7f10 r--p 00000000 fd:01 12 /ok\n".to_vec();
+            text.extend(bad);
+            let err = parse_maps(1, &text, OpenVia::Root).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    DiscoverError::MapsLine {
+                        pid: 1,
+                        line: 2,
+                        ..
+                    }
+                ),
+                "{}: {err}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

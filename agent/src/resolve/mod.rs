@@ -101,7 +101,9 @@ pub fn resolve_file(
     resolve_bytes(file.clone(), &data, from)
 }
 
-fn resolve_bytes(
+/// [`resolve_file`] on an image already in memory (`data`, the bytes of `file`): the parsing
+/// entry point, for fuzzing and tests. Any bytes give symbols or an error, never a panic.
+pub fn resolve_bytes(
     file: MappedFile,
     data: &[u8],
     from: Option<&SymbolsFrom>,

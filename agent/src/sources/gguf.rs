@@ -16,6 +16,7 @@
 use crate::{
     discover::inroot::{self, OpenError},
     model::{FileType, ModelInfo},
+    sources::identity::sanitize_label,
 };
 use std::{
     collections::BTreeMap,
@@ -202,12 +203,20 @@ impl Metadata {
 }
 
 impl ModelInfo {
-    /// The facts of a file's metadata.
+    /// The facts of a file's metadata. The architecture and the name, label values the file
+    /// chooses, are [sanitized](sanitize_label): bounded in length, without control or
+    /// invisible characters (`None` if nothing is left).
     pub fn from_metadata(path: PathBuf, meta: &Metadata, size_bytes: u64) -> Self {
-        let architecture = meta.str_of("general.architecture").map(str::to_owned);
-        let context_length = architecture
-            .as_deref()
+        let label = |key: &str| {
+            meta.str_of(key)
+                .map(sanitize_label)
+                .filter(|v| !v.is_empty())
+        };
+        // The file's own spelling names its keys.
+        let context_length = meta
+            .str_of("general.architecture")
             .and_then(|a| meta.u64_of(&format!("{a}.context_length")));
+        let architecture = label("general.architecture");
         Self {
             path,
             file_type: meta
@@ -215,7 +224,7 @@ impl ModelInfo {
                 .and_then(|v| u32::try_from(v).ok())
                 .map(FileType),
             context_length,
-            name: meta.str_of("general.name").map(str::to_owned),
+            name: label("general.name"),
             parameters: meta.parameters,
             size_bytes,
             architecture,
@@ -782,6 +791,42 @@ mod tests {
         assert_eq!(info.file_type, Some(FileType(15)));
         assert_eq!(info.file_type.unwrap().to_string(), "Q4_K_M");
         assert_eq!(info.size_bytes, bytes.len() as u64);
+    }
+
+    /// Found by the gguf fuzz target: a NUL in the architecture reached the
+    /// `llamacpp_model_info` label.
+    #[test]
+    fn an_architecture_with_a_nul_is_cleaned() {
+        let mut w = Writer::new();
+        w.string("general.architecture", "qwen\0");
+        let info = ModelInfo::from_metadata("m.gguf".into(), &parse(&w.bytes(0)).unwrap(), 0);
+        assert_eq!(info.architecture.as_deref(), Some("qwen"));
+    }
+
+    #[test]
+    fn architecture_and_name_are_bounded_label_values() {
+        let long = "x".repeat(100_000);
+        let mut w = Writer::new();
+        w.string("general.architecture", "\u{202e}llama\n\u{1b}[31m")
+            .string("general.name", &long)
+            .u32("\u{202e}llama\n\u{1b}[31m.context_length", 2048);
+        let m = parse(&w.bytes(0)).unwrap();
+        let info = ModelInfo::from_metadata("m.gguf".into(), &m, 0);
+        assert_eq!(info.architecture.as_deref(), Some("llama[31m"));
+        assert_eq!(info.context_length, Some(2048));
+        let name = info.name.unwrap();
+        assert_eq!(
+            name.chars().count(),
+            crate::sources::identity::LABEL_MAX_CHARS
+        );
+        // Nothing left: no value.
+        let mut w = Writer::new();
+        w.string("general.architecture", "\u{7}\u{200b} ");
+        let m = parse(&w.bytes(0)).unwrap();
+        assert_eq!(
+            ModelInfo::from_metadata("m.gguf".into(), &m, 0).architecture,
+            None
+        );
     }
 
     #[test]

@@ -91,8 +91,9 @@ fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 
 /// The value of `name` in the NUL-separated `NAME=value` entries of `/proc/PID/environ`
 /// (the first entry of that name, as `getenv` finds it). With `truncated`, the read stopped
-/// at its limit and the last entry, likely cut, is not looked at.
-fn env_var(environ: &[u8], name: &str, truncated: bool) -> Option<String> {
+/// at its limit and the last entry, likely cut, is not looked at. Public as a parsing entry
+/// point (fuzzing).
+pub fn env_var(environ: &[u8], name: &str, truncated: bool) -> Option<String> {
     let mut entries: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
     if truncated {
         entries.pop();
@@ -103,17 +104,53 @@ fn env_var(environ: &[u8], name: &str, truncated: bool) -> Option<String> {
     })
 }
 
-/// `value` made fit for a label: control characters removed, surrounding white space trimmed,
-/// cut to [`LABEL_MAX_CHARS`] characters.
+/// `value` made fit for a label: control characters and invisible formatting characters
+/// (bidirectional overrides, zero-width spaces and joiners, byte-order marks: text that would
+/// show differently from what it is) removed, surrounding white space trimmed, cut to
+/// [`LABEL_MAX_CHARS`] characters. For every label value taken from a file or a traced process:
+/// executable and model file names, GGUF architectures and names, paths, environment values.
 pub fn sanitize_label(value: &str) -> String {
-    let clean: String = value.chars().filter(|c| !c.is_control()).collect();
-    clean
-        .trim()
+    clean(value)
         .chars()
         .take(LABEL_MAX_CHARS)
         .collect::<String>()
         .trim_end()
         .to_string()
+}
+
+/// A path made fit for a label as [`sanitize_label`] does, but a path longer than
+/// [`LABEL_MAX_CHARS`] keeps its end (the file name) behind a leading `…`.
+pub fn sanitize_path_label(path: &str) -> String {
+    let clean = clean(path);
+    let n = clean.chars().count();
+    if n <= LABEL_MAX_CHARS {
+        return clean;
+    }
+    let tail: String = clean.chars().skip(n - (LABEL_MAX_CHARS - 1)).collect();
+    format!("…{}", tail.trim_start())
+}
+
+/// `value` without control and invisible formatting characters, trimmed.
+fn clean(value: &str) -> String {
+    let kept: String = value.chars().filter(|&c| !is_hidden(c)).collect();
+    kept.trim().to_string()
+}
+
+/// Control characters (Unicode `Cc`) and the format characters (`Cf`) that change how text
+/// around them shows or hide in it.
+fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+        )
 }
 
 /// The container id and the Kubernetes pod UID in the text of `/proc/PID/cgroup`.
@@ -442,6 +479,22 @@ mod tests {
         let wide = "é".repeat(200);
         assert_eq!(sanitize_label(&wide).chars().count(), LABEL_MAX_CHARS);
         assert_eq!(sanitize_label("\0\x07"), "");
+        // Invisible formatting: a right-to-left override, zero-width spaces, a BOM.
+        assert_eq!(
+            sanitize_label("\u{feff}llama\u{202e}ftg.exe\u{200b}\u{2066}"),
+            "llamaftg.exe"
+        );
+    }
+
+    #[test]
+    fn long_path_labels_keep_their_file_name() {
+        assert_eq!(sanitize_path_label(" /models/a\n.gguf "), "/models/a.gguf");
+        let long = format!("/{}/qwen2-7b.Q4_K_M.gguf", "d".repeat(500));
+        let label = sanitize_path_label(&long);
+        assert_eq!(label.chars().count(), LABEL_MAX_CHARS);
+        assert!(label.starts_with("…d"), "{label}");
+        assert!(label.ends_with("/qwen2-7b.Q4_K_M.gguf"), "{label}");
+        assert_eq!(sanitize_path_label("\u{7}"), "");
     }
 
     #[test]

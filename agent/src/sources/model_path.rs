@@ -86,10 +86,11 @@ pub struct Found {
     pub refused: Vec<(PathBuf, OpenError)>,
 }
 
-/// The model label of a path: its file stem (`models/qwen2-7b.Q4_K_M.gguf` → `qwen2-7b.Q4_K_M`).
+/// The model label of a path: its file stem (`models/qwen2-7b.Q4_K_M.gguf` → `qwen2-7b.Q4_K_M`),
+/// [sanitized](super::identity::sanitize_label): the process chose the path.
 pub fn label(path: &Path) -> String {
     path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
+        .map(|s| super::identity::sanitize_label(&s.to_string_lossy()))
         .unwrap_or_default()
 }
 
@@ -269,7 +270,8 @@ fn secondary(p: &Path) -> bool {
 }
 
 /// The value of `-m PATH`, `--model PATH` or `--model=PATH` in a NUL-separated command line.
-fn model_argument(cmdline: &[u8]) -> Option<PathBuf> {
+/// Public as a parsing entry point (fuzzing).
+pub fn model_argument(cmdline: &[u8]) -> Option<PathBuf> {
     let args: Vec<&[u8]> = cmdline
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
@@ -290,7 +292,8 @@ fn model_argument(cmdline: &[u8]) -> Option<PathBuf> {
 }
 
 /// `LLAMA_ARG_MODEL` (llama.cpp's environment form of `--model`) in a NUL-separated environment.
-fn model_env(environ: &[u8]) -> Option<PathBuf> {
+/// Public as a parsing entry point (fuzzing).
+pub fn model_env(environ: &[u8]) -> Option<PathBuf> {
     environ
         .split(|&b| b == 0)
         .find_map(|kv| kv.strip_prefix(b"LLAMA_ARG_MODEL="))
@@ -321,6 +324,22 @@ mod tests {
         );
     }
 
+    /// Found by the proc_maps and cgroup fuzz targets: paths a process chose (a mapped file's,
+    /// its `--model` argument) gave labels with control characters.
+    #[test]
+    fn labels_of_hostile_paths_are_sanitized() {
+        let maps = b"7f00-7f10 r--p 00000000 fd:01 7 /m/tiny\x01\x1b.gguf\n\
+                     7f10-7f20 r--p 00000000 fd:01 8 /\x7f\n";
+        let files = crate::discover::parse_maps(1, maps, crate::discover::OpenVia::Root).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(label(&files[0].path), "tiny");
+        assert_eq!(label(&files[1].path), "");
+        let path = model_argument(b"--model=\n").unwrap();
+        assert_eq!(label(&path), "");
+        let path = model_argument(b"-m\0/m/a\x01b\tc.gguf").unwrap();
+        assert_eq!(label(&path), "abc");
+    }
+
     #[test]
     fn later_shards_and_projectors_come_last() {
         assert!(secondary(Path::new("/m/x-00002-of-00003.gguf")));
@@ -337,6 +356,9 @@ mod tests {
             "qwen2-7b.Q4_K_M"
         );
         assert_eq!(label(Path::new("/")), "");
+        let hostile = format!("/m/\u{202e}{}\n.gguf", "q".repeat(300));
+        let l = label(Path::new(&hostile));
+        assert_eq!(l, "q".repeat(crate::sources::identity::LABEL_MAX_CHARS));
     }
 
     #[test]

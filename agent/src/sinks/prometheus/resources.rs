@@ -12,7 +12,10 @@ use prometheus::{
     CounterVec, GaugeVec, Opts, Registry,
 };
 
-use crate::model::{GpuSample, ModelInfo, Snapshot};
+use crate::{
+    model::{GpuSample, ModelInfo, Snapshot},
+    sources::identity::sanitize_path_label,
+};
 
 /// Errors of creating the metric families.
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +328,7 @@ impl ResourceSeries {
             info.context_length
                 .map(|c| c.to_string())
                 .unwrap_or_default(),
-            info.path.display().to_string(),
+            sanitize_path_label(&info.path.to_string_lossy()),
         ];
         f.model_info.with_label_values(&labels).set(1.0);
         f.model_size
@@ -422,6 +425,43 @@ mod tests {
         let text = render(&r);
         assert!(!text.contains(&line), "{text}");
         assert!(!text.contains("llamacpp_gpu_"), "{text}");
+    }
+
+    #[test]
+    fn model_info_labels_from_a_file_are_bounded_and_clean() {
+        use crate::sources::{gguf, identity::LABEL_MAX_CHARS};
+        let mut w = gguf::writer::Writer::new();
+        w.string(
+            "general.architecture",
+            &format!("qw\u{202e}en\n{}", "2".repeat(500)),
+        )
+        .string("general.name", "\u{1b}[2Jname");
+        let bytes = w.bytes(0);
+        let meta = gguf::read_metadata(std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap();
+        let path = format!("/{}/\u{7}tiny.gguf", "d".repeat(300));
+        let info = ModelInfo::from_metadata(path.into(), &meta, 0);
+        let r = Registry::new();
+        let mut s = ResourceSeries::new(&r);
+        s.set_model(7, "tiny", &info);
+        let text = render(&r);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("llamacpp_model_info{"))
+            .unwrap();
+        let label = |name: &str| {
+            let start = line.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+            line[start..].split('"').next().unwrap().to_string()
+        };
+        let arch = label("architecture");
+        assert!(arch.starts_with("qwen2222"), "{line}");
+        assert_eq!(arch.chars().count(), LABEL_MAX_CHARS);
+        let path = label("path");
+        assert_eq!(path.chars().count(), LABEL_MAX_CHARS);
+        assert!(
+            path.starts_with('…') && path.ends_with("/tiny.gguf"),
+            "{path}"
+        );
+        assert!(!line.contains('\u{1b}') && !line.contains('\u{7}') && !line.contains("\\n"));
     }
 
     #[test]
