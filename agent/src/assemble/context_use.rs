@@ -63,11 +63,13 @@ impl ContextUse {
                     used: p.pos0.max(0) as u32,
                     end: p.pos0.max(0),
                 });
-            s.used += p.n_tokens;
+            // Counts and positions are the program's: saturate, never overflow.
+            s.used = s.used.saturating_add(p.n_tokens);
+            let n = i32::try_from(p.n_tokens).unwrap_or(i32::MAX);
             if p.pos0 >= 0 {
-                s.end = s.end.max(p.pos0 + p.n_tokens as i32);
+                s.end = s.end.max(p.pos0.saturating_add(n));
             } else {
-                s.end += p.n_tokens as i32;
+                s.end = s.end.saturating_add(n);
             }
             match changed.iter_mut().find(|c| c.seq_id == p.seq_id) {
                 Some(c) => c.used = s.used,
@@ -120,13 +122,13 @@ impl ContextUse {
                     // Positions move, tokens stay: the sequence ends `delta` earlier (later)
                     // when the moved range ran to its end.
                     MemoryOp::SeqAdd if ev.p1 < 0 || ev.p1 >= s.end => {
-                        s.end = (s.end + ev.delta).max(0);
+                        s.end = s.end.saturating_add(ev.delta).max(0);
                     }
                     MemoryOp::SeqAdd => {}
                     MemoryOp::SeqCp if ev.p0 <= 0 && ev.p1 < 0 => *s = src,
                     MemoryOp::SeqCp => {
                         let (a, b) = range(&src, ev.p0, ev.p1);
-                        s.used += (b - a).max(0) as u32;
+                        s.used = s.used.saturating_add((b - a).max(0) as u32);
                         s.end = s.end.max(b);
                     }
                 }

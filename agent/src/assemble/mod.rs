@@ -693,7 +693,9 @@ impl Assembler {
         let last_pos = &mut self.context_mut(pid, d.ctx).last_pos;
         for p in &step.parts {
             if p.pos0 >= 0 {
-                last_pos.insert(p.seq_id, p.pos0 + p.n_tokens as i32 - 1);
+                // Positions are the program's: saturate, never overflow.
+                let n = i32::try_from(p.n_tokens).unwrap_or(i32::MAX);
+                last_pos.insert(p.seq_id, p.pos0.saturating_add(n) - 1);
             }
         }
         if d.flags & F::LAST_VALID != 0 && d.last.pos >= 0 {
@@ -914,6 +916,53 @@ mod tests {
             Observation::Decode(s) => s,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Found by the decode_event fuzz target: a batch position near `i32::MAX` (the program's
+    /// batch is read as it is) overflowed the end of its sequence; counts and shifts at their
+    /// limits saturate too (context use, requests).
+    #[test]
+    fn extreme_positions_and_counts_saturate() {
+        let mut a = Assembler::new();
+        let mut requests = requests::Requests::new(Mode::BatchView);
+        let mut r = run(0, 0, 5, 1, true);
+        r.pos0 = i32::MAX - 1;
+        let mut feed = |a: &mut Assembler, ev: Event| {
+            if let Some(obs) = a.process(&ev) {
+                requests.observe(&obs);
+            }
+        };
+        feed(&mut a, Event::Decode(Box::new(decode_event(5, &[r], 0))));
+        // Past the scan window by i32::MAX tokens, three times: one request's prompt.
+        for _ in 0..3 {
+            let mut big = decode_event(i32::MAX, &[r], 0);
+            big.flags = F::LAST_VALID;
+            big.last.pos = i32::MAX;
+            feed(&mut a, Event::Decode(Box::new(big)));
+        }
+        for (op, delta) in [
+            (probe_common::MemoryOp::SeqAdd, i32::MAX),
+            (probe_common::MemoryOp::SeqAdd, i32::MIN),
+            (probe_common::MemoryOp::SeqCp, 0),
+        ] {
+            let ev = probe_common::MemoryEvent {
+                header: crate::decode::tests::header(probe_common::EventKind::Memory, 0, 1),
+                op: op as u32,
+                seq_id: 0,
+                seq_dst: 1,
+                p0: 1,
+                p1: -1,
+                ret: 1,
+                delta,
+                handle: 0x1000,
+                ..Default::default()
+            };
+            feed(&mut a, Event::Memory(ev));
+        }
+        let closed = requests.finish();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].prompt_tokens, u32::MAX);
+        assert!(requests.expire(u64::MAX).is_empty());
     }
 
     #[test]

@@ -381,7 +381,7 @@ impl Requests {
                     self.open.insert(key, o);
                 }
                 let o = self.open.get_mut(&key).expect("inserted above");
-                o.req.prompt_tokens += p.n_tokens;
+                o.req.prompt_tokens = o.req.prompt_tokens.saturating_add(p.n_tokens);
                 if matches!(p.kind, PartKind::FinalPromptChunk | PartKind::MultiOutput) {
                     o.generating = true;
                     o.req.prompt_end_ns = Some(d.origin.end_ns);
@@ -495,7 +495,9 @@ impl Requests {
             .open
             .iter()
             .filter(|(k, o)| {
-                by_silence(k.0) && o.generating && o.last_activity_ns + IDLE_CLOSE_NS < now_ns
+                by_silence(k.0)
+                    && o.generating
+                    && o.last_activity_ns.saturating_add(IDLE_CLOSE_NS) < now_ns
             })
             .map(|(k, _)| *k)
             .collect();
@@ -511,7 +513,7 @@ impl Requests {
             let stepped_after = |t: u64| last_step.get(pid).is_some_and(|s| *s > t);
             while q
                 .front()
-                .is_some_and(|&t| t + STALE_POST_NS < now_ns && stepped_after(t))
+                .is_some_and(|&t| t.saturating_add(STALE_POST_NS) < now_ns && stepped_after(t))
             {
                 q.pop_front();
                 self.unserved.unclaimed += 1;

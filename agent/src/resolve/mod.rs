@@ -83,11 +83,13 @@ pub struct FileSymbols {
     pub gpu_init: Option<&'static str>,
 }
 
-/// Translates a virtual address to a file offset through the loadable segments.
+/// Translates a virtual address to a file offset through the loadable segments. The program
+/// headers are the file's to say: nothing is added that could overflow.
 fn file_offset(obj: &object::File, vaddr: u64) -> Option<u64> {
     obj.segments().find_map(|s| {
         let (off, size) = s.file_range();
-        (vaddr >= s.address() && vaddr < s.address() + size).then(|| vaddr - s.address() + off)
+        let within = vaddr.checked_sub(s.address())?;
+        (within < size).then(|| off.checked_add(within)).flatten()
     })
 }
 
@@ -141,7 +143,9 @@ pub fn resolve_bytes(
             if hits.contains_key(w) {
                 continue;
             }
-            if let Some(file_offset) = file_offset(&obj, sym.address()) {
+            // An offset past the end of the file is no place for a uprobe.
+            let offset = file_offset(&obj, sym.address()).filter(|&o| o < data.len() as u64);
+            if let Some(file_offset) = offset {
                 hits.insert(
                     w,
                     Hit {
@@ -515,6 +519,31 @@ mod tests {
             msg.contains("defines none of llama.cpp's decode functions"),
             "{msg}"
         );
+    }
+
+    /// Found by the elf_symbols fuzz target: a loadable segment whose file size reaches past
+    /// 2^64 overflowed the translation of a symbol's address to its file offset.
+    #[test]
+    fn huge_segments_do_not_overflow_file_offsets() {
+        let seed = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/elf_symbols/seed-libllama-stub.so");
+        let mut data = fs::read(seed).unwrap();
+        let u16_at = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+        let phoff = u64::from_le_bytes(data[32..40].try_into().unwrap()) as usize;
+        let (entsize, count) = (u16_at(&data, 54), u16_at(&data, 56));
+        let good = resolve_bytes(mapped(Path::new("/x/libllama.so")), &data, None).unwrap();
+        assert!(good.hits.contains_key("llama_decode"));
+        for i in 0..count {
+            let ph = phoff + i * entsize;
+            if data[ph..ph + 4] == object::elf::PT_LOAD.to_le_bytes() {
+                // p_filesz and p_memsz
+                data[ph + 32..ph + 48]
+                    .copy_from_slice(&[0x32, 0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff].repeat(2));
+            }
+        }
+        let r = resolve_bytes(mapped(Path::new("/x/libllama.so")), &data, None).unwrap();
+        assert!(r.hits.values().all(|h| h.file_offset < data.len() as u64));
+        assert_eq!(r.hits["llama_decode"], good.hits["llama_decode"]);
     }
 
     #[test]
