@@ -4,6 +4,8 @@
 # types by a unit test of the agent:
 #   LLAMAPROBE_WRITE_FUZZ_SEEDS=1 cargo test -p llamaprobe --lib fuzz_seeds
 # Needs gcc, python3 and the tiny model of `cargo xtask fixtures` (LLAMAPROBE_MODEL).
+# The seed-crash-* files are the inputs of crashes the targets found (each also a regression
+# test beside its parser): kept as they are, never written here.
 set -euo pipefail
 cd "$(dirname "$0")"
 corpus=corpus
