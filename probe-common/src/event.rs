@@ -295,17 +295,45 @@ pub struct ContextFreeEvent {
 pub enum ProcessChange {
     /// `sched/sched_process_exec`: the process (header `tgid`) now runs a new program.
     Exec = 0,
-    /// `sched/sched_process_exit` of a watched process's main thread.
+    /// The main thread of a watched process ended (`do_exit`, or `sched/sched_process_exit`
+    /// where the kprobe could not be attached): the process is ending.
     Exit = 1,
+    /// Another thread of a watched process ended while inside probed calls (their entries were
+    /// released; a thread that ends outside them sends nothing).
+    ThreadExit = 2,
 }
 
-/// A process's exec or exit, sent by the host agent's tracepoint programs (an instant).
+/// [`ProcessEvent::exit_code`] when the exit was seen without its code (the tracepoint).
+pub const EXIT_CODE_UNKNOWN: i32 = i32::MIN;
+
+/// Bits of [`ProcessEvent::calls`]: the probed calls, by family (one per-thread entry map),
+/// a thread was inside when it ended, with the name the agent reports.
+pub const IN_CALL: [(u32, &str); 8] = [
+    (1 << 0, "decode"),
+    (1 << 1, "model load"),
+    (1 << 2, "context creation"),
+    (1 << 3, "sampling"),
+    (1 << 4, "synchronize"),
+    (1 << 5, "memory operation"),
+    (1 << 6, "memory handle"),
+    (1 << 7, "slot launch"),
+];
+
+/// A process's exec, or the end of a watched process's thread, sent by the host agent's
+/// discovery programs and the exit probe (an instant).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcessEvent {
     pub header: EventHeader,
     /// A [`ProcessChange`] value.
     pub change: u32,
+    /// The probed calls ([`IN_CALL`] bits) the ending thread was inside: their per-thread
+    /// entries were released. 0 for an exec.
+    pub calls: u32,
+    /// The ending thread's exit status as `wait(2)` reports it (the code `do_exit` was called
+    /// with: `status << 8`, or the signal number, `| 0x80` if it dumped core), or
+    /// [`EXIT_CODE_UNKNOWN`]. 0 for an exec.
+    pub exit_code: i32,
     pub _pad: u32,
 }
 
@@ -400,5 +428,5 @@ const _: () = assert!(size_of::<TaskPostEvent>() == 32 + 8 + 16 + 16 * MAX_POST_
 const _: () = assert!(size_of::<SlotLaunchEvent>() == 32 + 16 + 16);
 const _: () = assert!(size_of::<MemoryHandleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<ContextFreeEvent>() == 32 + 8);
-const _: () = assert!(size_of::<ProcessEvent>() == 32 + 8);
+const _: () = assert!(size_of::<ProcessEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8);

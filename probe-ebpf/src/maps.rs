@@ -23,6 +23,11 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_COUNTERS,
 #[no_mangle]
 pub static USE_COOKIES: Global<u32> = Global::new(0);
 
+/// Set by the agent at load: the offset of `task_struct.exit_code` in the running kernel (from
+/// its BTF), 0 if not known. The exit tracepoint reads the ending thread's status there.
+#[no_mangle]
+pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);
+
 /// Struct layouts by id (attach cookie − 1), written by the agent: one entry per distinct
 /// layout, shared by every process and file that has it.
 #[map]

@@ -34,7 +34,7 @@ use crate::{
     assemble::requests::Requests,
     attach::{self, Probes},
     decode::Event,
-    model::{Mode, Observation, TracedProcess},
+    model::{ExitStatus, Mode, Observation, TracedProcess},
     sinks::prometheus::Health,
     sources::k8s::K8sMetadata,
 };
@@ -146,8 +146,9 @@ pub fn run(opts: DaemonOpts) -> anyhow::Result<i32> {
     let tracefs = attach::ensure_tracefs()?;
     let mut probes = Probes::load()?;
     // Before the first scan: a program started while it runs is seen at its exec.
-    probes.attach_process_tracepoints()?;
-    tracing::info!("{tracefs}; exec and exit tracepoints attached");
+    probes.attach_exec_tracepoint()?;
+    let exit_probe = probes.attach_exit_probe()?;
+    tracing::info!("{tracefs}; exec tracepoint and {exit_probe} attached");
     let ring = probes.ring_buffer()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -174,6 +175,9 @@ struct Daemon {
     exec_at: HashMap<u32, u64>,
     /// Traced processes a rescan found gone, released after the next drain.
     vanished: Vec<u32>,
+    /// Traced processes whose main thread ended: released once their other threads are gone
+    /// too (their ends, and the calls they were inside, are read first).
+    ending: Vec<u32>,
     /// Processes released lately: an event of theirs read after the release (a rescan that
     /// saw the exit before its events were read) must not bring them back.
     released: HashMap<u32, Instant>,
@@ -230,6 +234,7 @@ async fn event_loop(
         model_checks: Vec::new(),
         exec_at: HashMap::new(),
         vanished: Vec::new(),
+        ending: Vec::new(),
         released: HashMap::new(),
         errors_counted: 0,
     };
@@ -268,11 +273,13 @@ async fn event_loop(
                 guard.clear_ready();
             }
             _ = drain.tick() => {
+                // Looked at before the ring buffer is read: every end of their threads is in it.
+                let ended = d.ended_processes();
                 let rb = ring.get_mut();
                 while let Some(item) = rb.next() {
                     d.handle(&item);
                 }
-                for pid in std::mem::take(&mut d.vanished) {
+                for pid in std::mem::take(&mut d.vanished).into_iter().chain(ended) {
                     d.release(pid, "exited");
                 }
                 let assembler = &d.pipe.assembler;
@@ -317,14 +324,22 @@ impl Daemon {
                 pid,
                 change: ProcessChange::Exec,
                 at_ns,
+                ..
             } => self.exec(pid, at_ns),
             Event::Process {
                 pid,
-                change: ProcessChange::Exit,
+                change: change @ (ProcessChange::Exit | ProcessChange::ThreadExit),
                 ..
             } => {
-                tracing::debug!(pid, "exit event");
-                self.release(pid, "exited")
+                tracing::debug!(pid, ?change, "exit event");
+                if self.host.processes.contains_key(&pid) {
+                    self.pipe.handle_event(&ev);
+                }
+                if change == ProcessChange::Exit && !self.ending.contains(&pid) {
+                    // Released once its other threads have ended too (and the calls they
+                    // were inside are known).
+                    self.ending.push(pid);
+                }
             }
             ev => {
                 let pid = ev.pid();
@@ -475,10 +490,30 @@ impl Daemon {
         self.ignored.remove(&pid);
         self.exec_at.remove(&pid);
         if let Some(p) = self.host.release(pid, &mut self.probes) {
-            tracing::info!(pid, exe = %p.identity.exe, "released: {why}");
-            self.pipe.forget(pid);
+            match self.pipe.forget(pid) {
+                Some(end)
+                    if matches!(end.status, Some(ExitStatus::Killed { .. }))
+                        || !end.interrupted.is_empty() =>
+                {
+                    tracing::warn!(pid, exe = %p.identity.exe, "released: the process {end}")
+                }
+                Some(end) => {
+                    tracing::info!(pid, exe = %p.identity.exe, "released: the process {end}")
+                }
+                None => tracing::info!(pid, exe = %p.identity.exe, "released: {why}"),
+            }
             self.released.insert(pid, Instant::now());
         }
+    }
+
+    /// The processes whose main thread ended that have no other thread left (the kernel lists
+    /// a thread until its end was traced): taken from [`Daemon::ending`].
+    fn ended_processes(&mut self) -> Vec<u32> {
+        let (done, still): (Vec<u32>, Vec<u32>) = std::mem::take(&mut self.ending)
+            .into_iter()
+            .partition(|&pid| Host::threads_left(pid) == 0);
+        self.ending = still;
+        done
     }
 
     /// Looks at every process of the host.

@@ -150,6 +150,17 @@ impl Host {
             .collect()
     }
 
+    /// Threads of process `pid` other than its main thread that the kernel still lists (0 when
+    /// the process is gone).
+    pub fn threads_left(pid: u32) -> usize {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&tid| tid != pid)
+            .count()
+    }
+
     /// Looks at process `pid`: traces it if it runs llama.cpp and the selection takes it
     /// (attaching what its files need), else remembers it as another process.
     pub fn consider(&mut self, pid: u32, probes: &mut Probes) -> Seen {

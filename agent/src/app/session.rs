@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use probe_common::ProcessChange;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -31,8 +32,8 @@ use crate::{
     catalog::{self, Family},
     decode, discover,
     model::{
-        clock, Mode, ModelFacts, ModelInfo, Observation, ProcessIdentity, ProcessReading,
-        TracedProcess,
+        clock, ExitStatus, Mode, ModelFacts, ModelInfo, Observation, ProcessEnd, ProcessIdentity,
+        ProcessReading, TracedProcess,
     },
     resolve::Plan,
     sinks::{
@@ -201,6 +202,15 @@ pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32>
     };
     let layout = traced.plan.process_layout();
     probes.attach(&traced.plan.probes, Some(traced.pid), &layout, skip)?;
+    // How the process ends (its exit status, the calls it was inside), and its threads' entries
+    // released when they end: never worth failing the session for.
+    match probes
+        .watch(traced.pid)
+        .and_then(|()| probes.attach_exit_probe())
+    {
+        Ok(how) => tracing::debug!("{how}"),
+        Err(e) => tracing::warn!("how the process ends will not be known: {e}"),
+    }
     let ring = probes.ring_buffer()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -335,11 +345,16 @@ async fn event_loop(
                 pipe.tick(&session.pids(), None);
             }
             Some(pid) = exits.recv() => {
+                // Its exit probe's report, and the last events it sent, are in the ring buffer.
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    pipe.handle(&item);
+                }
                 session.exited(pid);
                 if session.is_empty() {
                     break "the process exited";
                 }
-                pipe.forget(pid);
+                let _ = pipe.forget(pid);
             }
             _ = &mut deadline => break "--duration elapsed",
             _ = sigterm.recv() => break "terminated",
@@ -452,6 +467,8 @@ pub(super) struct Pipeline {
     sinks: Vec<Box<dyn Sink>>,
     sampler: sources::Sampler,
     pub(super) stats: SelfStats,
+    /// How traced processes ended, as their exit probe reported it, until they are released.
+    ends: HashMap<u32, ProcessEnd>,
 }
 
 impl Pipeline {
@@ -462,6 +479,7 @@ impl Pipeline {
             sinks,
             sampler: sources::Sampler::new(opts.nvml_lib.clone()),
             stats: SelfStats::default(),
+            ends: HashMap::new(),
         }
     }
 
@@ -496,6 +514,24 @@ impl Pipeline {
     }
 
     pub(super) fn handle_event(&mut self, ev: &decode::Event) {
+        if let decode::Event::Process {
+            pid,
+            change: change @ (ProcessChange::Exit | ProcessChange::ThreadExit),
+            calls,
+            exit_code,
+            ..
+        } = *ev
+        {
+            let end = self.ends.entry(pid).or_insert_with(|| ProcessEnd {
+                pid,
+                ..Default::default()
+            });
+            if change == ProcessChange::Exit {
+                end.status = ExitStatus::from_code(exit_code);
+            }
+            end.add_interrupted(calls);
+            return;
+        }
         let Some(obs) = self.assembler.process(ev) else {
             return;
         };
@@ -508,13 +544,18 @@ impl Pipeline {
     }
 
     /// A traced process is gone (others are still traced): its requests close, its state goes,
-    /// the sinks hear of it.
-    pub(super) fn forget(&mut self, pid: u32) {
+    /// the sinks hear of it, and how it ended (where its exit probe saw it) is returned.
+    pub(super) fn forget(&mut self, pid: u32) -> Option<ProcessEnd> {
         for r in self.requests.forget(pid) {
             self.emit(&Observation::Request(r));
         }
         self.assembler.forget(pid);
+        let end = self.ends.remove(&pid);
+        if let Some(e) = &end {
+            self.emit(&Observation::Ended(e.clone()));
+        }
         self.emit(&Observation::Released { pid });
+        end
     }
 
     /// The metadata of a model the process loaded, read from its file.
@@ -615,6 +656,11 @@ impl Pipeline {
     pub(super) fn finish(&mut self, pids: &[u32], ended_by: &'static str) -> anyhow::Result<()> {
         for r in self.requests.finish() {
             self.emit(&Observation::Request(r));
+        }
+        let mut ends: Vec<ProcessEnd> = std::mem::take(&mut self.ends).into_values().collect();
+        ends.sort_by_key(|e| e.pid);
+        for e in ends {
+            self.emit(&Observation::Ended(e));
         }
         if self.requests.steps_dropped > 0 {
             tracing::info!(

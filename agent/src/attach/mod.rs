@@ -15,6 +15,8 @@ use probe_common::{ProcessLayout, LOST_COUNTERS, LOST_ENTRY, LOST_RINGBUF};
 
 use crate::{catalog::Family, resolve::PlannedProbe};
 
+pub mod kernel_btf;
+
 /// The eBPF object built by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 
@@ -133,11 +135,25 @@ pub fn ensure_tracefs() -> Result<&'static str, AttachError> {
     Ok("tracefs mounted by llamaprobe")
 }
 
-/// The discovery tracepoints: program name and `sched` event.
-const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
-    ("process_exec", "sched_process_exec"),
-    ("process_exit", "sched_process_exit"),
-];
+/// What the exit tracepoint reports of a traced thread's end ([`Probes::attach_exit_probe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitProbe {
+    /// The end and its exit status (read from the task at the offset the kernel's BTF gives).
+    WithStatus,
+    /// The end only: the kernel's BTF did not say where the status is (the reason).
+    WithoutStatus(String),
+}
+
+impl std::fmt::Display for ExitProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitProbe::WithStatus => f.write_str("exit tracepoint (with exit statuses)"),
+            ExitProbe::WithoutStatus(why) => {
+                write!(f, "exit tracepoint (exit statuses not known: {why})")
+            }
+        }
+    }
+}
 
 /// Checks the kernel version and the process's privileges before touching the kernel.
 pub fn preflight() -> Result<(), AttachError> {
@@ -265,6 +281,8 @@ pub struct Probes {
     attached: u64,
     /// The probes find their process's layout by attach cookie (else by pid).
     cookies: bool,
+    /// Where `task_struct.exit_code` is (the kernel's BTF), or why it is not known.
+    exit_code_offset: Result<u32, String>,
     /// The layouts written into `LAYOUT_TABLE`, by id.
     layouts: Vec<ProcessLayout>,
     /// Every link, with its program's name (for detaching a family's fallback) and its group
@@ -289,8 +307,15 @@ impl Probes {
         let cookies = std::env::var_os(NO_COOKIES_ENV).is_none()
             && KernelVersion::current()
                 .is_ok_and(|v| v >= KernelVersion::new(COOKIES_SINCE.0, COOKIES_SINCE.1, 0));
+        // 0: the exit tracepoint reads no status.
+        let exit_code_offset = kernel_btf::task_exit_code_offset();
         let ebpf = EbpfLoader::new()
             .override_global("USE_COOKIES", &u32::from(cookies), true)
+            .override_global(
+                "TASK_EXIT_CODE_OFFSET",
+                &exit_code_offset.clone().unwrap_or(0),
+                true,
+            )
             .load(EBPF_OBJECT)
             .map_err(|source| {
                 tracing::debug!("Ebpf::load: {source:?}");
@@ -305,6 +330,7 @@ impl Probes {
             loaded: HashMap::new(),
             attached: 0,
             cookies,
+            exit_code_offset,
             layouts: Vec::new(),
             links: Vec::new(),
             reaper: None,
@@ -496,33 +522,51 @@ impl Probes {
         self.reaping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Loads and attaches the exec and exit tracepoints of the host agent's discovery
-    /// (tracefs must be mounted: [`ensure_tracefs`]).
-    pub fn attach_process_tracepoints(&mut self) -> Result<(), AttachError> {
-        for (program, event) in PROCESS_TRACEPOINTS {
-            let prog: &mut TracePoint = self
-                .ebpf
-                .program_mut(program)
-                .ok_or(AttachError::Program {
-                    program,
-                    source: ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(|source| AttachError::Program { program, source })?;
-            prog.load().map_err(|source| {
-                if is_eperm(&source) {
-                    AttachError::Privileges
-                } else {
-                    AttachError::Program { program, source }
-                }
+    /// Loads and attaches a `sched` tracepoint program.
+    fn attach_tracepoint(
+        &mut self,
+        program: &'static str,
+        event: &'static str,
+    ) -> Result<(), AttachError> {
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(AttachError::Program {
+                program,
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| AttachError::Program { program, source })?;
+        prog.load().map_err(|source| {
+            if is_eperm(&source) {
+                AttachError::Privileges
+            } else {
+                AttachError::Program { program, source }
+            }
+        })?;
+        prog.attach("sched", event)
+            .map_err(|source| AttachError::TracePoint {
+                name: event,
+                source,
             })?;
-            prog.attach("sched", event)
-                .map_err(|source| AttachError::TracePoint {
-                    name: event,
-                    source,
-                })?;
-        }
         Ok(())
+    }
+
+    /// Loads and attaches the host agent's exec tracepoint (tracefs must be mounted:
+    /// [`ensure_tracefs`]).
+    pub fn attach_exec_tracepoint(&mut self) -> Result<(), AttachError> {
+        self.attach_tracepoint("process_exec", "sched_process_exec")
+    }
+
+    /// Loads and attaches the exit tracepoint of the [`watch`](Self::watch)ed processes
+    /// (`sched_process_exit`; tracefs mounted): every end of one of their threads, with the
+    /// exit status where the kernel's BTF says where it is, and their entries released.
+    pub fn attach_exit_probe(&mut self) -> Result<ExitProbe, AttachError> {
+        self.attach_tracepoint("process_exit", "sched_process_exit")?;
+        Ok(match &self.exit_code_offset {
+            Ok(_) => ExitProbe::WithStatus,
+            Err(why) => ExitProbe::WithoutStatus(why.clone()),
+        })
     }
 
     fn watched(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, AttachError> {

@@ -22,12 +22,19 @@ pub enum Event {
     SlotLaunch(SlotLaunchEvent),
     SlotRelease(SlotReleaseEvent),
     ContextFree(ContextFreeEvent),
-    /// An exec or a watched process's exit (the host agent's discovery; not a llama.cpp call).
+    /// An exec (the host agent's discovery), or the end of a watched process's thread (not a
+    /// llama.cpp call).
     Process {
         pid: u32,
+        /// The thread that exec'd or ended.
+        tid: u32,
         change: ProcessChange,
         /// When (monotonic ns).
         at_ns: u64,
+        /// The probed calls the ending thread was inside (`probe_common::IN_CALL` bits).
+        calls: u32,
+        /// Its exit status as `wait(2)` encodes it, or `probe_common::EXIT_CODE_UNKNOWN`.
+        exit_code: i32,
     },
 }
 
@@ -105,12 +112,16 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let change = match ev.change {
                 c if c == ProcessChange::Exec as u32 => ProcessChange::Exec,
                 c if c == ProcessChange::Exit as u32 => ProcessChange::Exit,
+                c if c == ProcessChange::ThreadExit as u32 => ProcessChange::ThreadExit,
                 change => return Err(DecodeError::ProcessChange { change }),
             };
             Event::Process {
                 pid: ev.header.tgid,
+                tid: ev.header.tid,
                 change,
                 at_ns: ev.header.start_ns,
+                calls: ev.calls,
+                exit_code: ev.exit_code,
             }
         }
     })
@@ -455,6 +466,8 @@ pub(crate) mod tests {
             &ProcessEvent {
                 header: header(EventKind::Process, t(16), t(16)),
                 change: ProcessChange::Exit as u32,
+                calls: 1,
+                exit_code: 9,
                 _pad: 0,
             },
         );
@@ -467,7 +480,7 @@ pub(crate) mod tests {
             &ProcessEvent {
                 header: header(EventKind::Process, t(1), t(1)),
                 change: ProcessChange::Exec as u32,
-                _pad: 0,
+                ..Default::default()
             },
         );
         let p = b"models/tiny.gguf\0";

@@ -4,6 +4,7 @@
 
 mod calls;
 pub mod clock;
+mod ending;
 mod observation;
 mod origin;
 mod request;
@@ -13,6 +14,7 @@ mod snapshot;
 mod step;
 
 pub use calls::*;
+pub use ending::*;
 pub use observation::*;
 pub use origin::*;
 pub use request::*;

@@ -31,6 +31,9 @@ pub enum Observation {
     Request(Request),
     /// A process llamaprobe began to trace.
     Traced(TracedProcess),
+    /// How a traced process ended (sent before its [`Observation::Released`], where its exit
+    /// probe saw the end).
+    Ended(super::ProcessEnd),
     /// A traced process is gone (exited, or no longer probed); its requests were closed.
     Released {
         pid: u32,
@@ -95,6 +98,7 @@ impl Observation {
             Observation::Request(_)
             | Observation::Traced(_)
             | Observation::Released { .. }
+            | Observation::Ended(_)
             | Observation::ModelInfo(_) => return None,
         })
     }

@@ -200,6 +200,7 @@ impl Sink for TraceFile {
                 Observation::Request(_)
                 | Observation::Traced(_)
                 | Observation::Released { .. }
+                | Observation::Ended(_)
                 | Observation::ModelInfo(_) => {}
             }
             return;

@@ -3,6 +3,7 @@
 # tests, with gcc/g++ only:
 #   OUTDIR/classic/libllama.so      llama_classic.c + llama_common.c   (classic API, C)
 #   OUTDIR/classic/driver_classic   driver_classic.c, RUNPATH $ORIGIN
+#   OUTDIR/classic/driver_ending    driver_ending.c: ends inside llama_decode (SIGSEGV, SIGKILL)
 #   OUTDIR/ext/libllama.so          llama_ext.cpp + llama_common.c     (newest API, C++17)
 #   OUTDIR/ext/driver_ext           driver_ext.cpp, RUNPATH $ORIGIN
 #   OUTDIR/ext/layout_ext           layout_ext.cpp (prints llama_batch_ext offsets)
@@ -51,6 +52,9 @@ install_file "$TMP/libllama_classic.so" "$OUT/classic/libllama.so"
 "$CC" "${CFLAGS[@]}" -o "$TMP/driver_classic" "$SRC/driver_classic.c" \
     -L"$OUT/classic" -lllama "${RPATH[@]}"
 install_file "$TMP/driver_classic" "$OUT/classic/driver_classic"
+"$CC" "${CFLAGS[@]}" -pthread -o "$TMP/driver_ending" "$SRC/driver_ending.c" \
+    -L"$OUT/classic" -lllama "${RPATH[@]}"
+install_file "$TMP/driver_ending" "$OUT/classic/driver_ending"
 
 # ---- ext ----
 "$CC" "${CFLAGS[@]}" -c -o "$TMP/llama_common.o" "$SRC/llama_common.c"

@@ -2,14 +2,19 @@
 //! without llamaprobe; `kill -9` of llamaprobe in the middle of a burst leaves every request
 //! answered and nothing of llamaprobe in the kernel (its programs, maps and links, by the ids
 //! its own file descriptors held), and a new llamaprobe counts exactly from then on; two
-//! llamaprobe instances on one process both count exactly.
+//! llamaprobe instances on one process both count exactly; a process killed or crashed inside
+//! a probed call is reported with how it ended and the calls it was inside, and its threads'
+//! entries are released.
 
 use std::{collections::HashSet, time::Duration};
 
 use serde_json::json;
 
 use crate::common::{
-    server::{attach, first_server, free_port, on_every_server, sum_of, wait_metrics, Server},
+    daemon,
+    server::{
+        attach, first_server, free_port, on_every_server, sum_of, wait_metrics, Probe, Server,
+    },
     *,
 };
 
@@ -388,5 +393,308 @@ fn an_event_storm_is_dropped_and_counted_and_counts_are_exact_after_it() {
     writeln!(input).unwrap();
     assert!(target.wait().unwrap().success());
     let (code, out) = probe.finish();
+    assert_eq!(code, 0, "{out}");
+}
+
+/// The tids of `tgid`'s threads with a decode call in progress in the `DECODE_ENTRY` map of
+/// the llamaprobe `agent` (found by the map ids its file descriptors hold).
+fn decode_entries(agent: u32, tgid: u32) -> Vec<u32> {
+    const SIZE: usize = std::mem::size_of::<probe_common::DecodeEvent>();
+    let mut tids = Vec::new();
+    for (kind, id) in bpf_ids(agent) {
+        if kind != "map_id" {
+            continue;
+        }
+        let Ok(info) = aya::maps::MapInfo::from_id(id) else {
+            continue;
+        };
+        if info.name_as_str() != Some("DECODE_ENTRY") {
+            continue;
+        }
+        let data = aya::maps::MapData::from_id(id).unwrap();
+        let map: aya::maps::HashMap<_, u32, [u8; SIZE]> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        for (tid, ev) in map.iter().flatten() {
+            // EventHeader: kind, tgid, tid, …
+            if u32::from_ne_bytes(ev[4..8].try_into().unwrap()) == tgid {
+                tids.push(tid);
+            }
+        }
+    }
+    tids.sort_unstable();
+    tids
+}
+
+/// `driver_ending MODE…` (agent/tests/fake/driver_ending.c) copied into `dir` as `name`, started
+/// and held before its first call; it dumps no core (RLIMIT_CORE 0, so its status is exact).
+fn ending_driver(dir: &std::path::Path, name: &str, mode: &[&str]) -> (std::process::Child, u32) {
+    use std::{io::BufRead, os::unix::process::CommandExt};
+    let exe = dir.join(name);
+    std::fs::copy(fakes().join("classic/driver_ending"), &exe).unwrap();
+    std::fs::copy(fakes().join("classic/libllama.so"), dir.join("libllama.so")).unwrap();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(mode)
+        .env("FAKE_WAIT_STDIN", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = line
+        .trim()
+        .strip_prefix("ready pid=")
+        .unwrap_or_else(|| panic!("driver said {line:?}"))
+        .parse()
+        .unwrap();
+    (child, pid)
+}
+
+/// Lets a held driver go (one byte on its stdin).
+fn release_driver(child: &mut std::process::Child) {
+    use std::io::Write;
+    child.stdin.as_mut().unwrap().write_all(b"x").unwrap();
+}
+
+/// `attach` to a program that crashes inside `llama_decode` (SIGSEGV on its main thread) and to
+/// one that exits with status 3: llamaprobe ends with its summary, which says how the process
+/// ended, as its parent (this test) saw it, and which call it was inside.
+#[test]
+fn attach_reports_how_the_process_ended_and_the_call_it_was_inside() {
+    let test = "attach_reports_how_the_process_ended_and_the_call_it_was_inside";
+    if !root_or_skip(test) {
+        return;
+    }
+    let dir = scratch("ending-attach");
+    for (mode, status, said, interrupted) in [
+        (
+            &["segv"][..],
+            json!({"how": "killed", "signal": 11, "signal_name": "SIGSEGV", "core_dumped": false}),
+            "the process was killed by SIGSEGV (signal 11) inside a decode call",
+            json!([{"call": "decode", "threads": 1}]),
+        ),
+        (
+            &["exit", "3"][..],
+            json!({"how": "exited", "status": 3}),
+            "the process exited with status 3",
+            json!([]),
+        ),
+    ] {
+        let (mut child, pid) = ending_driver(&dir, "ending_attach", mode);
+        let summary = dir.join(format!("summary-{}.json", mode[0]));
+        let mut probe = Probe::spawn(llamaprobe().args([
+            "attach",
+            "--pid",
+            &pid.to_string(),
+            "--quiet",
+            "--metrics-addr",
+            "off",
+            "--summary-json",
+            server::path(&summary),
+        ]));
+        probe.wait_for("probes attached");
+        release_driver(&mut child);
+        let st = child.wait().unwrap();
+        let (code, out) = probe.finish();
+        assert_eq!(code, 0, "{out}");
+        use std::os::unix::process::ExitStatusExt;
+        match mode[0] {
+            "segv" => assert_eq!(st.signal(), Some(libc::SIGSEGV), "{st:?}"),
+            _ => assert_eq!(st.code(), Some(3), "{st:?}"),
+        }
+        assert!(out.contains(said), "{out}");
+        let v = json(&summary);
+        assert_eq!(v["ended"]["status"], status, "{v}");
+        assert_eq!(v["ended"]["interrupted"], interrupted, "{v}");
+        assert_eq!(v["ended"]["pid"], pid, "{v}");
+        // The step that returned is counted; the one it died in is not a step.
+        assert_eq!(v["decode_calls"], 1, "{v}");
+    }
+}
+
+/// The host agent, a program killed (SIGKILL) while two of its threads are inside
+/// `llama_decode`: the daemon says so (log line, `llamaprobe_processes_ended_total` and
+/// `llamaprobe_calls_interrupted_total`), the probes' entries of both threads are gone from the
+/// kernel's map, and it goes on tracing: a next program's exit status is reported too.
+#[test]
+fn the_host_agent_reports_a_kill_inside_two_decode_calls_and_releases_their_entries() {
+    let test = "the_host_agent_reports_a_kill_inside_two_decode_calls_and_releases_their_entries";
+    if !root_or_skip(test) {
+        return;
+    }
+    let dir = scratch("ending-daemon");
+    let mut d = daemon::Daemon::start(&["--include", "exe:ending_daemon", "--series-grace", "1"]);
+    let agent = d.probe.child.id();
+    let (mut child, pid) = ending_driver(&dir, "ending_daemon", &["hang"]);
+    d.wait_line("traced", pid);
+    release_driver(&mut child);
+    // Both threads are inside llama_decode (10 s each) once both entries are in the map.
+    let t0 = std::time::Instant::now();
+    let inside = loop {
+        let tids = decode_entries(agent, pid);
+        if tids.len() == 2 || t0.elapsed() > Duration::from_secs(30) {
+            break tids;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        inside.len(),
+        2,
+        "entries of the two decoding threads: {inside:?}"
+    );
+    assert!(inside.contains(&pid), "{inside:?}");
+    child.kill().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    let line = d.wait_line("released", pid);
+    assert!(
+        line.contains("was killed by SIGKILL (signal 9) inside 2 decode calls"),
+        "{line}"
+    );
+    assert_eq!(
+        decode_entries(agent, pid),
+        Vec::<u32>::new(),
+        "entries left"
+    );
+    let m = d.metrics();
+    assert_eq!(
+        sum_of(
+            &m,
+            "llamaprobe_processes_ended_total",
+            "cause=\"SIGKILL\",how=\"killed\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum_of(&m, "llamaprobe_calls_interrupted_total", "call=\"decode\""),
+        2.0
+    );
+    assert_eq!(sum_of(&m, "llamaprobe_calls_interrupted_total", ""), 2.0);
+
+    // Still tracing: the next program's steps and its exit status.
+    let (mut child, pid) = ending_driver(&dir, "ending_daemon", &["exit", "3"]);
+    d.wait_line("traced", pid);
+    release_driver(&mut child);
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+    let line = d.wait_line("released", pid);
+    assert!(line.contains("the process exited with status 3"), "{line}");
+    let m = d.metrics();
+    assert_eq!(
+        sum_of(
+            &m,
+            "llamaprobe_processes_ended_total",
+            "cause=\"3\",how=\"exited\""
+        ),
+        1.0
+    );
+    assert_eq!(sum_of(&m, "llamaprobe_processes_ended_total", ""), 2.0);
+    assert_eq!(sum_of(&m, "llamaprobe_calls_interrupted_total", ""), 2.0);
+    assert_eq!(
+        server::get(&format!("http://127.0.0.1:{}/healthz", d.port)).as_deref(),
+        Some("ok\n")
+    );
+    let (code, out) = d.probe.terminate();
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A real llama-server killed (SIGKILL) inside a decode step, in the middle of a burst, under
+/// the host agent. To kill it inside a step for certain, the test waits for its decode entry in
+/// the probes' map, stops the server (SIGSTOP), and kills it only if the entry is still there
+/// with every thread stopped (a stopped thread cannot return from the call).
+#[test]
+fn a_llama_server_killed_inside_a_decode_step_is_reported_by_the_host_agent() {
+    let Some((f, model, _serial)) =
+        first_server("a_llama_server_killed_inside_a_decode_step_is_reported_by_the_host_agent")
+    else {
+        return;
+    };
+    let mut d = daemon::Daemon::start(&["--include", "exe:llama-server", "--series-grace", "1"]);
+    let agent = d.probe.child.id();
+    let mut server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);
+    let pid = server.child.id();
+    d.wait_line("traced", pid);
+    let stopped = |tid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| {
+            s[s.rfind(')').unwrap() + 2..].starts_with('t')
+                || s[s.rfind(')').unwrap() + 2..].starts_with('T')
+        })
+    };
+    let _requests: Vec<_> = (0..4)
+        .map(|i| {
+            let port = server.port;
+            std::thread::spawn(move || {
+                // Cut off by the kill: what it answers does not matter here.
+                let _ = server::http()
+                    .post(&format!("http://127.0.0.1:{port}/completion"))
+                    .send_json(json!({"prompt": format!("killed {i}"), "n_predict": 4096,
+                                      "ignore_eos": true}));
+            })
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let (inside, tries) = 'caught: {
+        for tries in 1.. {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "never caught the server inside a decode step"
+            );
+            if decode_entries(agent, pid).is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            while !tids.iter().all(|&t| stopped(t)) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let inside = decode_entries(agent, pid);
+            if !inside.is_empty() {
+                break 'caught (inside, tries);
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        }
+        unreachable!()
+    };
+    eprintln!("caught inside a decode step at try {tries}: threads {inside:?}");
+    assert_eq!(inside.len(), 1, "one thread decodes: {inside:?}");
+    server.child.kill().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(server.child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    let line = d.wait_line("released", pid);
+    assert!(
+        line.contains("was killed by SIGKILL (signal 9) inside a decode call"),
+        "{line}"
+    );
+    assert_eq!(decode_entries(agent, pid), Vec::<u32>::new(), "entry left");
+    let m = d.metrics();
+    assert_eq!(
+        sum_of(
+            &m,
+            "llamaprobe_processes_ended_total",
+            "cause=\"SIGKILL\",how=\"killed\""
+        ),
+        1.0
+    );
+    assert_eq!(sum_of(&m, "llamaprobe_calls_interrupted_total", ""), 1.0);
+    let (code, out) = d.probe.terminate();
     assert_eq!(code, 0, "{out}");
 }

@@ -188,6 +188,8 @@ pub struct Metrics {
     requests_waiting: GaugeVec,
     probes_attached: IntGauge,
     processes_traced: IntGauge,
+    processes_ended: IntCounterVec,
+    calls_interrupted: IntCounterVec,
     /// Per-process handles of the per-event series.
     hot: HashMap<(u32, ContextRole), Hot>,
     /// GPUs, processes and models.
@@ -431,6 +433,16 @@ impl Metrics {
                 "llama.cpp processes traced now (running, probes attached).",
             )
             .expect("valid gauge"),
+            processes_ended: counter(
+                "llamaprobe_processes_ended_total",
+                "Traced processes that ended, by how (exited, killed, unknown where the exit status was not seen) and cause (the exit status, or the signal's name).",
+                &["how", "cause"],
+            ),
+            calls_interrupted: counter(
+                "llamaprobe_calls_interrupted_total",
+                "Probed calls a traced thread was inside when it ended (killed or crashed in a decode step, …), by call; their per-thread state was released.",
+                &["call"],
+            ),
             events_lost: counter(
                 "llamaprobe_events_lost_total",
                 "Events dropped rather than slowing the traced process, by reason (ringbuf_full, entry_map_full, undecodable).",
@@ -471,6 +483,8 @@ impl Metrics {
             host_wide(m.probes_attached.clone()),
             host_wide(m.processes_traced.clone()),
             host_wide(m.events_lost.clone()),
+            host_wide(m.processes_ended.clone()),
+            host_wide(m.calls_interrupted.clone()),
         ];
         families.extend(m.context_params.iter().map(|(g, _)| per_pid(g)));
         for (collector, pid_series) in families {
@@ -594,6 +608,20 @@ impl Sink for Metrics {
             }
             Observation::Released { pid } => {
                 self.released.insert(*pid, Instant::now());
+            }
+            Observation::Ended(e) => {
+                let (how, cause) = e
+                    .status
+                    .as_ref()
+                    .map_or(("unknown", String::new()), |s| s.labels());
+                self.processes_ended
+                    .with_label_values(&[how, cause.as_str()])
+                    .inc();
+                for i in &e.interrupted {
+                    self.calls_interrupted
+                        .with_label_values(&[i.call])
+                        .inc_by(u64::from(i.threads));
+                }
             }
             Observation::Memory(_)
             | Observation::TaskPost(_)

@@ -8,7 +8,7 @@ pub mod terminal;
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use super::{Sink, Snapshot};
-use crate::model::TracedProcess;
+use crate::model::{ProcessEnd, TracedProcess};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -349,7 +349,10 @@ impl Stats {
                 ok: m.ok,
                 duration_ms: m.origin.duration_ns() as f64 / 1e6,
             }),
-            Observation::Traced(_) | Observation::Released { .. } | Observation::ModelInfo(_) => {}
+            Observation::Traced(_)
+            | Observation::Released { .. }
+            | Observation::Ended(_)
+            | Observation::ModelInfo(_) => {}
             Observation::ContextCreate(c) => self.contexts.push(ContextSummary {
                 pid: c.origin.pid,
                 ok: c.ok,
@@ -452,6 +455,8 @@ pub struct SummarySink {
     options: Options,
     terminal: Option<terminal::Terminal>,
     traced: Option<TracedProcess>,
+    /// How the traced process ended, where its exit probe saw it.
+    ended: Option<ProcessEnd>,
 }
 
 impl SummarySink {
@@ -461,6 +466,7 @@ impl SummarySink {
             options,
             terminal: None,
             traced: None,
+            ended: None,
         }
     }
 }
@@ -474,6 +480,11 @@ impl Sink for SummarySink {
                 self.options.quiet,
             );
             self.traced = Some(t.clone());
+        }
+        if let Observation::Ended(e) = obs {
+            if self.traced.as_ref().is_some_and(|t| t.pid == e.pid) {
+                self.ended = Some(e.clone());
+            }
         }
         self.stats.observe(obs);
     }
@@ -493,6 +504,11 @@ impl Sink for SummarySink {
         let summary = self.stats.summary();
         let s = &last.stats;
         let ended_by = last.ended_by.unwrap_or("ended");
+        // The process's own end says more than "the process exited".
+        let ended_by = match &self.ended {
+            Some(e) => format!("the process {e}"),
+            None => ended_by.to_string(),
+        };
         let (pid, generation) = match &self.traced {
             Some(t) => (t.pid.to_string(), t.generation.describe()),
             None => ("?".into(), "?"),
@@ -513,6 +529,9 @@ impl Sink for SummarySink {
                 v["layouts_by"] = t.layouts_by.into();
             }
             v["ended_by"] = ended_by.into();
+            if let Some(e) = &self.ended {
+                v["ended"] = serde_json::to_value(e)?;
+            }
             v["events_lost"] = s.lost().into();
             v["undecodable"] = s.undecodable.into();
             std::fs::write(path, serde_json::to_vec_pretty(&v)?)
