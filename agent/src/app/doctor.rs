@@ -154,6 +154,25 @@ fn file_check(name: &'static str, path: &str, ok: &str, missing: Status, fix: &s
     }
 }
 
+/// Kernel BTF: where the exit tracepoint reads a thread's exit status.
+fn btf() -> Check {
+    use crate::attach::kernel_btf;
+    match kernel_btf::task_exit_code_offset() {
+        Ok(off) => check(
+            "btf",
+            Status::Ok,
+            format!("kernel BTF present (task_struct.exit_code at byte {off}: exit statuses reported)"),
+            "",
+        ),
+        Err(e) => check(
+            "btf",
+            Status::Warn,
+            e,
+            "without kernel BTF (CONFIG_DEBUG_INFO_BTF=y) a traced process's end is reported without its exit status",
+        ),
+    }
+}
+
 fn tracefs() -> Check {
     for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         if Path::new(p)
@@ -310,13 +329,7 @@ pub fn checks() -> Vec<Check> {
     let release = read("/proc/sys/kernel/osrelease").unwrap_or_default();
     vec![
         kernel(&release),
-        file_check(
-            "btf",
-            "/sys/kernel/btf/vmlinux",
-            "kernel BTF present",
-            Status::Warn,
-            "no kernel BTF: llamaprobe's probes do not need it; other eBPF tools may",
-        ),
+        btf(),
         file_check(
             "uprobes",
             "/sys/bus/event_source/devices/uprobe/type",

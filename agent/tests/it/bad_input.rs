@@ -145,3 +145,29 @@ fn help_explains_every_subcommand() {
         assert!(help.contains(s), "{help}");
     }
 }
+
+/// A reader that is gone (`llamaprobe doctor | true`): llamaprobe ends quietly (by SIGPIPE, as
+/// other command-line tools do), without a panic.
+#[test]
+fn a_closed_stdout_ends_a_printing_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let lib = fakes().join("classic/libllama.so");
+    for args in [&["doctor"][..], &["symbols", server::path(&lib)][..]] {
+        // The read end is closed before llamaprobe starts: its first write meets a broken pipe.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = llamaprobe()
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -499,6 +499,7 @@ impl Sink for SummarySink {
 
     fn finish(&mut self, last: &Snapshot) -> anyhow::Result<()> {
         use anyhow::Context as _;
+        use std::io::Write as _;
         self.stats.set_unserved(last.stats.unserved);
         self.stats.set_warmups(last.stats.warmups);
         let summary = self.stats.summary();
@@ -513,7 +514,9 @@ impl Sink for SummarySink {
             Some(t) => (t.pid.to_string(), t.generation.describe()),
             None => ("?".into(), "?"),
         };
-        println!(
+        // Not println!: a closed stdout (`llamaprobe attach … | head`) must not panic.
+        let _ = writeln!(
+            std::io::stdout(),
             "\nllamaprobe summary — pid {pid} — {generation} — {ended_by}\n{}events lost: {} (ring buffer full {}, entry map full {}), undecodable {}",
             summary.render(),
             s.lost(),
