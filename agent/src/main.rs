@@ -39,16 +39,6 @@ fn main() -> ExitCode {
     if let Some(path) = config {
         tracing::info!("configuration from {}", path.display());
     }
-    if !matches!(
-        cli.command,
-        Command::Attach { .. } | Command::Run { .. } | Command::Daemon(_)
-    ) {
-        // A command that prints and ends stops quietly when its reader goes
-        // (`llamaprobe symbols … | head`), as other command-line tools do. The long-running ones
-        // keep SIGPIPE ignored (a closed metrics connection must not end them).
-        // SAFETY: no other thread runs yet.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
     match app::run(cli.command) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

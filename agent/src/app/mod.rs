@@ -19,6 +19,16 @@ use cli::Command;
 
 /// Runs one command; returns llamaprobe's exit code.
 pub fn run(command: Command) -> anyhow::Result<i32> {
+    if !matches!(
+        command,
+        Command::Attach { .. } | Command::Run { .. } | Command::Daemon(_)
+    ) {
+        // A command that prints and ends stops quietly when its reader goes
+        // (`llamaprobe symbols … | head`), as other command-line tools do. The long-running ones
+        // keep SIGPIPE ignored (a closed metrics connection must not end them).
+        // SAFETY: no other thread runs yet.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match command {
         Command::Attach { pid, opts } => {
             attach::preflight()?;

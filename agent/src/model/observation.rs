@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::{
     calls::*,
+    ending::ProcessEnd,
     origin::*,
     request::{Mode, Request},
     resources::ModelInfo,
@@ -33,7 +34,7 @@ pub enum Observation {
     Traced(TracedProcess),
     /// How a traced process ended (sent before its [`Observation::Released`], where its exit
     /// probe saw the end).
-    Ended(super::ProcessEnd),
+    Ended(ProcessEnd),
     /// A traced process is gone (exited, or no longer probed); its requests were closed.
     Released {
         pid: u32,
