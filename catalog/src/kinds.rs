@@ -10,8 +10,13 @@ pub enum Generation {
     /// 2026+: `llama_process(ctx, type, llama_batch_ext *)` → `llama_context::decode(const
     /// llama_batch_ext &)`; `llama_decode` is a compatibility wrapper around the same method.
     BatchExt,
-    /// b3943 … 2026: `llama_decode(ctx, struct llama_batch)` with the 56-byte batch.
+    /// b3681 … 2026: `llama_decode(ctx, struct llama_batch)` and the sampler chain
+    /// (`llama_sampler_*`); the batch is 56 bytes from b3943 (72 before, the same first fields).
     Classic,
+    /// 2023 … b3680: `llama_decode(ctx, struct llama_batch)` with the 72-byte batch
+    /// (`all_pos_0`, `all_pos_1`, `all_seq_id`), sampling through `llama_sample_token*` and
+    /// common's `llama_sampling_sample`, no `llama_sampler_*`.
+    Legacy,
 }
 
 impl Generation {
@@ -25,7 +30,12 @@ impl Generation {
             Generation::BatchExt => {
                 "batch_ext (llama_process / llama_context::decode(llama_batch_ext const&), 2026+)"
             }
-            Generation::Classic => "classic (llama_decode(ctx, struct llama_batch), b3943+)",
+            Generation::Classic => {
+                "classic (llama_decode(ctx, struct llama_batch), llama_sampler_*; b3681+)"
+            }
+            Generation::Legacy => {
+                "legacy (llama_decode(ctx, 72-byte llama_batch), llama_sample_token*; before b3681)"
+            }
         }
     }
 }

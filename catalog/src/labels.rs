@@ -21,17 +21,39 @@ pub const TASK_TYPES: &[(&str, &str)] = &[
     ("cancel", "cancel"),
 ];
 
+/// `enum server_task_type` of 2024 llama-server (before b3681's refactors): embeddings and
+/// infills were completion tasks with a flag, and cancels, metrics and slot actions went
+/// through the same single-task `post`.
+pub const LEGACY_TASK_TYPES: &[(&str, &str)] = &[
+    ("completion", "text_completion"),
+    ("cancel", "cancel"),
+    ("next_response", "next_response"),
+    ("metrics", "metrics"),
+    ("slot_save", "slot_save"),
+    ("slot_restore", "slot_restore"),
+    ("slot_erase", "slot_erase"),
+    ("set_lora", "set_lora"),
+];
+
 /// Whether a task type label is work a slot runs as a request.
 pub fn is_request_type(label: &str) -> bool {
     TASK_TYPES[..4].iter().any(|(l, _)| *l == label)
 }
 
-/// The label of a task type value ("unknown" outside the table).
-pub fn task_type(value: i32) -> (&'static str, &'static str) {
+/// The label of a task type value in `table` (a server layout row's; "unknown" outside it).
+pub fn task_type_in(
+    table: &'static [(&'static str, &'static str)],
+    value: i32,
+) -> (&'static str, &'static str) {
     usize::try_from(value)
         .ok()
-        .and_then(|i| TASK_TYPES.get(i).copied())
+        .and_then(|i| table.get(i).copied())
         .unwrap_or(("unknown", "text_completion"))
+}
+
+/// The label of a task type value in the 2025+ table.
+pub fn task_type(value: i32) -> (&'static str, &'static str) {
+    task_type_in(TASK_TYPES, value)
 }
 
 /// `LLAMA_FTYPE_GUESSED`: set by llama.cpp when the type was not in the file.

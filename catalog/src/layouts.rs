@@ -7,7 +7,11 @@ use probe_common::{
     TokenDataArrayLayout, ABSENT,
 };
 
-use super::kinds::Generation;
+use super::{
+    kinds::Generation,
+    labels::{LEGACY_TASK_TYPES, TASK_TYPES},
+    probes::TASK_POST_ONE_SYMBOL,
+};
 
 /// Layout of the classic `struct llama_batch` (llama.h): unchanged since b3943 (older builds
 /// only add trailing fields).
@@ -118,9 +122,25 @@ pub const LAYOUTS: &[LayoutRow] = &[
             },
         },
     },
+    LayoutRow {
+        generation: Generation::Legacy,
+        marker: None,
+        source: "llama.h vendored in llama-cpp-python 0.2.90 (2024-08, llama.cpp cfac111): `uint32_t seed` first in llama_context_params; the 72-byte llama_batch (all_pos_0, all_pos_1, all_seq_id after the classic fields)",
+        layout: LlamaLayout {
+            classic: CLASSIC_BATCH,
+            ext: NO_BATCH_EXT,
+            ctx_params: ContextParamsLayout {
+                n_ctx: 4,
+                n_batch: 8,
+                n_ubatch: 12,
+                n_seq_max: 16,
+                n_threads: 20,
+                n_threads_batch: 24,
+            },
+        },
+    },
 ];
 
-/// The layout row for a generation.
 /// The layout row of generation `g` in a process that `has` the given symbols: the first row
 /// whose marker it has, else the generation's row without a marker.
 pub fn layout_for(g: Generation, has: impl Fn(&str) -> bool) -> &'static LayoutRow {
@@ -145,6 +165,11 @@ pub struct ServerLayoutRow {
     /// Where the numbers come from.
     pub source: &'static str,
     pub layout: ServerLayout,
+    /// `enum server_task_type` of that era, by value: (label, GenAI operation name).
+    pub task_types: &'static [(&'static str, &'static str)],
+    /// The sequence id of slot N's batches is N + this (2024: 1, sequence 0 held the system
+    /// prompt).
+    pub slot_seq_offset: i32,
 }
 
 /// The first members only (any llama-server without a row of its own).
@@ -177,6 +202,8 @@ pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
             slot_ctx: 8,
             slot_ctx_dft: 16,
         },
+        task_types: TASK_TYPES,
+        slot_seq_offset: 0,
     },
     ServerLayoutRow {
         marker: Some("_ZN14server_context21launch_slot_with_taskER11server_slotO11server_task"),
@@ -193,6 +220,27 @@ pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
             slot_ctx: 72,
             slot_ctx_dft: 80,
         },
+        task_types: TASK_TYPES,
+        slot_seq_offset: 0,
+    },
+    // Before the late-2024 row: that era's launch_slot_with_task has the same symbol.
+    ServerLayoutRow {
+        marker: Some(TASK_POST_ONE_SYMBOL),
+        source: "llama-server of llama-cpp-python 0.2.90 (2024-08, cfac111; examples/server/server.cpp: server_task { int id, id_multi, id_target; server_task_type type; json data; bool infill, embedding; }, server_slot { int id, id_task, … })",
+        layout: ServerLayout {
+            slot_id: 0,
+            slot_task_id: 4,
+            slot_task_ptr: ABSENT,
+            task_size: ABSENT,
+            task_id: 0,
+            task_type: 12,
+            task_id_target: 8,
+            slot_ctx: ABSENT,
+            slot_ctx_dft: ABSENT,
+        },
+        task_types: LEGACY_TASK_TYPES,
+        // `llama_batch_add(batch, …, { slot.id + 1 }, …)`
+        slot_seq_offset: 1,
     },
     ServerLayoutRow {
         marker: Some("_ZN14server_context21launch_slot_with_taskER11server_slotRK11server_task"),
@@ -208,11 +256,15 @@ pub const SERVER_LAYOUTS: &[ServerLayoutRow] = &[
             slot_ctx: 72,
             slot_ctx_dft: 80,
         },
+        task_types: TASK_TYPES,
+        slot_seq_offset: 0,
     },
     ServerLayoutRow {
         marker: None,
         source: "llama-server's first members only (server_slot::id, server_task::id)",
         layout: SERVER_FIRST_MEMBERS,
+        task_types: TASK_TYPES,
+        slot_seq_offset: 0,
     },
 ];
 

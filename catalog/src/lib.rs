@@ -45,7 +45,12 @@ pub fn detect_generation(has: impl Fn(&str) -> bool) -> Option<Generation> {
     if has(BATCH_EXT_DECODE) {
         Some(Generation::BatchExt)
     } else if has(CLASSIC_DECODE) {
-        Some(Generation::Classic)
+        // The 2024 sampling API without the sampler chain that replaced it.
+        if has(LEGACY_SAMPLE) && !has(SAMPLER_SAMPLE) {
+            Some(Generation::Legacy)
+        } else {
+            Some(Generation::Classic)
+        }
     } else {
         None
     }
@@ -57,7 +62,11 @@ mod tests {
 
     #[test]
     fn every_generation_has_a_decode_probe_and_a_layout() {
-        for g in [Generation::BatchExt, Generation::Classic] {
+        for g in [
+            Generation::BatchExt,
+            Generation::Classic,
+            Generation::Legacy,
+        ] {
             let decodes = PROBES
                 .iter()
                 .filter(|p| p.family == Family::Decode && p.applies_to(g))
@@ -103,5 +112,13 @@ mod tests {
             Some(Generation::Classic)
         );
         assert_eq!(detect_generation(|_| false), None);
+        let legacy = |s: &str| s == CLASSIC_DECODE || s == LEGACY_SAMPLE;
+        assert_eq!(detect_generation(legacy), Some(Generation::Legacy));
+        // A build with both sampling APIs (b3681 kept neither; embedders may wrap) is classic.
+        let both_apis = |s: &str| legacy(s) || s == SAMPLER_SAMPLE;
+        assert_eq!(detect_generation(both_apis), Some(Generation::Classic));
+        // Wanted, so the resolver looks for them.
+        assert!(wanted_symbols().any(|s| s == LEGACY_SAMPLE));
+        assert!(wanted_symbols().any(|s| s == SAMPLER_SAMPLE));
     }
 }

@@ -10,11 +10,20 @@ pub const BATCH_EXT_DECODE: &str = "_ZN13llama_context6decodeERK15llama_batch_ex
 /// Symbol that marks the classic generation (when the batch_ext one is absent).
 pub const CLASSIC_DECODE: &str = "llama_decode";
 
+/// The sampler chain's sampling function (b3681+).
+pub const SAMPLER_SAMPLE: &str = "llama_sampler_sample";
+/// The 2024 sampling function that marks the legacy generation (with no [`SAMPLER_SAMPLE`]).
+pub const LEGACY_SAMPLE: &str = "llama_sample_token";
+
 /// The sampler-chain step probed as a fallback for programs that sample themselves.
 pub const SAMPLER_APPLY: &str = "llama_sampler_apply";
 
 /// The entry program of llama-server's `server_queue::post`: where requests are accepted.
 pub const TASK_POST: &str = "task_post";
+/// The 2024 single-task `server_queue::post(server_task)`: its id is its return value.
+pub const TASK_POST_ONE: &str = "task_post_one";
+/// Its symbol (it marks that era's server layout too).
+pub const TASK_POST_ONE_SYMBOL: &str = "_ZN12server_queue4postE11server_task";
 /// The entry program of llama-server's `launch_slot_with_task`: where a slot takes a task.
 pub const SLOT_LAUNCH: &str = "slot_launch";
 /// The entry program of llama-server's `server_slot::release`: where a slot lets it go.
@@ -37,7 +46,7 @@ pub const PROBES: &[ProbePoint] = &[
         prototype: "int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch)",
         entry: "decode_classic",
         ret: Some("decode_return"),
-        generations: &[Generation::Classic],
+        generations: &[Generation::Classic, Generation::Legacy],
     },
     ProbePoint {
         family: Family::ModelLoad,
@@ -89,7 +98,7 @@ pub const PROBES: &[ProbePoint] = &[
     },
     ProbePoint {
         family: Family::Sample,
-        symbol: "llama_sampler_sample",
+        symbol: SAMPLER_SAMPLE,
         prototype: "llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx)",
         entry: "sample_enter",
         ret: Some("sample_return"),
@@ -100,6 +109,56 @@ pub const PROBES: &[ProbePoint] = &[
         symbol: "_Z21common_sampler_sampleP14common_samplerP13llama_contextib",
         prototype: "llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx, bool grammar_first)",
         entry: "sample_enter",
+        ret: Some("sample_return"),
+        generations: ALL,
+    },
+    // 2024: common's sampling (what llama-server and the examples of that time call, the
+    // llama_sample_token* below nested inside it), and llama.h's functions embedders call.
+    ProbePoint {
+        family: Family::Sample,
+        symbol: "_Z21llama_sampling_sampleP22llama_sampling_contextP13llama_contextS2_i",
+        prototype: "llama_token llama_sampling_sample(struct llama_sampling_context * ctx_sampling, struct llama_context * ctx_main, struct llama_context * ctx_cfg, int idx) [2024]",
+        entry: "sample_enter_2024",
+        ret: Some("sample_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Sample,
+        symbol: LEGACY_SAMPLE,
+        prototype: "llama_token llama_sample_token(struct llama_context * ctx, llama_token_data_array * candidates) [2024]",
+        entry: "sample_token_enter",
+        ret: Some("sample_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Sample,
+        symbol: "llama_sample_token_greedy",
+        prototype: "llama_token llama_sample_token_greedy(struct llama_context * ctx, llama_token_data_array * candidates) [2024]",
+        entry: "sample_token_enter",
+        ret: Some("sample_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Sample,
+        symbol: "llama_sample_token_mirostat",
+        prototype: "llama_token llama_sample_token_mirostat(struct llama_context * ctx, llama_token_data_array * candidates, float tau, float eta, int32_t m, float * mu) [2024]",
+        entry: "sample_token_enter",
+        ret: Some("sample_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Sample,
+        symbol: "llama_sample_token_mirostat_v2",
+        prototype: "llama_token llama_sample_token_mirostat_v2(struct llama_context * ctx, llama_token_data_array * candidates, float tau, float eta, float * mu) [2024]",
+        entry: "sample_token_enter",
+        ret: Some("sample_return"),
+        generations: ALL,
+    },
+    ProbePoint {
+        family: Family::Sample,
+        symbol: "_Z27llama_sample_token_with_rngP13llama_contextP22llama_token_data_arrayRSt23mersenne_twister_engineImLm32ELm624ELm397ELm31ELm2567483615ELm11ELm4294967295ELm7ELm2636928640ELm15ELm4022730752ELm18ELm1812433253EE",
+        prototype: "llama_token llama_sample_token_with_rng(struct llama_context * ctx, llama_token_data_array * candidates, std::mt19937 & rng) [2024, C++]",
+        entry: "sample_token_enter",
         ret: Some("sample_return"),
         generations: ALL,
     },
@@ -263,6 +322,16 @@ pub const PROBES: &[ProbePoint] = &[
         prototype: "int server_queue::post(std::vector<server_task> & tasks, bool front) [clone .isra.0, 2024]",
         entry: TASK_POST,
         ret: None,
+        generations: ALL,
+    },
+    // 2024: one task by value (a copy passed by reference), its id assigned inside and
+    // returned.
+    ProbePoint {
+        family: Family::Server,
+        symbol: TASK_POST_ONE_SYMBOL,
+        prototype: "int server_queue::post(server_task task) [2024]",
+        entry: TASK_POST_ONE,
+        ret: Some("task_post_one_return"),
         generations: ALL,
     },
     // Where a slot takes a task from the queue (or refuses it): a member of the server

@@ -216,6 +216,10 @@ pub enum SampleApi {
     /// `llama_sampler_apply(smpl, cur_p)` called by the program itself: the token the chain
     /// selected (no context or index: `ctx` 0, `idx` -1; `token` -1: none selected).
     Apply = 1,
+    /// `llama_sample_token*(ctx, candidates, …)` (the 2024 API): a token sampled from a
+    /// candidates array the program filled from some output row, which the call does not name
+    /// (`idx` -1: the agent infers the row, see `assemble`).
+    Token = 2,
 }
 
 /// One `llama_synchronize(ctx)` call.
@@ -308,7 +312,7 @@ pub const EXIT_CODE_UNKNOWN: i32 = i32::MIN;
 
 /// Bits of [`ProcessEvent::calls`]: the probed calls, by family (one per-thread entry map),
 /// a thread was inside when it ended, with the name the agent reports.
-pub const IN_CALL: [(u32, &str); 8] = [
+pub const IN_CALL: [(u32, &str); 9] = [
     (1 << 0, "decode"),
     (1 << 1, "model load"),
     (1 << 2, "context creation"),
@@ -317,6 +321,7 @@ pub const IN_CALL: [(u32, &str); 8] = [
     (1 << 5, "memory operation"),
     (1 << 6, "memory handle"),
     (1 << 7, "slot launch"),
+    (1 << 8, "task post"),
 ];
 
 /// A process's exec, or the end of a watched process's thread, sent by the host agent's

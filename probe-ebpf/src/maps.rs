@@ -59,6 +59,9 @@ pub static MEMORY_HANDLE_ENTRY: HashMap<u32, MemoryHandleEvent> =
     HashMap::with_max_entries(1024, 0);
 #[map]
 pub static SLOT_LAUNCH_ENTRY: HashMap<u32, SlotLaunchEvent> = HashMap::with_max_entries(256, 0);
+/// The 2024 single-task `server_queue::post` (its task id is its return value).
+#[map]
+pub static POST_ENTRY: HashMap<u32, TaskPostEvent> = HashMap::with_max_entries(256, 0);
 
 /// The batch walk's cursor (see `probes::decode::scan`), kept in map memory on purpose.
 #[repr(C)]

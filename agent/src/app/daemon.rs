@@ -434,6 +434,7 @@ impl Daemon {
             return;
         };
         self.pipe.requests.set_mode(pid, p.mode);
+        session::server_era(&mut self.pipe, pid, &p.plan);
         let labels = &p.labels.labels;
         let label = |k: &str| {
             labels

@@ -86,12 +86,22 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 /// are probed, by timing with the queue alone, else from the batches.
 pub(super) fn request_mode(plan: &Plan) -> Mode {
     match (
-        plan.probes_entry(catalog::TASK_POST),
+        plan.probes_entry(catalog::TASK_POST) || plan.probes_entry(catalog::TASK_POST_ONE),
         plan.probes_entry(catalog::SLOT_LAUNCH),
     ) {
         (true, true) => Mode::ServerTasks,
         (true, false) => Mode::ServerQueue,
         _ => Mode::BatchView,
+    }
+}
+
+/// What the assembler and the request reconstruction need to know of a process's llama-server
+/// era: its task types, and whether its slot release is probed (2024 builds inline it: their
+/// requests then end by silence).
+pub(super) fn server_era(pipe: &mut Pipeline, pid: u32, plan: &Plan) {
+    pipe.assembler.set_server_era(pid, plan.server_layout);
+    if request_mode(plan) != Mode::BatchView && !plan.probes_entry(catalog::SLOT_RELEASE) {
+        pipe.requests.without_release(pid);
     }
 }
 
@@ -142,6 +152,11 @@ fn announce(t: &Traced, attached: u64, opts: &ProfileOpts, gpu_status: &str) {
         );
     }
     eprintln!("llamaprobe: requests: {}", request_mode(plan).describe());
+    if request_mode(plan) != Mode::BatchView && !plan.probes_entry(catalog::SLOT_RELEASE) {
+        eprintln!(
+            "llamaprobe: server_slot::release not found (inlined in this build): a request ends after 2 s without tokens, or at its slot's next request"
+        );
+    }
     eprintln!("llamaprobe: {gpu_status}");
     eprintln!(
         "llamaprobe: llama_synchronize {}",
@@ -291,6 +306,7 @@ async fn event_loop(
             service_name: traced.name.clone(),
         },
     }));
+    server_era(&mut pipe, traced.pid, &traced.plan);
     if let Target::Pid(pid) = traced.target {
         // Attached after the load: the model is found in the process.
         pipe.recover_model(pid);

@@ -54,6 +54,8 @@ struct ProcessState {
     models: HashMap<u64, Arc<str>>,
     /// The context of each KV memory handle (`llama_get_memory`).
     memory_ctx: HashMap<u64, u64>,
+    /// Its llama-server's era (task types, slot sequence ids), if known.
+    server_era: Option<&'static crate::catalog::ServerLayoutRow>,
 }
 
 impl ProcessState {
@@ -96,6 +98,8 @@ struct ContextState {
     /// are not samples: a program may apply the chain for other ends (probabilities of a
     /// prompt's tokens).
     applies_due: u32,
+    /// Samples by `llama_sample_token*` (no output index) since the latest successful step.
+    token_samples: u32,
 }
 
 /// A token sampled since the context's last successful step: (its sequence, if known; id).
@@ -106,6 +110,9 @@ type Pending = (Option<i32>, i32);
 pub struct BatchMap {
     /// (first index, tokens, sequence, a verification), in batch order.
     spans: Vec<(u32, u32, i32, bool)>,
+    /// The same with each part's outputs: (first index, tokens, sequence, a verification,
+    /// outputs).
+    outputs: Vec<(u32, u32, i32, bool, u32)>,
     n_tokens: u32,
 }
 
@@ -116,10 +123,32 @@ impl BatchMap {
         for p in &step.parts {
             let verification = p.kind == PartKind::Verification;
             map.spans.push((index, p.n_tokens, p.seq_id, verification));
+            map.outputs.push((
+                index,
+                p.n_tokens,
+                p.seq_id,
+                verification,
+                p.n_outputs.min(p.n_tokens),
+            ));
             index += p.n_tokens;
         }
         map.n_tokens = step.n_tokens.unwrap_or(index);
         map
+    }
+
+    /// The batch index of the `k`-th output of the step (0-based, in batch order), where a
+    /// sampling call does not say it: each part's outputs are its last tokens (llama.cpp's
+    /// programs ask for logits at the end of a sequence's tokens); past the last output, the
+    /// last token (-1).
+    pub fn output_index(&self, k: u32) -> i32 {
+        let mut seen = 0;
+        for &(first, n, _, _, outputs) in &self.outputs {
+            if k < seen + outputs {
+                return (first + n - outputs + (k - seen)) as i32;
+            }
+            seen += outputs;
+        }
+        -1
     }
 
     /// The sequence at batch index `idx` (`-1`: the last token).
@@ -180,6 +209,26 @@ impl Assembler {
         Self {
             unknown: Arc::from(""),
             ..Default::default()
+        }
+    }
+
+    /// Declares a process's llama-server era (its server layout row): its task types, and
+    /// the sequence ids of its slots.
+    pub fn set_server_era(&mut self, pid: u32, row: &'static crate::catalog::ServerLayoutRow) {
+        self.processes.entry(pid).or_default().server_era = Some(row);
+    }
+
+    /// The sequence id of slot `slot` of process `pid`'s batches.
+    fn slot_seq(&self, pid: u32, slot: i32) -> i32 {
+        let offset = self
+            .processes
+            .get(&pid)
+            .and_then(|p| p.server_era)
+            .map_or(0, |r| r.slot_seq_offset);
+        if slot < 0 {
+            slot
+        } else {
+            slot.saturating_add(offset)
         }
     }
 
@@ -267,13 +316,14 @@ impl Assembler {
             Event::Process { .. } => return None,
             Event::SlotRelease(r) => Observation::SlotRelease(SlotRelease {
                 origin: self.origin(&r.header),
-                slot_id: r.slot_id,
+                slot_id: self.slot_seq(r.header.tgid, r.slot_id),
                 task_id: r.task_id,
             }),
             Event::SlotLaunch(l) => Observation::SlotLaunch({
+                let slot_seq = self.slot_seq(l.header.tgid, l.slot_id);
                 let proc_ = self.process_mut(l.header.tgid);
                 if l.ok != 0 {
-                    proc_.launched.insert(l.slot_id);
+                    proc_.launched.insert(slot_seq);
                 }
                 // The slot names its contexts: the target serves requests, the other drafts.
                 if l.ctx != 0 {
@@ -285,29 +335,40 @@ impl Assembler {
                 }
                 SlotLaunch {
                     origin: self.origin(&l.header),
-                    slot_id: l.slot_id,
+                    slot_id: slot_seq,
                     task_id: l.task_id,
                     ok: l.ok != 0,
                     ctx: l.ctx,
                     ctx_dft: l.ctx_dft,
                 }
             }),
-            Event::TaskPost(p) => Observation::TaskPost(TaskPost {
-                origin: self.origin(&p.header),
-                front: p.front != 0,
-                tasks_bytes: p.tasks_bytes,
-                n_tasks: (p.n_tasks > 0).then_some(p.n_tasks),
-                tasks: p
-                    .tasks
-                    .iter()
-                    .take((p.n_read as usize).min(probe_common::MAX_POST_TASKS))
-                    .map(|t| PostedTask {
-                        id: t.id,
-                        task_type: crate::catalog::task_type(t.task_type).0,
-                        id_target: t.id_target,
-                    })
-                    .collect(),
-            }),
+            Event::TaskPost(p) => {
+                let task_types = self
+                    .processes
+                    .get(&p.header.tgid)
+                    .and_then(|s| s.server_era)
+                    .map(|r| r.task_types);
+                Observation::TaskPost(TaskPost {
+                    origin: self.origin(&p.header),
+                    front: p.front != 0,
+                    tasks_bytes: p.tasks_bytes,
+                    n_tasks: (p.n_tasks > 0).then_some(p.n_tasks),
+                    tasks: p
+                        .tasks
+                        .iter()
+                        .take((p.n_read as usize).min(probe_common::MAX_POST_TASKS))
+                        .map(|t| PostedTask {
+                            id: t.id,
+                            task_type: crate::catalog::task_type_in(
+                                task_types.unwrap_or(crate::catalog::TASK_TYPES),
+                                t.task_type,
+                            )
+                            .0,
+                            id_target: t.id_target,
+                        })
+                        .collect(),
+                })
+            }
             Event::Sample(s) => {
                 let proc_ = self.process_mut(s.header.tgid);
                 let ctx = if s.api == probe_common::SampleApi::Apply as u32 {
@@ -330,8 +391,16 @@ impl Assembler {
                 };
                 let context = proc_.role(ctx);
                 let c = self.context_mut(s.header.tgid, ctx);
-                let seq_id = c.batch.seq_at(s.idx);
-                let accepted_draft = c.batch.accepts_draft(s.idx);
+                // llama_sample_token* names no output row: the k-th such sample since the
+                // step is taken for its k-th output (see BatchMap::output_index).
+                let idx = if s.api == probe_common::SampleApi::Token as u32 {
+                    c.token_samples += 1;
+                    c.batch.output_index(c.token_samples - 1)
+                } else {
+                    s.idx
+                };
+                let seq_id = c.batch.seq_at(idx);
+                let accepted_draft = c.batch.accepts_draft(idx);
                 let pending = c.sampled.get_or_insert_with(Vec::new);
                 if pending.len() >= MAX_PENDING_SAMPLES {
                     // Bounded: the oldest, never fed back, goes.
@@ -343,7 +412,7 @@ impl Assembler {
                     ctx,
                     context,
                     accepted_draft,
-                    idx: s.idx,
+                    idx,
                     seq_id,
                     token: s.token,
                 })
@@ -628,6 +697,7 @@ impl Assembler {
             let c = self.context_mut(pid, d.ctx);
             c.batch = BatchMap::of(&step);
             c.applies_due = step.parts.iter().map(|p| p.n_outputs).sum();
+            c.token_samples = 0;
         }
         step
     }

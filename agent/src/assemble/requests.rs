@@ -109,6 +109,9 @@ pub struct Requests {
     pub warmups: u64,
     /// Start of the latest decode step seen, per process.
     last_step_ns: HashMap<u32, u64>,
+    /// llama-servers whose slot release is not probed (2024: `server_slot::release` inlined):
+    /// their requests end by silence, as in the batch view.
+    no_release: std::collections::HashSet<u32>,
 }
 
 impl Requests {
@@ -127,7 +130,14 @@ impl Requests {
             context_shifts: 0,
             warmups: 0,
             last_step_ns: HashMap::new(),
+            no_release: Default::default(),
         }
+    }
+
+    /// Process `pid` is a llama-server whose slot release is not probed: its requests end
+    /// after [`IDLE_CLOSE_NS`] of silence (or at their sequence's next prompt).
+    pub fn without_release(&mut self, pid: u32) {
+        self.no_release.insert(pid);
     }
 
     /// How requests of process `pid` are reconstructed (else the mode given at creation).
@@ -178,7 +188,9 @@ impl Requests {
 
     fn post(&mut self, p: &TaskPost) {
         let pid = p.origin.pid;
-        if p.front {
+        // Cancels: pushed to the front (2025+), or a cancel task (2024).
+        let cancel = !p.tasks.is_empty() && p.tasks.iter().all(|t| t.task_type == "cancel");
+        if p.front || cancel {
             // Cancels: a task still waiting for a slot is dropped; a running one ends at its
             // slot's release.
             for t in &p.tasks {
@@ -199,6 +211,31 @@ impl Requests {
                 .iter()
                 .filter(|t| t.id >= 0 && is_request(t.task_type))
             {
+                // A post seen after its launch (2024: the id is post's return value, read when
+                // post returns, and the server loop may launch the task before): it goes to
+                // the task's slot or request.
+                let posted = Posted {
+                    at_ns: at,
+                    task_type: t.task_type,
+                    launched: true,
+                };
+                if let Some(l) = self
+                    .launched
+                    .iter_mut()
+                    .find(|(k, l)| k.0 == pid && l.task_id == t.id && l.posted.is_none())
+                {
+                    l.1.posted = Some(posted);
+                    continue;
+                }
+                if let Some(o) = self.open.iter_mut().find(|(k, o)| {
+                    k.0 == pid && o.req.task_id == Some(t.id) && o.req.queued_ns.is_none()
+                }) {
+                    o.1.req.queued_ns = Some(at);
+                    if o.1.req.task_type == "unknown" {
+                        o.1.req.task_type = t.task_type;
+                    }
+                    continue;
+                }
                 if self.posted.len() >= MAX_PENDING_POSTS {
                     // Bounded: the oldest task, never taken, loses its place.
                     if let Some(oldest) = self.posted.iter().min_by_key(|(_, p)| p.at_ns) {
@@ -490,7 +527,8 @@ impl Requests {
     pub fn expire(&mut self, now_ns: u64) -> Vec<Request> {
         // llama-server says when a request ends (its slot's release): a server stalled for
         // seconds on a busy node still has its requests in progress.
-        let by_silence = |pid: u32| self.mode(pid) == Mode::BatchView;
+        let by_silence =
+            |pid: u32| self.mode(pid) == Mode::BatchView || self.no_release.contains(&pid);
         let keys: Vec<_> = self
             .open
             .iter()
@@ -536,6 +574,7 @@ impl Requests {
         self.posts.remove(&pid);
         self.last_step_ns.remove(&pid);
         self.modes.remove(&pid);
+        self.no_release.remove(&pid);
         out
     }
 

@@ -33,7 +33,8 @@ pub struct PostedTask {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SlotLaunch {
     pub origin: Origin,
-    /// The slot's id: the sequence id of its batches (-1 if unreadable).
+    /// The sequence id of the slot's batches: its id (+ 1 in 2024 builds, whose sequence 0
+    /// held the system prompt; -1 if unreadable).
     pub slot_id: i32,
     pub task_id: i32,
     /// false: the task was refused (an invalid request, answered with an error).
@@ -48,7 +49,8 @@ pub struct SlotLaunch {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SlotRelease {
     pub origin: Origin,
-    /// The slot's id: the sequence id of its batches (-1 if unreadable).
+    /// The sequence id of the slot's batches: its id (+ 1 in 2024 builds, whose sequence 0
+    /// held the system prompt; -1 if unreadable).
     pub slot_id: i32,
     /// The task it held (-1: none, or unreadable with this build's layout).
     pub task_id: i32,

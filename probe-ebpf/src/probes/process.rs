@@ -18,8 +18,8 @@ use probe_common::{ProcessChange, ProcessEvent, EXIT_CODE_UNKNOWN, IN_CALL};
 
 use super::{current, instant, send, Event};
 use crate::maps::{
-    CONTEXT_ENTRY, DECODE_ENTRY, MEMORY_ENTRY, MEMORY_HANDLE_ENTRY, MODEL_ENTRY, SAMPLE_ENTRY,
-    SLOT_LAUNCH_ENTRY, SYNC_ENTRY, TASK_EXIT_CODE_OFFSET, WATCHED,
+    CONTEXT_ENTRY, DECODE_ENTRY, MEMORY_ENTRY, MEMORY_HANDLE_ENTRY, MODEL_ENTRY, POST_ENTRY,
+    SAMPLE_ENTRY, SLOT_LAUNCH_ENTRY, SYNC_ENTRY, TASK_EXIT_CODE_OFFSET, WATCHED,
 };
 
 #[tracepoint]
@@ -70,6 +70,7 @@ fn ended(exit_code: i32) {
     calls |= release(&MEMORY_ENTRY, tgid, tid, IN_CALL[5].0);
     calls |= release(&MEMORY_HANDLE_ENTRY, tgid, tid, IN_CALL[6].0);
     calls |= release(&SLOT_LAUNCH_ENTRY, tgid, tid, IN_CALL[7].0);
+    calls |= release(&POST_ENTRY, tgid, tid, IN_CALL[8].0);
     // The process stays watched (the agent unwatches it when it releases it): its other
     // threads may end after its main thread.
     let change = if tgid == tid {

@@ -5,6 +5,13 @@
 //! - `llama_token common_sampler_sample(common_sampler * gsmpl, llama_context * ctx, int idx,
 //!   bool grammar_first)` (common/sampling.h): what llama-server drives; it applies the sampler
 //!   chain itself. Same argument positions, so one program serves both.
+//! - 2024 (before the sampler chain): `llama_token llama_sampling_sample(struct
+//!   llama_sampling_context * ctx_sampling, struct llama_context * ctx_main, struct
+//!   llama_context * ctx_cfg, int idx)` (common/sampling.h: what llama-server and the examples
+//!   drive), and llama.h's `llama_sample_token*(struct llama_context * ctx,
+//!   llama_token_data_array * candidates, …)`, which `llama_sampling_sample` calls (nested:
+//!   counted once) and embedders call directly. The latter do not say which output row the
+//!   candidates came from: `idx` -1 and `SampleApi::Token`, the agent infers it.
 
 use aya_ebpf::{
     macros::{uprobe, uretprobe},
@@ -21,6 +28,30 @@ pub fn sample_enter(ctx: ProbeContext) -> u32 {
     enter(&ctx, &SAMPLE_ENTRY, &mut ev, |ev| {
         ev.ctx = ctx.arg::<u64>(1).unwrap_or(0);
         ev.idx = ctx.arg::<i64>(2).unwrap_or(0) as i32;
+    });
+    0
+}
+
+/// `llama_sampling_sample(ctx_sampling, ctx_main, ctx_cfg, idx)` (2024): the context is the
+/// second argument, the output index the fourth.
+#[uprobe]
+pub fn sample_enter_2024(ctx: ProbeContext) -> u32 {
+    let mut ev = SampleEvent::default();
+    enter(&ctx, &SAMPLE_ENTRY, &mut ev, |ev| {
+        ev.ctx = ctx.arg::<u64>(1).unwrap_or(0);
+        ev.idx = ctx.arg::<i64>(3).unwrap_or(-1) as i32;
+    });
+    0
+}
+
+/// `llama_sample_token*(ctx, candidates, …)` (2024): the context first; no output index.
+#[uprobe]
+pub fn sample_token_enter(ctx: ProbeContext) -> u32 {
+    let mut ev = SampleEvent::default();
+    enter(&ctx, &SAMPLE_ENTRY, &mut ev, |ev| {
+        ev.ctx = ctx.arg::<u64>(0).unwrap_or(0);
+        ev.idx = -1;
+        ev.api = SampleApi::Token as u32;
     });
     0
 }

@@ -7,6 +7,9 @@
 //!   (`.isra.0`, the older `std::vector &` overload) keep this order (checked on every fixture's
 //!   disassembly; see agent/src/targets.rs). Entry only: the event is sent before the server
 //!   loop can take the tasks, so it reaches the agent before any event of their work.
+//! - 2024: `int server_queue::post(server_task task)`: one task, passed by reference to a
+//!   copy (rsi/x1), whose id is assigned inside and returned: the entry reads the task's type,
+//!   the return its id.
 //! - `bool server_context::launch_slot_with_task(server_slot & slot, server_task && task)`
 //!   (2026: `server_context_impl::`; 2024: `const server_task &`): `this`, the slot (rsi/x1),
 //!   the task (rdx/x2); returns false when the task is refused (an invalid request).
@@ -24,7 +27,7 @@ use probe_common::{
 };
 
 use super::{enter, instant, layout, leave, read, send};
-use crate::maps::{POST_SCRATCH, SLOT_LAUNCH_ENTRY};
+use crate::maps::{POST_ENTRY, POST_SCRATCH, SLOT_LAUNCH_ENTRY};
 
 /// The `i32` at `base + off`, -1 if the layout has no such field or the read fails.
 #[inline(always)]
@@ -85,6 +88,44 @@ pub fn task_post(ctx: ProbeContext) -> u32 {
         }
     }
     send(ev);
+    0
+}
+
+#[uprobe]
+pub fn task_post_one(ctx: ProbeContext) -> u32 {
+    let Some(ev) = POST_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot, ours for the program's run (copied into the entry map).
+    let ev = unsafe { &mut *ev };
+    let task = ctx.arg::<u64>(1).unwrap_or(0);
+    let l = server_layout(&ctx);
+    enter(&ctx, &POST_ENTRY, ev, |ev| {
+        ev.front = 0;
+        ev.n_tasks = 1;
+        ev.n_read = 1;
+        ev.tasks_bytes = l.map_or(0, |l| {
+            if l.task_size == ABSENT {
+                0
+            } else {
+                l.task_size as u64
+            }
+        });
+        ev.tasks[0].id = -1;
+        ev.tasks[0].task_type = l.map_or(-1, |l| field(task, l.task_type));
+        ev.tasks[0].id_target = l.map_or(-1, |l| field(task, l.task_id_target));
+    });
+    0
+}
+
+#[uretprobe]
+pub fn task_post_one_return(ctx: RetProbeContext) -> u32 {
+    let id = ctx.ret::<u64>() as i32;
+    leave(&ctx, &POST_ENTRY, |ev| {
+        ev.tasks[0].id = id;
+        // Accepted at the entry: the event is an instant there.
+        ev.header.end_ns = ev.header.start_ns;
+    });
     0
 }
 
