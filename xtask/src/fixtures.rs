@@ -317,6 +317,38 @@ pub const FIXTURES: &[Fixture] = &[
                  `llama_new_context_with_model`), shared libraries",
         measured: "all; model load and context through those two entry points",
     },
+    // llama-cpp-python 0.2.90 (PyPI 2024-08-29): llama.cpp cfac111e2b39 (its CHANGELOG.md:
+    // "Update llama.cpp to ggerganov/llama.cpp@cfac111e2b3953cdb6b0126e67a2487687646971"; the
+    // build's own info says commit 1d1ccce, build 1: the sdist has no git history, so no
+    // bNNNN). The 2024 API: llama_sample_token* (no llama_sampler_*), llama_decode with the
+    // 72-byte batch, llama_load_model_from_file / llama_new_context_with_model, seed first in
+    // llama_context_params; examples/server compiled into the executable, with the single-task
+    // server_queue::post(server_task) and server_slot::release inlined.
+    Fixture {
+        name: "mid2024",
+        in_default_matrix: false,
+        source: Source::Build(CmakeBuild {
+            sdist: Sdist {
+                version: "0.2.90",
+                sha256: "419b041c62dbdb9f7e67883a6ef2f247d583d08417058776be0bff05b4ec9e3d",
+            },
+            build_dir: "mid2024",
+            cmake_flags: CLASSIC_FLAGS,
+            targets: SERVER_CLI_SIMPLE,
+        }),
+        llama_cpp: "commit cfac111 (no build number recorded)",
+        date: "2024-08",
+        generation: Generation::Legacy,
+        linkage: Linkage::Shared,
+        stripped: false,
+        dwarf: false,
+        server_code: Some("executable"),
+        covers: "2024 before b3681 (`llama_sample_token*`, 72-byte `llama_batch`), shared \
+                 libraries",
+        measured: "decode steps, sampling (`llama_sampling_sample` in the executable), model \
+                   load, context; requests by task id with queue wait, ended by silence \
+                   (`server_slot::release` is inlined)",
+    },
     Fixture {
         name: "static",
         in_default_matrix: false,

@@ -504,18 +504,33 @@ impl Assembler {
         } else {
             ContextRole::Main
         };
+        let (n_ctx, n_seq_max) = (
+            check(c.n_ctx, plausible::N_CTX),
+            check(c.n_seq_max, plausible::N_SEQ_MAX),
+        );
+        let reserved = self
+            .processes
+            .get(&c.header.tgid)
+            .and_then(|p| p.server_era)
+            .map_or(0, |r| r.slot_seq_offset.max(0) as u32);
+        let seq_share = match (n_ctx, n_seq_max) {
+            (Some(n), Some(s)) if s > reserved => Some(n / (s - reserved)),
+            (Some(n), Some(s)) => Some(n / s),
+            _ => None,
+        };
         ContextCreate {
             origin: self.origin(&c.header),
             ok: c.ctx != 0,
             ctx: c.ctx,
             context,
             params: ContextParams {
-                n_ctx: check(c.n_ctx, plausible::N_CTX),
+                n_ctx,
                 n_batch: check(c.n_batch, plausible::N_BATCH),
                 n_ubatch: check(c.n_ubatch, plausible::N_BATCH),
-                n_seq_max: check(c.n_seq_max, plausible::N_SEQ_MAX),
+                n_seq_max,
                 n_threads: check(c.n_threads, plausible::N_THREADS),
                 n_threads_batch: check(c.n_threads_batch, plausible::N_THREADS),
+                seq_share,
             },
         }
     }
@@ -825,6 +840,38 @@ mod tests {
 
     /// A program that decodes its sequences one call each: a token sampled for one sequence
     /// waits for that sequence's next step, whatever is decoded in between.
+    #[test]
+    fn samples_without_an_index_take_the_steps_outputs_in_batch_order() {
+        // llama_sample_token*(ctx, candidates): no output index. A step of two sequences
+        // (3 prompt tokens of seq 0 with its last output, 2 of seq 5 with theirs): the first
+        // such sample is seq 0's, the second seq 5's, a third the last token's (seq 5).
+        let mut a = Assembler::new();
+        let token_sample = |a: &mut Assembler, token| {
+            let ev = probe_common::SampleEvent {
+                header: crate::decode::tests::header(probe_common::EventKind::Sample, 0, 1),
+                ctx: 0x1000,
+                token,
+                idx: -1,
+                api: probe_common::SampleApi::Token as u32,
+                ..Default::default()
+            };
+            match a.process(&Event::Sample(ev)) {
+                Some(Observation::Sample(s)) => (s.idx, s.seq_id),
+                other => panic!("{other:?}"),
+            }
+        };
+        step(
+            &mut a,
+            decode_event(5, &[run(0, 0, 3, 1, true), run(5, 0, 2, 1, true)], 0),
+        );
+        assert_eq!(token_sample(&mut a, 7), (2, Some(0)));
+        assert_eq!(token_sample(&mut a, 8), (4, Some(5)));
+        assert_eq!(token_sample(&mut a, 9), (-1, Some(5)));
+        // A new step starts the count again.
+        step(&mut a, decode_event(1, &[run(5, 2, 1, 1, true)], 0));
+        assert_eq!(token_sample(&mut a, 10), (0, Some(5)));
+    }
+
     #[test]
     fn samples_wait_for_their_own_sequence() {
         let mut a = Assembler::new();

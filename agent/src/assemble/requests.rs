@@ -919,6 +919,46 @@ mod tests {
         assert_eq!(r.finish()[0].queued_ns, Some(10));
     }
 
+    /// 2024: a post is seen when `post` returns (its id is the return value), which may be
+    /// after the server loop launched the task, or even after its prompt started: it still
+    /// gives that task's request its acceptance time (the post's entry). Such a server's
+    /// requests, without a slot release, end by silence.
+    #[test]
+    fn a_post_seen_after_its_launch_joins_its_slot_or_request() {
+        let mut r = Requests::new(Mode::ServerTasks);
+        r.without_release(1);
+        // Task 3 launched on slot 0 before its post arrived; task 4's post arrives after its
+        // prompt started on slot 1.
+        r.observe(&launch(20, 0, 3, true));
+        r.observe(&post_tasks(10, &[(3, "completion")]));
+        r.observe(&launch(21, 1, 4, true));
+        r.observe(&step(
+            30,
+            vec![
+                part(0, 0, 3, PartKind::FinalPromptChunk),
+                part(1, 0, 3, PartKind::FinalPromptChunk),
+            ],
+        ));
+        r.observe(&post_tasks(12, &[(4, "completion")]));
+        assert_eq!(r.tasks_waiting(), 0);
+        r.observe(&sample(31, 2));
+        r.observe(&sample(31, 5));
+        // Silent for longer than IDLE_CLOSE_NS: both end, as in the batch view.
+        let mut done = r.expire(40 + IDLE_CLOSE_NS);
+        done.sort_by_key(|q| q.seq_id);
+        let got: Vec<_> = done
+            .iter()
+            .map(|q| (q.seq_id, q.task_id, q.queued_ns, q.closed_by))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, Some(3), Some(10), "idle"),
+                (1, Some(4), Some(12), "idle")
+            ]
+        );
+    }
+
     /// Four slots take six tasks in an order that is neither the posts' nor the batch's:
     /// every request still gets its own task's acceptance time.
     #[test]

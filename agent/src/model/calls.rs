@@ -23,6 +23,9 @@ pub struct ContextParams {
     pub n_seq_max: Option<u32>,
     pub n_threads: Option<u32>,
     pub n_threads_batch: Option<u32>,
+    /// Tokens of a request sequence's share of the context: n_ctx / n_seq_max, less the
+    /// sequences a llama-server keeps for itself (2024: sequence 0, the system prompt's).
+    pub seq_share: Option<u32>,
 }
 
 /// A context creation.

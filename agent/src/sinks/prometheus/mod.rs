@@ -346,7 +346,7 @@ impl Metrics {
             context_utilization: GaugeVec::new(
                 Opts::new(
                     "llamacpp_context_utilization_ratio",
-                    "Tokens a sequence holds over its share of the context (n_ctx / n_seq_max).",
+                    "Tokens a sequence holds over its share of the context (n_ctx / n_seq_max; 2024 llama-server: n_ctx / (n_seq_max - 1), its sequence 0 held the system prompt).",
                 ),
                 &["pid", "model", "context", "seq"],
             )
@@ -774,9 +774,8 @@ impl Sink for Metrics {
                 }
                 let pid = c.origin.pid.to_string();
                 let labels = [pid.as_str(), &*c.origin.model];
-                if let (Some(n), Some(seqs)) = (c.params.n_ctx, c.params.n_seq_max) {
-                    self.seq_capacity
-                        .insert((c.origin.pid, c.context), n / seqs);
+                if let Some(share) = c.params.seq_share {
+                    self.seq_capacity.insert((c.origin.pid, c.context), share);
                 }
                 // The gauges describe the context that serves requests.
                 if c.context != ContextRole::Main {

@@ -325,7 +325,12 @@ impl Stats {
                 }
             }
             Observation::Memory(_) => self.memory_changes += 1,
-            Observation::TaskPost(p) => self.task_posts += u64::from(!p.front),
+            // Work for a slot (the 2024 server posts its metrics and next-response tasks
+            // through the same function).
+            Observation::TaskPost(p) => {
+                let work = |t: &str| t == "unknown" || crate::catalog::is_request_type(t);
+                self.task_posts += u64::from(!p.front && p.tasks.iter().any(|t| work(t.task_type)));
+            }
             Observation::SlotRelease(_) => self.slot_releases += 1,
             Observation::SlotLaunch(l) => self.slot_launches += u64::from(l.ok),
             Observation::ContextShift(_) => self.context_shifts += 1,
