@@ -47,6 +47,8 @@ struct Open {
     req: Request,
     /// The final prompt chunk was decoded: samples now generate.
     generating: bool,
+    /// The position after the last tokens it decoded on its sequence.
+    next_pos: i32,
     last_activity_ns: u64,
 }
 
@@ -397,6 +399,7 @@ impl Requests {
                 steps: Vec::new(),
             },
             generating: false,
+            next_pos: pos0,
             last_activity_ns: d.origin.end_ns,
         }
     }
@@ -409,8 +412,21 @@ impl Requests {
         for p in &d.parts {
             let key = (pid, d.ctx, p.seq_id);
             if !matches!(p.kind, PartKind::Generated | PartKind::Verification) {
-                // A prompt after generation is the next request on this sequence.
-                if self.open.get(&key).is_some_and(|o| o.generating) {
+                // A prompt after generation is the next request on this sequence. Without
+                // task ids, a prompt chunk that continues the sequence where the request's
+                // prompt ended, nothing sampled in between, continues that prompt: the
+                // earlier chunk's output went unused (gpt4all asks for the logits of every
+                // chunk's last token).
+                let continues = |o: &Open| {
+                    self.mode(pid) == Mode::BatchView
+                        && o.req.generated_tokens == 0
+                        && o.next_pos == p.pos0
+                };
+                if self
+                    .open
+                    .get(&key)
+                    .is_some_and(|o| o.generating && !continues(o))
+                {
                     closed.extend(self.close(key, "next_request"));
                 }
                 if !self.open.contains_key(&key) {
@@ -426,6 +442,7 @@ impl Requests {
             }
             if let Some(o) = self.open.get_mut(&key) {
                 o.req.decode_steps += 1;
+                o.next_pos = p.pos0.saturating_add_unsigned(p.n_tokens);
                 o.last_activity_ns = d.origin.end_ns;
                 if self.keep_steps {
                     if o.req.steps.len() < MAX_STEPS_PER_REQUEST {
@@ -750,6 +767,46 @@ mod tests {
             seq_id: LAST.with(|m| m.borrow().seq_at(idx)),
             token: 5,
         })
+    }
+
+    /// gpt4all's prompt: chunks of 8 that each ask for their last token's logits. Without task
+    /// ids, a chunk continuing the sequence where the last one ended, nothing sampled in
+    /// between, is the same prompt; a chunk elsewhere, or after a sample, is a new request.
+    #[test]
+    fn prompt_chunks_that_each_ask_for_an_output_are_one_prompt() {
+        let mut r = Requests::new(Mode::BatchView);
+        r.observe(&step(100, vec![part(0, 0, 8, PartKind::FinalPromptChunk)]));
+        let none = closed(r.observe(&step(200, vec![part(0, 8, 7, PartKind::FinalPromptChunk)])));
+        assert!(none.is_empty(), "{none:?}");
+        r.observe(&sample(220, 6));
+        r.observe(&step(300, vec![part(0, 15, 1, PartKind::Generated)]));
+        r.observe(&sample(320, 0));
+        // A prompt at the sequence's end after samples is the next request.
+        let done = closed(r.observe(&step(400, vec![part(0, 16, 3, PartKind::FinalPromptChunk)])));
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (
+                done[0].prompt_tokens,
+                done[0].cached_tokens,
+                done[0].generated_tokens,
+                done[0].decode_steps
+            ),
+            (15, 0, 2, 3)
+        );
+        // A prompt chunk that does not continue where the last one ended is a new request
+        // even with nothing sampled.
+        let skipped =
+            closed(r.observe(&step(500, vec![part(0, 30, 2, PartKind::FinalPromptChunk)])));
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(
+            (skipped[0].prompt_tokens, skipped[0].cached_tokens),
+            (3, 16)
+        );
+        // With llama-server's tasks the rule is theirs: no merging by position.
+        let mut q = Requests::new(Mode::ServerQueue);
+        q.observe(&step(100, vec![part(0, 0, 8, PartKind::FinalPromptChunk)]));
+        let split = closed(q.observe(&step(200, vec![part(0, 8, 7, PartKind::FinalPromptChunk)])));
+        assert_eq!(split.len(), 1);
     }
 
     #[test]

@@ -674,7 +674,7 @@ impl Summary {
         if self.warmups > 0 {
             let _ = writeln!(
                 s,
-                "warm-ups (start-up decodes, not requests): {}",
+                "warm-ups (prompts of at most 2 tokens dropped unsampled, not requests): {}",
                 self.warmups
             );
         }
