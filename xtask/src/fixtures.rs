@@ -9,6 +9,7 @@
 //!   `vendor/llama.cpp`), built with CMake into `cache/build/<name>`;
 //! - the prebuilt libllama of an npm package, with a small C driver of ours
 //!   (`agent/tests/embedded/driver.c`) linked against it;
+//! - the wheel of a PyPI package with a prebuilt llama.cpp inside (gpt4all), in a venv;
 //! - `strip --strip-all` copies of other fixtures' files.
 //!
 //! The model is written by `assets/make_tiny_model.py` with PyPI `gguf` (llama.cpp's own writer)
@@ -35,10 +36,11 @@ use crate::util::{self, progress};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Matrix {
     /// The newest llama.cpp, a mid-2025 classic build, the npm prebuilt library with our driver,
-    /// a stripped copy of the newest libllama, and the tiny model.
+    /// a stripped copy of the newest libllama, gpt4all's wheel (a 2024 llama.cpp inside), and
+    /// the tiny model.
     Default,
-    /// Every row of the fixture table (adds late 2024 and a static -g build with a stripped
-    /// copy), and the larger model too.
+    /// Every row of the fixture table (adds late and mid 2024 llama-servers, and a static -g
+    /// build with a stripped copy), and the larger model too.
     Full,
 }
 
@@ -104,9 +106,25 @@ pub struct NpmPrebuilt {
     pub binding: &'static str,
 }
 
+/// A Python package from PyPI whose wheel carries a prebuilt llama.cpp, installed with its
+/// pinned dependencies in a venv of its own so that the tests drive it through its own Python
+/// API.
+pub struct PypiWheel {
+    pub package: &'static str,
+    pub version: &'static str,
+    /// The wheel's file name on PyPI.
+    pub file: &'static str,
+    pub sha256: &'static str,
+    /// The shared library with llama.cpp inside, relative to the venv's site-packages.
+    pub libllama: &'static str,
+    /// Its dependencies from PyPI, pinned (installed with `--no-deps`, so nothing else comes).
+    pub requirements: &'static [&'static str],
+}
+
 pub enum Source {
     Build(CmakeBuild),
     Npm(NpmPrebuilt),
+    Wheel(PypiWheel),
     /// A copy of the shared-library directory of fixture `from` with `libllama.so*` stripped
     /// (`strip --strip-all`); `from`'s executables run on it with `LD_LIBRARY_PATH`.
     StripLibllama {
@@ -288,6 +306,46 @@ pub const FIXTURES: &[Fixture] = &[
         measured: "all (sampling through `llama_sampler_sample`), in our driver: 12 decode steps, \
                    9 prompt tokens, 12 samples",
     },
+    // PyPI gpt4all 2.8.2 (2024-08-14), manylinux1 wheel sha256 as on PyPI: its Python binding
+    // dlopen's libllmodel.so, which dlopen's libllamamodel-mainline-<variant>.so, a library
+    // with nomic-ai's fork of llama.cpp compiled in and llama.h exported (the CPU runs on the
+    // `kompute` variant; the CUDA ones fail to load without libcudart). The wheel records no
+    // llama.cpp commit; its API dates it to July 2024 (llama_lora_adapter_init is there,
+    // llama_model_has_decoder and llama_model_is_recurrent are not yet): the 2024 generation
+    // (llama_sample_token*, 72-byte llama_batch, llama_load_model_from_file,
+    // llama_new_context_with_model). Sampling is the binding's own chain of
+    // llama_sample_* calls ending in llama_sample_token or _greedy.
+    Fixture {
+        name: "pypi2024",
+        in_default_matrix: true,
+        source: Source::Wheel(PypiWheel {
+            package: "gpt4all",
+            version: "2.8.2",
+            file: "gpt4all-2.8.2-py3-none-manylinux1_x86_64.whl",
+            sha256: "c61e977afa72475c076211fd9b59a88334fc0062615be8c2f7716363a21fbafa",
+            libllama: "gpt4all/llmodel_DO_NOT_MODIFY/build/libllamamodel-mainline-kompute.so",
+            requirements: &[
+                "certifi==2026.10.19.post1",
+                "charset-normalizer==3.5.3",
+                "idna==3.20",
+                "requests==2.34.2",
+                "tqdm==4.70.1",
+                "urllib3==2.8.0",
+            ],
+        }),
+        llama_cpp: "fork nomic-ai/llama.cpp of 2024-07 (no commit recorded)",
+        date: "2024-07",
+        generation: Generation::Legacy,
+        linkage: Linkage::Shared,
+        stripped: false,
+        dwarf: false,
+        server_code: None,
+        covers: "a 2024 llama.cpp embedded in another program's library (gpt4all's Python \
+                 binding, `libllamamodel-mainline-*.so`)",
+        measured: "decode steps (prompt chunks of 8), sampling (`llama_sample_token*`, its row \
+                   inferred), context, through gpt4all's own API: one request per completion, \
+                   prompt and generated tokens equal to its own counts",
+    },
     // llama-cpp-python 0.3.5 (PyPI 2024-12-10): llama.cpp 26a8406ba919 (2024-12-09, "CUDA: fix
     // shared memory access condition for mmv (#10740)"), b4295 (commit count; Homebrew's
     // llama.cpp b4295 formula names the same revision). The newest sdist whose llama.h has
@@ -411,6 +469,10 @@ impl Fixture {
                 text
             }
             Source::Npm(n) => format!("npm {}@{} prebuilt libllama", n.package, n.version),
+            Source::Wheel(w) => format!(
+                "PyPI {}=={} wheel, its prebuilt llama.cpp",
+                w.package, w.version
+            ),
             Source::StripLibllama { from } => {
                 format!("{from}'s shared libraries, libllama.so* after strip --strip-all")
             }
@@ -450,6 +512,8 @@ pub struct Built {
     pub symbols_from: Option<PathBuf>,
     /// A directory whose `node_modules` holds the npm binding (npm fixtures).
     pub node_app: Option<PathBuf>,
+    /// The Python of a venv with the package installed (PyPI wheel fixtures).
+    pub python: Option<PathBuf>,
 }
 
 /// Prepares the fixtures, prints them as `KEY=VALUE` lines and writes `cache/fixtures.env`.
@@ -604,9 +668,11 @@ fn prepare_fixture(
                 env: Vec::new(),
                 symbols_from: None,
                 node_app: None,
+                python: None,
             })
         }
         Source::Npm(npm) => prepare_npm(cache, npm, model),
+        Source::Wheel(wheel) => prepare_wheel(cache, wheel),
         Source::StripLibllama { from: name } => strip_libllama(cache, f.name, from(name)?),
         Source::StripServer { from: name } => strip_server(cache, f.name, from(name)?),
     }
@@ -658,6 +724,7 @@ fn fixtures_json(built: &[(&Fixture, Built)]) -> String {
                 ("env", Value::Object(env).to_string()),
                 ("symbols_from", path(&b.symbols_from)),
                 ("node_app", path(&b.node_app)),
+                ("python", path(&b.python)),
                 ("server_code", json!(f.server_code).to_string()),
             ];
             format!("  {}", ordered_object(&fields, "  "))
@@ -739,37 +806,40 @@ fn download(url: &str, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The sdist's download URL, from PyPI's per-release JSON API, else the PEP 691 simple index.
+/// The sdist's download URL.
 fn sdist_url(sdist: &Sdist) -> Result<String> {
     let filename = format!("{}.tar.gz", sdist_name(sdist));
-    let release_api = format!(
-        "https://pypi.org/pypi/llama-cpp-python/{}/json",
-        sdist.version
-    );
+    pypi_url("llama-cpp-python", sdist.version, &filename)
+}
+
+/// The URL of `package`'s file `filename` (of release `version`), from PyPI's per-release
+/// JSON API, else the PEP 691 simple index.
+fn pypi_url(package: &str, version: &str, filename: &str) -> Result<String> {
+    let release_api = format!("https://pypi.org/pypi/{package}/{version}/json");
     if let Ok(text) = util::output(Command::new("curl").args(["-fsSL", &release_api])) {
         let json: serde_json::Value = serde_json::from_str(&text).context("PyPI JSON")?;
         let files = json["urls"].as_array().cloned().unwrap_or_default();
         if let Some(url) = files
             .iter()
-            .find(|f| f["filename"] == filename.as_str())
+            .find(|f| f["filename"] == filename)
             .and_then(|f| f["url"].as_str())
             .filter(|url| url.starts_with("https://"))
         {
             return Ok(url.to_string());
         }
     }
-    let index = "https://pypi.org/simple/llama-cpp-python/";
+    let index = format!("https://pypi.org/simple/{package}/");
     let text = util::output(Command::new("curl").args([
         "-fsSL",
         "-H",
         "Accept: application/vnd.pypi.simple.v1+json",
-        index,
+        &index,
     ]))
     .with_context(|| format!("could not reach PyPI ({index}): check the network, or put {filename} into the cache's src/ by hand"))?;
     let json: serde_json::Value = serde_json::from_str(&text).context("PyPI simple index JSON")?;
     json["files"]
         .as_array()
-        .and_then(|files| files.iter().find(|f| f["filename"] == filename.as_str()))
+        .and_then(|files| files.iter().find(|f| f["filename"] == filename))
         .and_then(|f| f["url"].as_str())
         .map(str::to_string)
         .with_context(|| format!("PyPI lists no {filename}"))
@@ -1067,6 +1137,7 @@ fn strip_libllama(cache: &Path, name: &str, from: &Built) -> Result<Built> {
         env: vec![("LD_LIBRARY_PATH", lib)],
         symbols_from: None,
         node_app: None,
+        python: None,
     })
 }
 
@@ -1309,6 +1380,91 @@ fn prepare_node_app(cache: &Path, npm: &NpmPrebuilt) -> Result<PathBuf> {
     Ok(dir)
 }
 
+// ---------------------------------------------------------------------------------------------
+// PyPI wheel with a prebuilt llama.cpp
+
+/// `cache/src/<wheel>` with the right sha256.
+fn download_wheel(cache: &Path, wheel: &PypiWheel) -> Result<PathBuf> {
+    let src = cache.join("src");
+    let file = src.join(wheel.file);
+    if file.is_file() && sha256_of(&file)? == wheel.sha256 {
+        return Ok(file);
+    }
+    fs::create_dir_all(&src)?;
+    progress!(
+        "downloading the {}=={} wheel (about 120 MB)",
+        wheel.package,
+        wheel.version
+    );
+    download(&pypi_url(wheel.package, wheel.version, wheel.file)?, &file)?;
+    check_sha256(&file, wheel.sha256)?;
+    Ok(file)
+}
+
+/// `cache/python/<package>-<version>/`: a venv with the wheel and its pinned dependencies,
+/// checked by importing the package; its Python and the library with llama.cpp inside.
+fn prepare_wheel(cache: &Path, wheel: &PypiWheel) -> Result<Built> {
+    let venv = cache
+        .join("python")
+        .join(format!("{}-{}", wheel.package, wheel.version));
+    let python = venv.join("bin/python");
+    let stamp = format!(
+        "{} sha256={}\n{}\n",
+        wheel.file,
+        wheel.sha256,
+        wheel.requirements.join("\n")
+    );
+    let stamp_file = venv.join(".llamaprobe-stamp");
+    if fs::read_to_string(&stamp_file).ok().as_deref() == Some(&stamp) {
+        progress!("  {} is installed (stamp matches)", venv.display());
+    } else {
+        let file = download_wheel(cache, wheel)?;
+        if venv.exists() {
+            fs::remove_dir_all(&venv)?;
+        }
+        progress!("creating a Python venv at {}", venv.display());
+        util::run(Command::new("python3").args(["-m", "venv"]).arg(&venv)).context(
+            "`python3 -m venv` failed: install Python 3.8 or newer with venv (python3-venv on Debian)",
+        )?;
+        progress!(
+            "installing {} and {}",
+            wheel.file,
+            wheel.requirements.join(" ")
+        );
+        util::run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                .arg("--no-deps")
+                .arg(&file)
+                .args(wheel.requirements),
+        )
+        .with_context(|| format!("pip could not install {}", wheel.file))?;
+        util::run(Command::new(&python).args(["-c", &format!("import {}", wheel.package)]))
+            .with_context(|| {
+                format!(
+                    "{} installed in {} does not import",
+                    wheel.package,
+                    venv.display()
+                )
+            })?;
+        fs::write(&stamp_file, stamp)?;
+    }
+    let site = util::output(Command::new(&python).args([
+        "-c",
+        "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+    ]))?;
+    let libllama = Path::new(site.trim()).join(wheel.libllama);
+    if !libllama.is_file() {
+        bail!("{} has no {}", wheel.file, wheel.libllama);
+    }
+    Ok(Built {
+        lib_dir: libllama.parent().map(Path::to_path_buf),
+        libllama: Some(libllama),
+        python: Some(python),
+        ..Built::default()
+    })
+}
+
 /// Runs the driver on the model and checks its report.
 fn check_driver(driver: &Path, model: &Path) -> Result<()> {
     progress!("running {} {}", driver.display(), model.display());
@@ -1520,10 +1676,10 @@ mod tests {
     fn rows_are_consistent() {
         for f in FIXTURES {
             assert!(
-                ["b", "v", "commit "]
+                ["b", "v", "commit ", "fork "]
                     .iter()
                     .any(|p| f.llama_cpp.starts_with(p)),
-                "{}: a build number, a release tag or a commit",
+                "{}: a build number, a release tag, a commit or a fork",
                 f.name
             );
             assert_eq!(f.date.len(), 7, "{}: date is YYYY-MM", f.name);
@@ -1552,7 +1708,10 @@ mod tests {
             .filter(|f| f.in_matrix(Matrix::Default))
             .map(|f| f.name)
             .collect();
-        assert_eq!(default, ["newest", "newest-stripped", "mid2025", "npm"]);
+        assert_eq!(
+            default,
+            ["newest", "newest-stripped", "mid2025", "npm", "pypi2024"]
+        );
         assert_eq!(
             FIXTURES
                 .iter()
@@ -1611,6 +1770,7 @@ mod tests {
             "env",
             "symbols_from",
             "node_app",
+            "python",
             "server_code",
         ];
         let mut at = 0;

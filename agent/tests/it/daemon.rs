@@ -551,9 +551,13 @@ fn daemon_traces_the_children_of_a_router_each_with_its_model() {
     assert_eq!(code, 0);
 }
 
+/// A program that loads its binding (and with it llama.cpp, by dlopen) after the daemon saw it
+/// start, for both bindings: node-llama-cpp (npm, classic) and gpt4all (PyPI, the 2024
+/// generation). The rescan finds the library (its model, loaded before that, is recovered
+/// from the process's mappings), and the requests have the binding's own counts.
 #[test]
 fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
-    use crate::embedders::{node_fixture, NodeScript, NODE_COMPLETIONS};
+    use crate::embedders::{Binding, BindingScript};
     let test = "daemon_finds_a_program_that_loads_libllama_after_it_started";
     if !root_or_skip(test) {
         return;
@@ -561,61 +565,67 @@ fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
     let Some(model) = crate::common::fixtures::model(test) else {
         return;
     };
-    let Some(f) = node_fixture(test) else {
-        return;
-    };
     let _serial = serial();
-    let dir = scratch(test);
-    let events = dir.join("events.jsonl");
-    let mut d = Daemon::start(&[
-        "--include",
-        "exe:node",
-        "--rescan",
-        "1",
-        "--events-out",
-        path(&events),
-    ]);
-    let mut node = NodeScript::start(&f, &dir, &model, &[("WAIT_BEFORE_LOAD", "1")]);
-    let started = node.next("started");
-    let pid: u32 = started
-        .strip_prefix("started pid=")
-        .expect(&started)
-        .parse()
-        .unwrap();
-    // Running, libllama not loaded: not traced. Then it loads the binding.
-    assert!(!d
-        .probe
-        .lines
-        .iter()
-        .any(|l| l.contains(&format!("traced pid={pid}"))));
-    node.send(b"load\n", false);
-    node.next("ready");
-    d.wait_line("traced", pid);
-    node.send(b"go\n", true);
-    let generated: Vec<u64> = (0..NODE_COMPLETIONS.len())
-        .map(|i| {
-            let line = node.next("done");
-            line.strip_prefix(&format!("done {i} generated="))
-                .unwrap_or_else(|| panic!("{line}"))
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    assert!(node.wait().success());
-    d.wait_line("released", pid);
-    let (code, _) = d.probe.terminate();
-    assert_eq!(code, 0);
-    let events = json_lines(&events);
-    let mut requests: Vec<_> = of_kind(&events, "request")
-        .into_iter()
-        .filter(|r| r["pid"] == pid)
-        .collect();
-    requests.sort_by_key(|r| r["start_ns"].as_u64());
-    let got: Vec<u64> = requests
-        .iter()
-        .map(|r| r["generated_tokens"].as_u64().unwrap())
-        .collect();
-    assert_eq!(got, generated, "{requests:?}");
+    for binding in Binding::ALL {
+        let Some(f) = binding.fixture(test) else {
+            continue;
+        };
+        eprintln!("== {binding:?}");
+        let dir = scratch(&format!("{test}-{}", binding.name()));
+        let events = dir.join("events.jsonl");
+        let include = format!("exe:{}", binding.exe(&f));
+        let mut d = Daemon::start(&[
+            "--include",
+            &include,
+            "--rescan",
+            "1",
+            "--events-out",
+            path(&events),
+        ]);
+        let mut script =
+            BindingScript::start(binding, &f, &dir, &model, &[("WAIT_BEFORE_LOAD", "1")]);
+        let pid = script.pid("started");
+        // Running, libllama not loaded: not traced. Then it loads the binding.
+        assert!(!d
+            .probe
+            .lines
+            .iter()
+            .any(|l| l.contains(&format!("traced pid={pid}"))));
+        script.send(b"load\n", false);
+        script.pid("ready");
+        d.wait_line("traced", pid);
+        script.send(b"go\n", true);
+        let done = script.completions();
+        assert!(script.wait().success());
+        d.wait_line("released", pid);
+        let (code, _) = d.probe.terminate();
+        assert_eq!(code, 0);
+        let events = json_lines(&events);
+        let mine = |kind: &str| -> Vec<&serde_json::Value> {
+            of_kind(&events, kind)
+                .into_iter()
+                .filter(|r| r["pid"] == pid || r["origin"]["pid"] == pid)
+                .collect()
+        };
+        let mut requests = mine("request");
+        requests.sort_by_key(|r| r["start_ns"].as_u64());
+        let got: Vec<u64> = requests
+            .iter()
+            .map(|r| r["generated_tokens"].as_u64().unwrap())
+            .collect();
+        let generated: Vec<u64> = done.iter().map(|d| d.generated).collect();
+        assert_eq!(got, generated, "{binding:?}: {requests:?}");
+        // The model was loaded before the rescan found the library: recovered from the
+        // process's mappings.
+        let facts = mine("model_info");
+        let file = std::fs::canonicalize(&model).unwrap();
+        assert!(
+            facts
+                .iter()
+                .any(|m| m["info"]["path"] == file.to_string_lossy().as_ref()),
+            "{binding:?}: {facts:?}"
+        );
+    }
 }
 
 /// A copy of the fake driver under `name`, started and waiting on stdin (its library mapped).

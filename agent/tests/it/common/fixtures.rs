@@ -22,6 +22,8 @@ pub struct Fixture {
     pub linkage: String,
     /// A directory whose `node_modules` holds the npm binding (the npm fixture).
     pub node_app: Option<PathBuf>,
+    /// The Python of a venv with a PyPI package that embeds llama.cpp (the pypi2024 fixture).
+    pub python: Option<PathBuf>,
 }
 
 fn path(v: &Value) -> Option<PathBuf> {
@@ -50,6 +52,7 @@ impl Fixture {
             stripped: v["stripped"].as_bool().unwrap_or(false),
             linkage: v["linkage"].as_str().unwrap_or("shared").to_string(),
             node_app: path(&v["node_app"]),
+            python: path(&v["python"]),
         }
     }
 
@@ -89,6 +92,7 @@ pub fn all(test: &str) -> Vec<Fixture> {
             stripped: false,
             linkage: "shared".into(),
             node_app: None,
+            python: None,
         }];
     }
     vec![]
