@@ -495,6 +495,9 @@ const PYTHON_REQUIREMENTS: &[&str] = &["gguf==0.19.0", "numpy>=1.24"];
 
 const MODEL_SCRIPT: &str = include_str!("../assets/make_tiny_model.py");
 
+/// The C source of the layout probe (see [`Built::layout_probe`]).
+const LAYOUT_PROBE: &str = include_str!("../assets/layout_probe.c");
+
 /// What the driver must print when run on the tiny model.
 const DRIVER_EXPECTED: &str = "driver decodes=12 prompt_tokens=9 generated=12 samples=12";
 
@@ -514,6 +517,9 @@ pub struct Built {
     pub node_app: Option<PathBuf>,
     /// The Python of a venv with the package installed (PyPI wheel fixtures).
     pub python: Option<PathBuf>,
+    /// A program compiled with -g from the fixture's own llama.h, declaring the structs the
+    /// probes read ([`LAYOUT_PROBE`]): their DWARF, for any build (CMake fixtures).
+    pub layout_probe: Option<PathBuf>,
 }
 
 /// Prepares the fixtures, prints them as `KEY=VALUE` lines and writes `cache/fixtures.env`.
@@ -655,10 +661,12 @@ fn prepare_fixture(
                     }
                 }
             }
+            let layout_probe = Some(build_layout_probe(&dir, &source)?);
             Ok(Built {
                 server: exe("llama-server"),
                 cli: exe("llama-cli"),
                 simple: exe("llama-simple"),
+                layout_probe,
                 driver: None,
                 lib_dir: libllama
                     .as_deref()
@@ -676,6 +684,41 @@ fn prepare_fixture(
         Source::StripLibllama { from: name } => strip_libllama(cache, f.name, from(name)?),
         Source::StripServer { from: name } => strip_server(cache, f.name, from(name)?),
     }
+}
+
+/// `<build dir>/layout-probe`: [`LAYOUT_PROBE`] compiled with -g against the llama.h of
+/// `source` (a vendored llama.cpp), so that its DWARF says that build's struct layouts.
+fn build_layout_probe(dir: &Path, source: &Path) -> Result<PathBuf> {
+    let c = dir.join("layout-probe.c");
+    let exe = dir.join("layout-probe");
+    let header = [source.join("include/llama.h"), source.join("llama.h")]
+        .into_iter()
+        .find(|h| h.is_file())
+        .with_context(|| format!("{} has no llama.h", source.display()))?;
+    let stamp = format!(
+        "probe={:016x}\nheader={}\n",
+        util::fnv1a(LAYOUT_PROBE.as_bytes()),
+        fingerprint(&header)?
+    );
+    let stamp_file = dir.join(".layout-probe-stamp");
+    if exe.is_file() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(&stamp) {
+        return Ok(exe);
+    }
+    fs::write(&c, LAYOUT_PROBE)?;
+    let include = header.parent().context("llama.h has no directory")?;
+    util::run(
+        Command::new("gcc")
+            .args(["-g", "-O0", "-std=c11", "-o"])
+            .arg(&exe)
+            .arg(&c)
+            .arg("-I")
+            .arg(include)
+            .arg("-I")
+            .arg(source.join("ggml/include")),
+    )
+    .with_context(|| format!("compiling the layout probe against {}", header.display()))?;
+    fs::write(&stamp_file, stamp)?;
+    Ok(exe)
 }
 
 fn path_string(path: &Path) -> String {
@@ -725,6 +768,7 @@ fn fixtures_json(built: &[(&Fixture, Built)]) -> String {
                 ("symbols_from", path(&b.symbols_from)),
                 ("node_app", path(&b.node_app)),
                 ("python", path(&b.python)),
+                ("layout_probe", path(&b.layout_probe)),
                 ("server_code", json!(f.server_code).to_string()),
             ];
             format!("  {}", ordered_object(&fields, "  "))
@@ -1138,6 +1182,7 @@ fn strip_libllama(cache: &Path, name: &str, from: &Built) -> Result<Built> {
         symbols_from: None,
         node_app: None,
         python: None,
+        layout_probe: None,
     })
 }
 
@@ -1771,6 +1816,7 @@ mod tests {
             "symbols_from",
             "node_app",
             "python",
+            "layout_probe",
             "server_code",
         ];
         let mut at = 0;

@@ -238,3 +238,49 @@ fn dwarf_of_the_debug_fixture_matches_the_layout_table() {
         }
     }
 }
+
+/// Every CMake fixture's own llama.h, compiled with -g into a small program (xtask's layout
+/// probe): the DWARF of `llama_batch` and `llama_context_params` matches the catalog's row for
+/// the fixture's generation. So the layout rows are checked against the real headers of each
+/// era, the 2024 one (`seed` first, the 72-byte batch) included, without a -g build of
+/// llama.cpp.
+#[test]
+fn dwarf_of_every_fixtures_llama_h_matches_its_layout_row() {
+    let test = "dwarf_of_every_fixtures_llama_h_matches_its_layout_row";
+    let list: Vec<_> = fixtures::all(test)
+        .into_iter()
+        .filter(|f| f.layout_probe.is_some())
+        .collect();
+    if list.is_empty() && std::env::var_os("LLAMAPROBE_REQUIRE_FIXTURES").is_some() {
+        panic!("{test}: no fixture with a layout probe");
+    }
+    for f in &list {
+        let probe = f.layout_probe.as_ref().unwrap();
+        let out = llamaprobe().arg("layout").arg(probe).output().unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}: {}", f.name, text(&out));
+        let row = match f.generation.as_str() {
+            "batch_ext" => "BatchExt",
+            "classic" => "Classic",
+            "legacy" => "Legacy",
+            other => panic!("{}: generation {other}", f.name),
+        };
+        let lines: Vec<&str> = shown.lines().collect();
+        for ty in ["llama_batch:", "llama_context_params:"] {
+            let i = lines
+                .iter()
+                .position(|l| l.trim_start().starts_with(ty))
+                .unwrap_or_else(|| panic!("{}: {ty} missing: {shown}", f.name));
+            let verdict = lines.get(i + 1).unwrap_or(&"");
+            let rows = verdict
+                .trim()
+                .strip_prefix("matches the table row(s) ")
+                .unwrap_or_else(|| panic!("{}: {ty} {verdict}\n{shown}", f.name));
+            assert!(
+                rows.split(", ").any(|r| r == row),
+                "{}: {ty} matches {rows}, not {row}\n{shown}",
+                f.name
+            );
+        }
+    }
+}

@@ -24,6 +24,9 @@ pub struct Fixture {
     pub node_app: Option<PathBuf>,
     /// The Python of a venv with a PyPI package that embeds llama.cpp (the pypi2024 fixture).
     pub python: Option<PathBuf>,
+    /// A program built with -g from the fixture's own llama.h (CMake fixtures): its structs'
+    /// DWARF.
+    pub layout_probe: Option<PathBuf>,
 }
 
 fn path(v: &Value) -> Option<PathBuf> {
@@ -53,6 +56,7 @@ impl Fixture {
             linkage: v["linkage"].as_str().unwrap_or("shared").to_string(),
             node_app: path(&v["node_app"]),
             python: path(&v["python"]),
+            layout_probe: path(&v["layout_probe"]),
         }
     }
 
@@ -93,6 +97,7 @@ pub fn all(test: &str) -> Vec<Fixture> {
             linkage: "shared".into(),
             node_app: None,
             python: None,
+            layout_probe: None,
         }];
     }
     vec![]
