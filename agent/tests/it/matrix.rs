@@ -2,9 +2,6 @@
 //! prebuilt npm libllama under our own driver, llama-simple, static, stripped, -g) is
 //! recognised with the right generation and measured exactly. The server-bearing fixtures'
 //! agreement with llama-server's own counters is in llama_server.rs.
-
-use std::process::Command;
-
 use crate::common::{fixtures, *};
 
 fn tool(f: &fixtures::Fixture, args: &[&str]) -> std::process::Output {
@@ -195,46 +192,62 @@ fn llama_simple_is_measured_exactly() {
     );
 }
 
+/// `llamaprobe layout FILE`'s report (it must succeed).
+fn layout_report(f: &fixtures::Fixture, file: &std::path::Path) -> String {
+    let out = llamaprobe().arg("layout").arg(file).output().unwrap();
+    assert!(out.status.success(), "{}: {}", f.name, text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The layout table's row name for a fixture's generation.
+fn row_name(f: &fixtures::Fixture) -> &'static str {
+    match f.generation.as_str() {
+        "batch_ext" => "BatchExt",
+        "classic" => "Classic",
+        "legacy" => "Legacy",
+        other => panic!("{}: generation {other}", f.name),
+    }
+}
+
+/// The table rows a type of the layout report matches: each type is a line "  NAME: layout"
+/// followed by its verdict line, "matches the table row(s) A, B".
+fn matched_rows(f: &fixtures::Fixture, report: &str, ty: &str) -> Vec<String> {
+    let lines: Vec<&str> = report.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with(ty))
+        .unwrap_or_else(|| panic!("{}: {ty} missing: {report}", f.name));
+    let verdict = lines.get(i + 1).unwrap_or(&"");
+    verdict
+        .trim()
+        .strip_prefix("matches the table row(s) ")
+        .unwrap_or_else(|| panic!("{}: {ty} {verdict}\n{report}", f.name))
+        .split(", ")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Asserts that `ty` in the report matches the fixture's row `row`.
+fn assert_matches(f: &fixtures::Fixture, report: &str, ty: &str, row: &str) {
+    let rows = matched_rows(f, report, ty);
+    assert!(
+        rows.iter().any(|r| r == row),
+        "{}: {ty} matches {rows:?}, not {row}\n{report}",
+        f.name
+    );
+}
+
 #[test]
 fn dwarf_of_the_debug_fixture_matches_the_layout_table() {
     let list = fixtures::all("dwarf_of_the_debug_fixture_matches_the_layout_table");
     for f in list.iter().filter(|f| f.dwarf) {
         let target = f.server.as_ref().or(f.libllama.as_ref()).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_llamaprobe"))
-            .arg("layout")
-            .arg(target)
-            .output()
-            .unwrap();
-        let shown = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}: {}", f.name, text(&out));
-        let row = match f.generation.as_str() {
-            "batch_ext" => "BatchExt",
-            _ => "Classic",
-        };
-        // Each type is a line "  NAME: layout" followed by its verdict line.
-        let verdict = |ty: &str| -> String {
-            let lines: Vec<&str> = shown.lines().collect();
-            let i = lines
-                .iter()
-                .position(|l| l.trim_start().starts_with(ty))
-                .unwrap_or_else(|| panic!("{ty} missing: {shown}"));
-            format!("{} {}", lines[i], lines.get(i + 1).unwrap_or(&""))
-        };
+        let report = layout_report(f, target);
         for ty in ["llama_batch:", "llama_context_params:"] {
-            let v = verdict(ty);
-            assert!(
-                v.contains("matches the table row(s)") && v.contains(row),
-                "{}: {v}",
-                f.name
-            );
+            assert_matches(f, &report, ty, row_name(f));
         }
         if f.generation == "batch_ext" {
-            let v = verdict("llama_batch_ext:");
-            assert!(
-                v.contains("matches the table row(s) BatchExt"),
-                "{}: {v}",
-                f.name
-            );
+            assert_matches(f, &report, "llama_batch_ext:", "BatchExt");
         }
     }
 }
@@ -255,32 +268,9 @@ fn dwarf_of_every_fixtures_llama_h_matches_its_layout_row() {
         panic!("{test}: no fixture with a layout probe");
     }
     for f in &list {
-        let probe = f.layout_probe.as_ref().unwrap();
-        let out = llamaprobe().arg("layout").arg(probe).output().unwrap();
-        let shown = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}: {}", f.name, text(&out));
-        let row = match f.generation.as_str() {
-            "batch_ext" => "BatchExt",
-            "classic" => "Classic",
-            "legacy" => "Legacy",
-            other => panic!("{}: generation {other}", f.name),
-        };
-        let lines: Vec<&str> = shown.lines().collect();
+        let report = layout_report(f, f.layout_probe.as_ref().unwrap());
         for ty in ["llama_batch:", "llama_context_params:"] {
-            let i = lines
-                .iter()
-                .position(|l| l.trim_start().starts_with(ty))
-                .unwrap_or_else(|| panic!("{}: {ty} missing: {shown}", f.name));
-            let verdict = lines.get(i + 1).unwrap_or(&"");
-            let rows = verdict
-                .trim()
-                .strip_prefix("matches the table row(s) ")
-                .unwrap_or_else(|| panic!("{}: {ty} {verdict}\n{shown}", f.name));
-            assert!(
-                rows.split(", ").any(|r| r == row),
-                "{}: {ty} matches {rows}, not {row}\n{shown}",
-                f.name
-            );
+            assert_matches(f, &report, ty, row_name(f));
         }
     }
 }
