@@ -343,7 +343,7 @@ pub const FIXTURES: &[Fixture] = &[
         covers: "a 2024 llama.cpp embedded in another program's library (gpt4all's Python \
                  binding, `libllamamodel-mainline-*.so`)",
         measured: "decode steps (prompt chunks of 8), sampling (`llama_sample_token*`, its row \
-                   inferred), context, through gpt4all's own API: one request per completion, \
+                   inferred), context use, through gpt4all's own API: one request per completion, \
                    prompt and generated tokens equal to its own counts",
     },
     // llama-cpp-python 0.3.5 (PyPI 2024-12-10): llama.cpp 26a8406ba919 (2024-12-09, "CUDA: fix
