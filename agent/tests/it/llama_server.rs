@@ -164,7 +164,9 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
     // The 2024 server inlines its slot release: none is seen there.
     let releases = if legacy { 0 } else { responses.len() as u64 };
     assert_eq!(s["slot_releases"].as_u64().unwrap(), releases);
-    // Attached after the load: the model was recovered from the process, and said so.
+    // Attached after the load: the model was recovered from the process, and said so (the
+    // file it maps: the model path with its symlinks resolved).
+    let file = std::fs::canonicalize(model).unwrap();
     let facts: Vec<&str> = s["facts"]
         .as_array()
         .unwrap()
@@ -175,7 +177,7 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
         facts
             .iter()
             .any(|f| f.starts_with("model: recovered from the process")
-                && f.contains(&*model.to_string_lossy())),
+                && f.contains(&*file.to_string_lossy())),
         "{facts:?}"
     );
     let stem = model.file_stem().unwrap().to_string_lossy().into_owned();
