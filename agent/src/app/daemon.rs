@@ -50,6 +50,44 @@ const MODEL_CHECK_AFTER: Duration = Duration::from_secs(2);
 /// How long a released process's late events are ignored.
 const RELEASED_KEPT_SECS: u64 = 30;
 
+/// How often the ring buffer is read besides the probes' wake-ups (they wake the agent only
+/// once a batch has piled up): every 50 ms while events come, backing off to once a second on
+/// an idle host, where a wake-up is most of what the agent costs.
+#[derive(Debug)]
+struct DrainPace {
+    every: Duration,
+}
+
+impl DrainPace {
+    const FAST: Duration = Duration::from_millis(50);
+    const SLOW: Duration = Duration::from_secs(1);
+
+    fn new() -> DrainPace {
+        DrainPace { every: Self::FAST }
+    }
+
+    /// The wait before the next drain, after one that found work (`busy`) or none.
+    fn next(&mut self, busy: bool) -> Duration {
+        self.every = if busy {
+            Self::FAST
+        } else {
+            (self.every * 2).min(Self::SLOW)
+        };
+        self.every
+    }
+}
+
+/// Gives the heap memory freed after start-up back to the kernel (the kernel's BTF, parsed to
+/// load the probes, and the first scan's buffers: glibc keeps freed memory for reuse, which an
+/// agent that runs for months on every node would otherwise hold as RSS).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages of the heap to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A new process is looked at again after these delays (its libraries are mapped after exec).
 const EXEC_RECHECKS_MS: [u64; 7] = [2, 10, 40, 100, 250, 600, 1500];
 
@@ -239,13 +277,16 @@ async fn event_loop(
         errors_counted: 0,
     };
     d.scan(true);
+    release_freed_memory();
     health.set_ready();
 
     // SAFETY: the ring buffer's fd is owned by the AsyncFd and stays open until it is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let mut drain = tokio::time::interval(Duration::from_millis(50));
+    let mut pace = DrainPace::new();
+    let drain = tokio::time::sleep(DrainPace::FAST);
+    tokio::pin!(drain);
     let mut rescan = tokio::time::interval(Duration::from_secs_f64(opts.rescan.max(0.1)));
     rescan.tick().await; // the first scan ran above
     let deadline = async {
@@ -271,17 +312,26 @@ async fn event_loop(
                     d.handle(&item);
                 }
                 guard.clear_ready();
+                // Events come: drained often again from now on.
+                let soon = tokio::time::Instant::now() + pace.next(true);
+                if drain.deadline() > soon {
+                    drain.as_mut().reset(soon);
+                }
             }
-            _ = drain.tick() => {
+            () = &mut drain => {
                 // Looked at before the ring buffer is read: every end of their threads is in it.
                 let ended = d.ended_processes();
                 let rb = ring.get_mut();
+                let mut records = 0usize;
                 while let Some(item) = rb.next() {
                     d.handle(&item);
+                    records += 1;
                 }
+                let busy = records > 0 || !ended.is_empty() || !d.vanished.is_empty() || !d.ending.is_empty();
                 for pid in std::mem::take(&mut d.vanished).into_iter().chain(ended) {
                     d.release(pid, "exited");
                 }
+                drain.as_mut().reset(tokio::time::Instant::now() + pace.next(busy));
                 let assembler = &d.pipe.assembler;
                 let n = d.host.detach_unneeded_applies(&mut d.probes, |pid| assembler.samples_by_function(pid));
                 if n > 0 {
@@ -520,12 +570,14 @@ impl Daemon {
     /// Looks at every process of the host.
     fn scan(&mut self, first: bool) {
         let t0 = Instant::now();
-        for pid in Host::all_pids() {
+        let pids = Host::all_pids();
+        for &pid in &pids {
             if !self.ignored.contains(&pid) {
                 self.look(pid, first || !self.host.processes.contains_key(&pid));
             }
         }
-        let (traced_gone, others_gone) = self.host.vanished();
+        let live: HashSet<u32> = pids.into_iter().collect();
+        let (traced_gone, others_gone) = self.host.vanished(&live);
         // Released at the next drain, after the events it sent before it exited (still in the
         // ring buffer now) are read.
         self.vanished.extend(traced_gone);
@@ -563,5 +615,21 @@ impl Daemon {
         }
         let pids = self.host.pids();
         self.pipe.tick(&pids, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_backs_off_when_idle_and_is_fast_again_when_events_come() {
+        let mut pace = DrainPace::new();
+        let idle: Vec<u64> = (0..6)
+            .map(|_| pace.next(false).as_millis() as u64)
+            .collect();
+        assert_eq!(idle, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(pace.next(true), DrainPace::FAST);
+        assert_eq!(pace.next(false), Duration::from_millis(100));
     }
 }

@@ -30,6 +30,21 @@ use crate::{
 /// A llama.cpp process whose files cannot be probed is tried this many times.
 const MAX_ATTACH_TRIES: u32 = 3;
 
+/// A process that is not traced has its maps read again at every look where its mapped size
+/// changed, and at every this many looks whatever it is (a new mapping of exactly the size of
+/// one that went in between is not missed for longer than that).
+const FULL_LOOK_EVERY: u32 = 30;
+
+/// A process that is not traced, as it was last looked at.
+struct Other {
+    /// Its maps' signature (0: planned again at the next look, after a failed attach).
+    signature: u64,
+    /// Its mapped size (pages) when its maps were read.
+    pages: Option<u64>,
+    /// Looks since then that found the same size and did not read its maps.
+    skipped: u32,
+}
+
 /// A traced process.
 pub struct HostProcess {
     pub identity: Identity,
@@ -84,9 +99,9 @@ pub struct Host {
     files: HashMap<FileKey, ProbedFile>,
     /// Each file's symbols (`None`: not an ELF file llamaprobe can read).
     symbols: HashMap<FileKey, Option<FileSymbols>>,
-    /// Processes that are not traced, by pid, with their maps' signature (looked at again only
-    /// when it changes: a library loaded later).
-    others: HashMap<u32, u64>,
+    /// Processes that are not traced, by pid (looked at again only when their maps change: a
+    /// library loaded later).
+    others: HashMap<u32, Other>,
     next_group: u64,
     /// Failed attempts to probe a process's files, by pid.
     failures: HashMap<u32, u32>,
@@ -167,21 +182,35 @@ impl Host {
         if pid == self.me {
             return Seen::Other;
         }
+        // Read before the maps, so that a mapping made while they are read shows next time.
+        let pages = discover::mapped_pages(pid);
+        if let Some(o) = self.others.get_mut(&pid) {
+            if pages.is_none() {
+                return Seen::Gone;
+            }
+            if o.signature != 0 && o.pages == pages && o.skipped + 1 < FULL_LOOK_EVERY {
+                o.skipped += 1;
+                return Seen::Other;
+            }
+        }
         let files = match discover::mapped_files_via(pid, OpenVia::MapFiles) {
             Ok(f) => f,
             Err(_) => return Seen::Gone,
         };
-        if files.is_empty() {
-            return Seen::Other; // a kernel thread
-        }
         let sig = signature(&files);
+        if files.is_empty() {
+            // A kernel thread (or a zombie).
+            self.remember_other(pid, sig, pages);
+            return Seen::Other;
+        }
         if let Some(p) = self.processes.get(&pid) {
             if p.signature == sig {
                 return self.relabel(pid);
             }
             // Something new mapped (a library loaded later): planned again below; the files
             // already probed for it stay.
-        } else if self.others.get(&pid) == Some(&sig) {
+        } else if self.others.get(&pid).is_some_and(|o| o.signature == sig) {
+            self.remember_other(pid, sig, pages);
             return Seen::Other;
         }
         let ident = identity::identify(pid);
@@ -197,7 +226,7 @@ impl Host {
                 pod: pod.as_ref(),
             };
             if !self.selection.takes(&candidate) {
-                self.others.insert(pid, sig);
+                self.remember_other(pid, sig, pages);
                 return Seen::Other;
             }
         }
@@ -207,12 +236,12 @@ impl Host {
         let plan = match plan {
             Ok(p) => p,
             Err(ElfError::NotLlama { .. }) => {
-                self.others.insert(pid, sig);
+                self.remember_other(pid, sig, pages);
                 return Seen::Other;
             }
             Err(e) => {
                 tracing::debug!("{what}: {e}");
-                self.others.insert(pid, sig);
+                self.remember_other(pid, sig, pages);
                 return Seen::Other;
             }
         };
@@ -227,7 +256,7 @@ impl Host {
                     self.max_processes
                 );
             }
-            self.others.insert(pid, sig);
+            self.remember_other(pid, sig, pages);
             return Seen::Refused;
         }
         let layout = plan.process_layout();
@@ -281,8 +310,8 @@ impl Host {
             // times.
             let tries = self.failures.entry(pid).or_default();
             *tries += 1;
-            self.others
-                .insert(pid, if *tries >= MAX_ATTACH_TRIES { sig } else { 0 });
+            let sig = if *tries >= MAX_ATTACH_TRIES { sig } else { 0 };
+            self.remember_other(pid, sig, pages);
             return Seen::Failed(self.attach_errors.last().copied().unwrap_or("uprobe"));
         }
         self.failures.remove(&pid);
@@ -338,14 +367,27 @@ impl Host {
         Some(p)
     }
 
-    /// Pids traced or remembered that no longer exist (an exit the tracepoint did not report:
-    /// a main thread that ended before its process).
-    pub fn vanished(&self) -> (Vec<u32>, Vec<u32>) {
-        let gone = |pid: &u32| !std::path::Path::new(&format!("/proc/{pid}")).exists();
+    /// Pids traced or remembered that are not among the `live` ones (an exit the tracepoint
+    /// did not report: a main thread that ended before its process).
+    pub fn vanished(&self, live: &HashSet<u32>) -> (Vec<u32>, Vec<u32>) {
+        let gone = |pid: &u32| !live.contains(pid);
         (
             self.processes.keys().copied().filter(gone).collect(),
             self.others.keys().copied().filter(gone).collect(),
         )
+    }
+
+    /// Process `pid` is not traced: its maps (signature `sig`, of `pages` mapped) are read
+    /// again when they change.
+    fn remember_other(&mut self, pid: u32, signature: u64, pages: Option<u64>) {
+        self.others.insert(
+            pid,
+            Other {
+                signature,
+                pages,
+                skipped: 0,
+            },
+        );
     }
 
     /// Forgets a process that was not traced.

@@ -269,6 +269,21 @@ pub fn comm(pid: u32) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// The size of everything `pid` maps, in pages (the first field of `/proc/PID/statm`): a
+/// cheap sign that its maps changed (any new mapping changes it, a library loaded later too)
+/// without the kernel writing them out. None if the process is gone.
+pub fn mapped_pages(pid: u32) -> Option<u64> {
+    use io::Read as _;
+    // One read of a few bytes: the first field is at most 20 digits.
+    let mut buf = [0u8; 32];
+    let n = fs::File::open(format!("/proc/{pid}/statm"))
+        .ok()?
+        .read(&mut buf)
+        .ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.split_ascii_whitespace().next()?.parse().ok()
+}
+
 /// Resolves a program name like a shell would (a path if it has a slash, else PATH).
 pub fn which(program: &str) -> Result<PathBuf, DiscoverError> {
     let not_found = || DiscoverError::ProgramNotFound {
