@@ -30,19 +30,39 @@ use crate::{
 /// A llama.cpp process whose files cannot be probed is tried this many times.
 const MAX_ATTACH_TRIES: u32 = 3;
 
-/// A process that is not traced has its maps read again at every look where its mapped size
-/// changed, and at every this many looks whatever it is (a new mapping of exactly the size of
-/// one that went in between is not missed for longer than that).
+/// A process has its maps read again at every look where its mapped size changed, and at
+/// every this many looks whatever it is (a new mapping of exactly the size of one that went in
+/// between is not missed for longer than that).
 const FULL_LOOK_EVERY: u32 = 30;
+
+/// When a process's maps were last read: its mapped size (pages) then, and the looks since
+/// that found the same size and did not read them.
+#[derive(Clone, Copy, Debug)]
+struct Looked {
+    pages: Option<u64>,
+    skipped: u32,
+}
+
+impl Looked {
+    fn at(pages: Option<u64>) -> Looked {
+        Looked { pages, skipped: 0 }
+    }
+
+    /// Whether a look that finds `pages` mapped can leave the maps unread (counted if so).
+    fn unchanged(&mut self, pages: Option<u64>) -> bool {
+        let same = pages.is_some() && self.pages == pages && self.skipped + 1 < FULL_LOOK_EVERY;
+        if same {
+            self.skipped += 1;
+        }
+        same
+    }
+}
 
 /// A process that is not traced, as it was last looked at.
 struct Other {
     /// Its maps' signature (0: planned again at the next look, after a failed attach).
     signature: u64,
-    /// Its mapped size (pages) when its maps were read.
-    pages: Option<u64>,
-    /// Looks since then that found the same size and did not read its maps.
-    skipped: u32,
+    looked: Looked,
 }
 
 /// A traced process.
@@ -55,6 +75,7 @@ pub struct HostProcess {
     files: BTreeSet<FileKey>,
     /// Every file it maps (its maps' signature: unchanged maps need no new plan).
     signature: u64,
+    looked: Looked,
     /// When it was first looked at and traced (monotonic ns).
     pub since_ns: u64,
     /// Files probed for it when it was traced (0: they were probed already, for other
@@ -184,12 +205,12 @@ impl Host {
         }
         // Read before the maps, so that a mapping made while they are read shows next time.
         let pages = discover::mapped_pages(pid);
-        if let Some(o) = self.others.get_mut(&pid) {
-            if pages.is_none() {
-                return Seen::Gone;
+        if let Some(p) = self.processes.get_mut(&pid) {
+            if p.looked.unchanged(pages) {
+                return self.relabel(pid);
             }
-            if o.signature != 0 && o.pages == pages && o.skipped + 1 < FULL_LOOK_EVERY {
-                o.skipped += 1;
+        } else if let Some(o) = self.others.get_mut(&pid) {
+            if o.signature != 0 && o.looked.unchanged(pages) {
                 return Seen::Other;
             }
         }
@@ -203,7 +224,8 @@ impl Host {
             self.remember_other(pid, sig, pages);
             return Seen::Other;
         }
-        if let Some(p) = self.processes.get(&pid) {
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.looked = Looked::at(pages);
             if p.signature == sig {
                 return self.relabel(pid);
             }
@@ -339,6 +361,7 @@ impl Host {
                     mode,
                     files: probed,
                     signature: sig,
+                    looked: Looked::at(pages),
                     since_ns: crate::model::clock::monotonic_ns(),
                     newly_probed,
                 });
@@ -384,8 +407,7 @@ impl Host {
             pid,
             Other {
                 signature,
-                pages,
-                skipped: 0,
+                looked: Looked::at(pages),
             },
         );
     }
@@ -555,6 +577,17 @@ fn by_file(files: &[MappedFile], plan: &Plan) -> Vec<(FileKey, Vec<resolve::Plan
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_are_read_again_when_the_mapped_size_changes_and_every_thirtieth_look() {
+        let mut l = Looked::at(Some(100));
+        assert!(l.unchanged(Some(100)));
+        assert!(!l.unchanged(Some(101)), "a new size");
+        assert!(!l.unchanged(None), "gone");
+        let mut l = Looked::at(Some(100));
+        let skipped = (0..100).take_while(|_| l.unchanged(Some(100))).count();
+        assert_eq!(skipped as u32, FULL_LOOK_EVERY - 1);
+    }
 
     fn mapped(dev: u64, inode: u64) -> MappedFile {
         MappedFile {
