@@ -3,7 +3,9 @@
 //! conditions llamaprobe supports (without it, attached with its defaults, `--sync on` or
 //! `--no-sync`, OTLP export to [`super::otlp`]) in interleaved runs; runs that other processes
 //! disturbed are repeated. The runs with llamaprobe attached also give section 5's figures
-//! under load ([`AgentServer`]).
+//! under load ([`AgentServer`]). Every run also takes the server's own CPU time per token; the
+//! CPU-time runs ([`cpu_time_runs`]) take it where it resolves a 1% overhead: a one-thread
+//! server on a CPU of its own.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,10 +13,10 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{
-    server::Server,
+    server::{self, Server},
     util::{self, progress},
 };
 
@@ -24,7 +26,7 @@ use super::{
     large_model::{pick_large, LargeCheck},
     llama_server::{attach, completion, detach, start_server, Completion},
     otlp::OtlpReceiver,
-    procfs::{cpu_ms, machine_busy_ms, memory_kib},
+    procfs::{cpu_ms, cpu_ns, machine_busy_ms, memory_kib},
     stats::{median, min_max},
     var, Env,
 };
@@ -104,12 +106,45 @@ pub struct AgentServer {
 pub struct CondRun {
     pub reqs: Vec<Completion>,
     pub agent: Option<AgentServer>,
+    /// The server's own CPU time while the requests ran (all its threads, ns; NaN if its CPU
+    /// clock could not be read). Uprobe handling runs on the probed thread, so it is in here.
+    pub target_cpu_ns: f64,
+    /// Probed calls llamaprobe counted in the run (its `--summary-json`; None without it).
+    pub probed_calls: Option<u64>,
 }
 
 impl CondRun {
     fn mean(&self, f: impl Fn(&Completion) -> f64) -> f64 {
         self.reqs.iter().map(f).sum::<f64>() / self.reqs.len().max(1) as f64
     }
+
+    fn generated(&self) -> u64 {
+        self.reqs.iter().map(|r| r.predicted_n).sum()
+    }
+
+    /// The server's CPU time per generated token, µs (prompt, HTTP and sampling included:
+    /// the same requests in every condition).
+    pub fn target_cpu_us_per_token(&self) -> f64 {
+        self.target_cpu_ns / 1000.0 / self.generated().max(1) as f64
+    }
+
+    pub fn calls_per_token(&self) -> Option<f64> {
+        self.probed_calls
+            .map(|c| c as f64 / self.generated().max(1) as f64)
+    }
+}
+
+/// Probed calls in a `--summary-json`: every probe family's count (each call is one uprobe
+/// and one uretprobe hit).
+fn probed_calls(json: &serde_json::Value) -> u64 {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    n(&json["decode_calls"])
+        + n(&json["sample"]["count"])
+        + n(&json["synchronize"]["count"])
+        + n(&json["memory_changes"])
+        + n(&json["task_posts"])
+        + n(&json["slot_releases"])
+        + n(&json["slot_launches"])
 }
 
 pub struct ModelResult {
@@ -126,6 +161,11 @@ pub struct ModelResult {
 }
 
 impl ModelResult {
+    /// Runs of each condition.
+    pub fn runs_len(&self) -> usize {
+        self.runs.first().map_or(0, Vec::len)
+    }
+
     fn runs_of(&self, cond: Cond) -> &[CondRun] {
         self.conds
             .iter()
@@ -167,6 +207,41 @@ impl ModelResult {
         (median(&ratios), lo, hi)
     }
 
+    /// The server's CPU time per generated token: median over runs, [min, max].
+    pub fn target_cpu(&self, cond: Cond) -> (f64, f64, f64) {
+        let v: Vec<f64> = self
+            .runs_of(cond)
+            .iter()
+            .map(CondRun::target_cpu_us_per_token)
+            .collect();
+        let (lo, hi) = min_max(&v);
+        (median(&v), lo, hi)
+    }
+
+    /// Per-run ratio of the server's CPU time per generated token with a condition to the
+    /// run without llamaprobe next to it: (median, min, max).
+    pub fn target_cpu_paired(&self, cond: Cond) -> (f64, f64, f64) {
+        let ratios: Vec<f64> = self
+            .runs_of(cond)
+            .iter()
+            .zip(self.runs_of(Cond::Without))
+            .map(|(r, base)| r.target_cpu_us_per_token() / base.target_cpu_us_per_token())
+            .collect();
+        let (lo, hi) = min_max(&ratios);
+        (median(&ratios), lo, hi)
+    }
+
+    /// Probed calls per generated token llamaprobe counted (median over runs).
+    pub fn calls_per_token(&self, cond: Cond) -> f64 {
+        median(
+            &self
+                .runs_of(cond)
+                .iter()
+                .filter_map(CondRun::calls_per_token)
+                .collect::<Vec<_>>(),
+        )
+    }
+
     pub fn agents(&self) -> impl Iterator<Item = (Cond, &AgentServer)> {
         self.conds.iter().zip(&self.runs).flat_map(|(c, runs)| {
             runs.iter()
@@ -179,6 +254,9 @@ pub struct ServerResult {
     pub server: PathBuf,
     pub conds: Vec<Cond>,
     pub models: Vec<ModelResult>,
+    /// The CPU-time runs ([`cpu_time_runs`]) on the larger model, and the CPU its server was
+    /// pinned to.
+    pub cpu_time: Option<(ModelResult, usize)>,
     pub idle: Option<Idle>,
     pub large_checks: Vec<LargeCheck>,
     pub problems: Vec<String>,
@@ -203,6 +281,7 @@ pub fn measure(env: &mut Env) -> Result<ServerResult> {
         server: server_bin.clone(),
         conds: conds.clone(),
         models: Vec::new(),
+        cpu_time: None,
         idle: None,
         large_checks: Vec::new(),
         problems: Vec::new(),
@@ -248,7 +327,19 @@ pub fn measure(env: &mut Env) -> Result<ServerResult> {
     });
     result.problems.append(&mut problems);
     match large {
-        Ok(m) => result.models.push(m),
+        Ok(m) => {
+            let (model, label) = (m.path.clone(), m.label.clone());
+            result.models.push(m);
+            let mut problems = Vec::new();
+            match cpu_time_runs(env, &server_bin, &model, &label, &mut problems) {
+                Ok(runs) => result.cpu_time = Some(runs),
+                Err(e) => {
+                    progress!("the CPU-time runs failed: {e:#}");
+                    problems.push(format!("the CPU-time runs failed: {e:#}"));
+                }
+            }
+            result.problems.append(&mut problems);
+        }
         Err(e) => {
             progress!("the larger model's runs failed: {e:#}");
             result
@@ -257,6 +348,82 @@ pub fn measure(env: &mut Env) -> Result<ServerResult> {
         }
     }
     Ok(result)
+}
+
+/// The CPU-time server's options: one thread, so that its CPU time is work and not ggml's
+/// workers spinning at their barriers while another is away (with `-t 2` its CPU time is two
+/// cores × the wall time, as noisy as the wall time).
+pub const CPU_TIME_SERVER_ARGS: &[&str] = &["-t", "1", "-c", "512", "-np", "1"];
+
+/// The CPU-time runs: llamaprobe attached and not, interleaved, on a one-thread server
+/// ([`CPU_TIME_SERVER_ARGS`]) pinned to the last CPU, with the bench's client (and the
+/// llamaprobe it starts) pinned to the first, so that neither takes the server's CPU. Returns
+/// the runs and the server's CPU.
+fn cpu_time_runs(
+    env: &Env,
+    server_bin: &Path,
+    model: &Path,
+    label: &str,
+    problems: &mut Vec<String>,
+) -> Result<(ModelResult, usize)> {
+    progress!("CPU-time runs: {label} model, a one-thread server pinned to the last CPU");
+    let log = env.cache.join("logs").join("bench-cpu-time.log");
+    let server = server::start(server_bin, model, CPU_TIME_SERVER_ARGS, &[], &log)?;
+    let cpu = env.ncpu.saturating_sub(1);
+    util::run(Command::new("taskset").args([
+        "-a",
+        "-p",
+        "-c",
+        &cpu.to_string(),
+        &server.proc.pid().to_string(),
+    ]))?;
+    let _pinned = PinnedThread::to(0)?;
+    completion(&server.addr).context("warm-up request")?;
+    let runs = ab_runs(
+        env,
+        &server,
+        &[Cond::Without, Cond::Default],
+        None,
+        &format!("{label}, one thread"),
+        model,
+        env.cfg.large_requests,
+        problems,
+    )?;
+    Ok((runs, cpu))
+}
+
+/// The calling thread pinned to one CPU (what it starts inherits it) until dropped.
+struct PinnedThread(libc::cpu_set_t);
+
+impl PinnedThread {
+    fn to(cpu: usize) -> Result<PinnedThread> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: cpu_set_t is plain data; the calls read and write only the sets given.
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, size, &mut old) != 0 {
+                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+            }
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, size, &set) != 0 {
+                bail!(
+                    "pinning the bench to CPU {cpu}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(PinnedThread(old))
+        }
+    }
+}
+
+impl Drop for PinnedThread {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
+        }
+    }
 }
 
 /// Interleaved runs of the conditions on one server.
@@ -369,12 +536,17 @@ fn condition_run(
     let cpu0 = probe.as_ref().and_then(|p| cpu_ms(p.pid()));
     let server0 = cpu_ms(server.proc.pid());
     let busy0 = machine_busy_ms();
+    let target0 = cpu_ns(server.proc.pid());
     let t0 = Instant::now();
     let mut reqs = Vec::new();
     for _ in 0..requests {
         reqs.push(completion(&server.addr)?);
     }
     let window_s = t0.elapsed().as_secs_f64();
+    let target_cpu_ns = match (target0, cpu_ns(server.proc.pid())) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64,
+        _ => f64::NAN,
+    };
     let busy1 = machine_busy_ms();
     let server1 = cpu_ms(server.proc.pid());
     let cpu1 = probe.as_ref().and_then(|p| cpu_ms(p.pid()));
@@ -388,11 +560,13 @@ fn condition_run(
         }
         _ => 0.0,
     };
+    let mut calls = None;
     let agent = match probe {
         None => None,
         Some(p) => {
             let (rss, hwm) = memory_kib(p.pid()).unwrap_or((0, 0));
             let json = detach(p, summary)?;
+            calls = Some(probed_calls(&json));
             // Detaching flushes what the exporter still held.
             let otlp_delta = match (cond, otlp, otlp0) {
                 (Cond::Otlp, Some(o), Some((r0, b0))) => {
@@ -433,5 +607,13 @@ fn condition_run(
             Some(a)
         }
     };
-    Ok((CondRun { reqs, agent }, other))
+    Ok((
+        CondRun {
+            reqs,
+            agent,
+            target_cpu_ns,
+            probed_calls: calls,
+        },
+        other,
+    ))
 }
