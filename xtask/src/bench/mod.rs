@@ -11,10 +11,12 @@
 //! 3. **Probe hits per generated token** from `--events-out`, for every fixture present.
 //! 4. **Event capacity**: the synthetic loop as fast as it goes, llamaprobe pinned to one core.
 //! 5. **llamaprobe's footprint**: RSS and CPU, idle and during 2.
+//! 6. **The host agent at node scale**: `llamaprobe daemon` idle and beside 4 servers under
+//!    load, discovery and rescans, OTLP export.
 //!
 //! One module per section: [`per_call`] (1), [`throughput`] (2, choosing its larger model in
 //! [`large_model`], its OTLP condition exporting to [`otlp`]), [`hits`] (3), [`capacity`] (4)
-//! and [`footprint`] (5, measured with 2: idle here, under load by 2's runs). What several
+//! [`footprint`] (5, measured with 2: idle here, under load by 2's runs) and [`daemon`] (6). What several
 //! share: [`synthetic`] (the loop under a tracer, for 1 and 4), [`llama_server`] (the server,
 //! the fixed request, attaching llamaprobe, for 2, 3 and 5), [`procfs`] (memory and CPU time),
 //! [`stats`] (medians). [`report`] turns the results into the markdown of docs/BENCHMARKS.md
@@ -26,11 +28,13 @@
 //! (`PR_SET_PDEATHSIG`). Everything listens on 127.0.0.1 only.
 
 mod capacity;
+mod daemon;
 mod footprint;
 mod hits;
 mod large_model;
 mod llama_server;
 mod machine;
+mod markdown;
 mod otlp;
 mod per_call;
 mod procfs;
@@ -90,6 +94,8 @@ pub enum Section {
     Hits,
     /// 4: event capacity of llamaprobe pinned to one core.
     Capacity,
+    /// 6: the host agent (`llamaprobe daemon`) idle, under load on 4 servers, discovery, OTLP.
+    Daemon,
 }
 
 /// How much every section does: fewer runs, calls and requests with `--quick`.
@@ -104,6 +110,10 @@ struct Config {
     large_requests: usize,
     hits_requests: usize,
     idle: Duration,
+    /// Each idle window of section 6.
+    daemon_idle: Duration,
+    /// Each load (and rescan) window of section 6.
+    daemon_load: Duration,
 }
 
 impl Config {
@@ -120,6 +130,8 @@ impl Config {
                 large_requests: 1,
                 hits_requests: 2,
                 idle: Duration::from_secs(3),
+                daemon_idle: Duration::from_secs(5),
+                daemon_load: Duration::from_secs(5),
             }
         } else {
             Config {
@@ -131,6 +143,8 @@ impl Config {
                 large_requests: 3,
                 hits_requests: 3,
                 idle: Duration::from_secs(10),
+                daemon_idle: Duration::from_secs(60),
+                daemon_load: Duration::from_secs(20),
             }
         }
     }
@@ -208,6 +222,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         capacity: None,
         server: None,
         hits: None,
+        daemon: None,
         load_end: String::new(),
         took: Duration::ZERO,
     };
@@ -245,6 +260,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             hits::measure(&mut env)
         });
     }
+    if want(Section::Daemon) {
+        report.daemon = timed("6. the host agent at node scale", || {
+            daemon::measure(&mut env)
+        });
+    }
     report.load_end = machine::loadavg();
     report.took = started.elapsed();
 
@@ -260,6 +280,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ("capacity", report.capacity.as_ref().map(|r| r.is_err())),
         ("server", report.server.as_ref().map(|r| r.is_err())),
         ("hits", report.hits.as_ref().map(|r| r.is_err())),
+        ("daemon", report.daemon.as_ref().map(|r| r.is_err())),
     ]
     .into_iter()
     .filter(|(_, failed)| *failed == Some(true))
@@ -280,6 +301,7 @@ fn section_name(s: Section) -> &'static str {
         Section::Server => "server",
         Section::Hits => "hits",
         Section::Capacity => "capacity",
+        Section::Daemon => "daemon",
     }
 }
 

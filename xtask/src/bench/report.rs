@@ -10,18 +10,26 @@ use crate::util::{self, progress};
 
 use super::{
     capacity::{Capacity, CapacityRow, HOT_PATH_TEST},
+    daemon::{self, DaemonResult},
     hits::{Hits, HIT_COLUMNS, NEWEST_SYNC_ON},
     large_model::STEP_TARGET_MS,
     llama_server::{Completion, N_PREDICT, PROMPT, SERVER_ARGS},
     machine::Machine,
+    markdown::{problems, table, verdict},
     per_call::PerCall,
     stats::{median, mib},
     synthetic::{bpftrace_program, Case, CASES},
-    throughput::{AgentServer, Cond, ServerResult, DISTURBED_CORES, MAX_REPEATS},
+    throughput::{
+        AgentServer, Cond, ModelResult, ServerResult, CPU_TIME_SERVER_ARGS, DISTURBED_CORES,
+        MAX_REPEATS,
+    },
 };
 
 /// Goals (not assertions) the report is checked against.
 const GOAL_THROUGHPUT: f64 = 0.99;
+/// The same goal measured where it can be resolved: the traced process's own CPU time per
+/// generated token with llamaprobe ≤ 1% above without.
+const GOAL_CPU_OVERHEAD: f64 = 0.01;
 const GOAL_PER_CALL: f64 = 1.15;
 const GOAL_RSS_MIB: f64 = 40.0;
 
@@ -52,14 +60,6 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
-fn verdict(met: bool) -> &'static str {
-    if met {
-        "**met**"
-    } else {
-        "**missed**"
-    }
-}
-
 pub struct Report {
     pub command: String,
     pub machine: Machine,
@@ -69,6 +69,7 @@ pub struct Report {
     pub capacity: Option<Result<Capacity, String>>,
     pub server: Option<Result<ServerResult, String>>,
     pub hits: Option<Result<Hits, String>>,
+    pub daemon: Option<Result<DaemonResult, String>>,
     pub load_end: String,
     pub took: Duration,
 }
@@ -96,38 +97,6 @@ fn section<'a, T>(
         }
         Some(Ok(results)) => Some(results),
     }
-}
-
-/// A section's problems as a list (and the blank line after it), if there are any.
-fn problems(o: &mut String, problems: &[String]) {
-    for problem in problems {
-        let _ = writeln!(o, "- **Problem:** {problem}");
-    }
-    if !problems.is_empty() {
-        let _ = writeln!(o);
-    }
-}
-
-/// A markdown table: the header, the `|---|` rule, the rows, then a blank line. A row shorter
-/// than the header ends in empty cells; `|` in a cell is escaped, a line break becomes a space.
-fn table(o: &mut String, header: &[&str], rows: &[Vec<String>]) {
-    let line = |o: &mut String, cells: &mut dyn Iterator<Item = &str>| {
-        o.push('|');
-        for cell in cells.chain(std::iter::repeat("")).take(header.len()) {
-            if cell.is_empty() {
-                o.push_str(" |");
-            } else {
-                let _ = write!(o, " {} |", cell.replace('|', "\\|").replace('\n', " "));
-            }
-        }
-        o.push('\n');
-    };
-    line(o, &mut header.iter().copied());
-    let _ = writeln!(o, "|{}", "---|".repeat(header.len()));
-    for row in rows {
-        line(o, &mut row.iter().map(String::as_str));
-    }
-    o.push('\n');
 }
 
 /// What the benchmark led to: each change with the figures measured before and after it (by
@@ -159,6 +128,26 @@ const HISTORY: &[[&str; 4]] = &[
          code, timed beside the new one)",
         "125 ns (run on 8df66b9)",
         "section 4, last line",
+    ],
+    [
+        "host agent: the 50 ms drain backs off to 1 s while no event comes (7cf4981)",
+        "idle daemon, no llama.cpp process: 0.31% of one core, 36 wake-ups/s (`perf record`: \
+         the timer's wake-ups were 80% of it), on 7913698",
+        "0.11%, 4 wake-ups/s (same host, `--rescan 1000`: 0.24% → 0.04%)",
+        "section 6, idle",
+    ],
+    [
+        "host agent: a rescan reads a process's maps only when its mapped size changed, and \
+         takes vanished pids from its own `/proc` listing (7cf4981, b94a720)",
+        "19 µs per process per rescan; idle with 4 servers traced 0.133% of one core",
+        "9 µs; 0.101% (measured by hand beside the bench, 70 processes)",
+        "section 6, rescans",
+    ],
+    [
+        "host agent: `malloc_trim` after start-up (7cf4981)",
+        "idle RSS 33.2 MiB (14 MiB of heap freed after loading the probes, kept by glibc)",
+        "19.9 MiB",
+        "section 6, idle",
     ],
 ];
 
@@ -249,6 +238,9 @@ fn render(r: &Report) -> String {
     render_hits(&mut o, r);
     render_capacity(&mut o, r);
     render_footprint(&mut o, r);
+    if let Some(d) = section(&mut o, "6. The host agent at node scale", &r.daemon) {
+        daemon::markdown(d, &mut o);
+    }
     render_history(&mut o);
     let _ = writeln!(o, "## Not measured\n");
     let otlp_measured = ok(&r.server).is_some_and(|s| s.conds.contains(&Cond::Otlp));
@@ -273,11 +265,73 @@ fn render(r: &Report) -> String {
     o
 }
 
+/// The CPU-time goal's row from runs `m`; `how` says which runs they are.
+fn cpu_goal_row(r: &Report, m: &ModelResult, how: &str) -> Vec<String> {
+    let (ratio, lo, hi) = m.target_cpu_paired(Cond::Default);
+    let (base, _, _) = m.target_cpu(Cond::Without);
+    let expected = expected_cpu_overhead(r, m, Cond::Default)
+        .map(|e| format!("; expected from the probe hits: {}", signed_pct(e)))
+        .unwrap_or_default();
+    let limit = 1.0 + GOAL_CPU_OVERHEAD;
+    let judged = if hi <= limit {
+        format!(
+            "{}; resolved: every paired run is within {}",
+            verdict(true),
+            pct(GOAL_CPU_OVERHEAD)
+        )
+    } else if lo > limit {
+        format!(
+            "{}; resolved: every paired run is above {}",
+            verdict(false),
+            pct(GOAL_CPU_OVERHEAD)
+        )
+    } else {
+        format!(
+            "{} by the median; **not resolved** at {}: the paired runs straddle it",
+            verdict(ratio <= limit),
+            pct(GOAL_CPU_OVERHEAD)
+        )
+    };
+    vec![
+        format!(
+            "the traced server's CPU time per generated token with llamaprobe ≤ {} above \
+             without, on a model with a ≥ {STEP_TARGET_MS:.0} ms decode step",
+            pct(GOAL_CPU_OVERHEAD)
+        ),
+        format!(
+            "{} [{} – {}] ({how}; {base:.0} µs of CPU per token without){expected}",
+            signed_pct(ratio - 1.0),
+            signed_pct(lo - 1.0),
+            signed_pct(hi - 1.0),
+        ),
+        judged,
+    ]
+}
+
 fn render_goals(o: &mut String, r: &Report) {
     let _ = writeln!(o, "## Goals\n");
     let mut rows: Vec<Vec<String>> = Vec::new();
-    // Throughput on the ≥ 10 ms model.
-    match ok(&r.server).and_then(|s| s.models.get(1)) {
+    // The cost to the traced process's CPU time, then throughput, on the ≥ 10 ms model.
+    let server = ok(&r.server);
+    let cpu_runs = server.and_then(|s| {
+        s.cpu_time
+            .as_ref()
+            .map(|(m, cpu)| {
+                (
+                    m,
+                    format!("paired runs, one-thread server on CPU {cpu}, section 2"),
+                )
+            })
+            .or_else(|| {
+                s.models
+                    .get(1)
+                    .map(|m| (m, "paired runs of section 2".to_string()))
+            })
+    });
+    if let Some((m, how)) = cpu_runs {
+        rows.push(cpu_goal_row(r, m, &how));
+    }
+    match server.and_then(|s| s.models.get(1)) {
         Some(large) => {
             let base = large.stat(Cond::Without, |c| c.predicted_per_second);
             let with = large.stat(Cond::Default, |c| c.predicted_per_second);
@@ -379,6 +433,7 @@ fn render_goals(o: &mut String, r: &Report) {
         ]),
         None => rows.push(vec!["RSS under load".into(), "not measured".into()]),
     }
+    rows.extend(daemon::goal_rows(ok(&r.daemon)));
     table(o, &["goal", "measured", ""], &rows);
     render_reasons(o, r);
 }
@@ -780,6 +835,26 @@ fn render_server(o: &mut String, r: &Report) {
             ],
             &rows,
         );
+        render_target_cpu(o, r, m);
+    }
+    if let Some((m, cpu)) = &s.cpu_time {
+        let _ = writeln!(
+            o,
+            "### CPU time per generated token where it resolves 1%: {} model, one thread\n",
+            m.label.trim_end_matches(", one thread")
+        );
+        let _ = writeln!(
+            o,
+            "With `-t 2` (above) ggml's two workers wait for each other at every operation, \
+             spinning: the server's CPU time is about two cores × the wall time and as noisy. \
+             Here the same model runs on a server with `{}`, pinned to CPU {cpu} (`taskset -a \
+             -p`), while the bench's client and the llamaprobe it starts are pinned to CPU 0: \
+             its CPU time is its own work. {} interleaved runs of {} request(s) per condition.\n",
+            CPU_TIME_SERVER_ARGS.join(" "),
+            m.runs_len(),
+            m.requests
+        );
+        render_target_cpu(o, r, m);
     }
     let otlp: Vec<&AgentServer> = s
         .models
@@ -810,6 +885,84 @@ fn render_server(o: &mut String, r: &Report) {
         );
     }
     problems(o, &s.problems);
+}
+
+/// The empty uprobe + uretprobe pair's cost per call (section 1, case b − a), ns.
+fn empty_pair_ns(r: &Report) -> Option<f64> {
+    ok(&r.per_call).and_then(|p| p.overhead(Case::Empty))
+}
+
+/// Expected overhead of a condition on a model: probed calls per token × the empty pair's
+/// cost ÷ the CPU time per token without llamaprobe.
+fn expected_cpu_overhead(r: &Report, m: &ModelResult, cond: Cond) -> Option<f64> {
+    let pair = empty_pair_ns(r)?;
+    let calls = m.calls_per_token(cond);
+    let (base, _, _) = m.target_cpu(Cond::Without);
+    let e = calls * pair / 1000.0 / base;
+    e.is_finite().then_some(e)
+}
+
+/// The server's own CPU time per generated token, paired, next to what the probe hits
+/// should cost.
+fn render_target_cpu(o: &mut String, r: &Report, m: &ModelResult) {
+    let _ = writeln!(
+        o,
+        "The server's own CPU time in the same runs (all its threads, from its CPU-time clock, \
+         `clock_getcpuclockid` + `clock_gettime`: the kernel's exact run time in ns, ended \
+         threads included; uprobe handling runs on the probed thread, so it is counted here), \
+         per generated token (prompt, HTTP and sampling included: the same requests in every \
+         condition). **Overhead**: in each run, the condition's CPU per token ÷ the one without \
+         llamaprobe next to it, − 1; median [min–max] over runs. **Expected**: the probed calls \
+         per token llamaprobe itself counted in the run (`--summary-json`) × the empty uprobe + \
+         uretprobe pair's cost (section 1, case b − a{}) ÷ the CPU per token without.\n",
+        empty_pair_ns(r)
+            .map(|ns| format!(": {ns:.0} ns"))
+            .unwrap_or_else(|| ", not measured in this run".into())
+    );
+    let mut rows = Vec::new();
+    for &cond in &m.conds {
+        let (med, lo, hi) = m.target_cpu(cond);
+        let (overhead, calls, expected) = if cond == Cond::Without {
+            ("–".to_string(), "–".to_string(), "–".to_string())
+        } else {
+            let (ratio, rlo, rhi) = m.target_cpu_paired(cond);
+            (
+                format!(
+                    "**{}** [{}–{}]",
+                    signed_pct(ratio - 1.0),
+                    signed_pct(rlo - 1.0),
+                    signed_pct(rhi - 1.0)
+                ),
+                format!("{:.2}", m.calls_per_token(cond)),
+                expected_cpu_overhead(r, m, cond)
+                    .map(signed_pct)
+                    .unwrap_or_else(|| "–".into()),
+            )
+        };
+        rows.push(vec![
+            cond.label().into(),
+            format!("**{med:.0}** [{lo:.0}–{hi:.0}]"),
+            overhead,
+            calls,
+            expected,
+        ]);
+    }
+    table(
+        o,
+        &[
+            "condition",
+            "server CPU µs / generated token",
+            "overhead",
+            "probed calls / token",
+            "expected",
+        ],
+        &rows,
+    );
+}
+
+/// A share with its sign, two decimals: +0.12%.
+fn signed_pct(x: f64) -> String {
+    format!("{:+.2}%", x * 100.0)
 }
 
 fn render_hits(o: &mut String, r: &Report) {
@@ -1148,6 +1301,11 @@ fn print_summary(r: &Report) {
                     pct(tps / base)
                 );
             }
+        }
+    }
+    if let Some(d) = ok(&r.daemon) {
+        for line in daemon::summary_lines(d) {
+            println!("  {line}");
         }
     }
     if let Some(h) = ok(&r.hits) {
