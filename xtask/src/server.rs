@@ -36,28 +36,40 @@ pub fn start(
     envs: &[(String, String)],
     log: &Path,
 ) -> Result<Server> {
+    // Newer builds load the model twice at start with the default `--fit on`.
+    let help = Command::new(server_bin)
+        .arg("--help")
+        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .output()?;
+    let mut args = args.to_vec();
+    if String::from_utf8_lossy(&help.stdout).contains("--fit ") {
+        args.extend(["--fit", "off"]);
+    }
+    start_exact(server_bin, model, &args, envs, log)
+}
+
+/// [`start`] with exactly `args`, and no `llama-server --help` run first (a host agent
+/// watching the machine would see that process too).
+pub fn start_exact(
+    server_bin: &Path,
+    model: &Path,
+    args: &[&str],
+    envs: &[(String, String)],
+    log: &Path,
+) -> Result<Server> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
     }
     let log_file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let envs = || envs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let mut cmd = Command::new(server_bin);
     cmd.arg("-m")
         .arg(model)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(args)
-        .envs(envs());
-    // Newer builds load the model twice at start with the default `--fit on`.
-    let help = Command::new(server_bin)
-        .arg("--help")
-        .envs(envs())
-        .stdin(Stdio::null())
-        .output()?;
-    if String::from_utf8_lossy(&help.stdout).contains("--fit ") {
-        cmd.args(["--fit", "off"]);
-    }
+        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
@@ -89,7 +101,7 @@ pub fn start(
 }
 
 /// The last 30 lines of a log file, for messages.
-fn log_tail(path: &Path) -> String {
+pub fn log_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")

@@ -331,7 +331,7 @@ impl Daemon {
                 bail!(
                     "`{}` exited ({status}) before it was ready; its log:\n{}",
                     util::display(&cmd),
-                    tail(log)
+                    server::log_tail(log)
                 );
             }
             if let Ok((200, body)) = server::http(&addr, "GET", "/readyz", None) {
@@ -342,7 +342,7 @@ impl Daemon {
             if started.elapsed() > Duration::from_secs(60) {
                 bail!(
                     "the daemon was not ready after 60 s; its log:\n{}",
-                    tail(log)
+                    server::log_tail(log)
                 );
             }
             thread::sleep(Duration::from_millis(20));
@@ -391,7 +391,7 @@ impl Daemon {
                 bail!(
                     "the daemon logged no `traced` line for pid {pid} within {} s; its log:\n{}",
                     timeout.as_secs(),
-                    tail(&self.log)
+                    server::log_tail(&self.log)
                 );
             }
             thread::sleep(Duration::from_millis(100));
@@ -404,63 +404,19 @@ impl Daemon {
         if !status.success() {
             bail!(
                 "the daemon ended with {status}; its log:\n{}",
-                tail(&self.log)
+                server::log_tail(&self.log)
             );
         }
         Ok(())
     }
 }
 
-/// The last 20 lines of a log file, for messages.
-fn tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 /// A llama-server with [`SERVER_ARGS`] (and `optional`), waited for until `/health` says ok.
-/// Started here rather than by [`server::start`], which runs `llama-server --help` first: the
-/// daemon would see that process too, and probe the files before the server is exec'd.
+/// Started by [`server::start_exact`] rather than [`server::start`], which runs
+/// `llama-server --help` first: the daemon would see that process too, and probe the files
+/// before the server is exec'd.
 fn start_llama_server(bin: &Path, model: &Path, optional: &[&str], log: &Path) -> Result<Server> {
-    let port = server::free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    if let Some(dir) = log.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("-m")
-        .arg(model)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(SERVER_ARGS)
-        .args(optional)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
-    let mut proc = Proc::spawn("llama-server", &mut cmd, libc::SIGTERM)?;
-    let started = Instant::now();
-    loop {
-        if let Some(status) = proc.try_wait()? {
-            bail!(
-                "llama-server exited ({status}) while starting; the end of {}:\n{}",
-                log.display(),
-                tail(log)
-            );
-        }
-        if let Ok((200, body)) = server::http(&addr, "GET", "/health", None) {
-            if body.contains("ok") {
-                return Ok(Server { proc, addr });
-            }
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "llama-server was not ready after 120 s; the end of {}:\n{}",
-                log.display(),
-                tail(log)
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    server::start_exact(bin, model, &[SERVER_ARGS, optional].concat(), &[], log)
 }
 
 /// What the clients did.

@@ -197,11 +197,17 @@ impl ModelResult {
     /// Per-run ratio of a condition to the run without llamaprobe next to it (the runs are
     /// interleaved, so a pair shares the machine's state): (median, min, max).
     pub fn paired(&self, cond: Cond, f: impl Fn(&Completion) -> f64 + Copy) -> (f64, f64, f64) {
+        self.paired_by(cond, |r| r.mean(f))
+    }
+
+    /// Per-run ratio of `f` of a condition's run to `f` of the run without llamaprobe next
+    /// to it: (median, min, max).
+    fn paired_by(&self, cond: Cond, f: impl Fn(&CondRun) -> f64) -> (f64, f64, f64) {
         let ratios: Vec<f64> = self
             .runs_of(cond)
             .iter()
             .zip(self.runs_of(Cond::Without))
-            .map(|(r, base)| r.mean(f) / base.mean(f))
+            .map(|(r, base)| f(r) / f(base))
             .collect();
         let (lo, hi) = min_max(&ratios);
         (median(&ratios), lo, hi)
@@ -221,14 +227,7 @@ impl ModelResult {
     /// Per-run ratio of the server's CPU time per generated token with a condition to the
     /// run without llamaprobe next to it: (median, min, max).
     pub fn target_cpu_paired(&self, cond: Cond) -> (f64, f64, f64) {
-        let ratios: Vec<f64> = self
-            .runs_of(cond)
-            .iter()
-            .zip(self.runs_of(Cond::Without))
-            .map(|(r, base)| r.target_cpu_us_per_token() / base.target_cpu_us_per_token())
-            .collect();
-        let (lo, hi) = min_max(&ratios);
-        (median(&ratios), lo, hi)
+        self.paired_by(cond, CondRun::target_cpu_us_per_token)
     }
 
     /// Probed calls per generated token llamaprobe counted (median over runs).
