@@ -18,18 +18,32 @@ pub enum ProcError {
     },
 }
 
-/// Samples `pid` (`/proc/PID/stat`, through the `procfs` crate).
+/// Samples `pid` (`/proc/PID/stat`, parsed by the `procfs` crate): one open and one read
+/// (the host agent samples every traced process every second).
 pub fn sample(pid: u32) -> Result<ProcessSample, ProcError> {
-    let stat = procfs::process::Process::new(pid as i32)
-        .and_then(|p| p.stat())
-        .map_err(|e| match e {
-            // ESRCH: the process ended between open and read.
-            procfs::ProcError::NotFound(_) => ProcError::NoSuchProcess { pid },
-            procfs::ProcError::Io(e, _) if e.raw_os_error() == Some(libc::ESRCH) => {
+    use procfs::FromRead;
+    use std::io::Read;
+    let path = std::path::PathBuf::from(format!("/proc/{pid}/stat"));
+    let gone = |e: &std::io::Error| {
+        // ESRCH: the process ended between open and read.
+        e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+    };
+    // The line is at most 52 numbers and a 16-byte name: one read of the whole of it.
+    let mut buf = [0u8; 4096];
+    let n = std::fs::File::open(&path)
+        .and_then(|mut f| f.read(&mut buf))
+        .map_err(|e| {
+            if gone(&e) {
                 ProcError::NoSuchProcess { pid }
+            } else {
+                ProcError::Read {
+                    pid,
+                    source: procfs::ProcError::Io(e, Some(path.clone())),
+                }
             }
-            e => ProcError::Read { pid, source: e },
         })?;
+    let stat = procfs::process::Stat::from_read(&buf[..n])
+        .map_err(|source| ProcError::Read { pid, source })?;
     Ok(of_stat(
         &stat,
         procfs::ticks_per_second(),
@@ -81,5 +95,18 @@ mod tests {
             4096
         )
         .is_err());
+    }
+
+    #[test]
+    fn samples_this_process_and_says_when_a_pid_is_gone() {
+        let me = sample(std::process::id()).unwrap();
+        let threads = std::fs::read_dir("/proc/self/task").unwrap().count() as u64;
+        assert!(me.threads >= 1 && me.threads <= threads + 64, "{me:?}");
+        assert!(me.rss_bytes > 0);
+        // Above the kernel's pid_max (4194304 at most).
+        assert!(matches!(
+            sample(4_194_305),
+            Err(ProcError::NoSuchProcess { pid: 4_194_305 })
+        ));
     }
 }
