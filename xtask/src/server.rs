@@ -37,16 +37,22 @@ pub fn start(
     log: &Path,
 ) -> Result<Server> {
     // Newer builds load the model twice at start with the default `--fit on`.
-    let help = Command::new(server_bin)
-        .arg("--help")
-        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .output()?;
     let mut args = args.to_vec();
-    if String::from_utf8_lossy(&help.stdout).contains("--fit ") {
+    if help(server_bin, envs)?.contains("--fit ") {
         args.extend(["--fit", "off"]);
     }
     start_exact(server_bin, model, &args, envs, log)
+}
+
+/// `server_bin --help` (with `envs` set): which options this build has.
+pub fn help(server_bin: &Path, envs: &[(String, String)]) -> Result<String> {
+    let out = Command::new(server_bin)
+        .arg("--help")
+        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} --help", server_bin.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// [`start`] with exactly `args`, and no `llama-server --help` run first (a host agent

@@ -35,7 +35,7 @@ use super::{
     fixture_vars,
     markdown::{problems, table, verdict},
     otlp::{OtlpReceiver, Received},
-    procfs::{cpu_ms, cpu_ns, memory_kib},
+    procfs::{cpu_ms, cpu_ns, memory_kib, wakeups},
     stats::mib,
     var, Env,
 };
@@ -173,18 +173,6 @@ pub struct DaemonResult {
     pub logs: PathBuf,
 }
 
-/// Times the daemon's threads were put on a CPU.
-fn slices(pid: u32) -> u64 {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    dir.filter_map(|e| {
-        let stat = fs::read_to_string(e.ok()?.path().join("schedstat")).ok()?;
-        stat.split_whitespace().nth(2)?.parse::<u64>().ok()
-    })
-    .sum()
-}
-
 /// The daemon's CPU from [`Meter::start`] to [`Meter::stop`].
 struct Meter {
     pid: u32,
@@ -198,7 +186,7 @@ impl Meter {
     fn start(pid: u32) -> Result<Meter> {
         Ok(Meter {
             pid,
-            slices0: slices(pid),
+            slices0: wakeups(pid),
             ticks0: cpu_ms(pid).context("reading the daemon's /proc/PID/stat")?,
             ns0: cpu_ns(pid).context("reading the daemon's CPU-time clock")?,
             t0: Instant::now(),
@@ -214,7 +202,7 @@ impl Meter {
             secs,
             cpu_ns: ns.saturating_sub(self.ns0),
             ticks_ms: ticks - self.ticks0,
-            slices: slices(self.pid).saturating_sub(self.slices0),
+            slices: wakeups(self.pid).saturating_sub(self.slices0),
             rss_kib,
             hwm_kib,
         })
@@ -689,12 +677,7 @@ pub fn measure(env: &mut Env) -> Result<DaemonResult> {
     let server_bin = var(&vars, "LLAMAPROBE_LLAMA_SERVER")?;
     let model = var(&vars, "LLAMAPROBE_MODEL")?;
     // Asked before the daemon starts: this run of llama-server is not one it should see.
-    let help = Command::new(&server_bin)
-        .arg("--help")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {} --help", server_bin.display()))?;
-    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let help = server::help(&server_bin, &[])?;
     let mut optional: Vec<&str> = Vec::new();
     if help.contains("--fit ") {
         optional.extend(["--fit", "off"]);
@@ -748,17 +731,15 @@ pub fn measure(env: &mut Env) -> Result<DaemonResult> {
 
     let mut rescans = vec![rescan_run(&d, load_s, &format!("{SERVERS} idle servers"))?];
     progress!("  starting {SLEEPERS} sleeping processes");
-    let ns0 = cpu_ns(d.pid()).context("reading the daemon's CPU-time clock")?;
-    let t0 = Instant::now();
+    let meter = Meter::start(d.pid())?;
     let sleeping = sleepers(SLEEPERS)?;
     // Past the daemon's looks at each new process (its first 2.5 s).
     thread::sleep(Duration::from_secs(3));
+    let spent = meter.stop()?;
     let burst = Burst {
         spawned: sleeping.len(),
-        secs: t0.elapsed().as_secs_f64(),
-        cpu_ns: cpu_ns(d.pid())
-            .context("reading the daemon's CPU-time clock")?
-            .saturating_sub(ns0),
+        secs: spent.secs,
+        cpu_ns: spent.cpu_ns,
     };
     let with_sleepers = rescan_run(
         &d,

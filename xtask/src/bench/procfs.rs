@@ -1,6 +1,7 @@
 //! What the sections read about processes: memory (`/proc/PID/status`), CPU time in ticks
 //! (`stat`) and exact ([`cpu_ns`], its CPU-time clock), and the whole machine's busy time
-//! (`/proc/stat`), to tell the runs other processes disturbed.
+//! (`/proc/stat`), to tell the runs other processes disturbed; a process's wake-ups
+//! ([`wakeups`]).
 
 use std::{
     fs, thread,
@@ -84,4 +85,17 @@ pub fn machine_busy_ms() -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some(busy * 1000.0 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// Times the threads of `pid` were put on a CPU (`/proc/PID/task/*/schedstat`, field 3): its
+/// wake-ups, about (a thread that ended takes its count with it).
+pub fn wakeups(pid: u32) -> u64 {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.filter_map(|e| {
+        let stat = fs::read_to_string(e.ok()?.path().join("schedstat")).ok()?;
+        stat.split_whitespace().nth(2)?.parse::<u64>().ok()
+    })
+    .sum()
 }
