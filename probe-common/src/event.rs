@@ -36,6 +36,8 @@ pub enum EventKind {
     /// A process exec'd a new program, or a watched process exited ([`ProcessEvent`]; the
     /// host agent's discovery, from the `sched` tracepoints).
     Process = 70,
+    /// One CPU sample of a traced process's thread ([`CpuSampleEvent`]; `--profile-cpu`).
+    CpuSample = 80,
 }
 
 /// First field of every event.
@@ -412,6 +414,48 @@ pub struct SlotReleaseEvent {
     pub task_id: i32,
 }
 
+/// Deepest user stack a [`CpuSampleEvent`] keeps (frames beyond it are cut).
+pub const MAX_FRAMES: usize = 64;
+
+/// What a sampled thread was doing, from the probes' per-thread entry maps.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(num_enum::TryFromPrimitive))]
+pub enum CpuState {
+    /// Inside none of the calls below.
+    Other = 0,
+    /// Inside a decode step: its own thread's, or another thread of the process while one of
+    /// its threads is inside a step (ggml's compute workers). `step_start_ns`/`step_tid` name it.
+    Decode = 1,
+    /// Inside a sampling call (`llama_sampler_sample`, `common_sampler_sample`, …).
+    Sampling = 2,
+    /// Inside a model load.
+    ModelLoad = 3,
+}
+
+/// One sample of a traced process's thread on a CPU, taken by the `cpu-clock` perf event
+/// (`--profile-cpu`). `header.start_ns` = `header.end_ns` = the sample's time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSampleEvent {
+    pub header: EventHeader,
+    /// The decode step the process was inside ([`CpuState::Decode`]): its entry time, as the
+    /// step's [`DecodeEvent`] will carry it (0 otherwise).
+    pub step_start_ns: u64,
+    /// The thread that made that decode call (0 otherwise).
+    pub step_tid: u32,
+    /// A [`CpuState`] value.
+    pub state: u32,
+    /// Valid entries of `frames` (0: the user stack could not be read).
+    pub n_frames: u32,
+    /// 1 if the sample interrupted the thread in the kernel (a system call, a page fault): the
+    /// frames are its user stack at the kernel entry.
+    pub in_kernel: u32,
+    /// User instruction pointers, leaf first: the interrupted instruction, then the return
+    /// addresses the frame-pointer walk found.
+    pub frames: [u64; MAX_FRAMES],
+}
+
 /// Index of the counter of events the ring buffer had no room for.
 pub const LOST_RINGBUF: u32 = 0;
 /// Index of the counter of calls whose entry could not be recorded (per-thread map full).
@@ -435,3 +479,4 @@ const _: () = assert!(size_of::<MemoryHandleEvent>() == 32 + 16);
 const _: () = assert!(size_of::<ContextFreeEvent>() == 32 + 8);
 const _: () = assert!(size_of::<ProcessEvent>() == 32 + 16);
 const _: () = assert!(size_of::<SlotReleaseEvent>() == 32 + 8);
+const _: () = assert!(size_of::<CpuSampleEvent>() == 32 + 8 + 16 + 8 * MAX_FRAMES);

@@ -41,6 +41,29 @@ pub static LAYOUTS: HashMap<u32, ProcessLayout> = HashMap::with_max_entries(1024
 #[map]
 pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
+/// Set by the agent at load when `--profile-cpu` is on: the decode probes keep
+/// [`STEP_BY_TGID`] (one map update per step, skipped otherwise).
+#[no_mangle]
+pub static PROFILE_CPU: Global<u32> = Global::new(0);
+
+/// Processes whose threads the CPU sampler records (`probes::profile`), by tgid.
+#[map]
+pub static PROFILED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The decode step a process is inside: which thread entered it, when.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StepMark {
+    pub start_ns: u64,
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// The decode step in progress in each process (`--profile-cpu`), so that a sample on one of
+/// its other threads (ggml's compute workers) joins the step.
+#[map]
+pub static STEP_BY_TGID: HashMap<u32, StepMark> = HashMap::with_max_entries(4096, 0);
+
 /// Calls in progress, by thread id, one map per family.
 #[map]
 pub static DECODE_ENTRY: HashMap<u32, DecodeEvent> = HashMap::with_max_entries(4096, 0);

@@ -490,6 +490,19 @@ fn fixture(name: &str) -> Result<&'static Fixture> {
         .with_context(|| format!("no fixture named {name}"))
 }
 
+/// make_tiny_model.py's arguments for the ≥ 10 ms model (LLAMAPROBE_MODEL_STEP10): 24 layers,
+/// n_embd 768, ff 2048, about 156 M parameters.
+const STEP10_ARGS: &[&str] = &[
+    "--n-layer",
+    "24",
+    "--n-embd",
+    "768",
+    "--n-ff",
+    "2048",
+    "--dtype",
+    "f16",
+];
+
 /// Python packages for the model generator (numpy's PCG64 stream is stable across versions).
 const PYTHON_REQUIREMENTS: &[&str] = &["gguf==0.19.0", "numpy>=1.24"];
 
@@ -551,6 +564,9 @@ pub fn prepare(matrix: Matrix, large: bool) -> Result<Vec<(String, String)>> {
     } else {
         None
     };
+    // The --profile-cpu test's model: decode steps of at least 10 ms with two threads on
+    // these machines (about 15 ms per generated token), f16 to halve the file (310 MB).
+    let step10 = make_model(&cache, &python, &models.join("step10.gguf"), STEP10_ARGS)?;
 
     let selected: Vec<&Fixture> = FIXTURES.iter().filter(|f| f.in_matrix(matrix)).collect();
     let mut built: Vec<(&Fixture, Built)> = Vec::new();
@@ -591,6 +607,7 @@ pub fn prepare(matrix: Matrix, large: bool) -> Result<Vec<(String, String)>> {
         }
     }
     vars.push(("LLAMAPROBE_MODEL".into(), path_string(&tiny)));
+    vars.push(("LLAMAPROBE_MODEL_STEP10".into(), path_string(&step10)));
     if let Some(big) = &big {
         vars.push(("LLAMAPROBE_MODEL_LARGE".into(), path_string(big)));
     }

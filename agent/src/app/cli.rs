@@ -5,7 +5,7 @@ use std::{ffi::OsString, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use super::select::Selector;
-use crate::sinks::{events_out, otlp, prometheus, summary, trace_file};
+use crate::sinks::{events_out, otlp, profile, prometheus, summary, trace_file};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -129,6 +129,8 @@ pub struct ProfileOpts {
     pub trace_file: trace_file::Options,
     #[command(flatten)]
     pub otlp: otlp::Options,
+    #[command(flatten)]
+    pub cpu_profile: profile::Options,
 }
 
 /// Options of `llamaprobe daemon`.

@@ -182,9 +182,14 @@ pub fn run(opts: DaemonOpts) -> anyhow::Result<i32> {
     }
     attach::host_agent_preflight()?;
     let tracefs = attach::ensure_tracefs()?;
-    let mut probes = Probes::load()?;
+    let hz = opts.profile.cpu_profile.profile_cpu;
+    let mut probes = Probes::load(hz.is_some())?;
     // Before the first scan: a program started while it runs is seen at its exec.
     probes.attach_exec_tracepoint()?;
+    if let Some(hz) = hz {
+        let cpus = probes.attach_cpu_sampler(hz)?;
+        tracing::info!("CPU profile: {hz} Hz on {cpus} CPUs, traced processes only");
+    }
     let exit_probe = probes.attach_exit_probe()?;
     tracing::info!("{tracefs}; exec tracepoint and {exit_probe} attached");
     let ring = probes.ring_buffer()?;
@@ -220,6 +225,8 @@ struct Daemon {
     /// saw the exit before its events were read) must not bring them back.
     released: HashMap<u32, Instant>,
     errors_counted: usize,
+    /// `--profile-cpu`: traced processes are sampled.
+    profile_cpu: bool,
 }
 
 async fn event_loop(
@@ -275,6 +282,7 @@ async fn event_loop(
         ending: Vec::new(),
         released: HashMap::new(),
         errors_counted: 0,
+        profile_cpu: opts.profile.cpu_profile.profile_cpu.is_some(),
     };
     d.scan(true);
     release_freed_memory();
@@ -485,6 +493,11 @@ impl Daemon {
         };
         self.pipe.requests.set_mode(pid, p.mode);
         session::server_era(&mut self.pipe, pid, &p.plan);
+        if self.profile_cpu {
+            if let Err(e) = self.probes.profile(pid) {
+                tracing::warn!(pid, "not CPU-profiled: {e}");
+            }
+        }
         let labels = &p.labels.labels;
         let label = |k: &str| {
             labels

@@ -27,18 +27,23 @@ use super::{
     launch::Held,
 };
 use crate::{
-    assemble::{requests::Requests, Assembler},
+    assemble::{
+        profile::{Attributed, CpuJoin},
+        requests::Requests,
+        Assembler,
+    },
     attach::Probes,
     catalog::{self, Family},
     decode, discover,
     model::{
-        clock, ExitStatus, Mode, ModelFacts, ModelInfo, Observation, ProcessEnd, ProcessIdentity,
-        ProcessReading, TracedProcess,
+        clock, CpuSample, ExitStatus, Mode, ModelFacts, ModelInfo, Observation, ProcessEnd,
+        ProcessIdentity, ProcessReading, TracedProcess,
     },
-    resolve::Plan,
+    resolve::{symbolize::Symbols, Plan},
     sinks::{
         events_out::EventsOut,
         otlp,
+        profile::ProfileFiles,
         prometheus::{self, MetricsAddr},
         summary::SummarySink,
         trace_file::TraceFile,
@@ -203,7 +208,8 @@ struct Traced {
 
 /// Runs a session on one target to its end; returns the process exit code for llamaprobe.
 pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32> {
-    let mut probes = Probes::load()?;
+    let hz = opts.cpu_profile.profile_cpu;
+    let mut probes = Probes::load(hz.is_some())?;
     let traced = Traced {
         pid: target.pid(),
         name: target.name(),
@@ -226,6 +232,11 @@ pub fn run(target: Target, plan: Plan, opts: ProfileOpts) -> anyhow::Result<i32>
         Ok(how) => tracing::debug!("{how}"),
         Err(e) => tracing::warn!("how the process ends will not be known: {e}"),
     }
+    if let Some(hz) = hz {
+        probes.profile(traced.pid)?;
+        let cpus = probes.attach_cpu_sampler(hz)?;
+        tracing::info!("CPU profile: {hz} Hz on {cpus} CPUs");
+    }
     let ring = probes.ring_buffer()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -244,7 +255,9 @@ pub(super) async fn sinks(
     health: Option<Arc<prometheus::Health>>,
     summary: bool,
 ) -> anyhow::Result<(Vec<Box<dyn Sink>>, ::prometheus::Registry)> {
-    let metrics = prometheus::Metrics::new().series_grace(opts.prometheus.series_grace);
+    let metrics = prometheus::Metrics::new()
+        .series_grace(opts.prometheus.series_grace)
+        .cpu_top(opts.cpu_profile.profile_top);
     if let MetricsAddr::On(addr) = metrics_addr {
         let listener = prometheus::bind(addr).await?;
         tokio::spawn(prometheus::serve(
@@ -265,8 +278,14 @@ pub(super) async fn sinks(
         let interval = Duration::from_secs_f64(opts.summary.interval.max(1.0));
         sinks.push(Box::new(otlp::Otlp::start(settings, &registry, interval)?));
     }
+    if let Some(files) = ProfileFiles::new(&opts.cpu_profile) {
+        sinks.push(Box::new(files));
+    }
     if summary {
-        sinks.push(Box::new(SummarySink::new(opts.summary.clone())));
+        sinks.push(Box::new(SummarySink::new(
+            opts.summary.clone(),
+            &opts.cpu_profile,
+        )));
     }
     Ok((sinks, registry))
 }
@@ -485,7 +504,15 @@ pub(super) struct Pipeline {
     pub(super) stats: SelfStats,
     /// How traced processes ended, as their exit probe reported it, until they are released.
     ends: HashMap<u32, ProcessEnd>,
+    /// `--profile-cpu`: samples waiting for their decode steps, and those attributed and
+    /// waiting to be symbolized (in batches: one look at a process's maps for many samples).
+    cpu_join: CpuJoin,
+    cpu_ready: Vec<Attributed>,
+    symbols: Symbols,
 }
+
+/// Attributed samples symbolized at once, at most (else at the next tick).
+const CPU_BATCH: usize = 512;
 
 impl Pipeline {
     pub(super) fn new(requests: Requests, opts: &ProfileOpts, sinks: Vec<Box<dyn Sink>>) -> Self {
@@ -496,6 +523,50 @@ impl Pipeline {
             sampler: sources::Sampler::new(opts.nvml_lib.clone()),
             stats: SelfStats::default(),
             ends: HashMap::new(),
+            cpu_join: CpuJoin::default(),
+            cpu_ready: Vec::new(),
+            symbols: Symbols::new(),
+        }
+    }
+
+    /// Attributed CPU samples: symbolized (one lookup per process and batch) and sent on.
+    pub(super) fn flush_cpu_samples(&mut self) {
+        if self.cpu_ready.is_empty() {
+            return;
+        }
+        let ready = std::mem::take(&mut self.cpu_ready);
+        let mut by_pid: HashMap<u32, Vec<Attributed>> = HashMap::new();
+        for a in ready {
+            by_pid.entry(a.sample.pid).or_default().push(a);
+        }
+        let mut pids: Vec<u32> = by_pid.keys().copied().collect();
+        pids.sort_unstable();
+        for pid in pids {
+            let batch = by_pid.remove(&pid).unwrap_or_default();
+            let stacks: Vec<&[u64]> = batch.iter().map(|a| a.sample.frames.as_slice()).collect();
+            let frames = self.symbols.frames(pid, &stacks);
+            let model = self.assembler.model(pid);
+            for (a, frames) in batch.into_iter().zip(frames) {
+                let obs = Observation::CpuSample(CpuSample {
+                    pid,
+                    tid: a.sample.tid,
+                    model: model.clone(),
+                    at_ns: a.sample.at_ns,
+                    phase: a.phase,
+                    step: a.sample.step,
+                    seqs: a.seqs,
+                    in_kernel: a.sample.in_kernel,
+                    frames,
+                });
+                self.emit(&obs);
+            }
+        }
+    }
+
+    fn cpu_attributed(&mut self, a: Vec<Attributed>) {
+        self.cpu_ready.extend(a);
+        if self.cpu_ready.len() >= CPU_BATCH {
+            self.flush_cpu_samples();
         }
     }
 
@@ -548,9 +619,18 @@ impl Pipeline {
             end.add_interrupted(calls);
             return;
         }
+        if let decode::Event::CpuSample(s) = ev {
+            self.stats.cpu_samples += 1;
+            let a = self.cpu_join.sample(s.clone());
+            return self.cpu_attributed(a);
+        }
         let Some(obs) = self.assembler.process(ev) else {
             return;
         };
+        if let Observation::Decode(step) = &obs {
+            let a = self.cpu_join.step(step);
+            self.cpu_attributed(a);
+        }
         let made = self.requests.observe(&obs);
         self.emit(&obs);
         self.model_loaded(&obs);
@@ -562,6 +642,10 @@ impl Pipeline {
     /// A traced process is gone (others are still traced): its requests close, its state goes,
     /// the sinks hear of it, and how it ended (where its exit probe saw it) is returned.
     pub(super) fn forget(&mut self, pid: u32) -> Option<ProcessEnd> {
+        let a = self.cpu_join.forget(pid);
+        self.cpu_ready.extend(a);
+        self.flush_cpu_samples();
+        self.symbols.forget(pid);
         for r in self.requests.forget(pid) {
             self.emit(&Observation::Request(r));
         }
@@ -659,6 +743,7 @@ impl Pipeline {
 
     /// About once a second: requests silent too long are closed, then every sink ticks.
     pub(super) fn tick(&mut self, pids: &[u32], ended_by: Option<&'static str>) {
+        self.flush_cpu_samples();
         for r in self.requests.expire(clock::monotonic_ns()) {
             self.emit(&Observation::Request(r));
         }
@@ -670,6 +755,9 @@ impl Pipeline {
 
     /// The end: every request closes, every sink finishes with the last snapshot.
     pub(super) fn finish(&mut self, pids: &[u32], ended_by: &'static str) -> anyhow::Result<()> {
+        let a = self.cpu_join.finish();
+        self.cpu_ready.extend(a);
+        self.flush_cpu_samples();
         for r in self.requests.finish() {
             self.emit(&Observation::Request(r));
         }

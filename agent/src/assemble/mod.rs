@@ -14,6 +14,7 @@ use std::{collections::HashMap, sync::Arc};
 use probe_common::{decode_flags as F, ContextEvent, DecodeApi, DecodeEvent, ModelLoadEvent};
 
 pub mod context_use;
+pub mod profile;
 pub mod requests;
 
 use crate::{catalog::plausible, decode::Event, model::*};
@@ -312,6 +313,8 @@ impl Assembler {
             }
             Event::Context(c) => Observation::ContextCreate(self.context(c)),
             Event::ContextFree(f) => return self.context_free(f),
+            // Joined to their steps by `profile::CpuJoin`, beside the assembler.
+            Event::CpuSample(_) => return None,
             // Discovery's, not llama.cpp's: the session acts on it before the assembler.
             Event::Process { .. } => return None,
             Event::SlotRelease(r) => Observation::SlotRelease(SlotRelease {

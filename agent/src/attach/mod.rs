@@ -5,10 +5,11 @@ use std::{collections::HashMap, path::PathBuf};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::{UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
-        ProgramError, TracePoint, UProbe,
+        PerfEvent, ProgramError, TracePoint, UProbe,
     },
-    util::KernelVersion,
+    util::{online_cpus, KernelVersion},
     Ebpf, EbpfError, EbpfLoader,
 };
 use probe_common::{ProcessLayout, LOST_COUNTERS, LOST_ENTRY, LOST_RINGBUF};
@@ -75,6 +76,8 @@ pub enum AttachError {
          (or run llamaprobe as that user, or as root)"
     )]
     NeedsPtrace { pid: u32, uid: u32 },
+    #[error("cannot open the cpu-clock perf event on CPU {cpu} for --profile-cpu: {reason}")]
+    PerfEvent { cpu: u32, reason: String },
     #[error("cannot attach to the tracepoint sched/{name}")]
     TracePoint {
         name: &'static str,
@@ -96,6 +99,7 @@ impl AttachError {
             AttachError::Attach { .. } => "uprobe",
             AttachError::Map(_) => "map",
             AttachError::Tracefs { .. } | AttachError::TracePoint { .. } => "tracepoint",
+            AttachError::PerfEvent { .. } => "perf_event",
         }
     }
 }
@@ -295,7 +299,10 @@ pub struct Probes {
 
 impl Probes {
     /// Loads the eBPF object (maps and programs are created; nothing is attached yet).
-    pub fn load() -> Result<Self, AttachError> {
+    ///
+    /// `profile_cpu`: the decode probes also mark each process's step in progress, for the
+    /// CPU sampler ([`attach_cpu_sampler`](Self::attach_cpu_sampler)).
+    pub fn load(profile_cpu: bool) -> Result<Self, AttachError> {
         preflight()?;
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
         let unlimited = libc::rlimit {
@@ -311,6 +318,7 @@ impl Probes {
         let exit_code_offset = kernel_btf::task_exit_code_offset();
         let ebpf = EbpfLoader::new()
             .override_global("USE_COOKIES", &u32::from(cookies), true)
+            .override_global("PROFILE_CPU", &u32::from(profile_cpu), true)
             .override_global(
                 "TASK_EXIT_CODE_OFFSET",
                 &exit_code_offset.clone().unwrap_or(0),
@@ -570,11 +578,80 @@ impl Probes {
     }
 
     fn watched(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, AttachError> {
+        self.pid_set("WATCHED")
+    }
+
+    fn pid_set(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BpfHashMap<&mut MapData, u32, u32>, AttachError> {
         self.ebpf
-            .map_mut("WATCHED")
-            .ok_or(AttachError::Map("WATCHED"))?
+            .map_mut(name)
+            .ok_or(AttachError::Map(name))?
             .try_into()
-            .map_err(|_| AttachError::Map("WATCHED"))
+            .map_err(|_| AttachError::Map(name))
+    }
+
+    /// Loads the CPU sampler and attaches it to a `cpu-clock` software perf event on every
+    /// online CPU, `hz` samples a second each (it records the [`profile`](Self::profile)d
+    /// processes' threads only). Returns the number of CPUs.
+    pub fn attach_cpu_sampler(&mut self, hz: u32) -> Result<usize, AttachError> {
+        const PROGRAM: &str = "cpu_sample";
+        let prog: &mut PerfEvent = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or(AttachError::Program {
+                program: PROGRAM,
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| AttachError::Program {
+                program: PROGRAM,
+                source,
+            })?;
+        prog.load().map_err(|source| {
+            if is_eperm(&source) {
+                AttachError::Privileges
+            } else {
+                AttachError::Program {
+                    program: PROGRAM,
+                    source,
+                }
+            }
+        })?;
+        let cpus = online_cpus().map_err(|(_, e)| AttachError::PerfEvent {
+            cpu: 0,
+            reason: format!("cannot read the online CPUs: {e}"),
+        })?;
+        for &cpu in &cpus {
+            prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(u64::from(hz)),
+                false,
+            )
+            .map_err(|e| AttachError::PerfEvent {
+                cpu,
+                reason: if is_eperm(&e) || is_errno(&e, libc::EACCES) {
+                    "not permitted: run as root, or grant CAP_PERFMON (or lower                      kernel.perf_event_paranoid)"
+                        .into()
+                } else if is_errno(&e, libc::EINVAL) {
+                    format!(
+                        "the kernel refused {hz} Hz (above kernel.perf_event_max_sample_rate?):                          choose a lower --profile-cpu"
+                    )
+                } else {
+                    format!("{e}")
+                },
+            })?;
+        }
+        Ok(cpus.len())
+    }
+
+    /// Asks the CPU sampler to record `pid`'s threads.
+    pub fn profile(&mut self, pid: u32) -> Result<(), AttachError> {
+        self.pid_set("PROFILED")?
+            .insert(pid, 1, 0)
+            .map_err(|_| AttachError::Map("PROFILED (full)"))
     }
 
     /// Asks the exit tracepoint to report `pid`'s exit (once).
@@ -587,6 +664,9 @@ impl Probes {
     /// Forgets `pid` in the probes' per-process maps (its exit was handled).
     pub fn forget_process(&mut self, pid: u32) {
         if let Ok(mut m) = self.watched() {
+            let _ = m.remove(&pid);
+        }
+        if let Ok(mut m) = self.pid_set("PROFILED") {
             let _ = m.remove(&pid);
         }
         if !self.cookies {

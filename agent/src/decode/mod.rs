@@ -3,10 +3,27 @@
 use std::mem::size_of;
 
 use probe_common::{
-    ContextEvent, ContextFreeEvent, DecodeEvent, EventHeader, EventKind, MemoryEvent,
-    MemoryHandleEvent, ModelLoadEvent, ProcessChange, ProcessEvent, SampleEvent, SlotLaunchEvent,
-    SlotReleaseEvent, SyncEvent, TaskPostEvent,
+    ContextEvent, ContextFreeEvent, CpuSampleEvent, CpuState, DecodeEvent, EventHeader, EventKind,
+    MemoryEvent, MemoryHandleEvent, ModelLoadEvent, ProcessChange, ProcessEvent, SampleEvent,
+    SlotLaunchEvent, SlotReleaseEvent, SyncEvent, TaskPostEvent, MAX_FRAMES,
 };
+
+/// One CPU sample of a traced thread (`--profile-cpu`), as the sampler took it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuSample {
+    pub pid: u32,
+    pub tid: u32,
+    /// When (monotonic ns).
+    pub at_ns: u64,
+    pub state: CpuState,
+    /// The decode step the process was inside: (its thread, its entry time), the key of the
+    /// step's own event (`Decode` state only).
+    pub step: Option<(u32, u64)>,
+    /// The sample interrupted the thread in the kernel.
+    pub in_kernel: bool,
+    /// User instruction pointers, leaf first (empty: no user stack could be read).
+    pub frames: Vec<u64>,
+}
 
 /// A decoded event.
 #[derive(Clone, Debug)]
@@ -22,6 +39,7 @@ pub enum Event {
     SlotLaunch(SlotLaunchEvent),
     SlotRelease(SlotReleaseEvent),
     ContextFree(ContextFreeEvent),
+    CpuSample(CpuSample),
     /// An exec (the host agent's discovery), or the end of a watched process's thread (not a
     /// llama.cpp call).
     Process {
@@ -53,6 +71,7 @@ impl Event {
             Event::SlotLaunch(e) => e.header.tgid,
             Event::SlotRelease(e) => e.header.tgid,
             Event::ContextFree(e) => e.header.tgid,
+            Event::CpuSample(s) => s.pid,
             Event::Process { pid, .. } => *pid,
         }
     }
@@ -67,6 +86,8 @@ pub enum DecodeError {
     UnknownKind { kind: u32 },
     #[error("process event with unknown change {change}")]
     ProcessChange { change: u32 },
+    #[error("CPU sample with unknown state {state}")]
+    CpuState { state: u32 },
     #[error("event of kind {kind:?} has {len} bytes, expected {expected}")]
     Size {
         kind: EventKind,
@@ -107,6 +128,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::SlotLaunch => Event::SlotLaunch(read(bytes, kind)?),
         EventKind::SlotRelease => Event::SlotRelease(read(bytes, kind)?),
         EventKind::ContextFree => Event::ContextFree(read(bytes, kind)?),
+        EventKind::CpuSample => Event::CpuSample(cpu_sample(&read(bytes, kind)?)?),
         EventKind::Process => {
             let ev: ProcessEvent = read(bytes, kind)?;
             let change = match ev.change {
@@ -124,6 +146,26 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 exit_code: ev.exit_code,
             }
         }
+    })
+}
+
+fn cpu_sample(ev: &CpuSampleEvent) -> Result<CpuSample, DecodeError> {
+    let state =
+        CpuState::try_from(ev.state).map_err(|_| DecodeError::CpuState { state: ev.state })?;
+    let n = (ev.n_frames as usize).min(MAX_FRAMES);
+    Ok(CpuSample {
+        pid: ev.header.tgid,
+        tid: ev.header.tid,
+        at_ns: ev.header.start_ns,
+        state,
+        step: (state == CpuState::Decode).then_some((ev.step_tid, ev.step_start_ns)),
+        in_kernel: ev.in_kernel != 0,
+        // A zero is where the kernel's walk stopped.
+        frames: ev.frames[..n]
+            .iter()
+            .copied()
+            .take_while(|&a| a != 0)
+            .collect(),
     })
 }
 

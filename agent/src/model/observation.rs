@@ -6,6 +6,7 @@ use super::{
     calls::*,
     ending::ProcessEnd,
     origin::*,
+    profile::CpuSample,
     request::{Mode, Request},
     resources::ModelInfo,
     server::*,
@@ -39,6 +40,8 @@ pub enum Observation {
     Released {
         pid: u32,
     },
+    /// A CPU sample of a traced thread (`--profile-cpu`), attributed and symbolized.
+    CpuSample(CpuSample),
     /// What is known of a process's model: its GGUF facts, observed at its load or recovered
     /// from the process.
     ModelInfo(ModelFacts),
@@ -100,7 +103,8 @@ impl Observation {
             | Observation::Traced(_)
             | Observation::Released { .. }
             | Observation::Ended(_)
-            | Observation::ModelInfo(_) => return None,
+            | Observation::ModelInfo(_)
+            | Observation::CpuSample(_) => return None,
         })
     }
 

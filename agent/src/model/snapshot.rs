@@ -26,6 +26,8 @@ pub struct SelfStats {
     pub tasks_waiting: u64,
     /// Warm-up decodes seen (start-up, not requests).
     pub warmups: u64,
+    /// CPU samples received (`--profile-cpu`).
+    pub cpu_samples: u64,
 }
 
 impl SelfStats {

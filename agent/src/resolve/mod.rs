@@ -3,6 +3,7 @@
 
 pub mod dwarf;
 mod error;
+pub mod symbolize;
 
 pub use error::ElfError;
 

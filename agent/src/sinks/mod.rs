@@ -9,6 +9,7 @@ pub mod events_out;
 pub mod host_table;
 pub mod names;
 pub mod otlp;
+pub mod profile;
 pub mod prometheus;
 pub mod summary;
 pub mod trace_file;

@@ -201,7 +201,8 @@ impl Sink for TraceFile {
                 | Observation::Traced(_)
                 | Observation::Released { .. }
                 | Observation::Ended(_)
-                | Observation::ModelInfo(_) => {}
+                | Observation::ModelInfo(_)
+                | Observation::CpuSample(_) => {}
             }
             return;
         }

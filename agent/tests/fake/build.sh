@@ -79,3 +79,13 @@ objcopy --only-keep-debug "$TMP/driver_static" "$TMP/driver_static.debug"
 install_file "$TMP/driver_static.debug" "$OUT/static/driver_classic.debug"
 "$CC" "${CFLAGS[@]}" -g -shared -o "$TMP/libllama_g.so" "$SRC/llama_classic.c" "$SRC/llama_common.c"
 install_file "$TMP/libllama_g.so" "$OUT/classic/libllama_g.so"
+
+# ---- profile: the --profile-cpu test program, with and without frame pointers ----
+mkdir -p "$OUT/profile"
+PROFILE_FLAGS=(-O1 -g0 -Wall -Wextra -Wno-unused-function -I"$SRC" -std=gnu11 -pthread)
+"$CC" "${PROFILE_FLAGS[@]}" -fno-omit-frame-pointer -o "$TMP/profile_fp" \
+    "$SRC/profile_target.c" "$SRC/llama_common.c"
+install_file "$TMP/profile_fp" "$OUT/profile/profile_target_fp"
+"$CC" "${PROFILE_FLAGS[@]}" -fomit-frame-pointer -o "$TMP/profile_nofp" \
+    "$SRC/profile_target.c" "$SRC/llama_common.c"
+install_file "$TMP/profile_nofp" "$OUT/profile/profile_target_nofp"

@@ -19,8 +19,10 @@ use probe_common::{
     SeqRun, MAX_RUNS, MAX_SCAN, MAX_STRIDE,
 };
 
-use super::{byval_arg, enter, layout, leave, read};
-use crate::maps::{ScanState, DECODE_ENTRY, DECODE_SCRATCH, SCAN_SCRATCH};
+use super::{byval_arg, current, enter, layout, leave, read};
+use crate::maps::{
+    ScanState, StepMark, DECODE_ENTRY, DECODE_SCRATCH, PROFILE_CPU, SCAN_SCRATCH, STEP_BY_TGID,
+};
 
 /// Per-token access to one batch representation.
 trait Tokens {
@@ -262,7 +264,7 @@ fn start(ctx: &ProbeContext, ctx_ptr: u64, api: DecodeApi, fill: impl FnOnce(&mu
     };
     // SAFETY: per-CPU scratch slot, used by this program only while it runs.
     let ev = unsafe { &mut *ev };
-    enter(ctx, &DECODE_ENTRY, ev, |ev| {
+    let recorded = enter(ctx, &DECODE_ENTRY, ev, |ev| {
         ev.ctx = ctx_ptr;
         ev.ret = 0;
         ev.n_tokens = -1;
@@ -281,6 +283,15 @@ fn start(ctx: &ProbeContext, ctx_ptr: u64, api: DecodeApi, fill: impl FnOnce(&mu
         }
         fill(ev);
     });
+    if recorded && PROFILE_CPU.load() != 0 {
+        let mark = StepMark {
+            start_ns: ev.header.start_ns,
+            tid: ev.header.tid,
+            _pad: 0,
+        };
+        // A full map costs the step's other threads their decode state, nothing else.
+        let _ = STEP_BY_TGID.insert(&ev.header.tgid, &mark, 0);
+    }
 }
 
 #[uprobe]
@@ -343,5 +354,16 @@ pub fn decode_return(ctx: RetProbeContext) -> u32 {
     // int32_t / int: the low 32 bits of the return register.
     let ret = ctx.ret::<u64>() as i32;
     leave(&ctx, &DECODE_ENTRY, |ev| ev.ret = ret);
+    if PROFILE_CPU.load() != 0 {
+        let (tgid, tid) = current();
+        // The outer call returned (its entry is gone): the process's step mark, if this
+        // thread's, goes too.
+        // SAFETY (both): plain data.
+        if unsafe { DECODE_ENTRY.get(&tid) }.is_none()
+            && unsafe { STEP_BY_TGID.get(&tgid) }.is_some_and(|m| m.tid == tid)
+        {
+            let _ = STEP_BY_TGID.remove(&tgid);
+        }
+    }
     0
 }

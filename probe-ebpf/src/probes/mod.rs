@@ -15,6 +15,7 @@ pub mod decode;
 pub mod memory;
 pub mod model;
 pub mod process;
+pub mod profile;
 pub mod sampler;
 pub mod server;
 pub mod sync;

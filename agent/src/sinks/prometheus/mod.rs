@@ -36,7 +36,7 @@ pub mod resources;
 pub mod web_config;
 
 use super::{names::*, Sink, Snapshot};
-use crate::model::{ContextRole, DecodeResult, Observation, Phase};
+use crate::model::{ContextRole, CpuPhase, DecodeResult, Observation, Phase};
 
 /// The Prometheus sink's options.
 #[derive(clap::Args, Debug, Clone)]
@@ -181,6 +181,13 @@ pub struct Metrics {
     request_queue: HistogramVec,
     unserved: IntCounterVec,
     context_shifts: IntCounterVec,
+    cpu_samples: IntCounterVec,
+    cpu_function_samples: IntCounterVec,
+    /// `--profile-cpu`: samples by (pid, model, phase, leaf function), of which the top
+    /// `cpu_top` of each (pid, phase) are exposed; the series exposed now.
+    cpu_leaves: HashMap<(u32, Arc<str>, CpuPhase, Arc<str>), u64>,
+    cpu_exposed: std::collections::HashSet<(u32, Arc<str>, CpuPhase, Arc<str>)>,
+    cpu_top: usize,
     speculative_draft: IntCounterVec,
     speculative_accepted: IntCounterVec,
     speculative_drafts: IntCounterVec,
@@ -410,6 +417,19 @@ impl Metrics {
                 "Draft tokens the main context's sampler accepted (acceptance rate = accepted / draft).",
                 &["pid", "model"],
             ),
+            cpu_samples: counter(
+                "llamacpp_cpu_samples_total",
+                "CPU samples of the traced process's threads (--profile-cpu), by what llama.cpp was doing: prompt, generation, mixed or decode (an unclassified step), sampling, model_load, other. Samples / Hz = CPU seconds.",
+                &["pid", "model", "phase"],
+            ),
+            cpu_function_samples: counter(
+                "llamacpp_cpu_function_samples_total",
+                "CPU samples by phase and leaf function, for the --profile-top functions with the most samples in each phase (a function that leaves the top loses its series).",
+                &["pid", "model", "phase", "function"],
+            ),
+            cpu_leaves: HashMap::new(),
+            cpu_exposed: Default::default(),
+            cpu_top: 10,
             context_shifts: counter(
                 "llamacpp_context_shifts_total",
                 "Context shifts: a generating sequence outgrew its share of the context and llama.cpp discarded some of its tokens (seq_add with a negative shift).",
@@ -471,6 +491,8 @@ impl Metrics {
             per_pid(&m.decode_calls),
             per_pid(&m.tokens),
             per_pid(&m.context_shifts),
+            per_pid(&m.cpu_samples),
+            per_pid(&m.cpu_function_samples),
             per_pid(&m.speculative_draft),
             per_pid(&m.speculative_accepted),
             per_pid(&m.speculative_drafts),
@@ -501,6 +523,50 @@ impl Metrics {
         m
     }
 
+    /// Functions per (process, phase) in `llamacpp_cpu_function_samples_total`.
+    pub fn cpu_top(mut self, n: usize) -> Self {
+        self.cpu_top = n;
+        self
+    }
+
+    /// The top functions of each (process, phase) as series; those that left the top go.
+    fn expose_cpu_functions(&mut self) {
+        // (model, function, samples) of each (process, phase).
+        type Leaves<'a> = Vec<(&'a Arc<str>, &'a Arc<str>, u64)>;
+        let mut by_group: HashMap<(u32, CpuPhase), Leaves> = HashMap::new();
+        for ((pid, model, phase, f), &n) in &self.cpu_leaves {
+            by_group
+                .entry((*pid, *phase))
+                .or_default()
+                .push((model, f, n));
+        }
+        let mut now = std::collections::HashSet::new();
+        for ((pid, phase), mut v) in by_group {
+            v.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.1.cmp(b.1)));
+            for (model, f, n) in v.into_iter().take(self.cpu_top) {
+                let pid_s = pid.to_string();
+                let c = self.cpu_function_samples.with_label_values(&[
+                    pid_s.as_str(),
+                    model,
+                    phase.label(),
+                    f,
+                ]);
+                c.inc_by(n.saturating_sub(c.get()));
+                now.insert((pid, model.clone(), phase, f.clone()));
+            }
+        }
+        for (pid, model, phase, f) in self.cpu_exposed.difference(&now) {
+            let pid_s = pid.to_string();
+            let _ = self.cpu_function_samples.remove_label_values(&[
+                pid_s.as_str(),
+                model,
+                phase.label(),
+                f,
+            ]);
+        }
+        self.cpu_exposed = now;
+    }
+
     /// Gone processes' series stay this long.
     pub fn series_grace(mut self, secs: f64) -> Self {
         self.series_grace = Duration::from_secs_f64(secs.max(0.0));
@@ -523,6 +589,8 @@ impl Metrics {
             f.remove_pid(&pid_s);
         }
         self.hot.retain(|k, _| k.0 != pid);
+        self.cpu_leaves.retain(|k, _| k.0 != pid);
+        self.cpu_exposed.retain(|k| k.0 != pid);
         self.seq_capacity.retain(|k, _| k.0 != pid);
         self.resources.forget(pid);
         self.identities
@@ -608,6 +676,16 @@ impl Sink for Metrics {
             }
             Observation::Released { pid } => {
                 self.released.insert(*pid, Instant::now());
+            }
+            Observation::CpuSample(c) => {
+                let pid = c.pid.to_string();
+                self.cpu_samples
+                    .with_label_values(&[pid.as_str(), &c.model, c.phase.label()])
+                    .inc();
+                *self
+                    .cpu_leaves
+                    .entry((c.pid, c.model.clone(), c.phase, c.leaf().into()))
+                    .or_default() += 1;
             }
             Observation::Ended(e) => {
                 let (how, cause) = e
@@ -794,6 +872,7 @@ impl Sink for Metrics {
     }
 
     fn tick(&mut self, now: &Snapshot) {
+        self.expose_cpu_functions();
         let grace = self.series_grace;
         let due: Vec<u32> = self
             .released

@@ -191,6 +191,39 @@ pub struct Summary {
     /// How the process's facts were learnt: observed by the probes, or recovered from the
     /// process when llamaprobe attached after they happened.
     pub facts: Vec<String>,
+    /// The CPU profile (`--profile-cpu`; absent without it).
+    pub cpu_profile: Option<CpuProfileSummary>,
+}
+
+/// The CPU samples of the run (`--profile-cpu`).
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuProfileSummary {
+    pub hz: u32,
+    pub samples: u64,
+    /// Samples inside decode steps (every step phase, `decode` included).
+    pub in_decode_steps: u64,
+    /// Samples with a user stack beyond the leaf (frame pointers).
+    pub with_stack: u64,
+    /// By phase (`prompt`, `generation`, `mixed`, `decode`, `sampling`, `model_load`,
+    /// `other`; those with samples).
+    pub phases: BTreeMap<&'static str, CpuPhaseSummary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuPhaseSummary {
+    pub samples: u64,
+    /// Of all samples.
+    pub share: f64,
+    /// The leaf functions with the most samples (at most `--profile-top`), most first.
+    pub top: Vec<CpuFunction>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuFunction {
+    pub function: String,
+    pub samples: u64,
+    /// Of the phase's samples.
+    pub share: f64,
 }
 
 /// Aggregates observations for the summary.
@@ -229,9 +262,16 @@ pub struct Stats {
     context_shifts: u64,
     draft: Option<DraftContextSummary>,
     speculative: SpeculativeSummary,
+    /// `--profile-cpu`: (Hz, functions per phase shown) and the samples.
+    cpu: Option<((u32, usize), crate::sinks::profile::Tally)>,
 }
 
 impl Stats {
+    /// The CPU profile is on: its samples are counted and shown.
+    pub fn profile_cpu(&mut self, hz: u32, top: usize) {
+        self.cpu = Some(((hz, top), crate::sinks::profile::Tally::new(false)));
+    }
+
     /// Records the work that never became a request (from the request stage).
     pub fn set_unserved(&mut self, unserved: crate::model::Unserved) {
         self.unserved = unserved;
@@ -254,6 +294,12 @@ impl Stats {
 
     pub fn observe(&mut self, obs: &Observation) {
         match obs {
+            Observation::CpuSample(c) => {
+                if let Some((_, t)) = &mut self.cpu {
+                    t.add(c);
+                }
+                return;
+            }
             Observation::Traced(t) => return self.set_request_mode(t.request_mode),
             Observation::ModelInfo(f) => return self.note(f.fact.clone()),
             _ => {}
@@ -357,7 +403,8 @@ impl Stats {
             Observation::Traced(_)
             | Observation::Released { .. }
             | Observation::Ended(_)
-            | Observation::ModelInfo(_) => {}
+            | Observation::ModelInfo(_)
+            | Observation::CpuSample(_) => {}
             Observation::ContextCreate(c) => self.contexts.push(ContextSummary {
                 pid: c.origin.pid,
                 ok: c.ok,
@@ -425,11 +472,48 @@ impl Stats {
             draft_context: self.draft.clone(),
             speculative: self.speculative,
             facts: self.facts.clone(),
+            cpu_profile: self.cpu.as_ref().map(|(k, t)| cpu_summary(*k, t)),
             span_s: self
                 .first_ns
                 .map(|f| self.last_ns.saturating_sub(f) as f64 / 1e9)
                 .unwrap_or(0.0),
         }
+    }
+}
+
+fn cpu_summary((hz, top): (u32, usize), t: &crate::sinks::profile::Tally) -> CpuProfileSummary {
+    use crate::model::CpuPhase;
+    let share = |n: u64, of: u64| if of > 0 { n as f64 / of as f64 } else { 0.0 };
+    let phases = CpuPhase::ALL
+        .iter()
+        .filter(|&&p| t.phase(p) > 0)
+        .map(|&p| {
+            let n = t.phase(p);
+            let top = t
+                .top(p, top)
+                .into_iter()
+                .map(|(f, c)| CpuFunction {
+                    function: f.to_string(),
+                    samples: c,
+                    share: share(c, n),
+                })
+                .collect();
+            (
+                p.label(),
+                CpuPhaseSummary {
+                    samples: n,
+                    share: share(n, t.total),
+                    top,
+                },
+            )
+        })
+        .collect();
+    CpuProfileSummary {
+        hz,
+        samples: t.total,
+        in_decode_steps: t.in_steps(),
+        with_stack: t.with_stack,
+        phases,
     }
 }
 
@@ -465,9 +549,13 @@ pub struct SummarySink {
 }
 
 impl SummarySink {
-    pub fn new(options: Options) -> Self {
+    pub fn new(options: Options, profile: &crate::sinks::profile::Options) -> Self {
+        let mut stats = Stats::default();
+        if let Some(hz) = profile.profile_cpu {
+            stats.profile_cpu(hz, profile.profile_top);
+        }
         Self {
-            stats: Stats::default(),
+            stats,
             options,
             terminal: None,
             traced: None,
@@ -733,6 +821,28 @@ impl Summary {
         }
         for f in &self.facts {
             let _ = writeln!(s, "{f}");
+        }
+        if let Some(c) = &self.cpu_profile {
+            let _ = writeln!(
+                s,
+                "CPU samples: {} at {} Hz per CPU, {} inside decode steps, {} with a stack beyond the leaf",
+                c.samples, c.hz, c.in_decode_steps, c.with_stack
+            );
+            for p in crate::model::CpuPhase::ALL {
+                let Some(ph) = c.phases.get(p.label()) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<11} {:>7} samples {:>6.1}%   top functions (share of the phase):",
+                    p.label(),
+                    ph.samples,
+                    ph.share * 100.0
+                );
+                for f in &ph.top {
+                    let _ = writeln!(s, "      {:>6.1}%  {}", f.share * 100.0, f.function);
+                }
+            }
         }
         let opt = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
         for c in &self.contexts {

@@ -1,0 +1,195 @@
+//! Instruction addresses of a traced process → function names, for `--profile-cpu`, with
+//! blazesym (ELF symbols, DWARF where present, demangled).
+//!
+//! Files are opened through `/proc/PID/map_files/`: as the process maps them, inside its own
+//! mount namespace (a container's files as the container sees them, never a host path of the
+//! same name), and still there when the file was deleted or replaced on disk. blazesym keeps
+//! each opened file's parsed symbols; this cache keeps each (process, address)'s answer, so a
+//! hot address costs one lookup.
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use blazesym::{
+    normalize::{Normalizer, UserMeta},
+    symbolize::{
+        source::{Process, Source},
+        Input, Symbolized, Symbolizer,
+    },
+};
+
+use crate::model::Frame;
+
+/// (function, file) of an address.
+type Named = (Arc<str>, Arc<str>);
+
+/// Answers kept per process; beyond it the process's cache starts over.
+const MAX_CACHED: usize = 100_000;
+
+pub struct Symbols {
+    symbolizer: Symbolizer,
+    /// Names the file of an address no symbol covers (`[libgomp.so.1]`), from the process's
+    /// maps (no file is opened for it).
+    normalizer: Normalizer,
+    cache: HashMap<u32, HashMap<u64, Named>>,
+    /// Addresses looked up (cache misses), for the agent's own accounting.
+    pub lookups: u64,
+}
+
+impl Default for Symbols {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbols {
+    pub fn new() -> Self {
+        let symbolizer = Symbolizer::builder()
+            .enable_code_info(false)
+            .enable_inlined_fns(false)
+            .enable_demangling(true)
+            // Separate debug files only next to the mapped file, never from the host's debug
+            // directories (a container's binary is not the host's).
+            .set_debug_dirs(Some::<&[&Path]>(&[]))
+            .build();
+        Self {
+            symbolizer,
+            normalizer: Normalizer::builder().enable_build_ids(false).build(),
+            cache: HashMap::new(),
+            lookups: 0,
+        }
+    }
+
+    /// The frames of stacks of process `pid` (leaf first each); return addresses (every frame
+    /// but a stack's first) are looked up one byte back, inside their call instruction.
+    pub fn frames(&mut self, pid: u32, stacks: &[&[u64]]) -> Vec<Vec<Frame>> {
+        let lookup = |i: usize, a: u64| if i == 0 { a } else { a.saturating_sub(1) };
+        let cache = self.cache.entry(pid).or_default();
+        if cache.len() > MAX_CACHED {
+            cache.clear();
+        }
+        let mut missing: Vec<u64> = stacks
+            .iter()
+            .flat_map(|s| s.iter().enumerate().map(|(i, &a)| lookup(i, a)))
+            .filter(|a| !cache.contains_key(a))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            self.lookups += missing.len() as u64;
+            let mut src = Process::new(pid.into());
+            src.perf_map = false; // a file at a path the process names: not opened
+            src.map_files = true;
+            let src = Source::Process(src);
+            let found = self
+                .symbolizer
+                .symbolize(&src, Input::AbsAddr(&missing))
+                .unwrap_or_default();
+            let mut unnamed = Vec::new();
+            for (i, &addr) in missing.iter().enumerate() {
+                match named(found.get(i)) {
+                    Some(n) => {
+                        cache.insert(addr, n);
+                    }
+                    None => unnamed.push(addr),
+                }
+            }
+            // Without a symbol: the file it is in, as the process maps it.
+            let files = self
+                .normalizer
+                .normalize_user_addrs(pid.into(), &unnamed)
+                .ok();
+            for (i, &addr) in unnamed.iter().enumerate() {
+                let file = files.as_ref().and_then(|o| {
+                    let (_, m) = *o.outputs.get(i)?;
+                    match o.meta.get(m)? {
+                        UserMeta::Elf(e) => Some(e.path.to_string_lossy().into_owned()),
+                        _ => None,
+                    }
+                });
+                let n = match file {
+                    Some(path) => {
+                        let base = path.rsplit('/').next().unwrap_or(&path);
+                        (format!("[{base}]").into(), path.as_str().into())
+                    }
+                    None => (unknown(), empty()),
+                };
+                cache.insert(addr, n);
+            }
+        }
+        stacks
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .enumerate()
+                    .map(|(i, &a)| {
+                        let (function, module) = cache
+                            .get(&lookup(i, a))
+                            .cloned()
+                            .unwrap_or_else(|| (unknown(), empty()));
+                        Frame {
+                            addr: a,
+                            function,
+                            module,
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A process is gone: its answers too.
+    pub fn forget(&mut self, pid: u32) {
+        self.cache.remove(&pid);
+    }
+}
+
+fn unknown() -> Arc<str> {
+    "[unknown]".into()
+}
+
+fn empty() -> Arc<str> {
+    "".into()
+}
+
+/// (function, module) of one answer; `None` without a symbol.
+fn named(s: Option<&Symbolized<'_>>) -> Option<Named> {
+    match s {
+        Some(Symbolized::Sym(sym)) => Some((
+            sym.name.as_ref().into(),
+            sym.module
+                .as_deref()
+                .map(|m| m.to_string_lossy().as_ref().into())
+                .unwrap_or_else(empty),
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function_for_symbolize_test() -> u64 {
+        marker_function_for_symbolize_test as *const () as u64
+    }
+
+    #[test]
+    fn names_a_function_of_this_process() {
+        let addr = std::hint::black_box(marker_function_for_symbolize_test()) + 1;
+        let mut s = Symbols::new();
+        let got = s.frames(std::process::id(), &[&[addr, addr + 1]]);
+        assert!(
+            got[0][0]
+                .function
+                .contains("marker_function_for_symbolize_test"),
+            "{:?}",
+            got[0][0]
+        );
+        // A return address is looked up one byte back: the same function.
+        assert_eq!(got[0][1].function, got[0][0].function);
+        assert_eq!(s.lookups, 1, "addr and (addr + 1) - 1 are one lookup");
+        s.frames(std::process::id(), &[&[addr]]);
+        assert_eq!(s.lookups, 1, "cached");
+    }
+}
