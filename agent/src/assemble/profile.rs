@@ -32,14 +32,23 @@ pub struct Attributed {
 /// Step key: (pid, step thread, step entry time).
 type StepKey = (u32, u32, u64);
 
+/// Steps remembered after their end, for samples that arrive after them.
+const RECENT_STEPS: usize = 1024;
+
 #[derive(Default)]
 pub struct CpuJoin {
     waiting: HashMap<StepKey, Vec<decode::CpuSample>>,
     n_waiting: usize,
+    /// The latest steps' attribution: a sample taken on another CPU at the step's very end
+    /// (the sampler read the process's step mark just before the step's return removed it)
+    /// can reach the ring buffer after the step's own event.
+    recent: HashMap<StepKey, (CpuPhase, Vec<i32>)>,
+    recent_order: std::collections::VecDeque<StepKey>,
 }
 
 impl CpuJoin {
-    /// A new sample: attributed now (outside a step) or kept for its step (`None`).
+    /// A new sample: attributed now (outside a step, or its step already ended) or kept for
+    /// its step (empty); also the samples an overflow released.
     pub fn sample(&mut self, s: decode::CpuSample) -> Vec<Attributed> {
         let phase = match s.state {
             CpuState::Sampling => CpuPhase::Sampling,
@@ -47,6 +56,13 @@ impl CpuJoin {
             CpuState::Other => CpuPhase::Other,
             CpuState::Decode => {
                 let (tid, start) = s.step.unwrap_or_default();
+                if let Some((phase, seqs)) = self.recent.get(&(s.pid, tid, start)) {
+                    return vec![Attributed {
+                        phase: *phase,
+                        seqs: seqs.clone(),
+                        sample: s,
+                    }];
+                }
                 self.waiting.entry((s.pid, tid, start)).or_default().push(s);
                 self.n_waiting += 1;
                 return self.overflow();
@@ -62,12 +78,20 @@ impl CpuJoin {
     /// A decode step ended: its samples, attributed to its phase and sequences.
     pub fn step(&mut self, step: &DecodeStep) -> Vec<Attributed> {
         let o = &step.origin;
-        let Some(samples) = self.waiting.remove(&(o.pid, o.tid, o.start_ns)) else {
+        let key = (o.pid, o.tid, o.start_ns);
+        let phase = CpuPhase::of_step(step.phase);
+        let seqs: Vec<i32> = step.parts.iter().map(|p| p.seq_id).collect();
+        self.recent.insert(key, (phase, seqs.clone()));
+        self.recent_order.push_back(key);
+        if self.recent_order.len() > RECENT_STEPS {
+            if let Some(old) = self.recent_order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+        let Some(samples) = self.waiting.remove(&key) else {
             return Vec::new();
         };
         self.n_waiting -= samples.len();
-        let phase = CpuPhase::of_step(step.phase);
-        let seqs: Vec<i32> = step.parts.iter().map(|p| p.seq_id).collect();
         samples
             .into_iter()
             .map(|sample| Attributed {
@@ -80,6 +104,8 @@ impl CpuJoin {
 
     /// A process is gone: the samples of its steps that never ended, unclassified.
     pub fn forget(&mut self, pid: u32) -> Vec<Attributed> {
+        self.recent.retain(|k, _| k.0 != pid);
+        self.recent_order.retain(|k| k.0 != pid);
         let keys: Vec<StepKey> = self
             .waiting
             .keys()
@@ -198,6 +224,10 @@ mod tests {
             .iter()
             .all(|a| a.phase == CpuPhase::Generation && a.seqs == [3]));
         assert_eq!(j.waiting(), 1);
+        // A sample of that step read after the step's event joins it still.
+        let late = j.sample(sample(CpuState::Decode, Some((8, 100)), 199));
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].phase, CpuPhase::Generation);
         let left = j.forget(7);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].phase, CpuPhase::Decode);

@@ -7,6 +7,7 @@ mod common;
 mod architecture;
 mod bad_input;
 mod compose;
+mod cpu_profile;
 mod daemon;
 mod daemon_container;
 mod daemon_k8s;

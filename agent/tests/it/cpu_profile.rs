@@ -1,0 +1,202 @@
+//! Integration: `--profile-cpu` on the real cpu-clock perf event and eBPF sampler, against
+//! tests/fake/profile_target.c, which spends known shares of its CPU time in two functions
+//! inside fake prompt steps (burn_alpha 70% / burn_beta 30%) and generation steps (20% / 80%,
+//! the 20% on a worker thread), and in burn_outside between them. Built with and without frame
+//! pointers: the leaf is right in both, the stack only with them.
+
+use crate::common::*;
+
+/// Shares are of ~600 (prompt) and ~900 (generation) samples at 999 Hz: one standard deviation
+/// of a 70/30 share is under 2 points; this is more than 5.
+const TOLERANCE: f64 = 0.10;
+
+fn share(phase: &Value, function: &str) -> f64 {
+    phase["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["function"] == function)
+        .map_or(0.0, |f| f["share"].as_f64().unwrap())
+}
+
+fn names(sample: &Value) -> Vec<String> {
+    sample["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["function"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn profiled(build: &str, test: &str) -> (Value, Vec<Value>, std::path::PathBuf) {
+    let dir = scratch(test);
+    let (sum, ev, pb, svg) = (
+        dir.join("summary.json"),
+        dir.join("events.jsonl"),
+        dir.join("profile.pb.gz"),
+        dir.join("flame.svg"),
+    );
+    let out = llamaprobe()
+        .args([
+            "run",
+            "--quiet",
+            "--metrics-addr",
+            "off",
+            "--profile-cpu=999",
+        ])
+        .arg("--summary-json")
+        .arg(&sum)
+        .arg("--events-out")
+        .arg(&ev)
+        .arg("--profile-out")
+        .arg(&pb)
+        .arg("--flamegraph")
+        .arg(&svg)
+        .arg("--")
+        .arg(fakes().join("profile").join(build))
+        .arg("60")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done decodes=240"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.contains("burn_alpha") && svg.contains("prompt"),
+        "flame graph"
+    );
+    (json(&sum), json_lines(&ev), pb)
+}
+
+fn check(build: &str, frame_pointers: bool) {
+    let test = format!("cpu_profile_{build}");
+    if !root_or_skip(&test) {
+        return;
+    }
+    let _serial = serial();
+    let (sum, events, pb) = profiled(build, &test);
+    let cpu = &sum["cpu_profile"];
+    let (prompt, generation) = (&cpu["phases"]["prompt"], &cpu["phases"]["generation"]);
+    assert!(prompt["samples"].as_u64().unwrap() >= 300, "{cpu:#}");
+    assert!(generation["samples"].as_u64().unwrap() >= 450, "{cpu:#}");
+    for (phase, alpha, beta) in [(prompt, 0.7, 0.3), (generation, 0.2, 0.8)] {
+        assert!(
+            (share(phase, "burn_alpha") - alpha).abs() < TOLERANCE,
+            "{phase:#}"
+        );
+        assert!(
+            (share(phase, "burn_beta") - beta).abs() < TOLERANCE,
+            "{phase:#}"
+        );
+    }
+    assert_eq!(
+        cpu["phases"]["other"]["top"][0]["function"], "burn_outside",
+        "{cpu:#}"
+    );
+
+    // Every sample inside a step names a step that exists, at a time inside it, with its
+    // phase; the phases' samples add up to the samples inside steps.
+    let steps: std::collections::HashMap<(u64, u64), (u64, &str)> = of_kind(&events, "decode")
+        .iter()
+        .map(|d| {
+            let o = &d["origin"];
+            (
+                (o["tid"].as_u64().unwrap(), o["start_ns"].as_u64().unwrap()),
+                (o["end_ns"].as_u64().unwrap(), d["phase"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    let samples = of_kind(&events, "cpu_sample");
+    assert_eq!(samples.len() as u64, cpu["samples"].as_u64().unwrap());
+    let mut in_steps = 0;
+    for s in &samples {
+        let Some(step) = s["step"].as_array() else {
+            assert!(
+                ["other", "sampling", "model_load"].contains(&s["phase"].as_str().unwrap()),
+                "{s}"
+            );
+            continue;
+        };
+        in_steps += 1;
+        let key = (step[0].as_u64().unwrap(), step[1].as_u64().unwrap());
+        let (end, phase) = steps.get(&key).unwrap_or_else(|| panic!("no step {key:?}"));
+        let at = s["at_ns"].as_u64().unwrap();
+        assert!(at >= key.1 && at <= end + 100_000, "{s} outside its step");
+        assert_eq!(s["phase"], *phase);
+    }
+    assert_eq!(in_steps, cpu["in_decode_steps"].as_u64().unwrap());
+    let phase_sum: u64 = ["prompt", "generation", "mixed", "decode"]
+        .iter()
+        .map(|p| cpu["phases"][p]["samples"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(phase_sum, in_steps);
+    // The worker thread's samples joined the generation steps of the main thread.
+    let pid = sum["pid"].as_u64().unwrap();
+    assert!(samples
+        .iter()
+        .any(|s| s["phase"] == "generation" && s["tid"].as_u64() != Some(pid)));
+
+    // Stacks: burn_beta always runs on the main thread, called by llama_decode from main.
+    let beta: Vec<_> = samples
+        .iter()
+        .filter(|s| names(s).first().map(String::as_str) == Some("burn_beta"))
+        .collect();
+    let walked = beta
+        .iter()
+        .filter(|s| {
+            let n = names(s);
+            n.iter().any(|f| f == "llama_decode") && n.iter().any(|f| f == "main")
+        })
+        .count() as f64
+        / beta.len() as f64;
+    if frame_pointers {
+        assert!(walked > 0.9, "stacks walked: {walked}");
+    } else {
+        assert!(
+            walked < 0.1,
+            "stacks walked without frame pointers: {walked}"
+        );
+    }
+
+    // The pprof file, read with the official profile.proto: its totals are the summary's.
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(&pb).unwrap()),
+        &mut raw,
+    )
+    .unwrap();
+    use pprof::protos::Message as _;
+    let p = pprof::protos::Profile::parse_from_bytes(&raw).unwrap();
+    let st = |i: i64| p.string_table[i as usize].as_str();
+    assert_eq!(st(p.sample_type[0].ty), "samples");
+    assert_eq!(p.period, 1_000_000_000 / 999);
+    let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
+    assert_eq!(total as u64, cpu["samples"].as_u64().unwrap());
+    for phase in ["prompt", "generation", "other"] {
+        let n: i64 = p
+            .sample
+            .iter()
+            .filter(|s| {
+                s.label
+                    .iter()
+                    .any(|l| st(l.key) == "phase" && st(l.str) == phase)
+            })
+            .map(|s| s.value[0])
+            .sum();
+        assert_eq!(
+            n as u64,
+            cpu["phases"][phase]["samples"].as_u64().unwrap(),
+            "{phase}"
+        );
+    }
+    assert!(p.function.iter().any(|f| st(f.name) == "burn_alpha"));
+}
+
+#[test]
+fn cpu_profile_shares_and_stacks_with_frame_pointers() {
+    check("profile_target_fp", true);
+}
+
+#[test]
+fn cpu_profile_leaf_is_right_without_frame_pointers() {
+    check("profile_target_nofp", false);
+}
