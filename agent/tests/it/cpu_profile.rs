@@ -4,7 +4,7 @@
 //! the 20% on a worker thread), and in burn_outside between them. Built with and without frame
 //! pointers: the leaf is right in both, the stack only with them.
 
-use crate::common::*;
+use crate::common::{server::*, *};
 
 /// Shares are of ~600 (prompt) and ~900 (generation) samples at 999 Hz: one standard deviation
 /// of a 70/30 share is under 2 points; this is more than 5.
@@ -199,4 +199,86 @@ fn cpu_profile_shares_and_stacks_with_frame_pointers() {
 #[test]
 fn cpu_profile_leaf_is_right_without_frame_pointers() {
     check("profile_target_nofp", false);
+}
+
+/// A real llama-server on a model whose decode steps take at least 10 ms
+/// (LLAMAPROBE_MODEL_STEP10), attached with --profile-cpu: the prompt and generation phases'
+/// top functions are ggml's, the phases' samples add up to those inside steps, Prometheus has
+/// the per-phase and per-function series, and the pprof file's totals are the summary's.
+#[test]
+fn cpu_profile_of_a_real_llama_server() {
+    const TEST: &str = "cpu_profile_of_a_real_llama_server";
+    let Some((f, _tiny, _guard)) = first_server(TEST) else {
+        return;
+    };
+    let Some(model) = fixture_or_skip(TEST, "LLAMAPROBE_MODEL_STEP10") else {
+        return;
+    };
+    let server = Server::start(f.server.as_ref().unwrap(), &model, &f.env);
+    let dir = scratch(TEST);
+    let (sum, pb) = (dir.join("summary.json"), dir.join("profile.pb.gz"));
+    let metrics_port = free_port();
+    let addr = format!("127.0.0.1:{metrics_port}");
+    let probe = attach(
+        &f,
+        &server,
+        &[
+            "--profile-cpu=199",
+            "--metrics-addr",
+            &addr,
+            "--summary-json",
+            path(&sum),
+            "--profile-out",
+            path(&pb),
+        ],
+    );
+    let prompt = "alpha bravo charlie delta echo fox golf hotel india ".repeat(6);
+    for n in [16, 12] {
+        completion(server.port, &prompt, n);
+    }
+    let m = wait_metrics(metrics_port, |m| {
+        sum_of(
+            m,
+            "llamacpp_cpu_function_samples_total",
+            "phase=\"generation\"",
+        ) > 0.0
+            && sum_of(m, "llamacpp_cpu_function_samples_total", "phase=\"prompt\"") > 0.0
+    });
+    assert!(sum_of(&m, "llamacpp_cpu_samples_total", "phase=\"generation\"") > 0.0);
+    let (rc, out) = probe.interrupt();
+    assert_eq!(rc, 0, "{out}");
+    let s = json(&sum);
+    let cpu = &s["cpu_profile"];
+    for phase in ["prompt", "generation"] {
+        // The top function that is not OpenMP's (its workers spin at ggml's barriers, most
+        // on a busy machine, where a preempted thread keeps the others waiting) is one of
+        // ggml's compute functions, or ggml-cpu's llamafile sgemm (`tinyBLAS<…>::gemm…`),
+        // which multiplies the matrices of prompt batches.
+        let top = cpu["phases"][phase]["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["function"].as_str().unwrap())
+            .find(|f| !f.contains("libgomp") && !f.to_lowercase().contains("gomp_"))
+            .unwrap_or_else(|| panic!("{phase}: only OpenMP ({cpu:#})"));
+        assert!(
+            top.starts_with("ggml_") || top.contains("tinyBLAS"),
+            "{phase}: top function {top} ({cpu:#})"
+        );
+    }
+    let phase_sum: u64 = ["prompt", "generation", "mixed", "decode"]
+        .iter()
+        .map(|p| cpu["phases"][p]["samples"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(phase_sum, cpu["in_decode_steps"].as_u64().unwrap());
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(&pb).unwrap()),
+        &mut raw,
+    )
+    .unwrap();
+    use pprof::protos::Message as _;
+    let p = pprof::protos::Profile::parse_from_bytes(&raw).unwrap();
+    let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
+    assert_eq!(total as u64, cpu["samples"].as_u64().unwrap());
 }
