@@ -67,6 +67,18 @@ fn profiled(build: &str, test: &str) -> (Value, Vec<Value>, std::path::PathBuf) 
     (json(&sum), json_lines(&ev), pb)
 }
 
+/// A --profile-out file, decoded with types generated from the official profile.proto.
+fn read_pprof(path: &std::path::Path) -> pprof::protos::Profile {
+    use pprof::protos::Message as _;
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()),
+        &mut raw,
+    )
+    .unwrap();
+    pprof::protos::Profile::parse_from_bytes(&raw).unwrap()
+}
+
 fn check(build: &str, frame_pointers: bool) {
     let test = format!("cpu_profile_{build}");
     if !root_or_skip(&test) {
@@ -158,14 +170,7 @@ fn check(build: &str, frame_pointers: bool) {
     }
 
     // The pprof file, read with the official profile.proto: its totals are the summary's.
-    let mut raw = Vec::new();
-    std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(std::fs::File::open(&pb).unwrap()),
-        &mut raw,
-    )
-    .unwrap();
-    use pprof::protos::Message as _;
-    let p = pprof::protos::Profile::parse_from_bytes(&raw).unwrap();
+    let p = read_pprof(&pb);
     let st = |i: i64| p.string_table[i as usize].as_str();
     assert_eq!(st(p.sample_type[0].ty), "samples");
     assert_eq!(p.period, 1_000_000_000 / 999);
@@ -271,14 +276,7 @@ fn cpu_profile_of_a_real_llama_server() {
         .map(|p| cpu["phases"][p]["samples"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(phase_sum, cpu["in_decode_steps"].as_u64().unwrap());
-    let mut raw = Vec::new();
-    std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(std::fs::File::open(&pb).unwrap()),
-        &mut raw,
-    )
-    .unwrap();
-    use pprof::protos::Message as _;
-    let p = pprof::protos::Profile::parse_from_bytes(&raw).unwrap();
+    let p = read_pprof(&pb);
     let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
     assert_eq!(total as u64, cpu["samples"].as_u64().unwrap());
 }
