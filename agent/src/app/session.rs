@@ -507,7 +507,8 @@ pub(super) struct Pipeline {
     /// `--profile-cpu`: samples waiting for their decode steps, and those attributed and
     /// waiting to be symbolized (in batches: one look at a process's maps for many samples).
     cpu_join: CpuJoin,
-    cpu_ready: Vec<Attributed>,
+    /// With the ids of the requests each sample's step carried.
+    cpu_ready: Vec<(Attributed, Vec<u64>)>,
     symbols: Symbols,
 }
 
@@ -518,7 +519,9 @@ impl Pipeline {
     pub(super) fn new(requests: Requests, opts: &ProfileOpts, sinks: Vec<Box<dyn Sink>>) -> Self {
         Self {
             assembler: Assembler::new(),
-            requests: requests.keep_steps(opts.otlp.otlp_step_spans),
+            requests: requests
+                .keep_steps(opts.otlp.otlp_step_spans)
+                .count_cpu(opts.cpu_profile.profile_cpu.is_some()),
             sinks,
             sampler: sources::Sampler::new(opts.nvml_lib.clone()),
             stats: SelfStats::default(),
@@ -535,18 +538,21 @@ impl Pipeline {
             return;
         }
         let ready = std::mem::take(&mut self.cpu_ready);
-        let mut by_pid: HashMap<u32, Vec<Attributed>> = HashMap::new();
-        for a in ready {
-            by_pid.entry(a.sample.pid).or_default().push(a);
+        let mut by_pid: HashMap<u32, Vec<(Attributed, Vec<u64>)>> = HashMap::new();
+        for r in ready {
+            by_pid.entry(r.0.sample.pid).or_default().push(r);
         }
         let mut pids: Vec<u32> = by_pid.keys().copied().collect();
         pids.sort_unstable();
         for pid in pids {
             let batch = by_pid.remove(&pid).unwrap_or_default();
-            let stacks: Vec<&[u64]> = batch.iter().map(|a| a.sample.frames.as_slice()).collect();
+            let stacks: Vec<&[u64]> = batch
+                .iter()
+                .map(|(a, _)| a.sample.frames.as_slice())
+                .collect();
             let frames = self.symbols.frames(pid, &stacks);
             let model = self.assembler.model(pid);
-            for (a, frames) in batch.into_iter().zip(frames) {
+            for ((a, requests), frames) in batch.into_iter().zip(frames) {
                 let obs = Observation::CpuSample(CpuSample {
                     pid,
                     tid: a.sample.tid,
@@ -555,6 +561,7 @@ impl Pipeline {
                     phase: a.phase,
                     step: a.sample.step,
                     seqs: a.seqs,
+                    requests,
                     in_kernel: a.sample.in_kernel,
                     frames,
                 });
@@ -563,8 +570,17 @@ impl Pipeline {
         }
     }
 
+    /// Attributed samples: those of steps counted on their requests, then queued for
+    /// symbolizing.
     fn cpu_attributed(&mut self, a: Vec<Attributed>) {
-        self.cpu_ready.extend(a);
+        self.cpu_ready.extend(a.into_iter().map(|a| {
+            let requests = if a.seqs.is_empty() {
+                Vec::new()
+            } else {
+                self.requests.cpu_sample(a.sample.pid, a.ctx, &a.seqs)
+            };
+            (a, requests)
+        }));
         if self.cpu_ready.len() >= CPU_BATCH {
             self.flush_cpu_samples();
         }
@@ -627,11 +643,12 @@ impl Pipeline {
         let Some(obs) = self.assembler.process(ev) else {
             return;
         };
+        // The step's requests open before its samples are counted on them.
+        let made = self.requests.observe(&obs);
         if let Observation::Decode(step) = &obs {
             let a = self.cpu_join.step(step);
             self.cpu_attributed(a);
         }
-        let made = self.requests.observe(&obs);
         self.emit(&obs);
         self.model_loaded(&obs);
         for o in &made {
@@ -643,7 +660,7 @@ impl Pipeline {
     /// the sinks hear of it, and how it ended (where its exit probe saw it) is returned.
     pub(super) fn forget(&mut self, pid: u32) -> Option<ProcessEnd> {
         let a = self.cpu_join.forget(pid);
-        self.cpu_ready.extend(a);
+        self.cpu_attributed(a);
         self.flush_cpu_samples();
         self.symbols.forget(pid);
         for r in self.requests.forget(pid) {
@@ -756,7 +773,7 @@ impl Pipeline {
     /// The end: every request closes, every sink finishes with the last snapshot.
     pub(super) fn finish(&mut self, pids: &[u32], ended_by: &'static str) -> anyhow::Result<()> {
         let a = self.cpu_join.finish();
-        self.cpu_ready.extend(a);
+        self.cpu_attributed(a);
         self.flush_cpu_samples();
         for r in self.requests.finish() {
             self.emit(&Observation::Request(r));

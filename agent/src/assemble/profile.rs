@@ -25,6 +25,8 @@ pub const MAX_WAITING: usize = 200_000;
 pub struct Attributed {
     pub sample: decode::CpuSample,
     pub phase: CpuPhase,
+    /// The step's context (0 outside a step).
+    pub ctx: u64,
     /// The step's sequences (its parts), where the step was classified.
     pub seqs: Vec<i32>,
 }
@@ -42,7 +44,7 @@ pub struct CpuJoin {
     /// The latest steps' attribution: a sample taken on another CPU at the step's very end
     /// (the sampler read the process's step mark just before the step's return removed it)
     /// can reach the ring buffer after the step's own event.
-    recent: HashMap<StepKey, (CpuPhase, Vec<i32>)>,
+    recent: HashMap<StepKey, (CpuPhase, u64, Vec<i32>)>,
     recent_order: std::collections::VecDeque<StepKey>,
 }
 
@@ -56,9 +58,10 @@ impl CpuJoin {
             CpuState::Other => CpuPhase::Other,
             CpuState::Decode => {
                 let (tid, start) = s.step.unwrap_or_default();
-                if let Some((phase, seqs)) = self.recent.get(&(s.pid, tid, start)) {
+                if let Some((phase, ctx, seqs)) = self.recent.get(&(s.pid, tid, start)) {
                     return vec![Attributed {
                         phase: *phase,
+                        ctx: *ctx,
                         seqs: seqs.clone(),
                         sample: s,
                     }];
@@ -71,6 +74,7 @@ impl CpuJoin {
         vec![Attributed {
             sample: s,
             phase,
+            ctx: 0,
             seqs: Vec::new(),
         }]
     }
@@ -81,7 +85,7 @@ impl CpuJoin {
         let key = (o.pid, o.tid, o.start_ns);
         let phase = CpuPhase::of_step(step.phase);
         let seqs: Vec<i32> = step.parts.iter().map(|p| p.seq_id).collect();
-        self.recent.insert(key, (phase, seqs.clone()));
+        self.recent.insert(key, (phase, step.ctx, seqs.clone()));
         self.recent_order.push_back(key);
         if self.recent_order.len() > RECENT_STEPS {
             if let Some(old) = self.recent_order.pop_front() {
@@ -97,6 +101,7 @@ impl CpuJoin {
             .map(|sample| Attributed {
                 sample,
                 phase,
+                ctx: step.ctx,
                 seqs: seqs.clone(),
             })
             .collect()
@@ -129,6 +134,7 @@ impl CpuJoin {
             .map(|sample| Attributed {
                 sample,
                 phase: CpuPhase::Decode,
+                ctx: 0,
                 seqs: Vec::new(),
             })
             .collect()

@@ -93,6 +93,8 @@ pub struct Requests {
     modes: HashMap<u32, Mode>,
     /// Keep each request's decode steps (for per-step spans).
     keep_steps: bool,
+    /// Count the CPU samples of each request's steps (`--profile-cpu`).
+    count_cpu: bool,
     /// Steps not kept: over [`MAX_STEPS_PER_REQUEST`] in one request.
     pub steps_dropped: u64,
     open: HashMap<Key, Open>,
@@ -122,6 +124,7 @@ impl Requests {
             mode,
             modes: HashMap::new(),
             keep_steps: false,
+            count_cpu: false,
             steps_dropped: 0,
             open: HashMap::new(),
             posted: HashMap::new(),
@@ -156,6 +159,26 @@ impl Requests {
     pub fn keep_steps(mut self, keep: bool) -> Self {
         self.keep_steps = keep;
         self
+    }
+
+    /// Counts CPU samples on each request ([`Request::cpu_samples`], `--profile-cpu`).
+    pub fn count_cpu(mut self, count: bool) -> Self {
+        self.count_cpu = count;
+        self
+    }
+
+    /// A CPU sample taken inside a decode step of context `ctx` that carried `seqs`: counted on
+    /// the requests open on those sequences, whose ids are returned (the step has been
+    /// observed, so its requests are open).
+    pub fn cpu_sample(&mut self, pid: u32, ctx: u64, seqs: &[i32]) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for &seq in seqs {
+            if let Some(o) = self.open.get_mut(&(pid, ctx, seq)) {
+                *o.req.cpu_samples.get_or_insert(0) += 1;
+                ids.push(o.req.id);
+            }
+        }
+        ids
     }
 
     /// Updates the state with one observation; returns what it made: the requests it closed
@@ -396,6 +419,9 @@ impl Requests {
                 decode_steps: 0,
                 context_shifts: 0,
                 closed_by: "",
+                decode_ns: 0,
+                sampling_ns: 0,
+                cpu_samples: self.count_cpu.then_some(0),
                 steps: Vec::new(),
             },
             generating: false,
@@ -442,6 +468,7 @@ impl Requests {
             }
             if let Some(o) = self.open.get_mut(&key) {
                 o.req.decode_steps += 1;
+                o.req.decode_ns += d.origin.duration_ns();
                 o.next_pos = p.pos0.saturating_add_unsigned(p.n_tokens);
                 o.last_activity_ns = d.origin.end_ns;
                 if self.keep_steps {
@@ -476,6 +503,7 @@ impl Requests {
             return;
         }
         o.req.generated_tokens += 1;
+        o.req.sampling_ns += s.origin.duration_ns();
         o.req.first_token_ns.get_or_insert(s.origin.end_ns);
         o.req.end_ns = s.origin.end_ns;
         o.last_activity_ns = s.origin.end_ns;
@@ -793,6 +821,10 @@ mod tests {
             ),
             (15, 0, 2, 3)
         );
+        // Its wall time (100 → 321): three steps of 10 ns, two samplings of 1 ns, the rest.
+        let d = &done[0];
+        assert_eq!((d.decode_ns, d.sampling_ns, d.outside_ns()), (30, 2, 189));
+        assert_eq!(d.cpu_samples, None, "not profiling");
         // A prompt chunk that does not continue where the last one ended is a new request
         // even with nothing sampled.
         let skipped =
@@ -807,6 +839,30 @@ mod tests {
         q.observe(&step(100, vec![part(0, 0, 8, PartKind::FinalPromptChunk)]));
         let split = closed(q.observe(&step(200, vec![part(0, 8, 7, PartKind::FinalPromptChunk)])));
         assert_eq!(split.len(), 1);
+    }
+
+    /// A CPU sample of a step counts on each request the step carried, after the step opened
+    /// them; a sequence with no open request counts nothing.
+    #[test]
+    fn cpu_samples_count_on_the_requests_of_their_step() {
+        let mut r = Requests::new(Mode::BatchView).count_cpu(true);
+        r.observe(&step(
+            100,
+            vec![
+                part(0, 0, 4, PartKind::FinalPromptChunk),
+                part(1, 0, 2, PartKind::FinalPromptChunk),
+            ],
+        ));
+        assert_eq!(r.cpu_sample(1, 7, &[0, 1]), vec![1, 2]);
+        assert_eq!(r.cpu_sample(1, 7, &[1]), vec![2]);
+        assert!(r.cpu_sample(1, 7, &[5]).is_empty());
+        assert!(r.cpu_sample(1, 8, &[0]).is_empty(), "another context");
+        r.observe(&sample(120, 3));
+        r.observe(&sample(121, 5));
+        let mut done = r.finish();
+        done.sort_by_key(|q| q.id);
+        let counts: Vec<_> = done.iter().map(|q| (q.id, q.cpu_samples)).collect();
+        assert_eq!(counts, vec![(1, Some(1)), (2, Some(2))]);
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct CpuSample {
     pub step: Option<(u32, u64)>,
     /// The sequences of that step (its parts), where the step was classified.
     pub seqs: Vec<i32>,
+    /// The requests those sequences carried then (llamaprobe's request ids, as
+    /// [`Request::id`](super::Request::id)).
+    pub requests: Vec<u64>,
     /// The sample interrupted the thread in the kernel (its user stack at the kernel entry).
     pub in_kernel: bool,
     /// Leaf first. Empty when no user stack could be read.
@@ -95,5 +98,13 @@ impl CpuSample {
     /// The leaf function's name, `[unknown]` without a stack.
     pub fn leaf(&self) -> &str {
         self.frames.first().map_or("[unknown]", |f| &f.function)
+    }
+    /// The leaf function's name, shared (no allocation but the first `[unknown]`).
+    pub fn leaf_name(&self) -> Arc<str> {
+        static UNKNOWN: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| "[unknown]".into());
+        self.frames
+            .first()
+            .map_or_else(|| UNKNOWN.clone(), |f| f.function.clone())
     }
 }

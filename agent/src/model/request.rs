@@ -73,6 +73,15 @@ pub struct Request {
     pub context_shifts: u32,
     /// Why it was closed.
     pub closed_by: &'static str,
+    /// Wall time of the decode steps that carried its tokens, ns (steps of other requests
+    /// that ran beside it are not counted).
+    pub decode_ns: u64,
+    /// Wall time of the sampling calls that gave its tokens, ns.
+    pub sampling_ns: u64,
+    /// `--profile-cpu`: CPU samples taken, on any of the process's threads, inside the decode
+    /// steps that carried its tokens (a step of several requests counts for each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_samples: Option<u64>,
     /// The decode steps that carried its tokens, when kept (`--otlp-step-spans`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<RequestStep>,
@@ -119,7 +128,17 @@ impl Request {
         })
     }
     pub fn duration_s(&self) -> f64 {
-        self.end_ns.saturating_sub(self.arrival_ns()) as f64 / 1e9
+        self.duration_ns() as f64 / 1e9
+    }
+    /// From arrival to the end of its last token's sampling.
+    pub fn duration_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.arrival_ns())
+    }
+    /// Its wall time outside its decode steps and samplings: queue wait, the server's work
+    /// between steps (HTTP, tokenization, other requests' steps), ns.
+    pub fn outside_ns(&self) -> u64 {
+        self.duration_ns()
+            .saturating_sub(self.decode_ns + self.sampling_ns)
     }
     /// The GenAI `gen_ai.operation.name` of its type.
     pub fn operation(&self) -> &'static str {

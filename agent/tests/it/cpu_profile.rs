@@ -194,6 +194,60 @@ fn check(build: &str, frame_pointers: bool) {
         );
     }
     assert!(p.function.iter().any(|f| st(f.name) == "burn_alpha"));
+
+    // Requests: each round's prompt and its three generation steps are one (closed by the
+    // memory clear). Each request's decode time is the sum of its steps' durations, its CPU
+    // samples are those of its steps (each names it), and pprof's `request` label has them.
+    let requests = of_kind(&events, "request");
+    assert_eq!(requests.len(), 60, "one request per round");
+    let mut step_spans: Vec<(u64, u64)> = steps.iter().map(|(k, v)| (k.1, v.0)).collect();
+    step_spans.sort_unstable();
+    let mut counted = 0;
+    for r in &requests {
+        let id = r["id"].as_u64().unwrap();
+        let (start, end) = (
+            r["start_ns"].as_u64().unwrap(),
+            r["end_ns"].as_u64().unwrap(),
+        );
+        let mine: Vec<_> = step_spans
+            .iter()
+            .filter(|(s, e)| *s >= start && *e <= end)
+            .collect();
+        assert_eq!(mine.len(), 4, "{r}");
+        let decode_ns: u64 = mine.iter().map(|(s, e)| e - s).sum();
+        assert_eq!(r["decode_ns"].as_u64(), Some(decode_ns), "{r}");
+        assert_eq!(r["sampling_ns"].as_u64(), Some(0), "no sampling calls: {r}");
+        let n = samples
+            .iter()
+            .filter(|s| {
+                s["requests"]
+                    .as_array()
+                    .is_some_and(|ids| ids.iter().any(|i| i.as_u64() == Some(id)))
+            })
+            .count() as u64;
+        assert_eq!(r["cpu_samples"].as_u64(), Some(n), "{r}");
+        let labelled: i64 = p
+            .sample
+            .iter()
+            .filter(|s| {
+                s.label
+                    .iter()
+                    .any(|l| st(l.key) == "request" && st(l.str) == id.to_string())
+            })
+            .map(|s| s.value[0])
+            .sum();
+        assert_eq!(labelled as u64, n, "pprof samples of request {id}");
+        counted += n;
+    }
+    // Every sample inside a step is one request's (a step here carries one).
+    assert_eq!(counted, in_steps);
+    let t = &sum["request_time"];
+    assert_eq!(t["cpu_samples"].as_u64(), Some(in_steps), "{t}");
+    let parts = ["decode_s", "sampling_s", "outside_s"]
+        .iter()
+        .map(|k| t[k].as_f64().unwrap())
+        .sum::<f64>();
+    assert!((parts - t["wall_s"].as_f64().unwrap()).abs() < 1e-6, "{t}");
 }
 
 #[test]
@@ -279,4 +333,27 @@ fn cpu_profile_of_a_real_llama_server() {
     let p = read_pprof(&pb);
     let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
     assert_eq!(total as u64, cpu["samples"].as_u64().unwrap());
+
+    // The two requests' time: steps, sampling and the rest add up to their wall time; the
+    // samples in their steps are the pprof samples labelled with a request.
+    assert_eq!(s["requests"], 2);
+    let t = &s["request_time"];
+    let (wall, decode, sampling) = (
+        t["wall_s"].as_f64().unwrap(),
+        t["decode_s"].as_f64().unwrap(),
+        t["sampling_s"].as_f64().unwrap(),
+    );
+    assert!(
+        decode > 0.0 && sampling > 0.0 && decode + sampling <= wall,
+        "{t}"
+    );
+    let st = |i: i64| p.string_table[i as usize].as_str();
+    let labelled: i64 = p
+        .sample
+        .iter()
+        .filter(|s| s.label.iter().any(|l| st(l.key) == "request"))
+        .map(|s| s.value[0])
+        .sum();
+    assert!(labelled > 0);
+    assert_eq!(Some(labelled as u64), t["cpu_samples"].as_u64(), "{t}");
 }

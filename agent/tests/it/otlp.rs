@@ -149,6 +149,30 @@ fn grpc_agrees(f: &Fixture, model: &std::path::Path) {
             queue_ms >= 0.0 && ttft_ms > queue_ms && ttft_ms - queue_ms <= prompt_ms + 5.0,
             "ttft {ttft_ms} ms, queue {queue_ms} ms, server prompt {prompt_ms} ms"
         );
+        // Its wall time split: its decode steps, its samplings and the rest add up to the
+        // span's duration; the server's own prompt and generation timings are its steps'
+        // and samplings' work, so the steps take most of that. Not profiling: no samples.
+        let span_s = (r.end_time_unix_nano - r.start_time_unix_nano) as f64 / 1e9;
+        let (decode_s, sampling_s, outside_s) = (
+            double(r, "llama.request.decode_seconds"),
+            double(r, "llama.request.sampling_seconds"),
+            double(r, "llama.request.outside_seconds"),
+        );
+        assert!(
+            (decode_s + sampling_s + outside_s - span_s).abs() < 1e-5,
+            "{decode_s} + {sampling_s} + {outside_s} vs {span_s}"
+        );
+        let server_s = (prompt_ms + timings["predicted_ms"].as_f64().unwrap()) / 1e3;
+        assert!(
+            decode_s > 0.0 && sampling_s > 0.0 && decode_s + sampling_s <= server_s + 0.005,
+            "steps {decode_s} s + sampling {sampling_s} s vs the server's {server_s} s"
+        );
+        assert!(
+            !r.attributes
+                .iter()
+                .any(|a| a.key == "llama.request.cpu_samples"),
+            "no CPU samples without --profile-cpu"
+        );
         // Children: queue, prompt then generation, in the same trace, inside the request.
         let children: Vec<&Span> = spans
             .iter()

@@ -767,8 +767,15 @@ impl Otlp {
             KeyValue::new("llama.request.closed_by", r.closed_by),
             KeyValue::new("llama.request.type", r.task_type),
             KeyValue::new("llama.request.context_shifts", r.context_shifts as i64),
+            // Where its wall time went: its decode steps, its samplings, the rest.
+            KeyValue::new("llama.request.decode_seconds", r.decode_ns as f64 / 1e9),
+            KeyValue::new("llama.request.sampling_seconds", r.sampling_ns as f64 / 1e9),
+            KeyValue::new("llama.request.outside_seconds", r.outside_ns() as f64 / 1e9),
             KeyValue::new("process.pid", r.pid as i64),
         ]);
+        if let Some(n) = r.cpu_samples {
+            attrs.push(KeyValue::new("llama.request.cpu_samples", n as i64));
+        }
         if let Some(t) = r.task_id {
             attrs.push(KeyValue::new("llama.request.task_id", t as i64));
         }

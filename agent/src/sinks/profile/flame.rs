@@ -6,22 +6,22 @@ use std::io::Write;
 use super::Tally;
 
 /// The stacks in the folded format (`phase;outer;…;leaf count`), sorted.
+/// Stacks of different processes and requests are one.
 pub(super) fn folded(t: &Tally) -> Vec<String> {
-    let mut lines: Vec<String> = t
-        .stacks
-        .iter()
-        .map(|((phase, _pid, frames), n)| {
-            let mut line = phase.label().to_string();
-            for (function, _) in frames.iter().rev() {
-                line.push(';');
-                // ';' separates frames and the last ' ' the count.
-                line.push_str(&function.replace([';', ' '], "_"));
-            }
-            format!("{line} {n}")
-        })
-        .collect();
-    lines.sort();
-    lines
+    let mut stacks: std::collections::BTreeMap<String, u64> = Default::default();
+    for ((phase, _pid, _requests, frames), n) in &t.stacks {
+        let mut line = phase.label().to_string();
+        for (function, _) in frames.iter().rev() {
+            line.push(';');
+            // ';' separates frames and the last ' ' the count.
+            line.push_str(&function.replace([';', ' '], "_"));
+        }
+        *stacks.entry(line).or_default() += n;
+    }
+    stacks
+        .into_iter()
+        .map(|(line, n)| format!("{line} {n}"))
+        .collect()
 }
 
 pub(super) fn write(t: &Tally, out: impl Write) -> anyhow::Result<()> {

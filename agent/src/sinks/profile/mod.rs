@@ -40,7 +40,9 @@ pub struct Options {
     )]
     pub profile_cpu: Option<u32>,
     /// Write the CPU profile to FILE in pprof's format (gzipped protobuf; `go tool pprof`,
-    /// Pyroscope, Parca and Grafana read it), each sample labelled with its `phase` and `pid`.
+    /// Pyroscope, Parca and Grafana read it), each sample labelled with its `phase` and `pid`,
+    /// and, inside a request's decode step, `request` (llamaprobe's request ids, `,`-joined
+    /// when the step carried several).
     /// Needs --profile-cpu.
     #[arg(
         long,
@@ -69,8 +71,9 @@ pub struct Options {
     pub profile_top: usize,
 }
 
-/// One stack's key: phase, process, functions leaf first.
-type StackKey = (CpuPhase, u32, Vec<(Arc<str>, Arc<str>)>);
+/// One stack's key: phase, process, the requests its step carried (ids joined by `,`; empty
+/// outside requests), functions leaf first.
+type StackKey = (CpuPhase, u32, Arc<str>, Vec<(Arc<str>, Arc<str>)>);
 
 /// CPU samples counted.
 #[derive(Default, Clone)]
@@ -97,7 +100,7 @@ impl Tally {
     pub fn add(&mut self, s: &CpuSample) {
         self.total += 1;
         *self.by_phase.entry(s.phase).or_default() += 1;
-        *self.by_leaf.entry((s.phase, s.leaf().into())).or_default() += 1;
+        *self.by_leaf.entry((s.phase, s.leaf_name())).or_default() += 1;
         if s.frames.len() > 1 {
             self.with_stack += 1;
         }
@@ -107,7 +110,16 @@ impl Tally {
                 .iter()
                 .map(|f: &Frame| (f.function.clone(), f.module.clone()))
                 .collect();
-            *self.stacks.entry((s.phase, s.pid, frames)).or_default() += 1;
+            let requests = s
+                .requests
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            *self
+                .stacks
+                .entry((s.phase, s.pid, requests.into(), frames))
+                .or_default() += 1;
         }
     }
 

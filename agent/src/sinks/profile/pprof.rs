@@ -5,7 +5,8 @@
 //! integration test decodes the file with types generated from the official profile.proto).
 //! Locations are per function (llamaprobe symbolizes in the agent, so every location has its
 //! function and no address); each sample has the values `samples/count` and
-//! `cpu/nanoseconds` (count × the sampling period) and the labels `phase` and `pid`.
+//! `cpu/nanoseconds` (count × the sampling period) and the labels `phase`, `pid` and, for
+//! samples in a request's decode step, `request` (its id; ids `,`-joined for a step of several).
 
 use std::{collections::HashMap, io::Write, sync::Arc};
 
@@ -156,7 +157,7 @@ fn build(t: &Tally, hz: u32, time_nanos: i64, duration_ns: u64) -> Profile {
         vt(&mut s, "cpu", "nanoseconds"),
     ];
     let period_type = Some(vt(&mut s, "cpu", "nanoseconds"));
-    let (k_phase, k_pid) = (s.id("phase"), s.id("pid"));
+    let (k_phase, k_pid, k_request) = (s.id("phase"), s.id("pid"), s.id("request"));
     let mut mappings: HashMap<Arc<str>, u64> = HashMap::new();
     let mut functions: HashMap<(Arc<str>, Arc<str>), u64> = HashMap::new();
     let mut p = Profile {
@@ -170,7 +171,7 @@ fn build(t: &Tally, hz: u32, time_nanos: i64, duration_ns: u64) -> Profile {
     // Stable output: stacks in a fixed order.
     let mut stacks: Vec<_> = t.stacks.iter().collect();
     stacks.sort_by(|a, b| a.0.cmp(b.0));
-    for ((phase, pid, frames), &n) in stacks {
+    for ((phase, pid, requests, frames), &n) in stacks {
         let mut location_id = Vec::with_capacity(frames.len());
         for (function, module) in frames {
             let mapping_id = match module.is_empty() {
@@ -208,21 +209,29 @@ fn build(t: &Tally, hz: u32, time_nanos: i64, duration_ns: u64) -> Profile {
                 });
             location_id.push(id);
         }
+        let mut label = vec![
+            Label {
+                key: k_phase,
+                str: s.id(phase.label()),
+                num: 0,
+            },
+            Label {
+                key: k_pid,
+                str: 0,
+                num: i64::from(*pid),
+            },
+        ];
+        if !requests.is_empty() {
+            label.push(Label {
+                key: k_request,
+                str: s.id(requests),
+                num: 0,
+            });
+        }
         p.sample.push(Sample {
             location_id,
             value: vec![n as i64, n as i64 * period],
-            label: vec![
-                Label {
-                    key: k_phase,
-                    str: s.id(phase.label()),
-                    num: 0,
-                },
-                Label {
-                    key: k_pid,
-                    str: 0,
-                    num: i64::from(*pid),
-                },
-            ],
+            label,
         });
     }
     p.comment = vec![s.id("llamaprobe --profile-cpu")];
@@ -237,6 +246,11 @@ mod tests {
 
     fn sample(phase: CpuPhase, frames: &[&str]) -> CpuSample {
         CpuSample {
+            requests: if phase == CpuPhase::Prompt {
+                vec![3, 4]
+            } else {
+                Vec::new()
+            },
             pid: 42,
             tid: 42,
             model: "m".into(),
@@ -275,6 +289,15 @@ mod tests {
             .find(|s| p.string_table[s.label[0].str as usize] == "prompt")
             .unwrap();
         assert_eq!(prompt.value, vec![3, 30_000_000]);
+        let label = |s: &Sample, key: &str| {
+            s.label
+                .iter()
+                .find(|l| p.string_table[l.key as usize] == key)
+                .map(|l| p.string_table[l.str as usize].clone())
+        };
+        assert_eq!(label(prompt, "request").as_deref(), Some("3,4"));
+        let generation = p.sample.iter().find(|s| s != &prompt).unwrap();
+        assert_eq!(label(generation, "request"), None, "no request, no label");
         let names: Vec<&str> = prompt
             .location_id
             .iter()

@@ -684,7 +684,7 @@ impl Sink for Metrics {
                     .inc();
                 *self
                     .cpu_leaves
-                    .entry((c.pid, c.model.clone(), c.phase, c.leaf().into()))
+                    .entry((c.pid, c.model.clone(), c.phase, c.leaf_name()))
                     .or_default() += 1;
             }
             Observation::Ended(e) => {

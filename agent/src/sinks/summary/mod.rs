@@ -168,6 +168,8 @@ pub struct Summary {
     pub request_duration: LatencySummary,
     /// Queue wait of the requests (llama-server's task queue; empty in batch-view mode).
     pub request_queue: LatencySummary,
+    /// Where the requests' wall time went, all requests together.
+    pub request_time: RequestTime,
     /// How requests were reconstructed.
     pub request_mode: Option<crate::model::Mode>,
     /// Tasks handed to llama-server's queue (`server_queue::post`, cancels excluded).
@@ -193,6 +195,44 @@ pub struct Summary {
     pub facts: Vec<String>,
     /// The CPU profile (`--profile-cpu`; absent without it).
     pub cpu_profile: Option<CpuProfileSummary>,
+}
+
+/// The requests' wall time (arrival to last token), split: inside the decode steps that
+/// carried their tokens, in the samplings that gave them, and outside both (queue wait, the
+/// server's work between steps, other requests' steps).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct RequestTime {
+    pub wall_s: f64,
+    pub decode_s: f64,
+    pub sampling_s: f64,
+    pub outside_s: f64,
+    /// `--profile-cpu`: CPU samples inside the requests' decode steps (a step of several
+    /// requests counts for each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_samples: Option<u64>,
+}
+
+impl RequestTime {
+    fn add(&mut self, r: &crate::model::Request) {
+        self.wall_s += r.duration_ns() as f64 / 1e9;
+        self.decode_s += r.decode_ns as f64 / 1e9;
+        self.sampling_s += r.sampling_ns as f64 / 1e9;
+        self.outside_s += r.outside_ns() as f64 / 1e9;
+        if let Some(n) = r.cpu_samples {
+            *self.cpu_samples.get_or_insert(0) += n;
+        }
+    }
+    /// Shares of the wall time: (decode steps, sampling, outside).
+    pub fn shares(&self) -> (f64, f64, f64) {
+        if self.wall_s <= 0.0 {
+            return (0.0, 0.0, 0.0);
+        }
+        (
+            self.decode_s / self.wall_s,
+            self.sampling_s / self.wall_s,
+            self.outside_s / self.wall_s,
+        )
+    }
 }
 
 /// The CPU samples of the run (`--profile-cpu`).
@@ -252,6 +292,7 @@ pub struct Stats {
     tpot: Latency,
     request_duration: Latency,
     request_queue: Latency,
+    request_time: RequestTime,
     request_mode: Option<crate::model::Mode>,
     task_posts: u64,
     slot_releases: u64,
@@ -389,7 +430,8 @@ impl Stats {
                 if let Some(t) = r.tpot_s() {
                     self.tpot.record((t * 1e9) as u64);
                 }
-                self.request_duration.record((r.duration_s() * 1e9) as u64);
+                self.request_duration.record(r.duration_ns());
+                self.request_time.add(r);
                 if let Some(t) = r.queue_s() {
                     self.request_queue.record((t * 1e9) as u64);
                 }
@@ -461,6 +503,7 @@ impl Stats {
             time_per_output_token: self.tpot.summary(),
             request_duration: self.request_duration.summary(),
             request_queue: self.request_queue.summary(),
+            request_time: self.request_time,
             request_mode: self.request_mode,
             task_posts: self.task_posts,
             slot_releases: self.slot_releases,
@@ -733,6 +776,19 @@ impl Summary {
                         .join(", ")
                 );
             }
+            let t = &self.request_time;
+            let (d, smp, out) = t.shares();
+            let _ = writeln!(
+                s,
+                "request time: {:.1}% in their decode steps, {:.1}% sampling, {:.1}% outside them (queue, server work, other requests' steps) of {:.3} s{}",
+                d * 100.0,
+                smp * 100.0,
+                out * 100.0,
+                t.wall_s,
+                t.cpu_samples
+                    .map(|n| format!("; {n} CPU samples in their steps"))
+                    .unwrap_or_default()
+            );
             if self.request_queue.count > 0 {
                 let _ = writeln!(
                     s,

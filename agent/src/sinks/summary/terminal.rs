@@ -74,8 +74,25 @@ pub fn one_line(summary: &Summary, s: &SelfStats) -> String {
         })
     };
     let phases: Vec<String> = Phase::ALL.into_iter().filter_map(phase).collect();
+    // `--profile-cpu`: each step phase's top function.
+    let cpu = summary.cpu_profile.as_ref().map(|c| {
+        let tops: Vec<String> = Phase::ALL
+            .iter()
+            .filter_map(|p| {
+                let ph = c.phases.get(p.label())?;
+                let f = ph.top.first()?;
+                Some(format!(
+                    "{} {} {:.0}%",
+                    p.label(),
+                    f.function,
+                    f.share * 100.0
+                ))
+            })
+            .collect();
+        format!(" | cpu {} samples [{}]", c.samples, tops.join("; "))
+    });
     format!(
-        "llamaprobe: decodes {} [{}] | tokens prompt {} generated {} | sample p50 {:.3}ms | errors {} | lost {}",
+        "llamaprobe: decodes {} [{}] | tokens prompt {} generated {} | sample p50 {:.3}ms | errors {} | lost {}{}",
         summary.decode_calls,
         phases.join("; "),
         summary.prompt_tokens,
@@ -83,5 +100,6 @@ pub fn one_line(summary: &Summary, s: &SelfStats) -> String {
         summary.sample.p50_ms,
         summary.decode_calls - summary.decode_results.get("ok").copied().unwrap_or(0),
         s.lost_ringbuf + s.lost_entry,
+        cpu.unwrap_or_default(),
     )
 }
