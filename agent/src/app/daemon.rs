@@ -391,7 +391,7 @@ impl Daemon {
             } => {
                 tracing::debug!(pid, ?change, "exit event");
                 if self.host.processes.contains_key(&pid) {
-                    self.pipe.handle_event(&ev);
+                    self.pipe.handle_event(ev);
                 }
                 if change == ProcessChange::Exit && !self.ending.contains(&pid) {
                     // Released once its other threads have ended too (and the calls they
@@ -402,7 +402,7 @@ impl Daemon {
             ev => {
                 let pid = ev.pid();
                 if !self.ignored.contains(&pid) && !self.released.contains_key(&pid) {
-                    self.pipe.handle_event(&ev);
+                    self.pipe.handle_event(ev);
                 }
             }
         }

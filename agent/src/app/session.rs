@@ -598,7 +598,7 @@ impl Pipeline {
 
     fn handle(&mut self, bytes: &[u8]) {
         if let Some(ev) = self.decode(bytes) {
-            self.handle_event(&ev);
+            self.handle_event(ev);
         }
     }
 
@@ -616,14 +616,14 @@ impl Pipeline {
         }
     }
 
-    pub(super) fn handle_event(&mut self, ev: &decode::Event) {
+    pub(super) fn handle_event(&mut self, ev: decode::Event) {
         if let decode::Event::Process {
             pid,
             change: change @ (ProcessChange::Exit | ProcessChange::ThreadExit),
             calls,
             exit_code,
             ..
-        } = *ev
+        } = ev
         {
             let end = self.ends.entry(pid).or_insert_with(|| ProcessEnd {
                 pid,
@@ -635,12 +635,15 @@ impl Pipeline {
             end.add_interrupted(calls);
             return;
         }
-        if let decode::Event::CpuSample(s) = ev {
-            self.stats.cpu_samples += 1;
-            let a = self.cpu_join.sample(s.clone());
-            return self.cpu_attributed(a);
-        }
-        let Some(obs) = self.assembler.process(ev) else {
+        let ev = match ev {
+            decode::Event::CpuSample(s) => {
+                self.stats.cpu_samples += 1;
+                let a = self.cpu_join.sample(s);
+                return self.cpu_attributed(a);
+            }
+            ev => ev,
+        };
+        let Some(obs) = self.assembler.process(&ev) else {
             return;
         };
         // The step's requests open before its samples are counted on them.

@@ -265,6 +265,31 @@ fn is_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
     false
 }
 
+/// Program `program` of the object, as the type it is declared with.
+fn typed<'a, T>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut T, AttachError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(program)
+        .ok_or(AttachError::Program {
+            program,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| AttachError::Program { program, source })
+}
+
+/// A failed load of `program`: missing privileges where the kernel said EPERM.
+fn load_error(program: &'static str) -> impl FnOnce(ProgramError) -> AttachError {
+    move |source| {
+        if is_eperm(&source) {
+            AttachError::Privileges
+        } else {
+            AttachError::Program { program, source }
+        }
+    }
+}
+
 /// An EPERM from the kernel means missing privileges (the verifier rejects programs with
 /// EACCES, which is not a privilege problem).
 fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -348,29 +373,9 @@ impl Probes {
 
     fn program(&mut self, name: &'static str) -> Result<&mut UProbe, AttachError> {
         let first = !self.loaded.contains_key(name);
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(AttachError::Program {
-                program: name,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| AttachError::Program {
-                program: name,
-                source,
-            })?;
+        let prog: &mut UProbe = typed(&mut self.ebpf, name)?;
         if first {
-            prog.load().map_err(|source| {
-                if is_eperm(&source) {
-                    AttachError::Privileges
-                } else {
-                    AttachError::Program {
-                        program: name,
-                        source,
-                    }
-                }
-            })?;
+            prog.load().map_err(load_error(name))?;
             self.loaded.insert(name, ());
         }
         Ok(prog)
@@ -536,22 +541,8 @@ impl Probes {
         program: &'static str,
         event: &'static str,
     ) -> Result<(), AttachError> {
-        let prog: &mut TracePoint = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(AttachError::Program {
-                program,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| AttachError::Program { program, source })?;
-        prog.load().map_err(|source| {
-            if is_eperm(&source) {
-                AttachError::Privileges
-            } else {
-                AttachError::Program { program, source }
-            }
-        })?;
+        let prog: &mut TracePoint = typed(&mut self.ebpf, program)?;
+        prog.load().map_err(load_error(program))?;
         prog.attach("sched", event)
             .map_err(|source| AttachError::TracePoint {
                 name: event,
@@ -597,28 +588,8 @@ impl Probes {
     /// processes' threads only). Returns the number of CPUs.
     pub fn attach_cpu_sampler(&mut self, hz: u32) -> Result<usize, AttachError> {
         const PROGRAM: &str = "cpu_sample";
-        let prog: &mut PerfEvent = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or(AttachError::Program {
-                program: PROGRAM,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| AttachError::Program {
-                program: PROGRAM,
-                source,
-            })?;
-        prog.load().map_err(|source| {
-            if is_eperm(&source) {
-                AttachError::Privileges
-            } else {
-                AttachError::Program {
-                    program: PROGRAM,
-                    source,
-                }
-            }
-        })?;
+        let prog: &mut PerfEvent = typed(&mut self.ebpf, PROGRAM)?;
+        prog.load().map_err(load_error(PROGRAM))?;
         let cpus = online_cpus().map_err(|(_, e)| AttachError::PerfEvent {
             cpu: 0,
             reason: format!("cannot read the online CPUs: {e}"),
@@ -633,11 +604,13 @@ impl Probes {
             .map_err(|e| AttachError::PerfEvent {
                 cpu,
                 reason: if is_eperm(&e) || is_errno(&e, libc::EACCES) {
-                    "not permitted: run as root, or grant CAP_PERFMON (or lower                      kernel.perf_event_paranoid)"
+                    "not permitted: run as root, or grant CAP_PERFMON (or lower \
+                     kernel.perf_event_paranoid)"
                         .into()
                 } else if is_errno(&e, libc::EINVAL) {
                     format!(
-                        "the kernel refused {hz} Hz (above kernel.perf_event_max_sample_rate?):                          choose a lower --profile-cpu"
+                        "the kernel refused {hz} Hz (above kernel.perf_event_max_sample_rate?): \
+                         choose a lower --profile-cpu"
                     )
                 } else {
                     format!("{e}")
