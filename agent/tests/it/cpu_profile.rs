@@ -357,3 +357,111 @@ fn cpu_profile_of_a_real_llama_server() {
     assert!(labelled > 0);
     assert_eq!(Some(labelled as u64), t["cpu_samples"].as_u64(), "{t}");
 }
+
+/// `llamaprobe daemon --profile-cpu`: a process the daemon finds is profiled from the moment it
+/// is traced (the sampler runs from the daemon's start): its samples carry its pid, take the
+/// phases of its own steps with the fake's known shares, count on its requests, and reach
+/// Prometheus under its pid, where they stay for the series grace after it ended.
+#[test]
+fn cpu_profile_in_the_daemon() {
+    use std::io::{BufRead, BufReader, Write};
+    const TEST: &str = "cpu_profile_in_the_daemon";
+    if !root_or_skip(TEST) {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch(TEST);
+    // A name of its own, so the daemon traces this process only.
+    let exe = dir.join("prof_daemon_target");
+    std::fs::copy(fakes().join("profile/profile_target_fp"), &exe).unwrap();
+    let (events, pb) = (dir.join("events.jsonl"), dir.join("profile.pb.gz"));
+    let mut d = crate::common::daemon::Daemon::start(&[
+        "--include",
+        "exe:prof_daemon_target",
+        "--profile-cpu=999",
+        "--series-grace",
+        "60",
+        "--events-out",
+        path(&events),
+        "--profile-out",
+        path(&pb),
+    ]);
+    let mut child = std::process::Command::new(&exe)
+        .arg("60")
+        .env("FAKE_WAIT_STDIN", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid: u32 = line
+        .trim()
+        .strip_prefix("ready pid=")
+        .unwrap_or_else(|| panic!("target said {line:?}"))
+        .parse()
+        .unwrap();
+    d.wait_line("traced", pid);
+    child.stdin.as_mut().unwrap().write_all(b"g").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("done decodes=240"), "{line}");
+    assert!(child.wait().unwrap().success());
+    d.wait_line("released", pid);
+    // Its series stay for the grace period: the samples it took, per phase.
+    let m = d.metrics();
+    let prom = sum_of(&m, "llamacpp_cpu_samples_total", &format!("pid=\"{pid}\""));
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+
+    let events = json_lines(&events);
+    let samples: Vec<&Value> = of_kind(&events, "cpu_sample")
+        .into_iter()
+        .filter(|s| s["pid"] == pid)
+        .collect();
+    let in_phase = |p: &str| samples.iter().filter(|s| s["phase"] == p).count();
+    let leaf_share = |p: &str, f: &str| {
+        samples
+            .iter()
+            .filter(|s| s["phase"] == p && names(s).first().map(String::as_str) == Some(f))
+            .count() as f64
+            / in_phase(p).max(1) as f64
+    };
+    assert!(
+        in_phase("prompt") >= 300,
+        "{} prompt samples",
+        in_phase("prompt")
+    );
+    assert!(in_phase("generation") >= 450);
+    for (p, alpha, beta) in [("prompt", 0.7, 0.3), ("generation", 0.2, 0.8)] {
+        let (a, b) = (leaf_share(p, "burn_alpha"), leaf_share(p, "burn_beta"));
+        assert!(
+            (a - alpha).abs() < TOLERANCE && (b - beta).abs() < TOLERANCE,
+            "{p}: alpha {a:.3}, beta {b:.3}"
+        );
+    }
+    assert_eq!(prom as usize, samples.len(), "Prometheus = the events");
+    // The pprof file written at the daemon's stop has them under its pid.
+    let p = read_pprof(&pb);
+    let st = |i: i64| p.string_table[i as usize].as_str();
+    let of_pid: i64 = p
+        .sample
+        .iter()
+        .filter(|s| {
+            s.label
+                .iter()
+                .any(|l| st(l.key) == "pid" && l.num == i64::from(pid))
+        })
+        .map(|s| s.value[0])
+        .sum();
+    assert_eq!(of_pid as usize, samples.len(), "pprof = the events");
+    // Its requests' CPU samples are its in-step samples.
+    let in_steps = samples.iter().filter(|s| s["step"].is_array()).count() as u64;
+    let counted: u64 = of_kind(&events, "request")
+        .iter()
+        .filter(|r| r["pid"] == pid)
+        .map(|r| r["cpu_samples"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, in_steps);
+}
