@@ -755,6 +755,9 @@ fn render_server(o: &mut String, r: &Report) {
                            stand-in collector of the bench's own, which answers every request \
                            `200 OK` at once (so this is llamaprobe's side of the export only)"
                 .to_string(),
+            Cond::ProfileCpu => "the defaults plus `--profile-cpu` (99 Hz on every CPU, the \
+                                 samples attributed, symbolized and counted)"
+                .to_string(),
         };
         let _ = writeln!(o, "- **{}**: {what};", cond.label());
     }
@@ -892,7 +895,43 @@ fn render_server(o: &mut String, r: &Report) {
             bytes as f64 / generated.max(1) as f64
         );
     }
+    render_profile_cost(o, s);
     problems(o, &s.problems);
+}
+
+/// `--profile-cpu`'s cost to llamaprobe: its CPU time beyond the run with its defaults next to
+/// it, per sample taken (pooled over the runs of each model).
+fn render_profile_cost(o: &mut String, s: &ServerResult) {
+    for m in &s.models {
+        let of = |cond: Cond| -> Vec<&AgentServer> {
+            m.agents()
+                .filter(|(c, _)| *c == cond)
+                .map(|(_, a)| a)
+                .collect()
+        };
+        let (prof, base) = (of(Cond::ProfileCpu), of(Cond::Default));
+        let samples: u64 = prof.iter().filter_map(|a| a.cpu_samples).sum();
+        if prof.is_empty() || base.is_empty() || samples == 0 {
+            continue;
+        }
+        let per_s = |v: &[&AgentServer]| {
+            v.iter().map(|a| a.cpu_ms).sum::<f64>() / v.iter().map(|a| a.window_s).sum::<f64>()
+        };
+        let window: f64 = prof.iter().map(|a| a.window_s).sum();
+        let extra_ms = (per_s(&prof) - per_s(&base)) * window;
+        let _ = writeln!(
+            o,
+            "CPU profile, {} model: {samples} samples in {window:.1} s of requests over the \
+             runs ({:.0} per second); llamaprobe used {:.0} ms of CPU in them, {:.0} ms more \
+             than at its defaults over the same time: {:.0} µs per sample (whole 10 ms ticks: \
+             below a few ticks this is noise).\n",
+            m.label,
+            samples as f64 / window,
+            prof.iter().map(|a| a.cpu_ms).sum::<f64>(),
+            extra_ms,
+            extra_ms * 1000.0 / samples as f64
+        );
+    }
 }
 
 /// The empty uprobe + uretprobe pair's cost per call (section 1, case b − a), ns.

@@ -1,7 +1,7 @@
 //! Section 2, llama-server throughput and time to first token: the newest llama-server on the
 //! tiny model, then on a model whose decode step is ≥ 10 ms ([`super::large_model`]), with the
 //! conditions llamaprobe supports (without it, attached with its defaults, `--sync on` or
-//! `--no-sync`, OTLP export to [`super::otlp`]) in interleaved runs; runs that other processes
+//! `--no-sync`, OTLP export to [`super::otlp`], `--profile-cpu`) in interleaved runs; runs that other processes
 //! disturbed are repeated. The runs with llamaprobe attached also give section 5's figures
 //! under load ([`AgentServer`]). Every run also takes the server's own CPU time per token; the
 //! CPU-time runs ([`cpu_time_runs`]) take it where it resolves a 1% overhead: a one-thread
@@ -42,6 +42,8 @@ pub enum Cond {
     NoSync,
     /// Defaults plus OTLP export (HTTP/protobuf) to a local receiver.
     Otlp,
+    /// Defaults plus `--profile-cpu` (99 Hz per CPU).
+    ProfileCpu,
 }
 
 impl Cond {
@@ -52,6 +54,7 @@ impl Cond {
             Cond::SyncOn => "llamaprobe --sync on",
             Cond::NoSync => "llamaprobe --no-sync",
             Cond::Otlp => "llamaprobe + OTLP export",
+            Cond::ProfileCpu => "llamaprobe --profile-cpu",
         }
     }
 
@@ -65,6 +68,9 @@ impl Cond {
         });
         if attach_help.contains("--otlp-endpoint") {
             conds.push(Cond::Otlp);
+        }
+        if attach_help.contains("--profile-cpu") {
+            conds.push(Cond::ProfileCpu);
         }
         conds
     }
@@ -82,6 +88,7 @@ impl Cond {
                 "--otlp-protocol",
                 "http",
             ]),
+            Cond::ProfileCpu => v(&["--profile-cpu"]),
         }
     }
 }
@@ -101,6 +108,8 @@ pub struct AgentServer {
     pub events_lost: u64,
     /// OTLP requests and bytes the local receiver got during the run (OTLP condition).
     pub otlp: Option<(u64, u64)>,
+    /// CPU samples llamaprobe took (`--profile-cpu` condition; its `--summary-json`).
+    pub cpu_samples: Option<u64>,
 }
 
 pub struct CondRun {
@@ -588,6 +597,7 @@ fn condition_run(
                 sampled: json["sampled_tokens"].as_u64().unwrap_or(0),
                 events_lost: json["events_lost"].as_u64().unwrap_or(0),
                 otlp: otlp_delta,
+                cpu_samples: json["cpu_profile"]["samples"].as_u64(),
             };
             if a.sampled != generated {
                 problems.push(format!(
