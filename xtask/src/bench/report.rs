@@ -899,8 +899,9 @@ fn render_server(o: &mut String, r: &Report) {
     problems(o, &s.problems);
 }
 
-/// `--profile-cpu`'s cost to llamaprobe: its CPU time beyond the run with its defaults next to
-/// it, per sample taken (pooled over the runs of each model).
+/// `--profile-cpu`'s cost: the server's throughput against the run with llamaprobe's defaults
+/// in the same round (what the sampler adds), and llamaprobe's own CPU time beyond its
+/// defaults per sample taken (pooled over the runs of each model).
 fn render_profile_cost(o: &mut String, s: &ServerResult) {
     for m in &s.models {
         let of = |cond: Cond| -> Vec<&AgentServer> {
@@ -914,22 +915,38 @@ fn render_profile_cost(o: &mut String, s: &ServerResult) {
         if prof.is_empty() || base.is_empty() || samples == 0 {
             continue;
         }
+        let (ratio, lo, hi) = m.paired_with(Cond::ProfileCpu, Cond::Default, |r| {
+            r.reqs.iter().map(|c| c.predicted_per_second).sum::<f64>() / r.reqs.len().max(1) as f64
+        });
         let per_s = |v: &[&AgentServer]| {
             v.iter().map(|a| a.cpu_ms).sum::<f64>() / v.iter().map(|a| a.window_s).sum::<f64>()
         };
         let window: f64 = prof.iter().map(|a| a.window_s).sum();
+        let used: f64 = prof.iter().map(|a| a.cpu_ms).sum();
         let extra_ms = (per_s(&prof) - per_s(&base)) * window;
+        // CPU time comes in whole 10 ms ticks: a difference of a few is not resolved.
+        let per_sample = if extra_ms >= 50.0 {
+            format!(
+                "{extra_ms:.0} ms more than at its defaults over the same time: {:.0} µs per sample",
+                extra_ms * 1000.0 / samples as f64
+            )
+        } else {
+            format!(
+                "{extra_ms:.0} ms against its defaults over the same time, inside the 10 ms \
+                 ticks' resolution: not resolved"
+            )
+        };
         let _ = writeln!(
             o,
-            "CPU profile, {} model: {samples} samples in {window:.1} s of requests over the \
-             runs ({:.0} per second); llamaprobe used {:.0} ms of CPU in them, {:.0} ms more \
-             than at its defaults over the same time: {:.0} µs per sample (whole 10 ms ticks: \
-             below a few ticks this is noise).\n",
+            "CPU profile, {} model: the server's generation throughput with `--profile-cpu` \
+             is **{}** [{}–{}] of the run with llamaprobe's defaults in the same round \
+             (paired). {samples} samples in {window:.1} s of requests over the runs ({:.0} per \
+             second); llamaprobe used {used:.0} ms of CPU in them, {per_sample}.\n",
             m.label,
+            pct(ratio),
+            pct(lo),
+            pct(hi),
             samples as f64 / window,
-            prof.iter().map(|a| a.cpu_ms).sum::<f64>(),
-            extra_ms,
-            extra_ms * 1000.0 / samples as f64
         );
     }
 }

@@ -212,10 +212,21 @@ impl ModelResult {
     /// Per-run ratio of `f` of a condition's run to `f` of the run without llamaprobe next
     /// to it: (median, min, max).
     fn paired_by(&self, cond: Cond, f: impl Fn(&CondRun) -> f64) -> (f64, f64, f64) {
+        self.paired_with(cond, Cond::Without, f)
+    }
+
+    /// Per-run ratio of `f` of a condition's run to `f` of `base`'s run in the same round:
+    /// (median, min, max).
+    pub fn paired_with(
+        &self,
+        cond: Cond,
+        base: Cond,
+        f: impl Fn(&CondRun) -> f64,
+    ) -> (f64, f64, f64) {
         let ratios: Vec<f64> = self
             .runs_of(cond)
             .iter()
-            .zip(self.runs_of(Cond::Without))
+            .zip(self.runs_of(base))
             .map(|(r, base)| f(r) / f(base))
             .collect();
         let (lo, hi) = min_max(&ratios);
