@@ -4,8 +4,10 @@
 //! Files are opened through `/proc/PID/map_files/`: as the process maps them, inside its own
 //! mount namespace (a container's files as the container sees them, never a host path of the
 //! same name), and still there when the file was deleted or replaced on disk. blazesym keeps
-//! each opened file's parsed symbols; this cache keeps each (process, address)'s answer, so a
-//! hot address costs one lookup.
+//! each opened file (mapped, with its parsed symbols) in its symbolizer: one symbolizer per
+//! process, dropped with the process, so a host agent that sees processes come and go keeps
+//! neither their files open nor their symbols in memory. This cache keeps each (process,
+//! address)'s answer, so a hot address costs one lookup.
 
 use std::{collections::HashMap, path::Path, sync::Arc};
 
@@ -26,7 +28,8 @@ type Named = (Arc<str>, Arc<str>);
 const MAX_CACHED: usize = 100_000;
 
 pub struct Symbols {
-    symbolizer: Symbolizer,
+    /// Per process: its files, opened and parsed once.
+    symbolizers: HashMap<u32, Symbolizer>,
     /// Names the file of an address no symbol covers (`[libgomp.so.1]`), from the process's
     /// maps (no file is opened for it).
     normalizer: Normalizer,
@@ -43,16 +46,8 @@ impl Default for Symbols {
 
 impl Symbols {
     pub fn new() -> Self {
-        let symbolizer = Symbolizer::builder()
-            .enable_code_info(false)
-            .enable_inlined_fns(false)
-            .enable_demangling(true)
-            // Separate debug files only next to the mapped file, never from the host's debug
-            // directories (a container's binary is not the host's).
-            .set_debug_dirs(Some::<&[&Path]>(&[]))
-            .build();
         Self {
-            symbolizer,
+            symbolizers: HashMap::new(),
             normalizer: Normalizer::builder().enable_build_ids(false).build(),
             cache: HashMap::new(),
             lookups: 0,
@@ -81,7 +76,9 @@ impl Symbols {
             src.map_files = true;
             let src = Source::Process(src);
             let found = self
-                .symbolizer
+                .symbolizers
+                .entry(pid)
+                .or_insert_with(symbolizer)
                 .symbolize(&src, Input::AbsAddr(&missing))
                 .unwrap_or_default();
             let mut unnamed = Vec::new();
@@ -137,10 +134,27 @@ impl Symbols {
             .collect()
     }
 
-    /// A process is gone: its answers too.
+    /// A process is gone: its answers, files and symbols too.
     pub fn forget(&mut self, pid: u32) {
         self.cache.remove(&pid);
+        self.symbolizers.remove(&pid);
     }
+
+    /// Processes with state kept.
+    pub fn processes(&self) -> usize {
+        self.cache.len().max(self.symbolizers.len())
+    }
+}
+
+fn symbolizer() -> Symbolizer {
+    Symbolizer::builder()
+        .enable_code_info(false)
+        .enable_inlined_fns(false)
+        .enable_demangling(true)
+        // Separate debug files only next to the mapped file, never from the host's debug
+        // directories (a container's binary is not the host's).
+        .set_debug_dirs(Some::<&[&Path]>(&[]))
+        .build()
 }
 
 fn unknown() -> Arc<str> {
@@ -191,5 +205,21 @@ mod tests {
         assert_eq!(s.lookups, 1, "addr and (addr + 1) - 1 are one lookup");
         s.frames(std::process::id(), &[&[addr]]);
         assert_eq!(s.lookups, 1, "cached");
+        assert_eq!(s.processes(), 1);
+        // Gone: nothing of it is kept (its files closed with its symbolizer).
+        // (Counted as the fds open on this test binary: other tests open other files.)
+        let exe = std::env::current_exe().unwrap();
+        let on_exe = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|p| *p == exe)
+                .count()
+        };
+        let before = on_exe();
+        assert!(before > 0, "blazesym holds the binary open");
+        s.forget(std::process::id());
+        assert_eq!(s.processes(), 0);
+        assert!(on_exe() < before, "its files are closed");
     }
 }
