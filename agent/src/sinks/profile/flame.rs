@@ -40,3 +40,44 @@ pub(super) fn write(t: &Tally, out: impl Write) -> anyhow::Result<()> {
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), out)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CpuPhase, CpuSample, Frame};
+
+    fn sample(pid: u32, requests: Vec<u64>, frames: &[&str]) -> CpuSample {
+        CpuSample {
+            pid,
+            tid: pid,
+            model: "m".into(),
+            at_ns: 0,
+            phase: CpuPhase::Generation,
+            step: None,
+            seqs: Vec::new(),
+            requests,
+            in_kernel: false,
+            frames: frames
+                .iter()
+                .map(|f| Frame {
+                    addr: 1,
+                    function: (*f).into(),
+                    module: "/bin/x".into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The pprof file keeps processes and requests apart; the flame graph draws one stack.
+    #[test]
+    fn stacks_of_other_processes_and_requests_are_one() {
+        let mut t = Tally::new(true);
+        t.add(&sample(1, vec![3], &["leaf", "main"]));
+        t.add(&sample(2, vec![4, 5], &["leaf", "main"]));
+        t.add(&sample(2, Vec::new(), &["odd name;x", "main"]));
+        assert_eq!(
+            folded(&t),
+            ["generation;main;leaf 2", "generation;main;odd_name_x 1"]
+        );
+    }
+}
