@@ -174,7 +174,8 @@ impl Requests {
         let mut ids = Vec::new();
         for &seq in seqs {
             if let Some(o) = self.open.get_mut(&(pid, ctx, seq)) {
-                *o.req.cpu_samples.get_or_insert(0) += 1;
+                let n = o.req.cpu_samples.get_or_insert(0);
+                *n = n.saturating_add(1);
                 ids.push(o.req.id);
             }
         }
@@ -468,7 +469,7 @@ impl Requests {
             }
             if let Some(o) = self.open.get_mut(&key) {
                 o.req.decode_steps += 1;
-                o.req.decode_ns += d.origin.duration_ns();
+                o.req.decode_ns = o.req.decode_ns.saturating_add(d.origin.duration_ns());
                 o.next_pos = p.pos0.saturating_add_unsigned(p.n_tokens);
                 o.last_activity_ns = d.origin.end_ns;
                 if self.keep_steps {
@@ -503,7 +504,7 @@ impl Requests {
             return;
         }
         o.req.generated_tokens += 1;
-        o.req.sampling_ns += s.origin.duration_ns();
+        o.req.sampling_ns = o.req.sampling_ns.saturating_add(s.origin.duration_ns());
         o.req.first_token_ns.get_or_insert(s.origin.end_ns);
         o.req.end_ns = s.origin.end_ns;
         o.last_activity_ns = s.origin.end_ns;
@@ -839,6 +840,23 @@ mod tests {
         q.observe(&step(100, vec![part(0, 0, 8, PartKind::FinalPromptChunk)]));
         let split = closed(q.observe(&step(200, vec![part(0, 8, 7, PartKind::FinalPromptChunk)])));
         assert_eq!(split.len(), 1);
+    }
+
+    /// Times come from the traced process's probes: steps whose durations add up past
+    /// `u64::MAX` (the fuzzer's find) saturate, they do not overflow.
+    #[test]
+    fn hostile_step_durations_saturate() {
+        let mut r = Requests::new(Mode::BatchView);
+        for start in [0, 1] {
+            let mut d = step(start, vec![part(0, start as i32, 1, PartKind::PromptChunk)]);
+            if let Observation::Decode(d) = &mut d {
+                d.origin.end_ns = u64::MAX;
+            }
+            r.observe(&d);
+        }
+        let done = r.finish();
+        assert_eq!(done[0].decode_ns, u64::MAX);
+        assert_eq!(done[0].outside_ns(), 0);
     }
 
     /// A CPU sample of a step counts on each request the step carried, after the step opened

@@ -138,7 +138,7 @@ impl Request {
     /// between steps (HTTP, tokenization, other requests' steps), ns.
     pub fn outside_ns(&self) -> u64 {
         self.duration_ns()
-            .saturating_sub(self.decode_ns + self.sampling_ns)
+            .saturating_sub(self.decode_ns.saturating_add(self.sampling_ns))
     }
     /// The GenAI `gen_ai.operation.name` of its type.
     pub fn operation(&self) -> &'static str {
