@@ -37,7 +37,7 @@ use crate::{
     decode, discover,
     model::{
         clock, CpuSample, ExitStatus, Mode, ModelFacts, ModelInfo, Observation, ProcessEnd,
-        ProcessIdentity, ProcessReading, TracedProcess,
+        ProcessIdentity, ProcessReading, Request, TracedProcess,
     },
     resolve::{symbolize::Symbols, Plan},
     sinks::{
@@ -507,9 +507,12 @@ pub(super) struct Pipeline {
     /// `--profile-cpu`: samples waiting for their decode steps, and those attributed and
     /// waiting to be symbolized (in batches: one look at a process's maps for many samples).
     cpu_join: CpuJoin,
-    /// With the ids of the requests each sample's step carried.
-    cpu_ready: Vec<(Attributed, Vec<u64>)>,
+    cpu_ready: Vec<Attributed>,
     symbols: Symbols,
+    /// `--profile-cpu`: requests closed since the last tick, held until it so that the samples
+    /// of their last step read after they closed (taken on another CPU at the step's very end)
+    /// still count on them.
+    held: Vec<Request>,
 }
 
 /// Attributed samples symbolized at once, at most (else at the next tick).
@@ -529,6 +532,7 @@ impl Pipeline {
             cpu_join: CpuJoin::default(),
             cpu_ready: Vec::new(),
             symbols: Symbols::new(),
+            held: Vec::new(),
         }
     }
 
@@ -538,21 +542,18 @@ impl Pipeline {
             return;
         }
         let ready = std::mem::take(&mut self.cpu_ready);
-        let mut by_pid: HashMap<u32, Vec<(Attributed, Vec<u64>)>> = HashMap::new();
-        for r in ready {
-            by_pid.entry(r.0.sample.pid).or_default().push(r);
+        let mut by_pid: HashMap<u32, Vec<Attributed>> = HashMap::new();
+        for a in ready {
+            by_pid.entry(a.sample.pid).or_default().push(a);
         }
         let mut pids: Vec<u32> = by_pid.keys().copied().collect();
         pids.sort_unstable();
         for pid in pids {
             let batch = by_pid.remove(&pid).unwrap_or_default();
-            let stacks: Vec<&[u64]> = batch
-                .iter()
-                .map(|(a, _)| a.sample.frames.as_slice())
-                .collect();
+            let stacks: Vec<&[u64]> = batch.iter().map(|a| a.sample.frames.as_slice()).collect();
             let frames = self.symbols.frames(pid, &stacks);
             let model = self.assembler.model(pid);
-            for ((a, requests), frames) in batch.into_iter().zip(frames) {
+            for (a, frames) in batch.into_iter().zip(frames) {
                 let obs = Observation::CpuSample(CpuSample {
                     pid,
                     tid: a.sample.tid,
@@ -561,7 +562,7 @@ impl Pipeline {
                     phase: a.phase,
                     step: a.sample.step,
                     seqs: a.seqs,
-                    requests,
+                    requests: a.requests,
                     in_kernel: a.sample.in_kernel,
                     frames,
                 });
@@ -570,19 +571,47 @@ impl Pipeline {
         }
     }
 
-    /// Attributed samples: those of steps counted on their requests, then queued for
-    /// symbolizing.
+    /// Attributed samples: those of steps counted on their requests (open, or closed and
+    /// held), then queued for symbolizing.
     fn cpu_attributed(&mut self, a: Vec<Attributed>) {
-        self.cpu_ready.extend(a.into_iter().map(|a| {
-            let requests = if a.seqs.is_empty() {
-                Vec::new()
-            } else {
-                self.requests.cpu_sample(a.sample.pid, a.ctx, &a.seqs)
-            };
-            (a, requests)
-        }));
+        for a in &a {
+            if a.requests.is_empty() {
+                continue;
+            }
+            let closed = self
+                .requests
+                .cpu_sample(a.sample.pid, a.ctx, &a.seqs, &a.requests);
+            for id in closed {
+                if let Some(r) = self.held.iter_mut().find(|r| r.id == id) {
+                    let n = r.cpu_samples.get_or_insert(0);
+                    *n = n.saturating_add(1);
+                }
+            }
+        }
+        self.cpu_ready.extend(a);
         if self.cpu_ready.len() >= CPU_BATCH {
             self.flush_cpu_samples();
+        }
+    }
+
+    /// A request the request stage closed: to the sinks, or, with `--profile-cpu`, held until
+    /// the next tick (see [`Pipeline::held`]).
+    fn closed(&mut self, r: Request) {
+        if self.requests.counts_cpu() {
+            self.held.push(r);
+        } else {
+            self.emit(&Observation::Request(r));
+        }
+    }
+
+    /// The held requests, to the sinks (those of `pid` only, if given).
+    fn release_held(&mut self, pid: Option<u32>) {
+        let (go, keep): (Vec<Request>, Vec<Request>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|r| pid.is_none_or(|p| p == r.pid));
+        self.held = keep;
+        for r in go {
+            self.emit(&Observation::Request(r));
         }
     }
 
@@ -649,13 +678,19 @@ impl Pipeline {
         // The step's requests open before its samples are counted on them.
         let made = self.requests.observe(&obs);
         if let Observation::Decode(step) = &obs {
-            let a = self.cpu_join.step(step);
+            let o = &step.origin;
+            let seqs: Vec<i32> = step.parts.iter().map(|p| p.seq_id).collect();
+            let ids = self.requests.open_ids(o.pid, step.ctx, &seqs);
+            let a = self.cpu_join.step(step, ids);
             self.cpu_attributed(a);
         }
         self.emit(&obs);
         self.model_loaded(&obs);
-        for o in &made {
-            self.emit(o);
+        for o in made {
+            match o {
+                Observation::Request(r) => self.closed(r),
+                o => self.emit(&o),
+            }
         }
     }
 
@@ -666,6 +701,7 @@ impl Pipeline {
         self.cpu_attributed(a);
         self.flush_cpu_samples();
         self.symbols.forget(pid);
+        self.release_held(Some(pid));
         for r in self.requests.forget(pid) {
             self.emit(&Observation::Request(r));
         }
@@ -764,6 +800,7 @@ impl Pipeline {
     /// About once a second: requests silent too long are closed, then every sink ticks.
     pub(super) fn tick(&mut self, pids: &[u32], ended_by: Option<&'static str>) {
         self.flush_cpu_samples();
+        self.release_held(None);
         for r in self.requests.expire(clock::monotonic_ns()) {
             self.emit(&Observation::Request(r));
         }
@@ -778,6 +815,7 @@ impl Pipeline {
         let a = self.cpu_join.finish();
         self.cpu_attributed(a);
         self.flush_cpu_samples();
+        self.release_held(None);
         for r in self.requests.finish() {
             self.emit(&Observation::Request(r));
         }

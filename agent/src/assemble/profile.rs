@@ -29,6 +29,29 @@ pub struct Attributed {
     pub ctx: u64,
     /// The step's sequences (its parts), where the step was classified.
     pub seqs: Vec<i32>,
+    /// The requests the step carried (their ids, when the step was observed).
+    pub requests: Vec<u64>,
+}
+
+/// What a step's samples are attributed to: its phase, context, sequences and requests.
+#[derive(Clone, Debug)]
+struct StepOf {
+    phase: CpuPhase,
+    ctx: u64,
+    seqs: Vec<i32>,
+    requests: Vec<u64>,
+}
+
+impl StepOf {
+    fn attribute(&self, sample: decode::CpuSample) -> Attributed {
+        Attributed {
+            sample,
+            phase: self.phase,
+            ctx: self.ctx,
+            seqs: self.seqs.clone(),
+            requests: self.requests.clone(),
+        }
+    }
 }
 
 /// Step key: (pid, step thread, step entry time).
@@ -44,7 +67,7 @@ pub struct CpuJoin {
     /// The latest steps' attribution: a sample taken on another CPU at the step's very end
     /// (the sampler read the process's step mark just before the step's return removed it)
     /// can reach the ring buffer after the step's own event.
-    recent: HashMap<StepKey, (CpuPhase, u64, Vec<i32>)>,
+    recent: HashMap<StepKey, StepOf>,
     recent_order: std::collections::VecDeque<StepKey>,
 }
 
@@ -58,13 +81,8 @@ impl CpuJoin {
             CpuState::Other => CpuPhase::Other,
             CpuState::Decode => {
                 let (tid, start) = s.step.unwrap_or_default();
-                if let Some((phase, ctx, seqs)) = self.recent.get(&(s.pid, tid, start)) {
-                    return vec![Attributed {
-                        phase: *phase,
-                        ctx: *ctx,
-                        seqs: seqs.clone(),
-                        sample: s,
-                    }];
+                if let Some(of) = self.recent.get(&(s.pid, tid, start)) {
+                    return vec![of.attribute(s)];
                 }
                 self.waiting.entry((s.pid, tid, start)).or_default().push(s);
                 self.n_waiting += 1;
@@ -76,35 +94,32 @@ impl CpuJoin {
             phase,
             ctx: 0,
             seqs: Vec::new(),
+            requests: Vec::new(),
         }]
     }
 
-    /// A decode step ended: its samples, attributed to its phase and sequences.
-    pub fn step(&mut self, step: &DecodeStep) -> Vec<Attributed> {
+    /// A decode step ended, carrying requests `requests`: its samples, attributed to its
+    /// phase, sequences and requests.
+    pub fn step(&mut self, step: &DecodeStep, requests: Vec<u64>) -> Vec<Attributed> {
         let o = &step.origin;
         let key = (o.pid, o.tid, o.start_ns);
-        let phase = CpuPhase::of_step(step.phase);
-        let seqs: Vec<i32> = step.parts.iter().map(|p| p.seq_id).collect();
-        self.recent.insert(key, (phase, step.ctx, seqs.clone()));
+        let of = StepOf {
+            phase: CpuPhase::of_step(step.phase),
+            ctx: step.ctx,
+            seqs: step.parts.iter().map(|p| p.seq_id).collect(),
+            requests,
+        };
+        let samples = self.waiting.remove(&key).unwrap_or_default();
+        self.n_waiting -= samples.len();
+        let out = samples.into_iter().map(|s| of.attribute(s)).collect();
+        self.recent.insert(key, of);
         self.recent_order.push_back(key);
         if self.recent_order.len() > RECENT_STEPS {
             if let Some(old) = self.recent_order.pop_front() {
                 self.recent.remove(&old);
             }
         }
-        let Some(samples) = self.waiting.remove(&key) else {
-            return Vec::new();
-        };
-        self.n_waiting -= samples.len();
-        samples
-            .into_iter()
-            .map(|sample| Attributed {
-                sample,
-                phase,
-                ctx: step.ctx,
-                seqs: seqs.clone(),
-            })
-            .collect()
+        out
     }
 
     /// A process is gone: the samples of its steps that never ended, unclassified.
@@ -136,6 +151,7 @@ impl CpuJoin {
                 phase: CpuPhase::Decode,
                 ctx: 0,
                 seqs: Vec::new(),
+                requests: Vec::new(),
             })
             .collect()
     }
@@ -223,17 +239,24 @@ mod tests {
         assert_eq!(other[0].phase, CpuPhase::Sampling);
         assert_eq!(j.waiting(), 3);
         // Another thread's step at the same time is not this one.
-        assert!(j.step(&step(9, 100, Some(Phase::Prompt))).is_empty());
-        let got = j.step(&step(8, 100, Some(Phase::Generation)));
+        assert!(j
+            .step(&step(9, 100, Some(Phase::Prompt)), vec![])
+            .is_empty());
+        let got = j.step(&step(8, 100, Some(Phase::Generation)), vec![4]);
         assert_eq!(got.len(), 2);
         assert!(got
             .iter()
-            .all(|a| a.phase == CpuPhase::Generation && a.seqs == [3]));
+            .all(|a| a.phase == CpuPhase::Generation && a.seqs == [3] && a.requests == [4]));
         assert_eq!(j.waiting(), 1);
         // A sample of that step read after the step's event joins it still.
         let late = j.sample(sample(CpuState::Decode, Some((8, 100)), 199));
         assert_eq!(late.len(), 1);
         assert_eq!(late[0].phase, CpuPhase::Generation);
+        assert_eq!(
+            late[0].requests,
+            [4],
+            "the requests of its step, not of now"
+        );
         let left = j.forget(7);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].phase, CpuPhase::Decode);

@@ -167,19 +167,33 @@ impl Requests {
         self
     }
 
-    /// A CPU sample taken inside a decode step of context `ctx` that carried `seqs`: counted on
-    /// the requests open on those sequences, whose ids are returned (the step has been
-    /// observed, so its requests are open).
-    pub fn cpu_sample(&mut self, pid: u32, ctx: u64, seqs: &[i32]) -> Vec<u64> {
-        let mut ids = Vec::new();
+    /// CPU samples are counted on requests.
+    pub fn counts_cpu(&self) -> bool {
+        self.count_cpu
+    }
+
+    /// The ids of the requests open on sequences `seqs` of context `ctx`: those a decode step
+    /// of them carries, once the step has been observed.
+    pub fn open_ids(&self, pid: u32, ctx: u64, seqs: &[i32]) -> Vec<u64> {
+        seqs.iter()
+            .filter_map(|&seq| self.open.get(&(pid, ctx, seq)).map(|o| o.req.id))
+            .collect()
+    }
+
+    /// A CPU sample of a step of context `ctx` on `seqs` that carried requests `ids`: counted
+    /// on those still open; returns the ids of those that are not (closed since the step).
+    pub fn cpu_sample(&mut self, pid: u32, ctx: u64, seqs: &[i32], ids: &[u64]) -> Vec<u64> {
+        let mut closed = ids.to_vec();
         for &seq in seqs {
             if let Some(o) = self.open.get_mut(&(pid, ctx, seq)) {
-                let n = o.req.cpu_samples.get_or_insert(0);
-                *n = n.saturating_add(1);
-                ids.push(o.req.id);
+                if let Some(i) = closed.iter().position(|&id| id == o.req.id) {
+                    closed.swap_remove(i);
+                    let n = o.req.cpu_samples.get_or_insert(0);
+                    *n = n.saturating_add(1);
+                }
             }
         }
-        ids
+        closed
     }
 
     /// Updates the state with one observation; returns what it made: the requests it closed
@@ -871,10 +885,12 @@ mod tests {
                 part(1, 0, 2, PartKind::FinalPromptChunk),
             ],
         ));
-        assert_eq!(r.cpu_sample(1, 7, &[0, 1]), vec![1, 2]);
-        assert_eq!(r.cpu_sample(1, 7, &[1]), vec![2]);
-        assert!(r.cpu_sample(1, 7, &[5]).is_empty());
-        assert!(r.cpu_sample(1, 8, &[0]).is_empty(), "another context");
+        assert_eq!(r.open_ids(1, 7, &[0, 1]), vec![1, 2]);
+        assert!(r.open_ids(1, 8, &[0]).is_empty(), "another context");
+        assert!(r.cpu_sample(1, 7, &[0, 1], &[1, 2]).is_empty());
+        assert!(r.cpu_sample(1, 7, &[1], &[2]).is_empty());
+        // A request closed since the step is named back, not counted.
+        assert_eq!(r.cpu_sample(1, 7, &[0], &[9]), vec![9]);
         r.observe(&sample(120, 3));
         r.observe(&sample(121, 5));
         let mut done = r.finish();
