@@ -44,28 +44,10 @@ pub(super) fn write(t: &Tally, out: impl Write) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CpuPhase, CpuSample, Frame};
+    use crate::model::{CpuPhase, CpuSample};
 
     fn sample(pid: u32, requests: Vec<u64>, frames: &[&str]) -> CpuSample {
-        CpuSample {
-            pid,
-            tid: pid,
-            model: "m".into(),
-            at_ns: 0,
-            phase: CpuPhase::Generation,
-            step: None,
-            seqs: Vec::new(),
-            requests,
-            in_kernel: false,
-            frames: frames
-                .iter()
-                .map(|f| Frame {
-                    addr: 1,
-                    function: (*f).into(),
-                    module: "/bin/x".into(),
-                })
-                .collect(),
-        }
+        super::super::test_sample(pid, CpuPhase::Generation, requests, frames)
     }
 
     /// The pprof file keeps processes and requests apart; the flame graph draws one stack.

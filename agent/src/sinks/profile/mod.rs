@@ -209,3 +209,27 @@ impl Sink for ProfileFiles {
         Ok(())
     }
 }
+
+/// A symbolized sample for the tests of the profile's outputs.
+#[cfg(test)]
+fn test_sample(pid: u32, phase: CpuPhase, requests: Vec<u64>, frames: &[&str]) -> CpuSample {
+    CpuSample {
+        pid,
+        tid: pid,
+        model: "m".into(),
+        at_ns: 0,
+        phase,
+        step: None,
+        seqs: Vec::new(),
+        requests,
+        in_kernel: false,
+        frames: frames
+            .iter()
+            .map(|f| Frame {
+                addr: 1,
+                function: (*f).into(),
+                module: "/bin/x".into(),
+            })
+            .collect(),
+    }
+}

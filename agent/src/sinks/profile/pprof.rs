@@ -242,32 +242,14 @@ fn build(t: &Tally, hz: u32, time_nanos: i64, duration_ns: u64) -> Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CpuPhase, CpuSample, Frame};
+    use crate::model::{CpuPhase, CpuSample};
 
     fn sample(phase: CpuPhase, frames: &[&str]) -> CpuSample {
-        CpuSample {
-            requests: if phase == CpuPhase::Prompt {
-                vec![3, 4]
-            } else {
-                Vec::new()
-            },
-            pid: 42,
-            tid: 42,
-            model: "m".into(),
-            at_ns: 0,
-            phase,
-            step: None,
-            seqs: Vec::new(),
-            in_kernel: false,
-            frames: frames
-                .iter()
-                .map(|f| Frame {
-                    addr: 1,
-                    function: (*f).into(),
-                    module: "/bin/x".into(),
-                })
-                .collect(),
-        }
+        let requests = match phase {
+            CpuPhase::Prompt => vec![3, 4],
+            _ => Vec::new(),
+        };
+        super::super::test_sample(42, phase, requests, frames)
     }
 
     #[test]
