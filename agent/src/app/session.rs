@@ -677,7 +677,8 @@ impl Pipeline {
         };
         // The step's requests open before its samples are counted on them.
         let made = self.requests.observe(&obs);
-        if let Observation::Decode(step) = &obs {
+        // Hot path: only a profiling run joins steps to samples.
+        if let (Observation::Decode(step), true) = (&obs, self.requests.counts_cpu()) {
             let o = &step.origin;
             let seqs: Vec<i32> = step.parts.iter().map(|p| p.seq_id).collect();
             let ids = self.requests.open_ids(o.pid, step.ctx, &seqs);
