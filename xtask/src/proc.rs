@@ -169,8 +169,9 @@ impl Proc {
     }
 
     /// Sends the stop signal and waits for the process to end (SIGKILL after `timeout`).
-    /// The stop signal is sent again every 3 s while the process runs: a program can miss one
-    /// (llamaprobe's event loop re-creates its Ctrl-C listener on every turn).
+    /// The stop signal is sent again every 3 s while the process runs, in case one was missed
+    /// (llamaprobe, once its outputs are written, takes about 3 s to detach its probes: its
+    /// repeats are ignored then).
     pub fn finish(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         let mut sent = 0;

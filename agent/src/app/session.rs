@@ -412,8 +412,17 @@ async fn event_loop(
         }
     }
     (pipe.stats.lost_ringbuf, pipe.stats.lost_entry) = probes.lost();
-    drop(probes); // detaches every probe
-    pipe.finish(&session.pids(), ended_by)?;
+    // The outputs first: detaching takes the kernel about 0.1 s a probe (see
+    // `Probes::detach_all`), and events after the last drain are not read anyway.
+    let finished = pipe.finish(&session.pids(), ended_by);
+    if probes.attached() > 0 {
+        eprintln!(
+            "llamaprobe: detaching {} probes (the kernel removes them one at a time)",
+            probes.attached()
+        );
+    }
+    probes.detach_all();
+    finished?;
     Ok(session.end(ended_by))
 }
 

@@ -666,6 +666,19 @@ impl Probes {
         self.set_layout(pid, layout)
     }
 
+    /// Detaches every probe (dropping them does the same) and says how long it took. The
+    /// kernel closes uprobe links one at a time, each after RCU grace periods under one
+    /// lock (about 85 ms a link on this project's 2-CPU 6.18 VMs: 2.7 s for a llama-server's
+    /// 33 probes, closed in parallel or not), so callers write their outputs first.
+    pub fn detach_all(self) -> std::time::Duration {
+        let n = self.attached;
+        let t = std::time::Instant::now();
+        drop(self);
+        let took = t.elapsed();
+        tracing::info!("{n} probes detached in {:.2} s", took.as_secs_f64());
+        took
+    }
+
     pub fn attached(&self) -> u64 {
         self.attached
     }

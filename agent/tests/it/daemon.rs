@@ -152,7 +152,16 @@ fn daemon_traces_servers_started_before_and_after_it() {
         loads[0].0.contains("result=\"ok\"") && *loads[0].1 == 1.0,
         "{loads:?}"
     );
-    let (code, _) = d.probe.terminate();
+    // Its outputs are written first, then the probes of both servers are detached (about
+    // 0.1 s each in the kernel: a stop signal's grace is not spent before the outputs).
+    let attached = sum_of(&d.metrics(), "llamaprobe_probes_attached", "");
+    d.probe.signal(libc::SIGTERM);
+    let line = d.probe.wait_for("outputs written");
+    assert!(
+        line.contains(&format!("detaching {attached} probes")),
+        "{line} ({attached} attached)"
+    );
+    let (code, _) = d.probe.finish();
     assert_eq!(code, 0);
 }
 

@@ -42,7 +42,7 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
     let dir = scratch(&format!("attach-{}", f.name));
     let summary = dir.join("summary.json");
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let probe = attach(
+    let mut probe = attach(
         f,
         &server,
         &[
@@ -137,13 +137,29 @@ fn attach_agrees(f: &Fixture, model: &std::path::Path) {
             < sum_of(&ours, "llamacpp_batch_tokens_count", "")
     );
     assert_eq!(sum_of(&ours, "llamaprobe_events_lost_total", ""), 0.0);
-    assert!(sum_of(&ours, "llamaprobe_probes_attached", "") >= 10.0);
+    let attached = sum_of(&ours, "llamaprobe_probes_attached", "");
+    assert!(attached >= 10.0);
 
-    let (code, stdout) = probe.interrupt();
-    assert_eq!(code, 0, "{stdout}");
-    assert!(stdout.contains("llamaprobe summary"), "{stdout}");
+    // The outputs are written before the probes are detached (which takes the kernel about
+    // 0.1 s a probe): when llamaprobe says it is detaching, the summary file is complete.
+    probe.signal(libc::SIGINT);
+    let line = probe.wait_for("llamaprobe: detaching");
+    // As many as are attached: the gauge's at most, less the sampler-chain probes detached
+    // once a sampling function was seen (the gauge is updated once a second).
+    let detaching: f64 = line
+        .strip_prefix("llamaprobe: detaching ")
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        (10.0..=attached).contains(&detaching),
+        "{line}, {attached} attached"
+    );
     let s = json(&summary);
     assert_eq!(s["decode_calls"].as_f64().unwrap(), our_steps);
+    let (code, stdout) = probe.finish();
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("llamaprobe summary"), "{stdout}");
     assert_eq!(
         s["prompt_tokens"].as_f64().unwrap(),
         delta("prompt_tokens_total")

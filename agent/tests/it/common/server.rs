@@ -410,10 +410,15 @@ impl Probe {
         }
     }
 
+    /// Sends `sig` to llamaprobe (and does not wait).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
     /// Sends SIGINT and waits; returns (exit code, stdout).
     pub fn interrupt(self) -> (i32, String) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.signal(libc::SIGINT);
         self.finish()
     }
 
