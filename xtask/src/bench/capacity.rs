@@ -100,6 +100,7 @@ pub fn measure(env: &Env) -> Result<Capacity> {
             loop_cpus: Some(level.loop_cpus.clone()),
             tracer: Tracer::Llamaprobe {
                 cpus: Some(level.agent_cpus.clone()),
+                profile_hz: None,
             },
             pause_agent: level.pause_agent,
         };

@@ -86,7 +86,8 @@ pub struct BenchArgs {
 /// The parts of the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Section {
-    /// 1: per-call cost on the synthetic target (no probe, bpftrace, llamaprobe).
+    /// 1: per-call cost on the synthetic target (no probe, bpftrace, llamaprobe, and
+    /// llamaprobe --profile-cpu: the cost of one CPU sample).
     PerCall,
     /// 2 and 5: llama-server throughput and TTFT with and without llamaprobe; its footprint.
     Server,

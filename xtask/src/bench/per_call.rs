@@ -11,7 +11,7 @@ use crate::util::progress;
 
 use super::{
     stats::{median, min_max},
-    synthetic::{bpftrace_program, run_loop, Case, LoopRun, LoopSpec, Tracer, CASES},
+    synthetic::{bpftrace_program, run_loop, Case, LoopRun, LoopSpec, Tracer, CASES, PROFILE_HZ},
     Env,
 };
 
@@ -47,6 +47,40 @@ impl PerCall {
     /// Overhead of a case relative to the empty pair's.
     pub fn ratio(&self, case: Case) -> Option<f64> {
         Some(self.overhead(case)? / self.overhead(Case::Empty)?)
+    }
+
+    /// CPU samples per run of case (e), median.
+    pub fn samples_per_run(&self) -> Option<f64> {
+        let runs = self.runs[Case::ProfileCpu.index()].as_ref()?;
+        let v: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.agent.as_ref()?.cpu_samples.map(|n| n as f64))
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+
+    /// What one CPU sample cost the loop's thread (the perf interrupt, the eBPF program, its
+    /// stack copy), ns: case (e)'s time per call beyond (c)'s, over a run's calls, per
+    /// sample (medians).
+    pub fn traced_ns_per_sample(&self) -> Option<f64> {
+        let extra = self.median(Case::ProfileCpu)? - self.median(Case::Llamaprobe)?;
+        let samples = self.samples_per_run().filter(|&n| n > 0.0)?;
+        Some(extra * self.iterations as f64 / samples)
+    }
+
+    /// llamaprobe's own CPU per sample beyond case (c)'s, µs (medians).
+    pub fn agent_us_per_sample(&self) -> Option<f64> {
+        let cpu = |case: Case| -> Option<f64> {
+            let v: Vec<f64> = self.runs[case.index()]
+                .as_ref()?
+                .iter()
+                .filter_map(|r| r.agent.as_ref().map(|a| a.cpu_ms))
+                .filter(|ms| ms.is_finite())
+                .collect();
+            (!v.is_empty()).then(|| median(&v))
+        };
+        let samples = self.samples_per_run().filter(|&n| n > 0.0)?;
+        Some((cpu(Case::ProfileCpu)? - cpu(Case::Llamaprobe)?) * 1000.0 / samples)
     }
 
     /// llamaprobe's CPU per event (µs), median over runs.
@@ -86,7 +120,14 @@ pub fn measure(env: &Env) -> Result<PerCall> {
             }
             let tracer = match case {
                 Case::NoProbe => Tracer::None,
-                Case::Llamaprobe => Tracer::Llamaprobe { cpus: None },
+                Case::Llamaprobe => Tracer::Llamaprobe {
+                    cpus: None,
+                    profile_hz: None,
+                },
+                Case::ProfileCpu => Tracer::Llamaprobe {
+                    cpus: None,
+                    profile_hz: Some(PROFILE_HZ),
+                },
                 Case::Empty | Case::Hist => {
                     Tracer::Bpftrace(bpftrace_program(case, &env.lib).expect("a bpftrace case"))
                 }
@@ -120,9 +161,13 @@ pub fn measure(env: &Env) -> Result<PerCall> {
             if let Some(a) = &r.agent {
                 let _ = write!(
                     note,
-                    " (llamaprobe counted {} of {} calls, {} lost)",
+                    " (llamaprobe counted {} of {} calls, {} lost",
                     a.decode_calls, r.out.calls, a.events_lost
                 );
+                if let Some(n) = a.cpu_samples {
+                    let _ = write!(note, ", {n} CPU samples");
+                }
+                note.push(')');
                 if a.decode_calls != r.out.calls {
                     result.problems.push(format!(
                         "run {}: llamaprobe counted {} decode calls, the loop made {}",
@@ -162,6 +207,13 @@ pub fn measure(env: &Env) -> Result<PerCall> {
                 result.problems.join("; ")
             );
         }
+    }
+    if result.samples_per_run().is_none_or(|n| n < 100.0) {
+        result.problems.push(format!(
+            "{} took {} CPU samples per run (median): too few for a cost per sample",
+            Case::ProfileCpu.label(),
+            result.samples_per_run().unwrap_or(0.0)
+        ));
     }
     if let (Some(none), Some(empty)) = (result.median(Case::NoProbe), result.median(Case::Empty)) {
         if empty < 10.0 * none.max(1.0) {

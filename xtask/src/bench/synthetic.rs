@@ -64,9 +64,21 @@ pub enum Case {
     Empty,
     Llamaprobe,
     Hist,
+    /// llamaprobe with `--profile-cpu` at [`PROFILE_HZ`]: (c) plus the sampler's cost.
+    ProfileCpu,
 }
 
-pub const CASES: [Case; 4] = [Case::NoProbe, Case::Empty, Case::Llamaprobe, Case::Hist];
+pub const CASES: [Case; 5] = [
+    Case::NoProbe,
+    Case::Empty,
+    Case::Llamaprobe,
+    Case::Hist,
+    Case::ProfileCpu,
+];
+
+/// The sampling frequency of case (e): the highest llamaprobe takes, so that the samples'
+/// cost to the loop stands out of the noise.
+pub const PROFILE_HZ: u32 = 10_000;
 
 impl Case {
     pub fn label(self) -> &'static str {
@@ -75,6 +87,7 @@ impl Case {
             Case::Empty => "(b) empty uprobe + uretprobe (bpftrace)",
             Case::Llamaprobe => "(c) llamaprobe",
             Case::Hist => "(d) bpftrace latency histogram",
+            Case::ProfileCpu => "(e) llamaprobe --profile-cpu=10000",
         }
     }
 
@@ -84,6 +97,7 @@ impl Case {
             Case::Empty => "empty pair",
             Case::Llamaprobe => "llamaprobe",
             Case::Hist => "bpftrace hist",
+            Case::ProfileCpu => "llamaprobe prof",
         }
     }
 
@@ -109,7 +123,11 @@ pub fn bpftrace_program(case: Case, lib: &Path) -> Option<String> {
 pub enum Tracer {
     None,
     Bpftrace(String),
-    Llamaprobe { cpus: Option<String> },
+    /// `profile_hz`: with `--profile-cpu` at that frequency.
+    Llamaprobe {
+        cpus: Option<String>,
+        profile_hz: Option<u32>,
+    },
 }
 
 pub struct LoopSpec {
@@ -139,6 +157,8 @@ pub struct AgentLoop {
     pub lost_line: String,
     /// CPU time from attached to the loop's end (backlog drained).
     pub cpu_ms: f64,
+    /// CPU samples taken (with `--profile-cpu`).
+    pub cpu_samples: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -225,12 +245,16 @@ pub fn run_loop(env: &Env, spec: &LoopSpec) -> Result<LoopRun> {
             )?;
             Some(p)
         }
-        Tracer::Llamaprobe { cpus } => Some(spawn_attached(
-            taskset(cpus.as_deref(), &env.probe_bin)
-                .args(["attach", "--pid", &lp.pid().to_string()])
+        Tracer::Llamaprobe { cpus, profile_hz } => {
+            let mut cmd = taskset(cpus.as_deref(), &env.probe_bin);
+            cmd.args(["attach", "--pid", &lp.pid().to_string()])
                 .args(["--quiet", "--metrics-addr", "off", "--summary-json"])
-                .arg(&summary),
-        )?),
+                .arg(&summary);
+            if let Some(hz) = profile_hz {
+                cmd.arg(format!("--profile-cpu={hz}"));
+            }
+            Some(spawn_attached(&mut cmd)?)
+        }
     };
     let agent_pid = match spec.tracer {
         Tracer::Llamaprobe { .. } => tracer.as_ref().map(Proc::pid),
@@ -291,6 +315,7 @@ pub fn run_loop(env: &Env, spec: &LoopSpec) -> Result<LoopRun> {
                         (Some(a), Some(b)) => b - a,
                         _ => f64::NAN,
                     },
+                    cpu_samples: json["cpu_profile"]["samples"].as_u64(),
                 });
                 let _ = fs::remove_file(&summary);
             }
