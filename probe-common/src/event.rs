@@ -50,9 +50,11 @@ pub struct EventHeader {
     pub tgid: u32,
     /// Thread id that made the call.
     pub tid: u32,
-    /// Reserved (0). The probes pair a call's entry and return by stack depth (probe-ebpf's
-    /// `enter`), not by a counter.
-    pub nest: u32,
+    /// 1 once the call's return is being handled (set in the entry map before `end_ns` is
+    /// read): the CPU sampler no longer counts the thread inside the call, so every sample it
+    /// joins to the call is taken before the call's `end_ns`. 0 otherwise. (The probes pair a
+    /// call's entry and return by stack depth, probe-ebpf's `enter`, not by a counter.)
+    pub returning: u32,
     /// Monotonic time of the call's entry, ns.
     pub start_ns: u64,
     /// Monotonic time of the call's return, ns. (While the call runs, the probes keep its

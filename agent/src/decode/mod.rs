@@ -195,7 +195,7 @@ pub(crate) mod tests {
             kind: kind as u32,
             tgid: 7,
             tid: 8,
-            nest: 0,
+            returning: 0,
             start_ns: start,
             end_ns: end,
         }

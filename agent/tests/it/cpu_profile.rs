@@ -139,7 +139,19 @@ fn check(build: &str, frame_pointers: bool) {
         let key = (step[0].as_u64().unwrap(), step[1].as_u64().unwrap());
         let (end, phase) = steps.get(&key).unwrap_or_else(|| panic!("no step {key:?}"));
         let at = s["at_ns"].as_u64().unwrap();
-        assert!(at >= key.1 && at <= end + 100_000, "{s} outside its step");
+        // On the step's own thread a sample is inside the step exactly: the return is marked
+        // before its time is read (a thread preempted in the return probe, for 10 ms on a busy
+        // machine, was once sampled there and joined to the step it had left). Other threads'
+        // samples read the mark across CPUs: 0.1 ms of slack.
+        let slack = if s["tid"].as_u64() == Some(key.0) {
+            0
+        } else {
+            100_000
+        };
+        assert!(
+            at >= key.1 && at <= end + slack,
+            "{s} outside its step (ends at {end})"
+        );
         assert_eq!(s["phase"], *phase);
     }
     assert_eq!(in_steps, cpu["in_decode_steps"].as_u64().unwrap());

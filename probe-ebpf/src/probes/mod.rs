@@ -136,7 +136,7 @@ pub fn enter<T: Event>(
         kind: T::KIND as u32,
         tgid,
         tid,
-        nest: 0,
+        returning: 0,
         start_ns: unsafe { bpf_ktime_get_ns() },
         end_ns: sp,
     };
@@ -161,6 +161,10 @@ pub fn leave<T: Event>(ctx: &RetProbeContext, map: &HashMap<u32, T>, fill: impl 
     if caller_sp(ctx, false) < ev.header().end_ns {
         return; // a nested call returned
     }
+    // Marked first, timed after: the thread can be preempted anywhere in this program (for
+    // milliseconds on a busy machine), and a CPU sample taken meanwhile must not join a call
+    // that has ended (the sampler skips a returning entry).
+    ev.header().returning = 1;
     ev.header().end_ns = unsafe { bpf_ktime_get_ns() };
     fill(ev);
     send(ev);
@@ -192,7 +196,7 @@ pub fn instant<T: Event>() -> EventHeader {
         kind: T::KIND as u32,
         tgid,
         tid,
-        nest: 0,
+        returning: 0,
         start_ns: now,
         end_ns: now,
     }

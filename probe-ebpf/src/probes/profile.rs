@@ -51,13 +51,21 @@ fn step_of(tgid: u32, tid: u32) -> Option<(u64, u32)> {
     // SAFETY: map values are plain data, read while the program runs.
     if let Some(ev) = unsafe { DECODE_ENTRY.get(&tid) } {
         if ev.header.tgid == tgid {
-            return Some((ev.header.start_ns, tid));
+            // A returning step has ended for the sampler (see `leave`): not this thread's
+            // step any more, and no other thread's either.
+            return inside(&ev.header, tgid).then_some((ev.header.start_ns, tid));
         }
     }
     let mark: StepMark = unsafe { *STEP_BY_TGID.get(&tgid)? };
     let ev = unsafe { DECODE_ENTRY.get(&mark.tid)? };
-    (ev.header.tgid == tgid && ev.header.start_ns == mark.start_ns)
+    (inside(&ev.header, tgid) && ev.header.start_ns == mark.start_ns)
         .then_some((mark.start_ns, mark.tid))
+}
+
+/// Whether an entry map's call of process `tgid` is still in progress for the sampler.
+#[inline(always)]
+fn inside(h: &EventHeader, tgid: u32) -> bool {
+    h.tgid == tgid && h.returning == 0
 }
 
 #[perf_event]
@@ -73,10 +81,11 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     let (state, step_start_ns, step_tid) = match step_of(tgid, tid) {
         Some((start, t)) => (CpuState::Decode, start, t),
         // SAFETY (both): plain data.
-        None if unsafe { SAMPLE_ENTRY.get(&tid) }.is_some_and(|e| e.header.tgid == tgid) => {
+        // (A returning call has ended for the sampler, as a step has: see `leave`.)
+        None if unsafe { SAMPLE_ENTRY.get(&tid) }.is_some_and(|e| inside(&e.header, tgid)) => {
             (CpuState::Sampling, 0, 0)
         }
-        None if unsafe { MODEL_ENTRY.get(&tid) }.is_some_and(|e| e.header.tgid == tgid) => {
+        None if unsafe { MODEL_ENTRY.get(&tid) }.is_some_and(|e| inside(&e.header, tgid)) => {
             (CpuState::ModelLoad, 0, 0)
         }
         None => (CpuState::Other, 0, 0),
@@ -93,7 +102,7 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
             kind: EventKind::CpuSample as u32,
             tgid,
             tid,
-            nest: 0,
+            returning: 0,
             start_ns: now,
             end_ns: now,
         };
