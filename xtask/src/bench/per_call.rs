@@ -11,7 +11,7 @@ use crate::util::progress;
 
 use super::{
     stats::{median, min_max},
-    synthetic::{bpftrace_program, run_loop, Case, LoopRun, LoopSpec, Tracer, CASES, PROFILE_HZ},
+    synthetic::{bpftrace_program, run_loop, Case, LoopRun, LoopSpec, Tracer, CASES},
     Env,
 };
 
@@ -49,9 +49,9 @@ impl PerCall {
         Some(self.overhead(case)? / self.overhead(Case::Empty)?)
     }
 
-    /// CPU samples per run of case (e), median.
-    pub fn samples_per_run(&self) -> Option<f64> {
-        let runs = self.runs[Case::ProfileCpu.index()].as_ref()?;
+    /// CPU samples per run of a `--profile-cpu` case, median.
+    pub fn samples_per_run(&self, case: Case) -> Option<f64> {
+        let runs = self.runs[case.index()].as_ref()?;
         let v: Vec<f64> = runs
             .iter()
             .filter_map(|r| r.agent.as_ref()?.cpu_samples.map(|n| n as f64))
@@ -60,15 +60,24 @@ impl PerCall {
     }
 
     /// What one CPU sample cost the loop's thread (the perf interrupt, the eBPF program, its
-    /// stack copy), ns: case (e)'s time per call beyond (c)'s, over a run's calls, per
-    /// sample (medians).
+    /// stack copy), ns: the difference of (e) and (f) in a run's time, over the difference
+    /// in their samples (medians). The per-call cost of profiling is the same in both.
     pub fn traced_ns_per_sample(&self) -> Option<f64> {
-        let extra = self.median(Case::ProfileCpu)? - self.median(Case::Llamaprobe)?;
-        let samples = self.samples_per_run().filter(|&n| n > 0.0)?;
-        Some(extra * self.iterations as f64 / samples)
+        let (hi, lo) = (Case::ProfileCpu, Case::ProfileCpuLow);
+        let extra = (self.median(hi)? - self.median(lo)?) * self.iterations as f64;
+        let samples = self.samples_per_run(hi)? - self.samples_per_run(lo)?;
+        (samples > 0.0).then(|| extra / samples)
     }
 
-    /// llamaprobe's own CPU per sample beyond case (c)'s, µs (medians).
+    /// What profiling costs a decode call apart from the samples, ns: (f) − (c) less (f)'s
+    /// samples' share.
+    pub fn traced_ns_per_call_profiling(&self) -> Option<f64> {
+        let lo = Case::ProfileCpuLow;
+        let samples = self.samples_per_run(lo)? * self.traced_ns_per_sample()?;
+        Some(self.median(lo)? - self.median(Case::Llamaprobe)? - samples / self.iterations as f64)
+    }
+
+    /// llamaprobe's own CPU per sample, µs: (e) − (f) over their samples (medians).
     pub fn agent_us_per_sample(&self) -> Option<f64> {
         let cpu = |case: Case| -> Option<f64> {
             let v: Vec<f64> = self.runs[case.index()]
@@ -79,8 +88,10 @@ impl PerCall {
                 .collect();
             (!v.is_empty()).then(|| median(&v))
         };
-        let samples = self.samples_per_run().filter(|&n| n > 0.0)?;
-        Some((cpu(Case::ProfileCpu)? - cpu(Case::Llamaprobe)?) * 1000.0 / samples)
+        let (hi, lo) = (Case::ProfileCpu, Case::ProfileCpuLow);
+        let samples = self.samples_per_run(hi)? - self.samples_per_run(lo)?;
+        let used = cpu(hi)? - cpu(lo)?;
+        (samples > 0.0).then(|| used * 1000.0 / samples)
     }
 
     /// llamaprobe's CPU per event (µs), median over runs.
@@ -124,9 +135,9 @@ pub fn measure(env: &Env) -> Result<PerCall> {
                     cpus: None,
                     profile_hz: None,
                 },
-                Case::ProfileCpu => Tracer::Llamaprobe {
+                Case::ProfileCpu | Case::ProfileCpuLow => Tracer::Llamaprobe {
                     cpus: None,
-                    profile_hz: Some(PROFILE_HZ),
+                    profile_hz: case.profile_hz(),
                 },
                 Case::Empty | Case::Hist => {
                     Tracer::Bpftrace(bpftrace_program(case, &env.lib).expect("a bpftrace case"))
@@ -208,12 +219,14 @@ pub fn measure(env: &Env) -> Result<PerCall> {
             );
         }
     }
-    if result.samples_per_run().is_none_or(|n| n < 100.0) {
-        result.problems.push(format!(
-            "{} took {} CPU samples per run (median): too few for a cost per sample",
-            Case::ProfileCpu.label(),
-            result.samples_per_run().unwrap_or(0.0)
-        ));
+    for case in [Case::ProfileCpu, Case::ProfileCpuLow] {
+        if result.samples_per_run(case).is_none_or(|n| n < 100.0) {
+            result.problems.push(format!(
+                "{} took {} CPU samples per run (median): too few for a cost per sample",
+                case.label(),
+                result.samples_per_run(case).unwrap_or(0.0)
+            ));
+        }
     }
     if let (Some(none), Some(empty)) = (result.median(Case::NoProbe), result.median(Case::Empty)) {
         if empty < 10.0 * none.max(1.0) {

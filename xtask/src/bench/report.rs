@@ -18,7 +18,7 @@ use super::{
     markdown::{problems, table, verdict},
     per_call::PerCall,
     stats::{median, mib},
-    synthetic::{bpftrace_program, Case, CASES, PROFILE_HZ},
+    synthetic::{bpftrace_program, Case, CASES},
     throughput::{
         AgentServer, Cond, ModelResult, ServerResult, CPU_TIME_SERVER_ARGS, DISTURBED_CORES,
         MAX_REPEATS,
@@ -643,7 +643,12 @@ fn render_per_call(o: &mut String, r: &Report) {
                 "`llamaprobe attach --pid <loop> --quiet --metrics-addr off --summary-json F`"
                     .to_string()
             }
-            Case::ProfileCpu => format!("(c) with `--profile-cpu={PROFILE_HZ}`"),
+            Case::ProfileCpu | Case::ProfileCpuLow => {
+                format!(
+                    "(c) with `--profile-cpu={}`",
+                    case.profile_hz().unwrap_or(0)
+                )
+            }
             _ => format!(
                 "`bpftrace -e '{}'`",
                 bpftrace_program(case, Path::new("LIB")).unwrap_or_default()
@@ -716,16 +721,23 @@ fn render_per_call(o: &mut String, r: &Report) {
                 .unwrap_or_default()
         );
     }
-    if let (Some(samples), Some(ns_per)) = (p.samples_per_run(), p.traced_ns_per_sample()) {
+    let (hi, lo) = (Case::ProfileCpu, Case::ProfileCpuLow);
+    if let (Some(s_hi), Some(s_lo), Some(ns_per)) = (
+        p.samples_per_run(hi),
+        p.samples_per_run(lo),
+        p.traced_ns_per_sample(),
+    ) {
         let _ = writeln!(
             o,
-            "CPU samples (e): {samples:.0} per run (median) at {PROFILE_HZ} Hz. Each cost the \
-             loop's thread **{} ns** (the perf interrupt, the eBPF program and its user-stack \
-             copy: (e) − (c) per call × {} calls ÷ the samples); llamaprobe itself used {} of \
-             CPU per sample beyond (c). At the default 99 Hz that is {:.3}% of a traced \
-             thread's CPU.\n",
+            "CPU samples: {s_hi:.0} per run in (e), {s_lo:.0} in (f) (medians). One sample cost \
+             the loop's thread **{} ns** (the perf interrupt, the eBPF program and its \
+             user-stack copy: (e) − (f) per call × {} calls ÷ (e) − (f) samples); profiling \
+             cost each decode call {} ns beside its samples (the step mark: (f) − (c) less (f)'s \
+             samples); llamaprobe itself used {} of CPU per sample. At the default 99 Hz the \
+             samples take {:.3}% of a busy traced thread's CPU.\n",
             ns(ns_per),
             p.iterations,
+            p.traced_ns_per_call_profiling().map_or("–".to_string(), ns),
             p.agent_us_per_sample()
                 .map_or("–".to_string(), |us| format!("{us:.1} µs")),
             ns_per * 99.0 / 1e9 * 100.0

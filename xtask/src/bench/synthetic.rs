@@ -66,19 +66,25 @@ pub enum Case {
     Hist,
     /// llamaprobe with `--profile-cpu` at [`PROFILE_HZ`]: (c) plus the sampler's cost.
     ProfileCpu,
+    /// The same at [`PROFILE_HZ_LOW`]: with (e), the cost per sample apart from the per-call
+    /// cost of profiling (the step mark the decode probes keep).
+    ProfileCpuLow,
 }
 
-pub const CASES: [Case; 5] = [
+pub const CASES: [Case; 6] = [
     Case::NoProbe,
     Case::Empty,
     Case::Llamaprobe,
     Case::Hist,
     Case::ProfileCpu,
+    Case::ProfileCpuLow,
 ];
 
 /// The sampling frequency of case (e): the highest llamaprobe takes, so that the samples'
 /// cost to the loop stands out of the noise.
 pub const PROFILE_HZ: u32 = 10_000;
+/// Case (f)'s frequency.
+pub const PROFILE_HZ_LOW: u32 = 1_000;
 
 impl Case {
     pub fn label(self) -> &'static str {
@@ -88,6 +94,7 @@ impl Case {
             Case::Llamaprobe => "(c) llamaprobe",
             Case::Hist => "(d) bpftrace latency histogram",
             Case::ProfileCpu => "(e) llamaprobe --profile-cpu=10000",
+            Case::ProfileCpuLow => "(f) llamaprobe --profile-cpu=1000",
         }
     }
 
@@ -98,6 +105,16 @@ impl Case {
             Case::Llamaprobe => "llamaprobe",
             Case::Hist => "bpftrace hist",
             Case::ProfileCpu => "llamaprobe prof",
+            Case::ProfileCpuLow => "prof 1000 Hz",
+        }
+    }
+
+    /// The `--profile-cpu` frequency of a llamaprobe case.
+    pub fn profile_hz(self) -> Option<u32> {
+        match self {
+            Case::ProfileCpu => Some(PROFILE_HZ),
+            Case::ProfileCpuLow => Some(PROFILE_HZ_LOW),
+            _ => None,
         }
     }
 
