@@ -91,6 +91,37 @@ fn release_freed_memory() {
 /// A new process is looked at again after these delays (its libraries are mapped after exec).
 const EXEC_RECHECKS_MS: [u64; 7] = [2, 10, 40, 100, 250, 600, 1500];
 
+/// A process just traced, or one whose probes just grew, is looked at again after these
+/// delays: libraries come in bursts (gpt4all dlopens each of its llama.cpp builds in turn,
+/// some 20 ms apart, and uses one), and a look in the middle of one would otherwise leave the
+/// rest unprobed until the next rescan, seconds away.
+const SETTLE_RECHECKS_MS: [u64; 4] = [20, 100, 400, 1500];
+
+/// Why a process is looked at again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recheck {
+    /// Not traced yet since its exec: the `n`th of [`EXEC_RECHECKS_MS`].
+    Exec(usize),
+    /// Traced: the `n`th of [`SETTLE_RECHECKS_MS`].
+    Settle(usize),
+}
+
+impl Recheck {
+    fn delay_ms(self) -> Option<u64> {
+        match self {
+            Recheck::Exec(n) => EXEC_RECHECKS_MS.get(n).copied(),
+            Recheck::Settle(n) => SETTLE_RECHECKS_MS.get(n).copied(),
+        }
+    }
+
+    fn next(self) -> Recheck {
+        match self {
+            Recheck::Exec(n) => Recheck::Exec(n + 1),
+            Recheck::Settle(n) => Recheck::Settle(n + 1),
+        }
+    }
+}
+
 /// Whether `pid` maps a model file now.
 fn model_mapped(pid: u32) -> bool {
     crate::sources::model_path::find(pid).is_ok_and(|found| {
@@ -206,8 +237,8 @@ struct Daemon {
     probes: Probes,
     pipe: Pipeline,
     metrics: DaemonMetrics,
-    /// New processes to look at again, by when.
-    rechecks: BTreeMap<Instant, Vec<(u32, usize)>>,
+    /// Processes to look at again, by when.
+    rechecks: BTreeMap<Instant, Vec<(u32, Recheck)>>,
     /// Processes left out (selection, refusal): their events are not for us.
     ignored: HashSet<u32>,
     /// Processes traced at their start, and when to look for their model if no load was seen
@@ -431,16 +462,16 @@ impl Daemon {
         self.host.forget_other(pid);
         self.exec_at.insert(pid, at_ns);
         if !self.look(pid, false) {
-            self.schedule(pid, 0);
+            self.schedule(pid, Recheck::Exec(0));
         } else {
             self.exec_at.remove(&pid);
         }
     }
 
-    fn schedule(&mut self, pid: u32, attempt: usize) {
-        if let Some(ms) = EXEC_RECHECKS_MS.get(attempt) {
-            let at = Instant::now() + Duration::from_millis(*ms);
-            self.rechecks.entry(at).or_default().push((pid, attempt));
+    fn schedule(&mut self, pid: u32, why: Recheck) {
+        if let Some(ms) = why.delay_ms() {
+            let at = Instant::now() + Duration::from_millis(ms);
+            self.rechecks.entry(at).or_default().push((pid, why));
         }
     }
 
@@ -448,18 +479,39 @@ impl Daemon {
         let now = Instant::now();
         let due: Vec<Instant> = self.rechecks.range(..=now).map(|(k, _)| *k).collect();
         for at in due {
-            for (pid, attempt) in self.rechecks.remove(&at).unwrap_or_default() {
-                if !self.host.processes.contains_key(&pid) && !self.look(pid, false) {
-                    if attempt + 1 < EXEC_RECHECKS_MS.len() {
-                        self.schedule(pid, attempt + 1);
-                    } else {
-                        self.exec_at.remove(&pid);
+            for (pid, why) in self.rechecks.remove(&at).unwrap_or_default() {
+                match why {
+                    Recheck::Exec(_) => {
+                        if !self.host.processes.contains_key(&pid) && !self.look(pid, false) {
+                            if why.next().delay_ms().is_some() {
+                                self.schedule(pid, why.next());
+                            } else {
+                                self.exec_at.remove(&pid);
+                            }
+                        } else {
+                            self.exec_at.remove(&pid);
+                        }
                     }
-                } else {
-                    self.exec_at.remove(&pid);
+                    // A look that finds more starts the settling again (in `look`).
+                    Recheck::Settle(_) => {
+                        if self.host.processes.contains_key(&pid)
+                            && self.look(pid, false)
+                            && !self.settling(pid)
+                        {
+                            self.schedule(pid, why.next());
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Whether a settling look at `pid` is scheduled.
+    fn settling(&self, pid: u32) -> bool {
+        self.rechecks
+            .values()
+            .flatten()
+            .any(|&(p, why)| p == pid && matches!(why, Recheck::Settle(_)))
     }
 
     /// Looks at one process; returns whether it is settled (traced, gone or left out).
@@ -469,7 +521,25 @@ impl Daemon {
         self.count_errors();
         match seen {
             Seen::Traced => {
+                if !self.settling(pid) {
+                    self.schedule(pid, Recheck::Settle(0));
+                }
                 self.traced(pid, running_before);
+                true
+            }
+            Seen::Grew(files) => {
+                if let Some(p) = self.host.processes.get(&pid) {
+                    tracing::info!(
+                        pid,
+                        exe = %p.identity.exe,
+                        files,
+                        "probes added: llama.cpp files mapped after it was traced"
+                    );
+                }
+                self.rechecks.values_mut().for_each(|v| {
+                    v.retain(|&(p, why)| p != pid || !matches!(why, Recheck::Settle(_)))
+                });
+                self.schedule(pid, Recheck::Settle(0));
                 true
             }
             Seen::Unchanged | Seen::Gone => true,

@@ -99,6 +99,9 @@ pub enum Seen {
     Traced,
     /// Traced already; nothing new mapped.
     Unchanged,
+    /// Traced already, and llama.cpp files it mapped since (a library loaded later, or the
+    /// rest of a burst of them that a look fell in the middle of) are probed now: how many.
+    Grew(usize),
     /// Not a llama.cpp process (or left out by the selection, or llamaprobe itself).
     Other,
     /// Gone before it could be read.
@@ -348,10 +351,14 @@ impl Host {
         match entry {
             std::collections::hash_map::Entry::Occupied(mut o) => {
                 let p = o.get_mut();
+                let before = p.files.len();
                 p.files.extend(probed);
                 p.signature = sig;
                 p.plan = plan;
-                Seen::Unchanged
+                match p.files.len() - before {
+                    0 => Seen::Unchanged,
+                    more => Seen::Grew(more),
+                }
             }
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(HostProcess {

@@ -4,6 +4,7 @@
 #   OUTDIR/classic/libllama.so      llama_classic.c + llama_common.c   (classic API, C)
 #   OUTDIR/classic/driver_classic   driver_classic.c, RUNPATH $ORIGIN
 #   OUTDIR/classic/driver_ending    driver_ending.c: ends inside llama_decode (SIGSEGV, SIGKILL)
+#   OUTDIR/classic/loader_burst     loader_burst.c: dlopens two libllama files in turn, late
 #   OUTDIR/ext/libllama.so          llama_ext.cpp + llama_common.c     (newest API, C++17)
 #   OUTDIR/ext/driver_ext           driver_ext.cpp, RUNPATH $ORIGIN
 #   OUTDIR/ext/layout_ext           layout_ext.cpp (prints llama_batch_ext offsets)
@@ -55,6 +56,8 @@ install_file "$TMP/driver_classic" "$OUT/classic/driver_classic"
 "$CC" "${CFLAGS[@]}" -pthread -o "$TMP/driver_ending" "$SRC/driver_ending.c" \
     -L"$OUT/classic" -lllama "${RPATH[@]}"
 install_file "$TMP/driver_ending" "$OUT/classic/driver_ending"
+"$CC" "${CFLAGS[@]}" -o "$TMP/loader_burst" "$SRC/loader_burst.c" -ldl
+install_file "$TMP/loader_burst" "$OUT/classic/loader_burst"
 
 # ---- ext ----
 "$CC" "${CFLAGS[@]}" -c -o "$TMP/llama_common.o" "$SRC/llama_common.c"

@@ -603,6 +603,10 @@ fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
         script.send(b"load\n", false);
         script.pid("ready");
         d.wait_line("traced", pid);
+        // gpt4all maps each of its llama.cpp builds in turn and uses one: a look in the middle
+        // of that is traced with some, and the rest are probed at the next looks. The
+        // completions come after a rescan that saw them all.
+        d.wait_rescan();
         script.send(b"go\n", true);
         let done = script.completions();
         assert!(script.wait().success());
@@ -635,6 +639,83 @@ fn daemon_finds_a_program_that_loads_libllama_after_it_started() {
             "{binding:?}: {facts:?}"
         );
     }
+}
+
+/// A process traced in the middle of a burst of llama.cpp libraries (gpt4all dlopens each of
+/// its builds in turn and uses one): the library it maps just after it was traced is probed by
+/// the looks that follow a trace, not left to the next rescan (an hour away here), and every
+/// call through it is seen.
+#[test]
+fn daemon_probes_a_library_mapped_just_after_the_process_was_traced() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    if !root_or_skip("daemon_probes_a_library_mapped_just_after_the_process_was_traced") {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("daemon-burst");
+    let exe = dir.join("burst_loader");
+    std::fs::copy(fakes().join("classic/loader_burst"), &exe).unwrap();
+    let libs: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let lib = dir.join(name).join("libllama.so");
+            std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+            std::fs::copy(fakes().join("classic/libllama.so"), &lib).unwrap();
+            lib
+        })
+        .collect();
+    let events = dir.join("events.jsonl");
+    let mut d = Daemon::start(&[
+        "--include",
+        "exe:burst_loader",
+        "--rescan",
+        "3600",
+        "--events-out",
+        path(&events),
+    ]);
+    const DECODES: usize = 7;
+    let mut child = Command::new(&exe)
+        .args([path(&libs[0]), path(&libs[1]), &DECODES.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut said = |want: &str| {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with(want),
+            "the loader said {line:?}, not {want:?}"
+        );
+        line
+    };
+    let pid: u32 = said("started pid=")
+        .trim()
+        .strip_prefix("started pid=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    stdin.write_all(b"a").unwrap();
+    said("loaded a");
+    // Found by the looks after its exec, with the first library only.
+    d.wait_line("traced", pid);
+    stdin.write_all(b"b").unwrap();
+    said("loaded b");
+    let added = d.wait_line("probes added", pid);
+    assert!(added.contains("files=1"), "{added}");
+    stdin.write_all(b"c").unwrap();
+    said(&format!("done decodes={DECODES}"));
+    assert!(child.wait().unwrap().success());
+    d.wait_line("released", pid);
+    let (code, _) = d.probe.terminate();
+    assert_eq!(code, 0);
+    let decodes = of_kind(&json_lines(&events), "decode")
+        .into_iter()
+        .filter(|e| e["origin"]["pid"] == pid)
+        .count();
+    assert_eq!(decodes, DECODES);
 }
 
 /// A copy of the fake driver under `name`, started and waiting on stdin (its library mapped).

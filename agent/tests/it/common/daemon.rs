@@ -65,6 +65,22 @@ impl Daemon {
         }
     }
 
+    /// Returns once a whole rescan has run after this call: one that began after it, so it
+    /// saw every file mapped by then (the discovery histogram counts finished scans; the one
+    /// that ends first may have begun before).
+    pub fn wait_rescan(&self) {
+        let scans = |m: &HashMap<String, f64>| sum_of(m, "llamaprobe_discovery_seconds_count", "");
+        let t0 = Instant::now();
+        let before = scans(&self.metrics());
+        while scans(&self.metrics()) < before + 2.0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the daemon did not rescan in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn metrics(&self) -> HashMap<String, f64> {
         parse_metrics(&get(&format!("http://127.0.0.1:{}/metrics", self.port)).unwrap_or_default())
     }
