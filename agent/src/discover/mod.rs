@@ -151,6 +151,8 @@ struct Mapping<'a> {
     major: u32,
     minor: u32,
     inode: u64,
+    /// Mapped executable (`--x-`): code.
+    exec: bool,
     /// The pathname as the kernel shows it (empty for an anonymous mapping, `[heap]` and the
     /// like for the kernel's own, ` (deleted)` appended to a file that is gone).
     path: &'a [u8],
@@ -198,21 +200,76 @@ fn parse_line(line: &[u8]) -> Option<Mapping<'_>> {
         major,
         minor,
         inode,
+        exec: perms[2] == b'x',
         path: &rest[first..],
     })
 }
 
 /// The files of the maps read from `r`, each once (by inode and path), deleted files left out;
-/// paths as the process sees them (inside its `root`, for a chrooted process). Read line by
-/// line: a process can have tens of thousands of mappings.
+/// paths as the process sees them (inside its `root`, for a chrooted process).
 fn files(
     pid: u32,
-    mut r: impl BufRead,
+    r: impl BufRead,
     via: OpenVia,
     root: &inroot::RootView,
 ) -> Result<Vec<MappedFile>, MapsError> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
+    each_mapping(pid, r, |m| {
+        if m.inode == 0 || !m.path.starts_with(b"/") || m.path.ends_with(b" (deleted)") {
+            return;
+        }
+        let path = PathBuf::from(OsStr::from_bytes(m.path));
+        if !seen.insert((m.inode, path.clone())) {
+            return;
+        }
+        let path = root.inside(&path);
+        let host_path = match via {
+            OpenVia::Root => Path::new(&format!("/proc/{pid}/root"))
+                .join(path.strip_prefix("/").unwrap_or(&path)),
+            OpenVia::MapFiles => {
+                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+            }
+        };
+        out.push(MappedFile {
+            path,
+            host_path,
+            dev: libc::makedev(m.major, m.minor),
+            inode: m.inode,
+        });
+    })?;
+    Ok(out)
+}
+
+/// The address ranges `pid` maps executable (`/proc/PID/maps`, in address order): where
+/// its code is. An address outside them (a CPU sample's "return address" read from a frame
+/// register that held a data pointer) names no function.
+pub fn code_ranges(pid: u32) -> Result<Vec<std::ops::Range<u64>>, DiscoverError> {
+    let path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let file = fs::File::open(&path).map_err(|e| io_error(pid, &path, e))?;
+    code_ranges_of(pid, io::BufReader::new(file)).map_err(|e| match e {
+        MapsError::Io(e) => io_error(pid, &path, e),
+        MapsError::Line(e) => e,
+    })
+}
+
+fn code_ranges_of(pid: u32, r: impl BufRead) -> Result<Vec<std::ops::Range<u64>>, MapsError> {
+    let mut out = Vec::new();
+    each_mapping(pid, r, |m| {
+        if m.exec {
+            out.push(m.start..m.end);
+        }
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with each line of the maps read from `r`, line by line: a process can have tens
+/// of thousands of mappings. A line that does not parse is an error.
+fn each_mapping(
+    pid: u32,
+    mut r: impl BufRead,
+    mut f: impl FnMut(Mapping<'_>),
+) -> Result<(), MapsError> {
     let mut line = Vec::new();
     for n in 1.. {
         line.clear();
@@ -230,29 +287,9 @@ fn files(
                 text: String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned(),
             })
         })?;
-        if m.inode == 0 || !m.path.starts_with(b"/") || m.path.ends_with(b" (deleted)") {
-            continue;
-        }
-        let path = PathBuf::from(OsStr::from_bytes(m.path));
-        if !seen.insert((m.inode, path.clone())) {
-            continue;
-        }
-        let path = root.inside(&path);
-        let host_path = match via {
-            OpenVia::Root => Path::new(&format!("/proc/{pid}/root"))
-                .join(path.strip_prefix("/").unwrap_or(&path)),
-            OpenVia::MapFiles => {
-                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
-            }
-        };
-        out.push(MappedFile {
-            path,
-            host_path,
-            dev: libc::makedev(m.major, m.minor),
-            inode: m.inode,
-        });
+        f(m);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// True if `pid` exists.
@@ -380,6 +417,22 @@ mod tests {
                 PathBuf::from("/usr/lib/libc.so.6")
             ]
         );
+    }
+
+    #[test]
+    fn code_ranges_are_the_executable_mappings() {
+        let maps = b"7f00-7f10 r--s 00000000 fd:01 1234    /models/my model.gguf\n\
+            7f30-7f40 r-xp 00000000 fd:01 99 /usr/lib/libc.so.6\n\
+            7f40-7f50 r--p 00010000 fd:01 99 /usr/lib/libc.so.6\n\
+            7f60-7f70 rwxp 00000000 00:00 0 \n";
+        assert_eq!(
+            code_ranges_of(1, &maps[..]).ok().unwrap(),
+            [0x7f30..0x7f40, 0x7f60..0x7f70]
+        );
+        assert!(code_ranges_of(1, &b"7f00 r-xp 0 fd:01 1 /x\n"[..]).is_err());
+        let own = code_ranges(std::process::id()).unwrap();
+        let here = code_ranges_are_the_executable_mappings as *const () as u64;
+        assert!(own.iter().any(|r| r.contains(&here)), "{own:x?}");
     }
 
     /// Found by the proc_maps fuzz target: the `procfs` crate (0.18) panics on a mapped file

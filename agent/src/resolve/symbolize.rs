@@ -9,7 +9,7 @@
 //! neither their files open nor their symbols in memory. This cache keeps each (process,
 //! address)'s answer, so a hot address costs one lookup.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{collections::HashMap, ops::Range, path::Path, sync::Arc};
 
 use blazesym::{
     normalize::{Normalizer, UserMeta},
@@ -19,7 +19,7 @@ use blazesym::{
     },
 };
 
-use crate::model::Frame;
+use crate::{discover, model::Frame};
 
 /// (function, file) of an address.
 type Named = (Arc<str>, Arc<str>);
@@ -34,6 +34,8 @@ pub struct Symbols {
     /// maps (no file is opened for it).
     normalizer: Normalizer,
     cache: HashMap<u32, HashMap<u64, Named>>,
+    /// Per process: where its code is.
+    code: HashMap<u32, Code>,
     /// Addresses looked up (cache misses), for the agent's own accounting.
     pub lookups: u64,
 }
@@ -50,6 +52,7 @@ impl Symbols {
             symbolizers: HashMap::new(),
             normalizer: Normalizer::builder().enable_build_ids(false).build(),
             cache: HashMap::new(),
+            code: HashMap::new(),
             lookups: 0,
         }
     }
@@ -71,25 +74,43 @@ impl Symbols {
         missing.dedup();
         if !missing.is_empty() {
             self.lookups += missing.len() as u64;
-            let mut src = Process::new(pid.into());
-            src.perf_map = false; // a file at a path the process names: not opened
-            src.map_files = true;
-            let src = Source::Process(src);
-            let found = self
-                .symbolizers
-                .entry(pid)
-                .or_insert_with(symbolizer)
-                .symbolize(&src, Input::AbsAddr(&missing))
-                .unwrap_or_default();
-            let mut unnamed = Vec::new();
-            for (i, &addr) in missing.iter().enumerate() {
-                match named(found.get(i)) {
+            // Only code is looked up: a frameless build's "return addresses" are often data
+            // pointers (into the mapped model file, say), and blazesym fails a whole batch
+            // on an address in a file that is not ELF.
+            let code = self.code.entry(pid).or_default();
+            code.refresh(pid);
+            let (in_code, mut unnamed): (Vec<u64>, Vec<u64>) =
+                missing.iter().partition(|&&a| code.contains(a));
+            let symbolizer = self.symbolizers.entry(pid).or_insert_with(symbolizer);
+            let src = process_source(pid);
+            let found: Vec<Option<Named>> = match symbolizer
+                .symbolize(&src, Input::AbsAddr(&in_code))
+            {
+                Ok(found) => (0..in_code.len()).map(|i| named(found.get(i))).collect(),
+                // One address that cannot be looked up (a file that does not parse) spoils
+                // its batch: each is then looked up alone.
+                Err(e) => {
+                    tracing::debug!("symbolizing {} addresses of pid {pid}: {e}", in_code.len());
+                    in_code
+                        .iter()
+                        .map(|a| {
+                            let one = symbolizer
+                                .symbolize(&src, Input::AbsAddr(std::slice::from_ref(a)))
+                                .ok()?;
+                            named(one.first())
+                        })
+                        .collect()
+                }
+            };
+            for (&addr, n) in in_code.iter().zip(found) {
+                match n {
                     Some(n) => {
                         cache.insert(addr, n);
                     }
                     None => unnamed.push(addr),
                 }
             }
+            unnamed.sort_unstable();
             // Without a symbol: the file it is in, as the process maps it.
             let files = self
                 .normalizer
@@ -138,12 +159,46 @@ impl Symbols {
     pub fn forget(&mut self, pid: u32) {
         self.cache.remove(&pid);
         self.symbolizers.remove(&pid);
+        self.code.remove(&pid);
     }
 
     /// Processes with state kept.
     pub fn processes(&self) -> usize {
         self.cache.len().max(self.symbolizers.len())
     }
+}
+
+/// The executable ranges of a process, read again when its mapped size changed (a library
+/// loaded or unloaded changes it; `/proc/PID/statm` is a few bytes, its maps are not).
+#[derive(Default)]
+struct Code {
+    pages: Option<u64>,
+    ranges: Vec<Range<u64>>,
+}
+
+impl Code {
+    fn refresh(&mut self, pid: u32) {
+        let pages = discover::mapped_pages(pid);
+        if pages.is_some() && pages == self.pages {
+            return;
+        }
+        self.pages = pages;
+        // Gone or unreadable: nothing is code, every address is named by its file or unknown.
+        self.ranges = discover::code_ranges(pid).unwrap_or_default();
+    }
+
+    fn contains(&self, addr: u64) -> bool {
+        let i = self.ranges.partition_point(|r| r.end <= addr);
+        self.ranges.get(i).is_some_and(|r| r.contains(&addr))
+    }
+}
+
+/// The process `pid`, its files opened through `/proc/PID/map_files/`.
+fn process_source(pid: u32) -> Source<'static> {
+    let mut src = Process::new(pid.into());
+    src.perf_map = false; // a file at a path the process names: not opened
+    src.map_files = true;
+    Source::Process(src)
 }
 
 fn symbolizer() -> Symbolizer {
@@ -221,5 +276,42 @@ mod tests {
         s.forget(std::process::id());
         assert_eq!(s.processes(), 0);
         assert!(on_exe() < before, "its files are closed");
+    }
+
+    /// Without frame pointers a "stack" is whatever the frame register held: often a pointer
+    /// into mapped data, such as the model file llama.cpp maps. Such an address (in a file
+    /// that is not ELF) is named by its file, and the real code addresses looked up beside it
+    /// keep their names.
+    #[test]
+    fn an_address_in_a_mapped_data_file_leaves_the_rest_named() {
+        let dir = std::env::temp_dir().join(format!("llamaprobe-sym-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = dir.join("weights.gguf");
+        std::fs::write(&data, vec![0x47u8; 1 << 16]).unwrap();
+        let file = std::fs::File::open(&data).unwrap();
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let in_data = map.as_ptr() as u64 + 4096;
+        // The same bytes mapped executable: not ELF either, so blazesym cannot look it up.
+        // SAFETY: a file of this test's own, not changed while mapped; never run.
+        let exec = unsafe { memmap2::MmapOptions::new().map_exec(&file) }.unwrap();
+        let in_exec = exec.as_ptr() as u64 + 4096;
+        let code = std::hint::black_box(marker_function_for_symbolize_test()) + 1;
+        let mut s = Symbols::new();
+        let stack = [code, in_data + 1, in_exec + 1];
+        let got = s.frames(std::process::id(), &[&stack]);
+        assert!(
+            got[0][0]
+                .function
+                .contains("marker_function_for_symbolize_test"),
+            "{got:?}"
+        );
+        assert_eq!(&*got[0][1].function, "[weights.gguf]", "{got:?}");
+        assert_eq!(&*got[0][2].function, "[weights.gguf]", "{got:?}");
+        // Asked again, all answers come from the cache.
+        let before = s.lookups;
+        s.frames(std::process::id(), &[&stack]);
+        assert_eq!(s.lookups, before);
+        drop((map, exec));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
