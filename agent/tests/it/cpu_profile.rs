@@ -267,6 +267,35 @@ fn check(build: &str, frame_pointers: bool) {
         .map(|k| t[k].as_f64().unwrap())
         .sum::<f64>();
     assert!((parts - t["wall_s"].as_f64().unwrap()).abs() < 1e-6, "{t}");
+
+    // The summary lists the ten longest requests, longest first, each with its own split
+    // (the events' figures); no request left out is longer than the last listed.
+    let wall = |r: &Value| {
+        let arrival = r["queued_ns"].as_u64().or(r["start_ns"].as_u64()).unwrap();
+        r["end_ns"].as_u64().unwrap() - arrival
+    };
+    let listed = t["longest"].as_array().unwrap();
+    assert_eq!(listed.len(), 10, "{t}");
+    let mut walls: Vec<u64> = requests.iter().map(|r| wall(r)).collect();
+    walls.sort_unstable_by(|a, b| b.cmp(a));
+    for (l, w) in listed.iter().zip(&walls) {
+        let r = requests
+            .iter()
+            .find(|r| r["id"] == l["id"])
+            .unwrap_or_else(|| panic!("listed request not in the events: {l}"));
+        let secs = |ns: u64| ns as f64 / 1e9;
+        assert!(
+            (l["wall_s"].as_f64().unwrap() - secs(*w)).abs() < 1e-9,
+            "{l} vs {r}"
+        );
+        assert_eq!(wall(r), *w, "{l} vs {r}");
+        let decode = secs(r["decode_ns"].as_u64().unwrap());
+        assert!(
+            (l["decode_s"].as_f64().unwrap() - decode).abs() < 1e-9,
+            "{l} vs {r}"
+        );
+        assert_eq!(l["cpu_samples"], r["cpu_samples"], "{l} vs {r}");
+    }
 }
 
 #[test]
@@ -375,6 +404,24 @@ fn cpu_profile_of_a_real_llama_server() {
         .sum();
     assert!(labelled > 0);
     assert_eq!(Some(labelled as u64), t["cpu_samples"].as_u64(), "{t}");
+    // Both requests are listed one by one, the longer first; their figures add up to the
+    // totals.
+    let listed = t["longest"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{t}");
+    assert!(
+        listed[0]["wall_s"].as_f64() >= listed[1]["wall_s"].as_f64(),
+        "{t}"
+    );
+    for k in ["wall_s", "decode_s", "sampling_s", "outside_s"] {
+        let both: f64 = listed.iter().map(|r| r[k].as_f64().unwrap()).sum();
+        assert!((both - t[k].as_f64().unwrap()).abs() < 1e-6, "{k}: {t}");
+    }
+    let both: u64 = listed
+        .iter()
+        .map(|r| r["cpu_samples"].as_u64().unwrap())
+        .sum();
+    assert_eq!(Some(both), t["cpu_samples"].as_u64(), "{t}");
+    assert!(out.contains("by request, longest first:"), "{out}");
 }
 
 /// `llamaprobe daemon --profile-cpu`: a process the daemon finds is profiled from the moment it

@@ -197,11 +197,25 @@ pub struct Summary {
     pub cpu_profile: Option<CpuProfileSummary>,
 }
 
+/// How many requests the summary lists one by one (the longest; the totals count them all).
+pub const REQUESTS_LISTED: usize = 10;
+
 /// The requests' wall time (arrival to last token), split: inside the decode steps that
 /// carried their tokens, in the samplings that gave them, and outside both (queue wait, the
-/// server's work between steps, other requests' steps).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+/// server's work between steps, other requests' steps). All requests together, and the
+/// longest [`REQUESTS_LISTED`] one by one.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct RequestTime {
+    #[serde(flatten)]
+    pub total: TimeSplit,
+    /// The longest requests, longest first, each with its own split.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub longest: Vec<RequestSplit>,
+}
+
+/// Wall time split into decode steps, sampling and outside them.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct TimeSplit {
     pub wall_s: f64,
     pub decode_s: f64,
     pub sampling_s: f64,
@@ -212,13 +226,34 @@ pub struct RequestTime {
     pub cpu_samples: Option<u64>,
 }
 
-impl RequestTime {
-    fn add(&mut self, r: &crate::model::Request) {
-        self.wall_s += r.duration_ns() as f64 / 1e9;
-        self.decode_s += r.decode_ns as f64 / 1e9;
-        self.sampling_s += r.sampling_ns as f64 / 1e9;
-        self.outside_s += r.outside_ns() as f64 / 1e9;
-        if let Some(n) = r.cpu_samples {
+/// One request's split.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestSplit {
+    /// llamaprobe's request id (`llama.request.id` on the span, `request` in the pprof file).
+    pub id: u64,
+    pub pid: u32,
+    #[serde(rename = "type")]
+    pub task_type: &'static str,
+    #[serde(flatten)]
+    pub time: TimeSplit,
+}
+
+impl TimeSplit {
+    fn of(r: &crate::model::Request) -> Self {
+        TimeSplit {
+            wall_s: r.duration_ns() as f64 / 1e9,
+            decode_s: r.decode_ns as f64 / 1e9,
+            sampling_s: r.sampling_ns as f64 / 1e9,
+            outside_s: r.outside_ns() as f64 / 1e9,
+            cpu_samples: r.cpu_samples,
+        }
+    }
+    fn add(&mut self, o: &TimeSplit) {
+        self.wall_s += o.wall_s;
+        self.decode_s += o.decode_s;
+        self.sampling_s += o.sampling_s;
+        self.outside_s += o.outside_s;
+        if let Some(n) = o.cpu_samples {
             *self.cpu_samples.get_or_insert(0) += n;
         }
     }
@@ -232,6 +267,29 @@ impl RequestTime {
             self.sampling_s / self.wall_s,
             self.outside_s / self.wall_s,
         )
+    }
+}
+
+impl RequestTime {
+    fn add(&mut self, r: &crate::model::Request) {
+        let time = TimeSplit::of(r);
+        self.total.add(&time);
+        // Kept sorted longest first; the shortest of a full list makes way.
+        let at = self
+            .longest
+            .partition_point(|o| o.time.wall_s >= time.wall_s);
+        if at < REQUESTS_LISTED {
+            self.longest.insert(
+                at,
+                RequestSplit {
+                    id: r.id,
+                    pid: r.pid,
+                    task_type: r.task_type,
+                    time,
+                },
+            );
+            self.longest.truncate(REQUESTS_LISTED);
+        }
     }
 }
 
@@ -503,7 +561,7 @@ impl Stats {
             time_per_output_token: self.tpot.summary(),
             request_duration: self.request_duration.summary(),
             request_queue: self.request_queue.summary(),
-            request_time: self.request_time,
+            request_time: self.request_time.clone(),
             request_mode: self.request_mode,
             task_posts: self.task_posts,
             slot_releases: self.slot_releases,
@@ -776,7 +834,7 @@ impl Summary {
                         .join(", ")
                 );
             }
-            let t = &self.request_time;
+            let t = &self.request_time.total;
             let (d, smp, out) = t.shares();
             let _ = writeln!(
                 s,
@@ -789,6 +847,36 @@ impl Summary {
                     .map(|n| format!("; {n} CPU samples in their steps"))
                     .unwrap_or_default()
             );
+            if self.requests > 1 {
+                let listed = &self.request_time.longest;
+                let _ = writeln!(
+                    s,
+                    "  {}:",
+                    if listed.len() as u64 == self.requests {
+                        "by request, longest first".to_string()
+                    } else {
+                        format!("the longest {} of {} requests", listed.len(), self.requests)
+                    }
+                );
+                for r in listed {
+                    let t = &r.time;
+                    let (d, smp, out) = t.shares();
+                    let _ = writeln!(
+                        s,
+                        "    request {} (pid {}, {}) {:.3} s: {:.1}% decode steps, {:.1}% sampling, {:.1}% outside{}",
+                        r.id,
+                        r.pid,
+                        r.task_type,
+                        t.wall_s,
+                        d * 100.0,
+                        smp * 100.0,
+                        out * 100.0,
+                        t.cpu_samples
+                            .map(|n| format!("; {n} CPU samples"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
             if self.request_queue.count > 0 {
                 let _ = writeln!(
                     s,
@@ -937,6 +1025,62 @@ mod tests {
         assert!((s.p99_ms - 99.0).abs() < 0.1, "{s:?}");
         assert!((s.mean_ms - 50.5).abs() < 1e-9, "{s:?}");
         assert!((s.total_ms - 5050.0).abs() < 1e-9, "{s:?}");
+    }
+
+    fn request(id: u64, wall_ms: u64, decode_ms: u64, sampling_ms: u64) -> crate::model::Request {
+        crate::model::Request {
+            id,
+            pid: 7,
+            model: "m".into(),
+            ctx: 1,
+            seq_id: 0,
+            task_id: None,
+            task_type: "completion",
+            queued_ns: None,
+            start_ns: 1_000_000_000,
+            prompt_end_ns: None,
+            first_token_ns: None,
+            end_ns: 1_000_000_000 + wall_ms * 1_000_000,
+            prompt_tokens: 1,
+            cached_tokens: 0,
+            generated_tokens: 1,
+            decode_steps: 1,
+            context_shifts: 0,
+            closed_by: "end",
+            decode_ns: decode_ms * 1_000_000,
+            sampling_ns: sampling_ms * 1_000_000,
+            cpu_samples: Some(id),
+            steps: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_longest_requests_are_listed_with_their_own_split() {
+        let mut t = RequestTime::default();
+        // Walls 10, 20, ..., 150 ms in a shuffled order; each half in decode steps, a tenth
+        // sampling.
+        for id in [3u64, 15, 1, 8, 12, 5, 14, 2, 9, 11, 4, 13, 6, 10, 7] {
+            t.add(&request(id, id * 10, id * 5, id));
+        }
+        let ids: Vec<u64> = t.longest.iter().map(|r| r.id).collect();
+        assert_eq!(ids, (6..=15).rev().collect::<Vec<_>>());
+        let r = &t.longest[0].time;
+        assert!((r.wall_s - 0.150).abs() < 1e-12, "{r:?}");
+        assert!((r.decode_s - 0.075).abs() < 1e-12, "{r:?}");
+        assert!((r.sampling_s - 0.015).abs() < 1e-12, "{r:?}");
+        assert!((r.outside_s - 0.060).abs() < 1e-12, "{r:?}");
+        assert_eq!(r.cpu_samples, Some(15));
+        let (d, smp, out) = r.shares();
+        assert!((d - 0.5).abs() < 1e-12 && (smp - 0.1).abs() < 1e-12 && (out - 0.4).abs() < 1e-12);
+        // The totals count every request, listed or not: 10 + 20 + ... + 150 ms.
+        assert!((t.total.wall_s - 1.2).abs() < 1e-12, "{:?}", t.total);
+        assert_eq!(t.total.cpu_samples, Some(120));
+        // JSON keeps the totals at the top (as before) and lists the requests.
+        let j = serde_json::to_value(&t).unwrap();
+        assert!((j["wall_s"].as_f64().unwrap() - 1.2).abs() < 1e-12, "{j}");
+        assert_eq!(j["longest"][0]["id"], 15);
+        assert_eq!(j["longest"][0]["type"], "completion");
+        assert_eq!(j["longest"][9]["cpu_samples"], 6);
     }
 
     #[test]
