@@ -168,7 +168,7 @@ pub struct Summary {
     pub request_duration: LatencySummary,
     /// Queue wait of the requests (llama-server's task queue; empty in batch-view mode).
     pub request_queue: LatencySummary,
-    /// Where the requests' wall time went, all requests together.
+    /// Where the requests' wall time went: all requests together, and the longest one by one.
     pub request_time: RequestTime,
     /// How requests were reconstructed.
     pub request_mode: Option<crate::model::Mode>,
